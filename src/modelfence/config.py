@@ -1,0 +1,229 @@
+"""Configuration: one frozen pydantic tree, parsed in one place, never mutated.
+
+Where the file comes from: ``--config PATH``, else ``$MODELFENCE_CONFIG``, else
+``./modelfence.yaml`` if present, else the embedded defaults (SQLite, in-process limits,
+the demo upstream on 127.0.0.1:9000). Secrets and the deployment-specific URLs may be
+overridden from the environment (see ``ENV_OVERRIDES``). Every error names the key path,
+the bad value and what is allowed, and raises :class:`ConfigError` instead of exiting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modelfence.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "modelfence.yaml"
+
+# env var -> config key path. Only these: secrets and the URLs that differ per deployment.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "MODELFENCE_ADMIN_TOKEN": ("admin_token",),
+    "MODELFENCE_SECRET": ("secret",),
+    "MODELFENCE_STORE": ("store",),
+    "MODELFENCE_LIMITS_BACKEND": ("limits", "backend"),
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1_048_576, gt=0, description="larger request bodies get 413")
+    max_header_bytes: int = Field(16_384, ge=1024, description="larger request heads get 431")
+    trusted_proxies: tuple[str, ...] = Field(
+        (), description="CIDRs whose X-Forwarded-For is trusted to name the client address"
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IP network such as 10.0.0.0/8") from exc
+        return value
+
+
+class UpstreamConfig(_Frozen):
+    name: str = Field(min_length=1)
+    url: str
+    kind: Literal["openai", "oip"] = "openai"
+    models: tuple[str, ...] = ("*",)
+    api_key: str | None = Field(None, description="sent upstream as a bearer token")
+    timeout_seconds: float = Field(120.0, gt=0, description="whole-request limit, 504 after")
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class TierConfig(_Frozen):
+    requests_per_minute: float | None = Field(60, gt=0)
+    tokens_per_minute: float | None = Field(100_000, gt=0)
+    concurrent_requests: int | None = Field(8, gt=0)
+    usd_per_day: float | None = Field(10.0, gt=0)
+    models: tuple[str, ...] = Field(("*",), description="model names or fnmatch patterns")
+
+
+class PerSourceLimit(_Frozen):
+    requests_per_minute: float | None = Field(None, gt=0)
+
+
+class LimitsConfig(_Frozen):
+    backend: str = Field("memory", description="memory, or redis://host:port/db")
+    on_backend_error: Literal["open", "closed", "degraded"] = "degraded"
+    degraded_share: float = Field(
+        0.25, gt=0, le=1, description="share of each limit one replica may admit alone"
+    )
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    default_max_tokens: int = Field(
+        1024, gt=0, description="tokens reserved for output when a request names no max_tokens"
+    )
+    lease_ttl_seconds: float = Field(
+        900, gt=0, description="a concurrency lease of a crashed replica expires after this"
+    )
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"default": TierConfig()})
+    per_ip_prefix: PerSourceLimit = PerSourceLimit()
+    per_fingerprint: PerSourceLimit = PerSourceLimit()
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("allowed: memory, redis://HOST:PORT/DB, rediss://..., unix://...")
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _has_default(cls, value: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        if "default" not in value:
+            raise ValueError("a tier named 'default' is required")
+        return value
+
+
+class PriceConfig(_Frozen):
+    input_per_1k_tokens: float = Field(0.0, ge=0)
+    output_per_1k_tokens: float = Field(0.0, ge=0)
+    per_request: float = Field(0.0, ge=0, description="flat price, e.g. for classifiers")
+
+
+class FingerprintConfig(_Frozen):
+    ipv4_prefix: int = Field(24, ge=8, le=32)
+    ipv6_prefix: int = Field(64, ge=16, le=128)
+
+
+class Config(_Frozen):
+    server: ServerConfig = ServerConfig()
+    upstreams: tuple[UpstreamConfig, ...] = (
+        UpstreamConfig(name="demo", url="http://127.0.0.1:9000", kind="openai", models=("*",)),
+    )
+    store: str = "sqlite:///modelfence.db"
+    secret: str | None = Field(None, min_length=16, repr=False)
+    secret_file: str = Field(
+        "modelfence.secret", description="where a generated secret is kept when none is given"
+    )
+    admin_token: str | None = Field(None, min_length=16, repr=False)
+    limits: LimitsConfig = LimitsConfig()
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    fingerprint: FingerprintConfig = FingerprintConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("allowed: sqlite:///PATH or postgresql://USER@HOST/DB")
+        return value
+
+    @model_validator(mode="after")
+    def _upstream_names_unique(self) -> Config:
+        names = [u.name for u in self.upstreams]
+        if len(names) != len(set(names)):
+            raise ValueError(f"upstream names must be unique, got {names}")
+        return self
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            msg = f"not allowed; allowed values: {allowed}"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def parse_config(
+    data: Any, *, source: str = "config", environ: dict[str, str] | None = None
+) -> Config:
+    """Validate a mapping (YAML already parsed) plus env overrides into a :class:`Config`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    env = os.environ if environ is None else environ
+    for var, path in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set_path(data, path, env[var])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from exc
+
+
+def resolve_config_path(path: str | Path | None, environ: dict[str, str] | None = None) -> Path | None:
+    env = os.environ if environ is None else environ
+    if path:
+        return Path(path)
+    if env.get("MODELFENCE_CONFIG"):
+        return Path(env["MODELFENCE_CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load the config file (see module docstring for the search order)."""
+    resolved = resolve_config_path(path, environ)
+    if resolved is None:
+        return parse_config({}, source="embedded defaults", environ=environ)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{resolved}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{resolved}: not valid YAML: {exc}") from exc
+    return parse_config(data, source=str(resolved), environ=environ)

@@ -1,0 +1,70 @@
+"""Types the identity layer hands to the rest of the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class LimitOverrides:
+    """Per-key replacements for tier limits, set through the admin API. ``None`` = keep tier."""
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    concurrent_requests: int | None = None
+    usd_per_day: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """An API key as stored: never the secret itself, only its keyed hash lives in the store."""
+
+    key_id: str
+    client: str
+    tier: str
+    prefix: str  # first characters of the key, for people to recognise it in lists
+    created_at: datetime
+    revoked_at: datetime | None = None
+    overrides: LimitOverrides = field(default_factory=LimitOverrides)
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Who the request looks like, whatever key it carries; attached for later layers."""
+
+    ip: str
+    ip_prefix: str  # e.g. "203.0.113.0/24" or "2001:db8::/64"
+    user_agent: str
+    client_library: str  # e.g. "openai-python/1.40.0", "curl", "unknown"
+    header_order: str  # lower-case header names in arrival order, joined with ","
+    digest: str  # short stable hash of (ip_prefix, user_agent, header_order)
+
+
+class KeyStore(Protocol):
+    """Durable key storage (SQLite or PostgreSQL). Secrets never pass through it."""
+
+    async def create(self, client: str, tier: str) -> tuple[ApiKeyRecord, str]:
+        """Create a key; return its record and the secret key, which is shown once."""
+        ...
+
+    async def list(self) -> list[ApiKeyRecord]: ...
+
+    async def get(self, key_id: str) -> ApiKeyRecord: ...
+
+    async def revoke(self, key_id: str) -> ApiKeyRecord: ...
+
+    async def set_overrides(self, key_id: str, overrides: LimitOverrides) -> ApiKeyRecord: ...
+
+    async def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
+        """The active or revoked record whose keyed hash matches ``secret``, if any."""
+        ...
+
+    async def changed_since(self, since: datetime) -> list[ApiKeyRecord]:
+        """Records created, revoked or overridden at or after ``since`` (for replica caches)."""
+        ...

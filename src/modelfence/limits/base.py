@@ -1,0 +1,110 @@
+"""What the admission layer asks of a limit backend, and what it gets back.
+
+Three separate things: the *definition* of a request's limits (:class:`Quota`), the
+*algorithm* (GCRA for rates, a daily budget for dollars, leases for concurrency; see
+``gcra.py``) and the *storage* that runs it (``memory.py`` in-process, ``redis.py`` shared
+through one Lua script call). Every backend implements :class:`LimitBackend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Dimension = Literal[
+    "requests", "tokens", "concurrency", "usd", "ip_prefix", "fingerprint", "backend"
+]
+DecisionSource = Literal["backend", "fail_open", "fail_closed", "degraded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Limits that apply to one request, resolved from its tier and per-key overrides.
+
+    ``None`` means unlimited in that dimension. Rates are per minute, dollars per UTC day.
+    """
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    concurrent_requests: int | None = None
+    usd_per_day: float | None = None
+    ip_prefix_requests_per_minute: float | None = None
+    fingerprint_requests_per_minute: float | None = None
+
+    def scaled(self, share: float) -> Quota:
+        """The share of this quota one replica may spend on its own (degraded mode)."""
+
+        def part(value: float | None) -> float | None:
+            return None if value is None else max(value * share, 1.0)
+
+        concurrency = self.concurrent_requests
+        return Quota(
+            requests_per_minute=part(self.requests_per_minute),
+            tokens_per_minute=part(self.tokens_per_minute),
+            concurrent_requests=None if concurrency is None else max(int(concurrency * share), 1),
+            usd_per_day=None if self.usd_per_day is None else self.usd_per_day * share,
+            ip_prefix_requests_per_minute=part(self.ip_prefix_requests_per_minute),
+            fingerprint_requests_per_minute=part(self.fingerprint_requests_per_minute),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """One request's claim: who, from where, and how much it reserves before running."""
+
+    key_id: str
+    quota: Quota
+    tokens: int = 0
+    usd: float = 0.0
+    ip_prefix: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DimensionState:
+    """State of one rate dimension after the decision, for the ``x-ratelimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What :meth:`LimitBackend.settle` needs to adjust reservations and free concurrency."""
+
+    key_id: str
+    lease_id: str
+    tokens_reserved: int
+    usd_reserved: float
+    quota: Quota
+    day: int  # UTC day number the dollars were reserved against
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    source: DecisionSource = "backend"
+    denied_by: Dimension | None = None
+    retry_after: float = 0.0
+    requests: DimensionState | None = None
+    tokens: DimensionState | None = None
+    lease: Lease | None = None
+
+
+class LimitBackend(Protocol):
+    """Storage + algorithm for admission. All methods are safe under concurrency."""
+
+    async def admit(self, request: AdmissionRequest) -> Decision:
+        """Decide every dimension atomically; reserve tokens, dollars and a lease if allowed."""
+        ...
+
+    async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
+        """Replace the reservation with real usage and release the concurrency lease."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~modelfence.errors.LimitBackendError` if the backend is unreachable."""
+        ...
+
+    async def close(self) -> None: ...
