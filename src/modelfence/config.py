@@ -157,18 +157,22 @@ class Config(_Frozen):
         return self
 
 
+_SECRET_KEYS = frozenset({"admin_token", "secret", "api_key"})
+
+
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             msg = f"not allowed; allowed values: {allowed}"
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        secret = bool(err["loc"]) and err["loc"][-1] in _SECRET_KEYS
+        shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
         lines.append(f"  {path}: {msg}{shown}")
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@
     ├── LimitBackendError         the shared limit backend (Redis) failed
     └── GatewayError              anything the gateway answers with an HTTP error
         ├── BadRequest            400 invalid_request_error
-        │   └── PayloadTooLarge   413
+        │   ├── PayloadTooLarge   413
+        │   └── HeadersTooLarge   431
         ├── AuthenticationError   401
         ├── PermissionDenied      403
         ├── NotFound              404 (route or model)
@@ -75,6 +76,11 @@ class BadRequest(GatewayError):
 class PayloadTooLarge(BadRequest):
     status = 413
     code = "payload_too_large"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    code = "headers_too_large"
 
 
 class AuthenticationError(GatewayError):

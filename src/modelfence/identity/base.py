@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -53,7 +54,7 @@ class KeyStore(Protocol):
         """Create a key; return its record and the secret key, which is shown once."""
         ...
 
-    async def list(self) -> list[ApiKeyRecord]: ...
+    async def list(self) -> builtins.list[ApiKeyRecord]: ...
 
     async def get(self, key_id: str) -> ApiKeyRecord: ...
 
@@ -65,6 +66,7 @@ class KeyStore(Protocol):
         """The active or revoked record whose keyed hash matches ``secret``, if any."""
         ...
 
-    async def changed_since(self, since: datetime) -> list[ApiKeyRecord]:
+    # builtins.list: inside this class, plain ``list`` is the method above.
+    async def changed_since(self, since: datetime) -> builtins.list[ApiKeyRecord]:
         """Records created, revoked or overridden at or after ``since`` (for replica caches)."""
         ...

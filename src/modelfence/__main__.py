@@ -1,0 +1,3 @@
+from modelfence.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""The admin API: API keys and their limits, behind the admin bearer token.
+
+A FastAPI application that ``app.py`` mounts at ``/admin``::
+
+    app.mount("/admin", create_admin_app(
+        store=store, admin_token=config.admin_token, tiers=config.limits.tiers,
+    ))
+
+Once mounted: ``POST|GET /admin/v1/keys``, ``GET|DELETE /admin/v1/keys/{key_id}``,
+``POST /admin/v1/keys/{key_id}/revoke``, ``PUT /admin/v1/keys/{key_id}/limits``, and the
+OpenAPI document at ``/admin/openapi.json``. Errors are OpenAI-style JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+
+from modelfence import __version__
+from modelfence.admin.auth import RequireAdminToken
+from modelfence.admin.errors import EXCEPTION_HANDLERS
+from modelfence.admin.schemas import CreatedKey, CreateKey, ErrorResponse, Key, KeyList, Limits
+from modelfence.identity.base import KeyStore
+
+log = logging.getLogger(__name__)
+
+_TOKEN_SOURCE = "the admin token: config `admin_token` or MODELFENCE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class _Admin:
+    store: KeyStore
+    tiers: tuple[str, ...]
+
+
+def _admin(request: Request) -> _Admin:
+    admin: _Admin = request.app.state.admin
+    return admin
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+AdminDep = Annotated[_Admin, Depends(_admin)]
+router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=_responses(401, 503))
+
+
+@router.post("", status_code=201, responses=_responses(422))
+async def create_key(body: CreateKey, admin: AdminDep) -> CreatedKey:
+    """Create an API key. The secret key is in this response only."""
+    if body.tier not in admin.tiers:
+        allowed = ", ".join(sorted(admin.tiers))
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", "tier"),
+                    "msg": f"unknown tier {body.tier!r}; allowed: {allowed}",
+                    "input": body.tier,
+                }
+            ]
+        )
+    record, api_key = await admin.store.create(body.client, body.tier)
+    log.info(
+        "admin: created key %s for client %r, tier %s", record.key_id, record.client, record.tier
+    )
+    return CreatedKey.from_record(record, api_key=api_key)
+
+
+@router.get("")
+async def list_keys(admin: AdminDep) -> KeyList:
+    """Every API key, oldest first (without secrets)."""
+    return KeyList(data=[Key.from_record(record) for record in await admin.store.list()])
+
+
+@router.get("/{key_id}", responses=_responses(404, 422))
+async def get_key(key_id: str, admin: AdminDep) -> Key:
+    return Key.from_record(await admin.store.get(key_id))
+
+
+@router.post("/{key_id}/revoke", responses=_responses(404, 422))
+@router.delete("/{key_id}", responses=_responses(404, 422))
+async def revoke_key(key_id: str, admin: AdminDep) -> Key:
+    """Revoke a key; every replica refuses it within seconds. Revoking again changes nothing."""
+    record = await admin.store.revoke(key_id)
+    log.info("admin: revoked key %s of client %r", record.key_id, record.client)
+    return Key.from_record(record)
+
+
+@router.put("/{key_id}/limits", responses=_responses(404, 422))
+async def set_limits(key_id: str, body: Limits, admin: AdminDep) -> Key:
+    """Replace the key's limit overrides; fields left out fall back to the tier's limits."""
+    record = await admin.store.set_overrides(key_id, body.to_overrides())
+    log.info("admin: set limits of key %s: %s", key_id, body.model_dump(exclude_none=True))
+    return Key.from_record(record)
+
+
+def create_admin_app(
+    *, store: KeyStore, admin_token: str | None, tiers: Collection[str]
+) -> FastAPI:
+    """The admin application; with ``admin_token`` None every route answers 503."""
+    app = FastAPI(
+        title="ModelFence admin API",
+        version=__version__,
+        openapi_url="/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        # Declares the scheme in the OpenAPI document; RequireAdminToken does the checking.
+        dependencies=[Depends(HTTPBearer(auto_error=False, description=_TOKEN_SOURCE))],
+    )
+    app.state.admin = _Admin(store=store, tiers=tuple(tiers))
+    app.include_router(router)
+    app.add_middleware(
+        RequireAdminToken,
+        token=admin_token.encode() if admin_token else None,
+        public_paths=[app.openapi_url or ""],
+    )
+    for exc_class, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)
+    return app

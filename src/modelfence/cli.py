@@ -1,0 +1,182 @@
+"""The ``modelfence`` command: one Typer per noun, joined here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelfence.config import Config, load_config
+from modelfence.errors import ConfigError, ModelFenceError
+from modelfence.identity.base import KeyStore
+
+app = typer.Typer(
+    name="modelfence",
+    help="Protect a model-inference API from extraction: keys, limits, detection, watermarks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="Create, list and revoke API keys (acts on the configured store).")
+config_app = typer.Typer(help="Check configuration files.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="config file (default: $MODELFENCE_CONFIG or ./modelfence.yaml)"),
+]
+
+
+def _load(ctx: typer.Context) -> Config:
+    try:
+        return load_config(ctx.find_root().obj)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        raise typer.Exit(2) from exc
+
+
+@app.callback()
+def main_callback(ctx: typer.Context, config: ConfigOption = None) -> None:
+    ctx.obj = config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[Optional[str], typer.Option(help="bind address (default: server.host)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default: server.port)")] = None,
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from modelfence.app import create_app
+
+    config = _load(ctx)
+    _setup_logging(config.log_level)
+    uvicorn.run(
+        create_app(config),
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command("demo-upstream")
+def demo_upstream(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 9000,
+) -> None:
+    """Serve the demo models (SmolLM2 chat, MiniLM embeddings, digits classifier)."""
+    from modelfence.demo.upstream import run_demo_upstream
+
+    _setup_logging("info")
+    run_demo_upstream(host, port)
+
+
+@app.command()
+def demo(ctx: typer.Context) -> None:
+    """Start the demo upstream and the gateway, run a short scenario, print what happened."""
+    from modelfence.demo.scenario import run_demo
+
+    raise typer.Exit(run_demo(console))
+
+
+T = TypeVar("T")
+
+
+def _with_store(config: Config, action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    """Run one store operation from the command line; store errors exit 1 with the reason."""
+    from modelfence.identity import SqlKeyStore, load_server_secret
+    from modelfence.store import create_tables, open_engine
+
+    async def run() -> T:
+        engine = open_engine(config.store)
+        try:
+            await create_tables(engine)
+            secret = load_server_secret(config.secret, config.secret_file)
+            return await action(SqlKeyStore(engine, secret))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except ModelFenceError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    client: Annotated[str, typer.Option(help="the client (customer) this key belongs to")],
+    tier: Annotated[str, typer.Option(help="limits tier from the config")] = "default",
+) -> None:
+    """Create a key. The key itself is printed once, as the last line."""
+    config = _load(ctx)
+    if tier not in config.limits.tiers:
+        errors.print(f"[red]error:[/red] unknown tier {tier!r}; configured: {', '.join(config.limits.tiers)}")
+        raise typer.Exit(2)
+    record, secret = _with_store(config, lambda store: store.create(client, tier))
+    console.print(f"created {record.key_id} for client {record.client!r} (tier {record.tier})", highlight=False)
+    console.print("store the key now; it cannot be shown again:", highlight=False)
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """List keys (ids and prefixes only; secrets are never stored)."""
+    config = _load(ctx)
+    records = _with_store(config, lambda store: store.list())
+    table = Table("key id", "client", "tier", "prefix", "created", "status")
+    for r in records:
+        status = "active" if r.active else f"revoked {r.revoked_at:%Y-%m-%d %H:%M}"
+        table.add_row(r.key_id, r.client, r.tier, r.prefix + "…", f"{r.created_at:%Y-%m-%d %H:%M}", status)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="e.g. key_3f9a…")]) -> None:
+    """Revoke a key; every replica refuses it within 2 seconds."""
+    config = _load(ctx)
+    record = _with_store(config, lambda store: store.revoke(key_id))
+    console.print(f"revoked {record.key_id} (client {record.client!r})", highlight=False)
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Optional[Path], typer.Argument(help="config file to check")] = None) -> None:
+    """Validate a config file offline; exit 2 with the bad key on error."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    console.print(
+        f"ok: {len(config.upstreams)} upstream(s), {len(config.limits.tiers)} tier(s), "
+        f"store {config.store.split('://')[0]}, limits {config.limits.backend.split('://')[0]}",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    app()

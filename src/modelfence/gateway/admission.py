@@ -1,0 +1,176 @@
+"""Admission: reserve before running, settle to real usage after, headers on every answer.
+
+One backend call decides every dimension (requests, tokens, dollars, concurrency, per-IP
+prefix, per-fingerprint). The reservation is the prompt estimate plus the most the request
+may generate; when the response (or stream) really ends — client disconnects included —
+it is settled to the usage the upstream reported and the concurrency lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+from modelfence.config import PriceConfig, TierConfig
+from modelfence.errors import PermissionDenied, RateLimited, ServiceUnavailable
+from modelfence.gateway.context import RequestContext, Usage, context_of
+from modelfence.gateway.routing import PatternTable
+from modelfence.identity.base import ApiKeyRecord
+from modelfence.limits.base import AdmissionRequest, Decision, LimitBackend, Quota
+from modelfence.telemetry.metrics import Metrics
+from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
+
+log = logging.getLogger("modelfence.limits")
+
+QuotaResolver = Callable[[TierConfig, ApiKeyRecord], Quota]
+
+_DIMENSION_WORDS = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "concurrency": "concurrent requests",
+    "usd": "dollars per day",
+    "ip_prefix": "requests per minute from this network",
+    "fingerprint": "requests per minute from this client fingerprint",
+}
+
+
+def cost(price: PriceConfig | None, prompt_tokens: int, completion_tokens: int) -> float:
+    if price is None:
+        return 0.0
+    return (
+        prompt_tokens * price.input_per_1k_tokens + completion_tokens * price.output_per_1k_tokens
+    ) / 1000 + price.per_request
+
+
+def _seconds(value: float) -> bytes:
+    return f"{value:.3f}s".encode()
+
+
+def rate_headers(decision: Decision) -> Headers:
+    headers: Headers = []
+    for suffix, state in ((b"requests", decision.requests), (b"tokens", decision.tokens)):
+        if state is not None:
+            headers += [
+                (b"x-ratelimit-limit-" + suffix, str(state.limit).encode()),
+                (b"x-ratelimit-remaining-" + suffix, str(max(state.remaining, 0)).encode()),
+                (b"x-ratelimit-reset-" + suffix, _seconds(state.reset_seconds)),
+            ]
+    return headers
+
+
+def _denial(decision: Decision, ctx: RequestContext, headers: Headers) -> RateLimited:
+    what = _DIMENSION_WORDS.get(decision.denied_by or "", "limit")
+    if math.isinf(decision.retry_after):
+        return RateLimited(
+            f"Request too large: it needs more than the {what} of your tier allow at once; "
+            "lower max_tokens or the prompt size.",
+            code="request_too_large",
+            headers=headers,
+        )
+    wait = max(decision.retry_after, 0.001)
+    retry = [
+        (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
+        (b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
+    ]
+    return RateLimited(
+        f"Rate limit reached for {what} on key {ctx.key.key_id if ctx.key else '-'} "
+        f"(tier {ctx.tier}); retry in {wait:.2f}s.",
+        headers=[*headers, *retry],
+    )
+
+
+class Admission:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        backend: LimitBackend,
+        tiers: Mapping[str, TierConfig],
+        resolve_quota: QuotaResolver,
+        prices: PatternTable[PriceConfig],
+        metrics: Metrics,
+    ) -> None:
+        self.app = app
+        self.backend = backend
+        self.tiers = tiers
+        self.resolve_quota = resolve_quota
+        self.prices = prices
+        self.metrics = metrics
+        self._quotas: dict[str, tuple[ApiKeyRecord, Quota]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+
+    def _quota(self, key: ApiKeyRecord) -> Quota:
+        cached = self._quotas.get(key.key_id)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        tier = self.tiers.get(key.tier)
+        if tier is None:
+            raise PermissionDenied(
+                f"this key's tier {key.tier!r} is not configured; ask the operator",
+                code="unknown_tier",
+            )
+        quota = self.resolve_quota(tier, key)
+        if len(self._quotas) > 100_000:
+            self._quotas.clear()
+        self._quotas[key.key_id] = (key, quota)
+        return quota
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context_of(scope)
+        assert ctx.key is not None and ctx.parsed is not None
+        price = self.prices.get(ctx.model)
+        parsed = ctx.parsed
+        fingerprint = ctx.fingerprint
+        decision = await self.backend.admit(
+            AdmissionRequest(
+                key_id=ctx.key.key_id,
+                quota=self._quota(ctx.key),
+                tokens=parsed.prompt_tokens + parsed.max_output_tokens,
+                usd=cost(price, parsed.prompt_tokens, parsed.max_output_tokens),
+                ip_prefix=fingerprint.ip_prefix if fingerprint else None,
+                fingerprint=fingerprint.digest if fingerprint else None,
+            )
+        )
+        self.metrics.observe_decision(
+            ctx.tier, decision.allowed, decision.denied_by or "none", decision.source
+        )
+        headers = rate_headers(decision)
+        if not decision.allowed:
+            if decision.denied_by == "backend":
+                raise ServiceUnavailable(
+                    "The rate-limit backend is unavailable and this gateway is configured to "
+                    "fail closed; retry shortly.",
+                    code="limit_backend_unavailable",
+                    headers=[(b"retry-after", b"1")],
+                )
+            raise _denial(decision, ctx, headers)
+        ctx.decision = decision
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if decision.lease is not None:
+                usage = ctx.usage or Usage()
+                used_usd = cost(price, usage.prompt_tokens, usage.completion_tokens)
+                settle = asyncio.ensure_future(
+                    self.backend.settle(decision.lease, usage.total, used_usd)
+                )
+                # Settling must survive the request task being cancelled mid-stream.
+                self._settling.add(settle)
+                settle.add_done_callback(self._settled)
+                with contextlib.suppress(Exception):  # counted and logged in _settled
+                    await asyncio.shield(settle)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.settle_errors.inc()
+            log.warning("usage settlement failed: %s", task.exception())

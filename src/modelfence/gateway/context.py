@@ -1,0 +1,59 @@
+"""The per-request record every gateway stage reads and fills in.
+
+Stored in ``scope["modelfence"]``; stages run in a fixed order (see ``app.py``), so each
+field is set by exactly one stage and only read after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelfence.gateway.apis import ParsedRequest
+from modelfence.identity.base import ApiKeyRecord, Fingerprint
+from modelfence.limits.base import Decision
+from modelfence.types import Scope
+
+SCOPE_KEY = "modelfence"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RequestContext:
+    route: str  # route template, e.g. "/v1/chat/completions" (a metrics label)
+    started: float  # perf_counter() at arrival
+    request_id: str
+    path_model: str | None = None  # OIP routes name the model in the path
+    # set by Authenticate
+    key: ApiKeyRecord | None = None
+    # set by Fingerprinting
+    fingerprint: Fingerprint | None = None
+    # set by ReadRequest
+    raw_body: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+    parsed: ParsedRequest | None = None
+    model: str = "-"
+    upstream: str = ""
+    # set by Admission
+    decision: Decision | None = None
+    # set by the endpoint
+    usage: Usage | None = None
+    outcome: str = "ok"
+
+    @property
+    def tier(self) -> str:
+        return self.key.tier if self.key is not None else "-"
+
+
+def context_of(scope: Scope) -> RequestContext:
+    ctx: RequestContext = scope[SCOPE_KEY]
+    return ctx

@@ -1,0 +1,66 @@
+"""Server-sent events passing through: usage recorded, nothing held back.
+
+The gateway asks streaming upstreams for ``stream_options.include_usage`` so that streams
+can be settled to real usage. :class:`SSETap` splits the byte stream into events as they
+arrive, records the usage event, and — when the client did not ask for usage itself —
+removes what the option added (the final ``choices: []`` event and ``"usage": null`` fields),
+so the client sees exactly the stream it asked for. Complete events are forwarded at once;
+only a trailing partial event waits for its end.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from modelfence.gateway.apis import usage_from_response
+
+_USAGE = b'"usage"'
+
+
+class SSETap:
+    __slots__ = ("_buffer", "_strip", "content_events", "usage")
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        self._buffer = b""
+        self._strip = strip_usage
+        self.usage: tuple[int, int] | None = None
+        self.content_events = 0  # a fair count of generated tokens if the stream is cut short
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next bytes from upstream; return the bytes to send to the client now."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._buffer + chunk if self._buffer else chunk
+        complete, sep, rest = data.rpartition(b"\n\n")
+        if not sep:
+            self._buffer = data
+            return b""
+        self._buffer = rest
+        if _USAGE not in complete:
+            self.content_events += complete.count(b"data: {")
+            return complete + sep
+        return b"".join(self._event(event) for event in (complete + sep).split(b"\n\n") if event)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _event(self, event: bytes) -> bytes:
+        if _USAGE not in event or not event.startswith(b"data: {"):
+            self.content_events += event.startswith(b"data: {")
+            return event + b"\n\n"
+        try:
+            payload = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return event + b"\n\n"
+        usage = usage_from_response(payload)
+        if usage is not None:
+            self.usage = usage
+        if not self._strip:
+            self.content_events += bool(payload.get("choices"))
+            return event + b"\n\n"
+        if usage is not None and not payload.get("choices"):
+            return b""  # the usage-only event the client did not ask for
+        self.content_events += 1
+        payload.pop("usage", None)
+        return b"data: " + orjson.dumps(payload) + b"\n\n"

@@ -1,0 +1,130 @@
+"""Upstream calls behind a one-method async transport.
+
+:class:`Transport` is the seam: :class:`AiohttpTransport` talks HTTP through the one pooled
+``aiohttp`` session of the app; tests may put any object with the same ``send`` there.
+Network failures are translated here into :class:`UpstreamError` / :class:`UpstreamTimeout`
+so no aiohttp exception ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+
+from modelfence.errors import UpstreamError, UpstreamTimeout
+from modelfence.types import Headers
+
+# Headers that describe one hop, or that we set ourselves; never copied through.
+_HOP_HEADERS = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding",
+        b"server", b"date",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    path: str  # with query string, e.g. "/v1/chat/completions"
+    body: bytes = b""
+    content_type: str = "application/json"
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Headers  # lower-case names, hop-by-hop headers removed
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; for streams, without waiting for the end."""
+        ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Start the call and return once the status and headers are in."""
+        ...
+
+
+class _AiohttpResponse:
+    __slots__ = ("_response", "_upstream", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
+        self._response = response
+        self._upstream = upstream
+        self.status = response.status
+        self.headers = [
+            (name.lower(), value)
+            for name, value in response.raw_headers
+            if name.lower() not in _HOP_HEADERS
+        ]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(f"upstream {self._upstream!r} broke off mid-response") from exc
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self._upstream!r} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {self._upstream!r} broke off mid-response") from exc
+
+    def close(self) -> None:
+        self._response.release()
+
+
+class AiohttpTransport:
+    """HTTP to one upstream server over a shared connection pool."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        *,
+        api_key: str | None = None,
+        timeout_seconds: float = 120.0,
+        connect_timeout_seconds: float = 5.0,
+    ) -> None:
+        self.name = name
+        self._base_url = base_url.rstrip("/")
+        self._session = session
+        self._auth = f"Bearer {api_key}" if api_key else None
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_seconds, sock_connect=connect_timeout_seconds
+        )
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        headers = {"content-type": request.content_type}
+        if self._auth is not None:
+            headers["authorization"] = self._auth
+        try:
+            response = await self._session.request(
+                request.method,
+                self._base_url + request.path,
+                data=request.body or None,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {self.name!r} is unreachable") from exc
+        return _AiohttpResponse(response, self.name)

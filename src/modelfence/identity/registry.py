@@ -1,0 +1,176 @@
+"""The hot-path authenticator: API key -> record, from memory, in a few microseconds.
+
+Wiring (``app.py``)::
+
+    registry = KeyRegistry(store, secret, on_refresh_error=lambda exc: metrics.key_refresh_errors.inc())
+    await registry.start()          # at start-up
+    record = await registry.authenticate(api_key)   # per request
+    await registry.stop()           # at shutdown
+
+Known keys never reach the database: the key's HMAC is looked up in a dict. A key seen for
+the first time costs one store lookup, shared by concurrent requests carrying it; unknown
+keys are remembered briefly, so a flood of bad keys cannot hammer the database. A
+background task polls :meth:`KeyStore.changed_since` so that revocations and overrides made
+by any process (another replica, the CLI) reach every replica within about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+
+from modelfence.identity.base import ApiKeyRecord, KeyStore
+from modelfence.identity.keys import looks_like_api_key
+from modelfence.identity.secret import ServerSecret
+
+log = logging.getLogger(__name__)
+
+
+class _ExpiringSet:
+    """Bounded set whose members expire: the least recently added go first when full."""
+
+    def __init__(self, max_size: int, ttl: float) -> None:
+        self._max_size = max_size
+        self._ttl = ttl
+        self._expiry: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, member: str, now: float) -> None:
+        self._expiry[member] = now + self._ttl
+        self._expiry.move_to_end(member)
+        if len(self._expiry) > self._max_size:
+            self._expiry.popitem(last=False)
+
+    def contains(self, member: str, now: float) -> bool:
+        expiry = self._expiry.get(member)
+        if expiry is None:
+            return False
+        if expiry <= now:
+            del self._expiry[member]
+            return False
+        return True
+
+
+class KeyRegistry:
+    """Authenticates API keys from a cache kept in step with a :class:`KeyStore`.
+
+    ``clock`` (seconds since the epoch) drives the negative cache and the poll window;
+    the poll window reaches ``overlap`` seconds back past the previous poll, so changes
+    whose ``updated_at`` was stamped by a slightly slow clock, or committed late, are
+    still seen. ``refresh_errors`` counts failed polls; ``on_refresh_error`` is called
+    with each failure (a metrics hook). Meanwhile cached keys keep being served.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        secret: ServerSecret,
+        *,
+        poll_interval: float = 0.5,
+        overlap: float = 5.0,
+        negative_ttl: float = 1.0,
+        negative_max_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        on_refresh_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._secret = secret
+        self._poll_interval = poll_interval
+        self._overlap = overlap
+        self._clock = clock
+        self._on_refresh_error = on_refresh_error
+        self._by_hash: dict[str, ApiKeyRecord] = {}
+        self._hash_by_id: dict[str, str] = {}
+        self._unknown = _ExpiringSet(negative_max_size, negative_ttl)
+        self._lookups: dict[str, asyncio.Task[ApiKeyRecord | None]] = {}
+        self._synced_at = clock()
+        self._task: asyncio.Task[None] | None = None
+        self.refresh_errors = 0
+
+    async def authenticate(self, api_key: str) -> ApiKeyRecord | None:
+        """The record of ``api_key`` (revoked ones included: check ``.active``), or None.
+
+        Raises :class:`~modelfence.errors.StoreError` only for a key not yet cached while
+        the store is down: the caller should answer 503, not 401.
+        """
+        if not looks_like_api_key(api_key):
+            return None
+        # A dict lookup by HMAC is safe from timing attacks: the attacker cannot steer the
+        # hash, so how long the lookup takes says nothing about any stored key.
+        key_hash = self._secret.hash_api_key(api_key)
+        record = self._by_hash.get(key_hash)
+        if record is not None:
+            return record
+        if self._unknown.contains(key_hash, self._clock()):
+            return None
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            lookup = asyncio.create_task(self._look_up(api_key, key_hash))
+            self._lookups[key_hash] = lookup
+            lookup.add_done_callback(partial(self._lookup_done, key_hash))
+        # Shielded: one caller giving up (client gone) must not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, key_hash: str, lookup: asyncio.Task[ApiKeyRecord | None]) -> None:
+        del self._lookups[key_hash]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here: if every caller gave up, nobody else will
+
+    async def _look_up(self, api_key: str, key_hash: str) -> ApiKeyRecord | None:
+        record = await self._store.find_by_secret(api_key)
+        if record is None:
+            self._unknown.add(key_hash, self._clock())
+        else:
+            self._by_hash[key_hash] = record
+            self._hash_by_id[record.key_id] = key_hash
+        return record
+
+    async def refresh(self) -> None:
+        """Apply changes made anywhere since the last refresh to the cached records.
+
+        Raises :class:`~modelfence.errors.StoreError`; the next refresh covers the gap.
+        """
+        started = self._clock()
+        since = datetime.fromtimestamp(self._synced_at - self._overlap, UTC)
+        for record in await self._store.changed_since(since):
+            key_hash = self._hash_by_id.get(record.key_id)
+            if key_hash is not None:  # keys nobody used here are looked up when first used
+                self._by_hash[key_hash] = record
+        self._synced_at = started
+
+    async def start(self) -> None:
+        """Start polling the store in the background (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll(), name="modelfence-key-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _poll(self) -> None:
+        failures = 0  # in a row
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                await self.refresh()
+            # Any error, not only StoreError: if this loop died, revocations would silently
+            # stop reaching this replica.
+            except Exception as exc:  # noqa: BLE001
+                self.refresh_errors += 1
+                if self._on_refresh_error is not None:
+                    self._on_refresh_error(exc)
+                if failures == 0:
+                    log.warning("key store refresh failed, serving cached keys: %s", exc)
+                failures += 1
+            else:
+                if failures:
+                    log.warning("key store refresh recovered after %d failures", failures)
+                failures = 0

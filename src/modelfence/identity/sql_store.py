@@ -1,0 +1,150 @@
+"""API keys in the state database (SQLite or PostgreSQL): the durable :class:`KeyStore`."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, Select, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from modelfence.errors import KeyNotFound
+from modelfence.identity.base import ApiKeyRecord, LimitOverrides
+from modelfence.identity.keys import display_prefix, new_api_key, new_key_id
+from modelfence.identity.secret import ServerSecret
+from modelfence.store.database import transaction
+from modelfence.store.schema import api_keys
+
+_RECORD_COLUMNS = (
+    api_keys.c.key_id,
+    api_keys.c.client,
+    api_keys.c.tier,
+    api_keys.c.prefix,
+    api_keys.c.created_at,
+    api_keys.c.revoked_at,
+    api_keys.c.overrides,
+)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlKeyStore:
+    """:class:`~modelfence.identity.base.KeyStore` on an engine from ``open_engine``.
+
+    Keys are stored as their keyed hash only. Every change stamps ``updated_at`` with
+    ``clock()``, which is what :meth:`changed_since` and the replicas' caches rely on.
+    Tier names are not checked here: the admin API and the CLI check them against the
+    config. Database failures raise :class:`~modelfence.errors.StoreError`.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        secret: ServerSecret,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._engine = engine
+        self._secret = secret
+        self._clock = clock
+
+    async def create(self, client: str, tier: str) -> tuple[ApiKeyRecord, str]:
+        api_key = new_api_key()
+        now = self._clock()
+        record = ApiKeyRecord(
+            key_id=new_key_id(),
+            client=client,
+            tier=tier,
+            prefix=display_prefix(api_key),
+            created_at=now,
+        )
+        async with transaction(self._engine, write=True) as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    key_id=record.key_id,
+                    client=client,
+                    tier=tier,
+                    prefix=record.prefix,
+                    key_hash=self._secret.hash_api_key(api_key),
+                    created_at=now,
+                    updated_at=now,
+                    overrides={},
+                )
+            )
+        return record, api_key
+
+    async def list(self) -> builtins.list[ApiKeyRecord]:
+        """Every key, oldest first."""
+        return await self._select(
+            _select_records().order_by(api_keys.c.created_at, api_keys.c.key_id)
+        )
+
+    async def get(self, key_id: str) -> ApiKeyRecord:
+        async with transaction(self._engine) as conn:
+            return await _fetch(conn, key_id)
+
+    async def revoke(self, key_id: str) -> ApiKeyRecord:
+        """Revoke the key; revoking it again keeps the first revocation time."""
+        now = self._clock()
+        async with transaction(self._engine, write=True) as conn:
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now, updated_at=now)
+            )
+            return await _fetch(conn, key_id)
+
+    async def set_overrides(self, key_id: str, overrides: LimitOverrides) -> ApiKeyRecord:
+        """Replace the key's overrides as a whole (fields left ``None`` fall back to the tier)."""
+        stored = {name: value for name, value in asdict(overrides).items() if value is not None}
+        async with transaction(self._engine, write=True) as conn:
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id)
+                .values(overrides=stored, updated_at=self._clock())
+            )
+            return await _fetch(conn, key_id)
+
+    async def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
+        found = await self._select(
+            _select_records().where(api_keys.c.key_hash == self._secret.hash_api_key(secret))
+        )
+        return found[0] if found else None
+
+    async def changed_since(self, since: datetime) -> builtins.list[ApiKeyRecord]:
+        return await self._select(
+            _select_records().where(api_keys.c.updated_at >= since).order_by(api_keys.c.updated_at)
+        )
+
+    async def _select(self, query: Select[Any]) -> builtins.list[ApiKeyRecord]:
+        async with transaction(self._engine) as conn:
+            result = await conn.execute(query)
+            return [_record(row) for row in result]
+
+
+def _select_records() -> Select[Any]:
+    return select(*_RECORD_COLUMNS)
+
+
+async def _fetch(conn: AsyncConnection, key_id: str) -> ApiKeyRecord:
+    row = (await conn.execute(_select_records().where(api_keys.c.key_id == key_id))).first()
+    if row is None:
+        raise KeyNotFound(f"no API key with id {key_id!r}")
+    return _record(row)
+
+
+def _record(row: Row[Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row.key_id,
+        client=row.client,
+        tier=row.tier,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        overrides=LimitOverrides(**row.overrides),
+    )

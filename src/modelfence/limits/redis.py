@@ -1,0 +1,176 @@
+"""Limits shared by every replica through Redis: one Lua call per admission, one per settle.
+
+The scripts (``lua/admit.lua``, ``lua/settle.lua``) are shipped in the package and
+registered once, when the backend is built; redis-py sends ``EVALSHA`` and reloads a script
+the server has forgotten (``NOSCRIPT``, e.g. after a restart). Time comes from Redis
+``TIME`` inside the script, so replicas with skewed clocks still agree.
+
+Keys (parts percent-escaped, so no two subjects share a name and none breaks a hash tag)::
+
+    mf:{k:<key id>}:requests | :tokens      GCRA TAT, PX = until the bucket is full again
+    mf:{k:<key id>}:leases                  ZSET lease id -> expiry, PX = lease TTL
+    mf:{k:<key id>}:usd                     HASH {day, spent micro-dollars}, EX = 2 days
+    mf:{ip:<prefix>}:ip_prefix              GCRA TAT of one client IP prefix
+    mf:{fp:<digest>}:fingerprint            GCRA TAT of one client fingerprint
+
+Every key expires by itself; nothing here scans. On Redis Cluster all keys of one API key
+share a slot through the ``{k:...}`` tag, but the IP-prefix and fingerprint keys carry their
+own tags: a script touching them and the key's keys fails with ``CROSSSLOT``. On a cluster,
+leave ``per_ip_prefix`` and ``per_fingerprint`` off (a known limitation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib.resources import files
+from typing import Any, cast
+from urllib.parse import quote
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from modelfence.config import LimitsConfig
+from modelfence.errors import LimitBackendError
+from modelfence.limits.base import AdmissionRequest, Decision, Dimension, Lease
+from modelfence.limits.dimensions import (
+    DAY_SECONDS,
+    LEASE_RETRY_SECONDS,
+    decide,
+    micro_usd,
+    new_lease_id,
+    rate_checks,
+    settle_check,
+)
+from modelfence.limits.gcra import SLACK_SECONDS
+
+NO_LIMIT = -1  # how the scripts are told a dimension is unlimited
+
+
+def _script(name: str) -> str:
+    return (files("modelfence.limits") / "lua" / name).read_text(encoding="utf-8")
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise LimitBackendError(f"Redis {action} failed: {exc}") from exc
+
+
+class RedisBackend:
+    """:class:`~modelfence.limits.base.LimitBackend` on Redis, safe across replicas.
+
+    ``client`` must decode responses (``decode_responses=True``); :meth:`from_url` makes one.
+    """
+
+    def __init__(
+        self, client: Redis, *, lease_ttl_seconds: float = 900.0, namespace: str = "mf"
+    ) -> None:
+        self._client = client
+        self._lease_ttl = lease_ttl_seconds
+        self._namespace = quote(namespace, safe="")
+        self._admit: AsyncScript = client.register_script(_script("admit.lua"))
+        self._settle: AsyncScript = client.register_script(_script("settle.lua"))
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_seconds: float = 0.25,
+        lease_ttl_seconds: float = 900.0,
+        namespace: str = "mf",
+        max_connections: int = 64,
+    ) -> RedisBackend:
+        """A backend with its own connection pool; every call gives up after the timeout.
+
+        Requests beyond ``max_connections`` wait (up to the timeout) for a free connection
+        rather than fail. One immediate retry on a connection error replaces a connection
+        the server closed (restart, fail-over) unseen; timeouts are not retried, so an
+        unreachable server costs a request one timeout, not several.
+        """
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_seconds,
+            decode_responses=True,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        return cls(Redis.from_pool(pool), lease_ttl_seconds=lease_ttl_seconds, namespace=namespace)
+
+    @classmethod
+    def from_config(cls, config: LimitsConfig) -> RedisBackend:
+        return cls.from_url(
+            config.backend,
+            timeout_seconds=config.redis_timeout_seconds,
+            lease_ttl_seconds=config.lease_ttl_seconds,
+        )
+
+    def key(self, scope: str, subject: str, name: str) -> str:
+        """The Redis key of ``name`` for ``subject``; ``{scope:subject}`` is the hash tag."""
+        return f"{self._namespace}:{{{scope}:{quote(subject, safe='')}}}:{name}"
+
+    async def admit(self, request: AdmissionRequest) -> Decision:
+        quota, key_id = request.quota, request.key_id
+        checks = rate_checks(request)
+        lease_id = new_lease_id()
+        keys = [
+            self.key("k", key_id, "leases"),
+            self.key("k", key_id, "usd"),
+            *(self.key(check.scope, check.subject, check.dimension) for check in checks),
+        ]
+        args: list[str | int | float] = [
+            SLACK_SECONDS,
+            lease_id,
+            self._lease_ttl,
+            NO_LIMIT if quota.concurrent_requests is None else quota.concurrent_requests,
+            NO_LIMIT if quota.usd_per_day is None else micro_usd(quota.usd_per_day),
+            micro_usd(request.usd),
+            LEASE_RETRY_SECONDS,
+            DAY_SECONDS,
+        ]
+        for check in checks:
+            args += [check.dimension, check.rate.interval, check.rate.tolerance, check.cost]
+        allowed, denied, retry_after, day, *states = await self._run(self._admit, keys, args)
+        outcomes = [(int(states[i]), float(states[i + 1])) for i in range(0, len(states), 2)]
+        if not allowed:
+            return decide(checks, outcomes, [(cast(Dimension, denied), float(retry_after))])
+        lease = Lease(key_id, lease_id, request.tokens, request.usd, quota, int(day))
+        return decide(checks, outcomes, [], lease)
+
+    async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
+        """Apply real usage and free the slot; a settled or expired lease is ignored."""
+        keys = [self.key("k", lease.key_id, "leases"), self.key("k", lease.key_id, "usd")]
+        usd_delta = micro_usd(usd_used) - micro_usd(lease.usd_reserved)
+        args: list[str | int | float] = [
+            lease.lease_id,
+            lease.day,
+            "" if lease.quota.usd_per_day is None else usd_delta,
+        ]
+        check = settle_check(lease, tokens_used)
+        if check is not None:
+            keys.append(self.key(check.scope, check.subject, check.dimension))
+            args += [check.rate.interval, check.cost]
+        await self._run(self._settle, keys, args)
+
+    async def ping(self) -> None:
+        with _translated("PING"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    @staticmethod
+    async def _run(
+        script: AsyncScript, keys: Sequence[str], args: Sequence[str | int | float]
+    ) -> Any:
+        with _translated("limit script"):
+            return await script(keys=keys, args=args)

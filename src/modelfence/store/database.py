@@ -1,0 +1,116 @@
+"""The state database: one async SQLAlchemy engine on SQLite or PostgreSQL.
+
+Start-up, as ``app.py`` or the CLI does it::
+
+    engine = open_engine(config.store)      # "sqlite:///modelfence.db" or "postgresql://..."
+    await create_tables(engine)
+    ...
+    await engine.dispose()
+
+Stores run their statements inside :func:`transaction`, which is where driver errors
+become :class:`~modelfence.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from modelfence.errors import ConfigError, StoreError
+from modelfence.store.schema import metadata
+
+# URL scheme in the config -> SQLAlchemy async driver.
+DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Any constant works; it only has to be the same in every process creating the schema.
+_SCHEMA_LOCK_ID = 0x6D66_7363  # "mfsc"
+_WRITE_OPTION = "modelfence_write"
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy URL for a config store URL: ``sqlite:///x.db`` -> ``sqlite+aiosqlite:///x.db``."""
+    scheme, sep, rest = url.partition("://")
+    driver = DRIVERS.get(scheme)
+    if not sep or driver is None:
+        raise ConfigError(f"store: {url!r} is not sqlite:///PATH or postgresql://USER@HOST/DB")
+    return f"{driver}://{rest}"
+
+
+def open_engine(url: str) -> AsyncEngine:
+    """An engine for the store URL; SQLite files are put in WAL mode with a busy timeout."""
+    engine = create_async_engine(async_url(url))
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine.sync_engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # SQLAlchemy emits BEGIN itself (below): the sqlite3 driver skips it before SELECT
+        # and DDL, which would leave reads and CREATE TABLE outside any transaction.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers never block the writer, so the gateway, the CLI and the detector
+        # can share one file. busy_timeout: a writer waits for the lock instead of failing.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # A deferred transaction that has read cannot take the write lock once another
+        # process has committed (SQLITE_BUSY at once, busy_timeout does not help), so
+        # writers take the lock up front and wait their turn.
+        write = connection.get_execution_options().get(_WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+@asynccontextmanager
+async def transaction(
+    engine: AsyncEngine, *, write: bool = False
+) -> AsyncIterator[AsyncConnection]:
+    """One transaction, committed on success; database errors raise :class:`StoreError`.
+
+    ``write=True`` for transactions that modify rows: on SQLite it takes the write lock
+    at ``BEGIN`` (see ``_configure_sqlite``); PostgreSQL ignores it::
+
+        async with transaction(engine, write=True) as conn:
+            await conn.execute(api_keys.update().values(...))
+    """
+    try:
+        async with engine.connect() as conn:
+            if write:
+                await conn.execution_options(**{_WRITE_OPTION: True})
+            async with conn.begin():
+                yield conn
+    except (SQLAlchemyError, OSError) as exc:  # OSError: asyncpg cannot connect
+        raise StoreError(f"state database failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    # The driver's own message, without the SQL statement and parameters SQLAlchemy adds.
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return f"{type(cause).__name__}: {cause}"
+
+
+async def create_tables(engine: AsyncEngine) -> None:
+    """Create the tables and indexes of :data:`metadata` that are missing.
+
+    Safe when several processes start at once: creations are serialised (SQLite's write
+    lock, a PostgreSQL advisory lock held until commit) and DDL is transactional on both,
+    so each process after the first finds the tables in place.
+    """
+    async with transaction(engine, write=True) as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        await conn.run_sync(metadata.create_all)

@@ -1,0 +1,1 @@
+"""Helpers for testing a ModelFence deployment: a fast, scriptable fake upstream."""

@@ -1,0 +1,165 @@
+"""A fast fake inference server speaking OpenAI and Open Inference Protocol v2.
+
+It answers instantly with fixed content, so gateway overhead can be measured against it
+and gateway behaviour tested without loading a model. Requests can script it through
+extra body fields, which the gateway forwards untouched:
+
+- ``"fake_delay": seconds`` — wait before answering (timeouts, concurrency leases);
+- ``"fake_status": 500`` — answer with that status;
+- ``"fake_chunks": n`` — number of content chunks in a stream (default 5);
+- ``"fake_chunk_delay": seconds`` — pause between stream chunks.
+
+``GET /_stats`` reports how many inference requests arrived; ``POST /_reset`` zeroes it.
+
+    python -m modelfence.testing.fake_upstream --port 9100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+_MODELS = ["fake-chat", "fake-embed"]
+_WORDS = ["The", " answer", " is", " forty", "-two", ".", " Thanks", " for", " asking", "!"]
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        self.requests += 1
+        body = orjson.loads(await request.read())
+        if body.get("fake_delay"):
+            await asyncio.sleep(float(body["fake_delay"]))
+        return body  # type: ignore[no-any-return]
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if body.get("fake_status"):
+            return _json({"error": {"message": "scripted failure"}}, body["fake_status"])
+        chunks = int(body.get("fake_chunks", 5))
+        text = "".join(_WORDS[i % len(_WORDS)] for i in range(chunks))
+        usage = {"prompt_tokens": 11, "completion_tokens": chunks, "total_tokens": 11 + chunks}
+        created = int(time.time())
+        if not body.get("stream"):
+            return _json(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": usage,
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+                "model": body.get("model")}
+        delay = float(body.get("fake_chunk_delay", 0))
+        for i in range(chunks):
+            delta = {"content": _WORDS[i % len(_WORDS)]}
+            chunk: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta,
+                                                          "finish_reason": None}]}
+            if include_usage:
+                chunk["usage"] = None
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if delay:
+                await asyncio.sleep(delay)
+        if include_usage:
+            final = {**base, "choices": [], "usage": usage}
+            await response.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def completions(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return _json({"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
+                      "choices": [{"index": 0, "text": " forty-two", "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.125] * 8}
+                for i in range(len(inputs))]
+        return _json({"object": "list", "data": data, "model": body.get("model"),
+                      "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                  "owned_by": "fake"} for m in _MODELS]})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        rows = int(body["inputs"][0]["shape"][0])
+        return _json({"model_name": request.match_info["name"], "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [rows, 10],
+             "data": [0.1] * (10 * rows)}]})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        return _json({"name": name, "platform": "fake",
+                      "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                      "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json({"requests": self.requests})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.requests = 0
+        return _json({"requests": 0})
+
+
+def create_fake_upstream() -> web.Application:
+    fake = FakeUpstream()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.add_routes(
+        [
+            web.post("/v1/chat/completions", fake.chat),
+            web.post("/v1/completions", fake.completions),
+            web.post("/v1/embeddings", fake.embeddings),
+            web.get("/v1/models", fake.models),
+            web.post("/v2/models/{name}/infer", fake.infer),
+            web.get("/v2/models/{name}", fake.model_metadata),
+            web.get("/v2/health/ready", fake.ready),
+            web.get("/_stats", fake.stats),
+            web.post("/_reset", fake.reset),
+        ]
+    )
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    web.run_app(create_fake_upstream(), host=args.host, port=args.port, access_log=None,
+                print=None, loop=loop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""SSETap: usage recorded, usage the client did not ask for removed, nothing held back."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelfence.gateway.streaming import SSETap
+
+
+def _event(payload: object) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+CHUNKS = [
+    _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}}], "usage": None}),
+    _event({"id": "c", "choices": [{"index": 0, "delta": {"content": "!"}}], "usage": None}),
+    _event({"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}),
+    b"data: [DONE]\n\n",
+]
+
+
+def _events(data: bytes) -> list[bytes]:
+    return [e for e in data.split(b"\n\n") if e]
+
+
+def test_strips_what_include_usage_added_but_records_usage() -> None:
+    tap = SSETap(strip_usage=True)
+    out = b"".join(tap.feed(chunk) for chunk in CHUNKS) + tap.flush()
+    events = _events(out)
+    assert len(events) == 3
+    assert events[-1] == b"data: [DONE]"
+    for event in events[:-1]:
+        payload = orjson.loads(event[6:])
+        assert "usage" not in payload
+        assert payload["choices"]
+    assert tap.usage == (7, 2)
+    assert tap.content_events == 2
+
+
+def test_keeps_usage_when_the_client_asked_for_it() -> None:
+    tap = SSETap(strip_usage=False)
+    out = b"".join(tap.feed(chunk) for chunk in CHUNKS) + tap.flush()
+    assert out == b"".join(CHUNKS)
+    assert tap.usage == (7, 2)
+
+
+def test_complete_events_are_forwarded_at_once() -> None:
+    tap = SSETap(strip_usage=True)
+    first = tap.feed(CHUNKS[0][:10])
+    assert first == b""  # a partial event waits for its end ...
+    second = tap.feed(CHUNKS[0][10:])
+    assert _events(second)  # ... and goes out as soon as it is complete
+
+
+def test_crlf_streams_are_understood() -> None:
+    tap = SSETap(strip_usage=True)
+    out = b"".join(tap.feed(c.replace(b"\n", b"\r\n")) for c in CHUNKS)
+    assert tap.usage == (7, 2)
+    assert len(_events(out)) == 3
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
+def test_any_split_of_the_stream_gives_the_same_output(cuts: list[int]) -> None:
+    whole = b"".join(CHUNKS)
+    reference = SSETap(strip_usage=True)
+    expected = reference.feed(whole) + reference.flush()
+    tap = SSETap(strip_usage=True)
+    out, pos = [], 0
+    for cut in cuts:
+        out.append(tap.feed(whole[pos : pos + cut]))
+        pos += cut
+    out.append(tap.feed(whole[pos:]))
+    out.append(tap.flush())
+    assert b"".join(out) == expected
+    assert tap.usage == (7, 2)

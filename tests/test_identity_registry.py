@@ -1,0 +1,222 @@
+"""KeyRegistry: the cache in front of the key store, and how replicas stay in step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from modelfence.errors import StoreError
+from modelfence.identity import (
+    ApiKeyRecord,
+    KeyRegistry,
+    LimitOverrides,
+    ServerSecret,
+    SqlKeyStore,
+    new_api_key,
+)
+from modelfence.store import create_tables, open_engine
+
+from .test_store_database import scratch_engine
+
+SECRET = ServerSecret(b"test-secret-0123456789abcdef")
+
+
+class SpyStore(SqlKeyStore):
+    """Counts the calls the registry makes; ``down`` makes them fail like a dead database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine, SECRET)
+        self.calls: Counter[str] = Counter()
+        self.down = False
+
+    def _call(self, name: str) -> None:
+        self.calls[name] += 1
+        if self.down:
+            raise StoreError("state database failed: connection refused")
+
+    async def find_by_secret(self, secret: str) -> ApiKeyRecord | None:
+        self._call("find_by_secret")
+        await asyncio.sleep(0)  # let concurrent callers pile up, as real I/O would
+        return await super().find_by_secret(secret)
+
+    async def changed_since(self, since: datetime) -> list[ApiKeyRecord]:
+        self._call("changed_since")
+        return await super().changed_since(since)
+
+
+class FakeClock:
+    """Starts at the real time, as the store stamps changes with the real clock."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    async with scratch_engine(f"sqlite:///{tmp_path / 'state.db'}") as engine:
+        await create_tables(engine)
+        yield engine
+
+
+@pytest.fixture
+def store(engine: AsyncEngine) -> SpyStore:
+    return SpyStore(engine)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(store: SpyStore, clock: FakeClock) -> KeyRegistry:
+    return KeyRegistry(store, SECRET, clock=clock)
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 2.0) -> None:
+    """Check ``condition`` every 10 ms until it holds; fail after ``within`` seconds."""
+    started = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - started < within, f"not true within {within} s"
+        await asyncio.sleep(0.01)
+
+
+def revoked_in(registry: KeyRegistry, api_key: str) -> Callable[[], Awaitable[bool]]:
+    async def revoked() -> bool:
+        record = await registry.authenticate(api_key)
+        return record is not None and not record.active
+
+    return revoked
+
+
+async def test_known_keys_are_served_from_memory(store: SpyStore, registry: KeyRegistry) -> None:
+    record, api_key = await store.create("acme", "default")
+    assert await registry.authenticate(api_key) == record
+    for _ in range(100):
+        assert await registry.authenticate(api_key) == record
+    assert store.calls["find_by_secret"] == 1
+
+
+async def test_malformed_keys_never_reach_the_store(store: SpyStore, registry: KeyRegistry) -> None:
+    for junk in ("", "sk-123", "mf_short", "x" * 10_000):
+        assert await registry.authenticate(junk) is None
+    assert store.calls["find_by_secret"] == 0
+
+
+async def test_unknown_keys_are_remembered_briefly(
+    store: SpyStore, registry: KeyRegistry, clock: FakeClock
+) -> None:
+    unknown = new_api_key()
+    for _ in range(50):
+        assert await registry.authenticate(unknown) is None
+    assert store.calls["find_by_secret"] == 1
+    clock.now += 1.01
+    assert await registry.authenticate(unknown) is None
+    assert store.calls["find_by_secret"] == 2
+
+
+async def test_the_unknown_key_memory_is_bounded(store: SpyStore, clock: FakeClock) -> None:
+    registry = KeyRegistry(store, SECRET, clock=clock, negative_max_size=2)
+    first, second, third = new_api_key(), new_api_key(), new_api_key()
+    for api_key in (first, second, third, third, second):
+        await registry.authenticate(api_key)
+    assert store.calls["find_by_secret"] == 3
+    await registry.authenticate(first)  # pushed out by the third
+    assert store.calls["find_by_secret"] == 4
+
+
+async def test_concurrent_misses_share_one_lookup(store: SpyStore, registry: KeyRegistry) -> None:
+    record, api_key = await store.create("acme", "default")
+    unknown = new_api_key()
+    results = await asyncio.gather(
+        *(registry.authenticate(key) for key in [api_key] * 20 + [unknown] * 20)
+    )
+    assert results == [record] * 20 + [None] * 20
+    assert store.calls["find_by_secret"] == 2
+
+
+async def test_one_caller_giving_up_does_not_fail_the_others(
+    store: SpyStore, registry: KeyRegistry
+) -> None:
+    record, api_key = await store.create("acme", "default")
+    impatient = asyncio.create_task(registry.authenticate(api_key))
+    patient = asyncio.create_task(registry.authenticate(api_key))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    assert await patient == record
+
+
+async def test_refresh_applies_overrides_and_revocations_without_lookups(
+    store: SpyStore, registry: KeyRegistry
+) -> None:
+    record, api_key = await store.create("acme", "default")
+    await registry.authenticate(api_key)
+    overrides = LimitOverrides(requests_per_minute=3)
+    await store.set_overrides(record.key_id, overrides)
+    await store.revoke(record.key_id)
+    await registry.refresh()
+    cached = await registry.authenticate(api_key)
+    assert cached is not None and cached.overrides == overrides and not cached.active
+    assert store.calls["find_by_secret"] == 1
+
+
+async def test_revocation_on_another_replica_is_seen_within_two_seconds(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # Another replica (or the CLI): its own engine on the same database.
+    other_engine = open_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        elsewhere = SqlKeyStore(other_engine, SECRET)
+        registry = KeyRegistry(SqlKeyStore(engine, SECRET), SECRET, poll_interval=0.05)
+        record, api_key = await elsewhere.create("acme", "default")
+        await registry.start()
+        try:
+            assert await registry.authenticate(api_key) == record
+            await elsewhere.revoke(record.key_id)
+            await eventually(revoked_in(registry, api_key), within=2.0)
+        finally:
+            await registry.stop()
+    finally:
+        await other_engine.dispose()
+
+
+async def test_a_store_outage_keeps_cached_keys_working(
+    store: SpyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    failures: list[Exception] = []
+    registry = KeyRegistry(store, SECRET, poll_interval=0.01, on_refresh_error=failures.append)
+    record, api_key = await store.create("acme", "default")
+    await registry.authenticate(api_key)
+
+    async def failed_twice() -> bool:
+        return registry.refresh_errors >= 2
+
+    await registry.start()
+    try:
+        store.down = True
+        await eventually(failed_twice)
+        assert await registry.authenticate(api_key) == record
+        with pytest.raises(StoreError):  # a key not cached cannot be checked: 503, not 401
+            await registry.authenticate(new_api_key())
+        assert len(failures) == registry.refresh_errors
+        assert all(isinstance(exc, StoreError) for exc in failures)
+
+        store.down = False  # what changed meanwhile arrives once the store is back
+        await store.revoke(record.key_id)
+        await eventually(revoked_in(registry, api_key))
+        assert "refresh failed" in caplog.text and "recovered" in caplog.text
+        assert api_key not in caplog.text
+    finally:
+        await registry.stop()

@@ -1,0 +1,316 @@
+"""One suite for every limit backend (memory, Redis), then what is particular to each.
+
+Each test uses fresh key ids and sources, so runs never see each other's state, and asks
+nothing of the clock but that a test takes well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from modelfence.config import LimitsConfig, PerSourceLimit, TierConfig
+from modelfence.identity.base import LimitOverrides
+from modelfence.limits import (
+    AdmissionRequest,
+    Decision,
+    GuardedBackend,
+    LimitBackend,
+    MemoryBackend,
+    Quota,
+    build_backend,
+    quota_for,
+)
+from modelfence.limits.dimensions import DAY_SECONDS, LEASE_RETRY_SECONDS
+from modelfence.limits.redis import RedisBackend
+from tests.services import ensure_redis
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    ]
+)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[LimitBackend]:
+    if request.param == "memory":
+        yield MemoryBackend()
+        return
+    shared = RedisBackend.from_url(ensure_redis(), timeout_seconds=5.0)
+    yield shared
+    await shared.close()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def ask(quota: Quota, key_id: str | None = None, **claim: Any) -> AdmissionRequest:
+    return AdmissionRequest(key_id or new_id(), quota, **claim)
+
+
+async def admit_all(backend: LimitBackend, requests: list[AdmissionRequest]) -> list[Decision]:
+    return [await backend.admit(request) for request in requests]
+
+
+async def test_requests_are_denied_past_the_limit(backend: LimitBackend) -> None:
+    request = ask(Quota(requests_per_minute=3))
+    decisions = await admit_all(backend, [request] * 4)
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.requests and d.requests.remaining for d in decisions] == [2, 1, 0, 0]
+    denied = decisions[-1]
+    assert denied.denied_by == "requests" and denied.source == "backend"
+    assert denied.retry_after == pytest.approx(20.0, abs=0.5)  # one request per 20 s
+    assert denied.requests is not None and denied.requests.limit == 3
+    assert denied.requests.reset_seconds == pytest.approx(60.0, abs=0.5)
+    assert denied.lease is None
+
+
+async def test_decision_carries_header_state(backend: LimitBackend) -> None:
+    decision = await backend.admit(
+        ask(Quota(requests_per_minute=10, tokens_per_minute=1000), tokens=250)
+    )
+    assert decision.allowed and decision.lease is not None
+    assert decision.requests is not None and decision.tokens is not None
+    assert (decision.requests.limit, decision.requests.remaining) == (10, 9)
+    assert decision.requests.reset_seconds == pytest.approx(6.0, abs=0.5)
+    assert (decision.tokens.limit, decision.tokens.remaining) == (1000, 750)
+    assert decision.tokens.reset_seconds == pytest.approx(15.0, abs=0.5)
+
+
+async def test_unlimited_quota_admits_without_header_state(backend: LimitBackend) -> None:
+    decision = await backend.admit(ask(Quota(), tokens=10**9, usd=10.0**6))
+    assert decision.allowed and decision.lease is not None
+    assert decision.requests is None and decision.tokens is None
+
+
+async def test_settle_refunds_unused_tokens(backend: LimitBackend) -> None:
+    request = ask(Quota(tokens_per_minute=1000), tokens=600)
+    first, second = await admit_all(backend, [request] * 2)
+    assert first.allowed and first.lease is not None
+    assert second.denied_by == "tokens"
+    await backend.settle(first.lease, tokens_used=100, usd_used=0.0)
+    third = await backend.admit(request)
+    assert third.allowed and third.tokens is not None
+    assert third.tokens.remaining in (300, 301)  # a few ms of refill may round up
+
+
+async def test_settle_charges_tokens_used_beyond_the_reservation(backend: LimitBackend) -> None:
+    request = ask(Quota(tokens_per_minute=1000), tokens=100)
+    first = await backend.admit(request)
+    assert first.lease is not None
+    await backend.settle(first.lease, tokens_used=900, usd_used=0.0)
+    later = await backend.admit(ask(Quota(tokens_per_minute=1000), request.key_id, tokens=200))
+    assert later.denied_by == "tokens"
+    assert later.retry_after == pytest.approx(6.0, abs=0.5)  # 100 tokens short at 1000/min
+
+
+async def test_concurrency_lease_is_released_once(backend: LimitBackend) -> None:
+    request = ask(Quota(concurrent_requests=2))
+    first, second, third = await admit_all(backend, [request] * 3)
+    assert first.allowed and second.allowed and first.lease is not None
+    assert third.denied_by == "concurrency" and third.retry_after == LEASE_RETRY_SECONDS
+    await backend.settle(first.lease, 0, 0.0)
+    await backend.settle(first.lease, 0, 0.0)  # a second settle must not free a second slot
+    fourth, fifth = await admit_all(backend, [request] * 2)
+    assert fourth.allowed
+    assert fifth.denied_by == "concurrency"
+
+
+async def test_usd_budget_holds_for_the_day(backend: LimitBackend) -> None:
+    key_id, quota = new_id(), Quota(usd_per_day=1.0)
+    first = await backend.admit(ask(quota, key_id, usd=0.6))
+    second = await backend.admit(ask(quota, key_id, usd=0.6))
+    assert first.allowed and first.lease is not None
+    assert second.denied_by == "usd"
+    assert 0 < second.retry_after <= DAY_SECONDS  # until the next UTC midnight
+    await backend.settle(first.lease, 0, usd_used=0.1)
+    fits, over = await admit_all(
+        backend, [ask(quota, key_id, usd=0.9), ask(quota, key_id, usd=0.01)]
+    )
+    assert fits.allowed  # 0.1 + 0.9 is exactly the budget: micro-dollars do not drift
+    assert over.denied_by == "usd"
+
+
+async def test_usd_sums_without_float_drift(backend: LimitBackend) -> None:
+    key_id, quota = new_id(), Quota(usd_per_day=0.3)
+    decisions = await admit_all(backend, [ask(quota, key_id, usd=0.1), ask(quota, key_id, usd=0.2)])
+    assert all(d.allowed for d in decisions)  # although 0.1 + 0.2 > 0.3 in floats
+
+
+@pytest.mark.parametrize(
+    "dimension, quota",
+    [
+        ("ip_prefix", Quota(ip_prefix_requests_per_minute=2)),
+        ("fingerprint", Quota(fingerprint_requests_per_minute=2)),
+    ],
+)
+async def test_source_limits_span_keys(backend: LimitBackend, dimension: str, quota: Quota) -> None:
+    crowd, other = f"203.0.113.0/24 {new_id()}", f"198.51.100.0/24 {new_id()}"
+    decisions = await admit_all(backend, [ask(quota, **{dimension: crowd}) for _ in range(3)])
+    assert [d.allowed for d in decisions] == [True, True, False]  # three keys, one source
+    assert decisions[-1].denied_by == dimension
+    assert (await backend.admit(ask(quota, **{dimension: other}))).allowed
+
+
+async def test_nothing_is_consumed_when_one_dimension_denies(backend: LimitBackend) -> None:
+    quota = Quota(
+        requests_per_minute=10,
+        tokens_per_minute=100,
+        concurrent_requests=2,
+        usd_per_day=1.0,
+        ip_prefix_requests_per_minute=2,
+        fingerprint_requests_per_minute=2,
+    )
+    key_id, ip, fp = new_id(), new_id(), new_id()
+
+    def claim(tokens: int) -> AdmissionRequest:
+        return ask(quota, key_id, tokens=tokens, usd=0.5, ip_prefix=ip, fingerprint=fp)
+
+    first, denied, third = await admit_all(backend, [claim(80), claim(50), claim(10)])
+    assert first.allowed
+    assert denied.denied_by == "tokens"
+    assert denied.requests is not None and denied.requests.remaining == 9
+    assert denied.tokens is not None and denied.tokens.remaining == 20
+    # Had the denied claim taken a request, a lease, dollars or a source slot, this fails.
+    assert third.allowed
+    assert third.requests is not None and third.requests.remaining == 8
+
+
+async def test_request_larger_than_the_bucket_never_fits(backend: LimitBackend) -> None:
+    request = ask(Quota(requests_per_minute=5, tokens_per_minute=1000), tokens=1001)
+    decision = await backend.admit(request)
+    assert decision.denied_by == "tokens" and decision.retry_after == math.inf
+    after = await backend.admit(ask(request.quota, request.key_id, tokens=1000))
+    assert after.allowed and after.requests is not None and after.requests.remaining == 4
+
+
+async def test_usd_claim_above_the_daily_budget_never_fits(backend: LimitBackend) -> None:
+    decision = await backend.admit(ask(Quota(usd_per_day=1.0), usd=1.5))
+    assert decision.denied_by == "usd" and decision.retry_after == math.inf
+
+
+async def test_reported_denial_is_the_one_that_clears_last(backend: LimitBackend) -> None:
+    request = ask(Quota(requests_per_minute=1, concurrent_requests=1))
+    first, second = await admit_all(backend, [request] * 2)
+    assert first.allowed
+    assert second.denied_by == "requests"  # 60 s to clear, the lease would clear sooner
+    assert second.retry_after == pytest.approx(60.0, abs=0.5)
+
+
+async def test_concurrent_admissions_admit_exactly_the_limit(backend: LimitBackend) -> None:
+    request = ask(Quota(requests_per_minute=50))
+    decisions = await asyncio.gather(*(backend.admit(request) for _ in range(200)))
+    assert sum(d.allowed for d in decisions) == 50
+
+
+# --- memory only: the clock is injected -------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_memory_refills_with_the_clock() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock)
+    request = ask(Quota(requests_per_minute=60))
+    decisions = await admit_all(backend, [request] * 61)
+    assert decisions[-1].denied_by == "requests"
+    assert decisions[-1].retry_after == pytest.approx(1.0)
+    clock.now += 1.0
+    assert (await backend.admit(request)).allowed
+
+
+async def test_memory_expired_lease_frees_its_slot_and_settles_to_nothing() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, lease_ttl_seconds=10)
+    request = ask(Quota(concurrent_requests=1, tokens_per_minute=1000), tokens=500)
+    crashed = await backend.admit(request)
+    assert crashed.lease is not None
+    clock.now += 11  # the request holding it never settled
+    assert (await backend.admit(request)).allowed  # 30 s + 30 s - 11 s of token backlog
+    await backend.settle(crashed.lease, tokens_used=0, usd_used=0.0)  # too late: no refund
+    denied = await backend.admit(request)
+    assert denied.tokens is not None and denied.tokens.remaining == 183  # (60 - 49) s of tokens
+
+
+async def test_memory_forgets_idle_state() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, sweep_interval_seconds=60)
+    quota = Quota(10, 1000, 2, 1.0, 10, 10)
+    for _ in range(100):
+        await backend.admit(ask(quota, tokens=5, usd=0.1, ip_prefix=new_id(), fingerprint=new_id()))
+    assert len(backend) == 100 * 6
+    clock.now += DAY_SECONDS  # every bucket full, every lease expired, a new UTC day
+    await backend.admit(ask(Quota()))
+    assert len(backend) == 1  # only the lease just taken
+
+
+# --- Redis only ---------------------------------------------------------------------------
+
+
+def test_redis_key_parts_are_escaped() -> None:
+    backend = RedisBackend(Redis())  # builds names only; never connects
+    assert backend.key("k", "a}b{c", "tokens") == "mf:{k:a%7Db%7Bc}:tokens"
+    assert backend.key("k", "a:b", "x") != backend.key("k", "a", "b:x")
+    assert backend.key("ip", "10.0.0.0/8", "ip_prefix") == "mf:{ip:10.0.0.0%2F8}:ip_prefix"
+
+
+@pytest.mark.redis
+async def test_redis_every_key_expires() -> None:
+    client = Redis.from_url(ensure_redis(), decode_responses=True)
+    backend = RedisBackend(client)
+    key_id, ip, fp = new_id(), new_id(), new_id()
+    quota = Quota(10, 1000, 2, 1.0, 10, 10)
+    claim = ask(quota, key_id, tokens=500, usd=0.1, ip_prefix=ip, fingerprint=fp)
+    decision = await backend.admit(claim)
+    assert decision.allowed
+    keys = [
+        *(backend.key("k", key_id, name) for name in ("requests", "tokens", "leases", "usd")),
+        backend.key("ip", ip, "ip_prefix"),
+        backend.key("fp", fp, "fingerprint"),
+    ]
+    ttls = [await client.pttl(key) for key in keys]
+    await client.aclose()
+    assert all(0 < ttl <= 2 * DAY_SECONDS * 1000 for ttl in ttls), dict(
+        zip(keys, ttls, strict=True)
+    )
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_quota_for_applies_overrides_and_source_limits() -> None:
+    tier = TierConfig.model_validate(
+        {"requests_per_minute": 60, "tokens_per_minute": 1000, "concurrent_requests": 4}
+    )
+    quota = quota_for(
+        tier,
+        LimitOverrides(tokens_per_minute=5000, usd_per_day=2.5),
+        per_ip_prefix=PerSourceLimit.model_validate({"requests_per_minute": 600}),
+        per_fingerprint=PerSourceLimit.model_validate({}),
+    )
+    assert quota == Quota(60, 5000, 4, 2.5, 600, None)
+    assert quota_for(tier) == Quota(60, 1000, 4, tier.usd_per_day)
+
+
+async def test_build_backend_picks_by_name() -> None:
+    memory = build_backend(LimitsConfig.model_validate({}), on_fallback=lambda mode: None)
+    assert isinstance(memory, MemoryBackend)
+    shared = build_backend(
+        LimitsConfig.model_validate({"backend": "redis://127.0.0.1:6379/0"}),
+        on_fallback=lambda mode: None,
+    )
+    assert isinstance(shared, GuardedBackend)  # Redis never goes unguarded
+    await shared.close()
