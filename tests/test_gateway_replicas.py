@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -37,22 +38,33 @@ async def _fire(urls: list[str], key: str, count: int, body: dict[str, Any]) -> 
 def _replicas(start_gateway: GatewayFactory, redis_url: str, postgres_url: str, tier: dict[str, Any]) -> list[GatewayProcess]:
     shared = {
         "store": postgres_url,
-        "limits": {"backend": redis_url, "tiers": {"shared": tier}},
+        # closed, with a generous timeout: this checks Redis atomicity, not the fallbacks
+        "limits": {"backend": redis_url, "on_backend_error": "closed",
+                   "redis_timeout_seconds": 5, "tiers": {"shared": tier}},
     }
     return [start_gateway(name=f"replica{i}", **shared) for i in range(3)]
+
+
+def _burst(
+    start_gateway: GatewayFactory, redis_url: str, postgres_url: str, tier: dict[str, Any],
+    count: int, max_tokens: int,
+) -> tuple[list[tuple[int, dict[str, Any]]], float]:
+    """One key, ``count`` concurrent requests spread over three replicas; (results, seconds)."""
+    replicas = _replicas(start_gateway, redis_url, postgres_url,
+                         {"requests_per_minute": 100_000, "tokens_per_minute": 10_000_000,
+                          "concurrent_requests": 1000, **tier})
+    key = replicas[0].create_key(f"hydra-{uuid.uuid4().hex[:8]}", tier="shared")
+    started = time.monotonic()
+    results = asyncio.run(_fire([r.url for r in replicas], key, count,
+                                {"model": "fake-chat", "messages": MESSAGES, "max_tokens": max_tokens}))
+    return results, time.monotonic() - started
 
 
 def test_three_replicas_never_over_admit_requests(
     start_gateway: GatewayFactory, redis_url: str, postgres_url: str
 ) -> None:
-    replicas = _replicas(start_gateway, redis_url, postgres_url,
-                         {"requests_per_minute": 60, "tokens_per_minute": 10_000_000,
-                          "concurrent_requests": 1000})
-    key = replicas[0].create_key("hydra", tier="shared")
-    started = time.monotonic()
-    results = asyncio.run(_fire([r.url for r in replicas], key, 180,
-                                {"model": "fake-chat", "messages": MESSAGES, "max_tokens": 5}))
-    elapsed = time.monotonic() - started
+    results, elapsed = _burst(start_gateway, redis_url, postgres_url,
+                              {"requests_per_minute": 60}, count=180, max_tokens=5)
     admitted = sum(1 for status, _ in results if status == 200)
     refused = [body for status, body in results if status == 429]
     # bucket of 60 plus what refills at 1 request/s while the burst runs
@@ -64,14 +76,8 @@ def test_three_replicas_never_over_admit_requests(
 def test_three_replicas_overshoot_tokens_by_at_most_one_reservation(
     start_gateway: GatewayFactory, redis_url: str, postgres_url: str
 ) -> None:
-    replicas = _replicas(start_gateway, redis_url, postgres_url,
-                         {"requests_per_minute": 100_000, "tokens_per_minute": 1000,
-                          "concurrent_requests": 1000})
-    key = replicas[0].create_key("hydra", tier="shared")
-    started = time.monotonic()
-    results = asyncio.run(_fire([r.url for r in replicas], key, 150,
-                                {"model": "fake-chat", "messages": MESSAGES, "max_tokens": 10}))
-    elapsed = time.monotonic() - started
+    results, elapsed = _burst(start_gateway, redis_url, postgres_url,
+                              {"tokens_per_minute": 1000}, count=150, max_tokens=10)
     used = sum(body["usage"]["total_tokens"] for status, body in results if status == 200)
     reservation = 9 + 10  # prompt estimate + max_tokens
     assert used > 0

@@ -16,11 +16,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.admin.api import create_admin_app
+from modelfence.admin.forensics import forensics_router
 from modelfence.config import Config, TierConfig
+from modelfence.detect.runtime import DetectionRuntime
+from modelfence.forensics.service import Forensics
 from modelfence.gateway.admission import Admission
 from modelfence.gateway.apis import Api, OIPApi, OpenAIApi
 from modelfence.gateway.auth import Authenticate, Fingerprinting
 from modelfence.gateway.boundary import ErrorBoundary
+from modelfence.admin.policy import policy_router
 from modelfence.gateway.endpoints import (
     CatalogSource,
     MetricsEndpoint,
@@ -30,11 +34,14 @@ from modelfence.gateway.endpoints import (
     healthz,
     upstream_probe,
 )
+from modelfence.gateway.hardening import OutputHardening
 from modelfence.gateway.proxy import Proxy
 from modelfence.gateway.request import ReadRequest
+from modelfence.gateway.request_policy import RequestPolicy
 from modelfence.gateway.router import Router
 from modelfence.gateway.routing import ModelAccess, PatternTable, allow_list
 from modelfence.gateway.upstream import AiohttpTransport, Transport
+from modelfence.gateway.watermark import OutputWatermark
 from modelfence.identity import (
     ApiKeyRecord,
     Fingerprinter,
@@ -43,9 +50,12 @@ from modelfence.identity import (
     load_server_secret,
 )
 from modelfence.limits import LimitBackend, Quota, build_backend, quota_for
+from modelfence.policy import BudgetAccountant, NormalRisk, RiskOverrides, build_accountant
 from modelfence.store import create_tables, open_engine, transaction
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Receive, Scope, Send
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.ledger import MarkLedger
 
 log = logging.getLogger("modelfence")
 
@@ -79,6 +89,12 @@ class ModelFenceApp:
         self.config = config
         self.metrics = Metrics()
         self.services: Services | None = None
+        # Detection replaces the inner source; operators pin levels through the admin API.
+        self.risk = RiskOverrides(NormalRisk())
+        self.accountant: BudgetAccountant | None = None
+        self.detection: DetectionRuntime | None = None
+        self.keyring: WatermarkKeyring | None = None
+        self.watermark_ledger: MarkLedger | None = None
         self._app: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -131,15 +147,31 @@ class ModelFenceApp:
             for u in config.upstreams
         }
         self.services = Services(engine, registry, backend, session, transports)
+        self.accountant = build_accountant(config.limits.backend, engine, config.policy.dp)
+        self.detection = DetectionRuntime(config, engine, self.metrics, secret)
+        await self.detection.start()
+        if self.detection.actions is not None:
+            self.risk.inner = self.detection.actions
+        self.keyring = WatermarkKeyring(secret, version=config.watermark.key_version)
+        self.watermark_ledger = MarkLedger(
+            engine, per_client=config.watermark.labels.ledger_per_client
+        )
+        await self.watermark_ledger.start()
         self._app = self._build(store, registry, backend, transports)
 
     async def shutdown(self) -> None:
         services, self.services = self.services, None
         if services is None:
             return
+        if self.detection is not None:
+            await self.detection.stop()
         await services.registry.stop()
         await services.backend.close()
+        if self.accountant is not None:
+            await self.accountant.close()
         await services.session.close()
+        if self.watermark_ledger is not None:
+            await self.watermark_ledger.stop()
         await services.engine.dispose()
 
     def _build(
@@ -173,14 +205,25 @@ class ModelFenceApp:
             return Authenticate(endpoint, keys=registry)
 
         fingerprinter = Fingerprinter.from_config(config)
+        accountant = self.accountant
+        assert accountant is not None
+        detection = self.detection
+        assert detection is not None
+        keyring = self.keyring
+        assert keyring is not None
+        assert self.services is not None
+        engine = self.services.engine
         inference = _stack(
             Proxy(transports=transports, metrics=metrics),
             [
+                detection.emit_stage,
                 authenticated,
                 lambda app: Fingerprinting(app, fingerprinter=fingerprinter),
+                detection.enforce_stage,
                 lambda app: ReadRequest(
                     app, apis=apis, access=access, max_body_bytes=config.server.max_body_bytes
                 ),
+                lambda app: RequestPolicy(app, policy=config.policy),
                 lambda app: Admission(
                     app,
                     backend=backend,
@@ -188,6 +231,12 @@ class ModelFenceApp:
                     resolve_quota=resolve_quota,
                     prices=prices,
                     metrics=metrics,
+                ),
+                lambda app: OutputHardening(
+                    app, policy=config.policy, risk=self.risk, accountant=accountant
+                ),
+                lambda app: OutputWatermark(
+                    app, config=config.watermark, keyring=keyring, ledger=self.watermark_ledger
                 ),
             ],
         )
@@ -217,7 +266,14 @@ class ModelFenceApp:
             }
         )
         admin = create_admin_app(
-            store=store, admin_token=config.admin_token, tiers=limits.tiers
+            store=store,
+            admin_token=config.admin_token,
+            tiers=limits.tiers,
+            routers=[
+                policy_router(config.policy, limits.tiers, self.risk),
+                detection.admin_router(),
+                forensics_router(Forensics(engine, keyring, config.watermark)),
+            ],
         )
         router = Router(routes, mounts={"/admin": admin})
         return ErrorBoundary(router, metrics=metrics, max_header_bytes=config.server.max_header_bytes)

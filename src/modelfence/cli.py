@@ -15,6 +15,7 @@ from rich.table import Table
 
 from modelfence.config import Config, load_config
 from modelfence.errors import ConfigError, ModelFenceError
+from modelfence.forensics.cli import verify_app
 from modelfence.identity.base import KeyStore
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ keys_app = typer.Typer(help="Create, list and revoke API keys (acts on the confi
 config_app = typer.Typer(help="Check configuration files.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(verify_app, name="verify")
 
 console = Console()
 errors = Console(stderr=True)
@@ -86,12 +88,15 @@ def serve(
 def demo_upstream(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 9000,
+    max_logprobs: Annotated[
+        int, typer.Option(help="cap on top_logprobs (OpenAI: 20); like vLLM's --max-logprobs")
+    ] = 20,
 ) -> None:
     """Serve the demo models (SmolLM2 chat, MiniLM embeddings, digits classifier)."""
     from modelfence.demo.upstream import run_demo_upstream
 
     _setup_logging("info")
-    run_demo_upstream(host, port)
+    run_demo_upstream(host, port, max_logprobs=max_logprobs)
 
 
 @app.command()
@@ -100,6 +105,57 @@ def demo(ctx: typer.Context) -> None:
     from modelfence.demo.scenario import run_demo
 
     raise typer.Exit(run_demo(console))
+
+
+@app.command()
+def detect(
+    ctx: typer.Context,
+    worker: Annotated[int, typer.Option(help="this worker's number, 0-based")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="how many workers share the partitions")] = 1,
+) -> None:
+    """Run a detection worker on the Redis event streams (config detection.feed: redis)."""
+    from modelfence.detect.process import run_worker
+
+    config = _load(ctx)
+    _setup_logging(config.log_level)
+    if config.detection.feed != "redis":
+        errors.print("[red]error:[/red] detection.feed is 'process': `serve` runs the detector itself")
+        raise typer.Exit(2)
+    try:
+        asyncio.run(run_worker(config, worker, workers))
+    except (ValueError, ModelFenceError) as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def redteam(
+    suite: Annotated[str, typer.Option(help="ci (about 8 minutes on 2 cores) or full (the baseline, about 25)")] = "ci",
+    scenario: Annotated[Optional[str], typer.Option(help="run only these scenarios (comma-separated names)")] = None,
+    gateway: Annotated[Optional[str], typer.Option(help="drive this gateway (admin token from $MODELFENCE_ADMIN_TOKEN) instead of starting a demo stack")] = None,
+    output: Annotated[Path, typer.Option(help="folder for results.json, report.md and plots")] = Path("redteam-results"),
+    seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
+) -> None:
+    """Drive honest and extraction traffic through a gateway and report what happened."""
+    import os
+
+    from modelfence.redteam import run_redteam
+
+    try:
+        report = run_redteam(
+            suite, scenario=scenario, gateway_url=gateway, output=output, seed=seed,
+            admin_token=os.environ.get("MODELFENCE_ADMIN_TOKEN"),
+            on_done=lambda r: console.print(f"{r.name}: done in {r.seconds} s", highlight=False),
+        )
+    except ValueError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    except (RuntimeError, OSError) as exc:  # no stack, no gateway, or a key was refused
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    console.print(f"report: {report}", highlight=False)
 
 
 T = TypeVar("T")

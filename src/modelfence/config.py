@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelfence.errors import ConfigError
+from modelfence.policy.config import PolicyConfig
+from modelfence.watermark.config import WatermarkConfig
 
 DEFAULT_CONFIG_FILE = "modelfence.yaml"
 
@@ -126,6 +128,68 @@ class FingerprintConfig(_Frozen):
     ipv6_prefix: int = Field(64, ge=16, le=128)
 
 
+class TelemetryConfig(_Frozen):
+    """The event pipeline: one event per request, written off the request path."""
+
+    enabled: bool = True
+    queue_size: int = Field(10_000, gt=0, description="events waiting; more are counted and dropped")
+    batch_size: int = Field(500, gt=0, description="most events per sink write")
+    buffer_events: int = Field(
+        100_000, gt=0, description="events held for a sink while it is down, then dropped"
+    )
+    retry_max_seconds: float = Field(30.0, gt=0, description="longest wait between sink retries")
+    retention_days: float | None = Field(30, gt=0, description="older events are deleted")
+    store_prompt_text: bool = Field(False, description="privacy: off keeps only hashes")
+    otel_spans: bool = Field(False, description="emit OpenTelemetry GenAI spans (gen_ai.*)")
+
+
+class DetectionTierConfig(_Frozen):
+    """Risk thresholds in [0, 1] at which each action starts, for one tier."""
+
+    alert: float = Field(0.3, ge=0, le=1)
+    tighten: float = Field(0.5, ge=0, le=1)
+    degrade: float = Field(0.7, ge=0, le=1)
+    block: float = Field(0.9, ge=0, le=1)
+    tighten_share: float = Field(0.25, gt=0, le=1, description="share of limits left when tight")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DetectionTierConfig:
+        if not self.alert <= self.tighten <= self.degrade <= self.block:
+            raise ValueError("thresholds must satisfy alert <= tighten <= degrade <= block")
+        return self
+
+
+class DetectionConfig(_Frozen):
+    """The detector process and how its verdicts reach the gateways."""
+
+    enabled: bool = True
+    feed: Literal["process", "redis"] = Field(
+        "process", description="process: a child of serve; redis: `modelfence detect` workers"
+    )
+    redis_url: str | None = Field(None, description="streams and shared state when feed=redis")
+    partitions: int = Field(8, ge=1, le=1024, description="Redis Streams, split by client")
+    shadow: bool = Field(False, description="decide and record, never act")
+    embedder: Literal["auto", "minilm", "hashing"] = "auto"
+    reference_file: str | None = Field(
+        None, description="benign reference (.npz from `modelfence detect calibrate`)"
+    )
+    target_fpr: float = Field(0.001, gt=0, lt=0.5)
+    window: int = Field(200, ge=20, description="recent queries kept per client")
+    evaluate_every: int = Field(10, ge=1, description="new queries between evaluations")
+    half_life_hours: float = Field(24.0, gt=0, description="risk of a quiet client halves")
+    state_poll_seconds: float = Field(1.0, gt=0)
+    webhook_url: str | None = Field(None, description="Slack-compatible incoming webhook")
+    public_url: str = Field("http://127.0.0.1:8080", description="base of admin links in alerts")
+    alert_dedup_seconds: float = Field(3600, ge=0)
+    allow_list: tuple[str, ...] = Field((), description="clients never acted on")
+    tiers: dict[str, DetectionTierConfig] = Field(
+        default_factory=lambda: {"default": DetectionTierConfig()}
+    )
+
+    def tier(self, name: str) -> DetectionTierConfig:
+        return self.tiers.get(name) or self.tiers.get("default") or DetectionTierConfig()
+
+
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     upstreams: tuple[UpstreamConfig, ...] = (
@@ -140,6 +204,10 @@ class Config(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     fingerprint: FingerprintConfig = FingerprintConfig()
+    policy: PolicyConfig = PolicyConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    detection: DetectionConfig = DetectionConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("store")
@@ -154,6 +222,14 @@ class Config(_Frozen):
         names = [u.name for u in self.upstreams]
         if len(names) != len(set(names)):
             raise ValueError(f"upstream names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _policy_tiers_exist(self) -> Config:
+        for name in self.policy.tiers:
+            if name not in self.limits.tiers:
+                allowed = ", ".join(sorted(self.limits.tiers))
+                raise ValueError(f"policy.tiers.{name}: no such tier in limits.tiers ({allowed})")
         return self
 
 

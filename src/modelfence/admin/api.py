@@ -14,7 +14,7 @@ OpenAPI document at ``/admin/openapi.json``. Errors are OpenAI-style JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -103,9 +103,17 @@ async def set_limits(key_id: str, body: Limits, admin: AdminDep) -> Key:
 
 
 def create_admin_app(
-    *, store: KeyStore, admin_token: str | None, tiers: Collection[str]
+    *,
+    store: KeyStore,
+    admin_token: str | None,
+    tiers: Collection[str],
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """The admin application; with ``admin_token`` None every route answers 503."""
+    """The admin application; with ``admin_token`` None every route answers 503.
+
+    ``routers``: other layers' admin routes (e.g. ``admin.policy.policy_router``), mounted
+    behind the same token and error handlers.
+    """
     app = FastAPI(
         title="ModelFence admin API",
         version=__version__,
@@ -117,6 +125,8 @@ def create_admin_app(
     )
     app.state.admin = _Admin(store=store, tiers=tuple(tiers))
     app.include_router(router)
+    for extra in routers:
+        app.include_router(extra)
     app.add_middleware(
         RequireAdminToken,
         token=admin_token.encode() if admin_token else None,

@@ -124,10 +124,13 @@ class Admission:
         price = self.prices.get(ctx.model)
         parsed = ctx.parsed
         fingerprint = ctx.fingerprint
+        quota = self._quota(ctx.key)
+        if ctx.quota_share < 1.0:  # tightened by detection
+            quota = quota.scaled(ctx.quota_share)
         decision = await self.backend.admit(
             AdmissionRequest(
                 key_id=ctx.key.key_id,
-                quota=self._quota(ctx.key),
+                quota=quota,
                 tokens=parsed.prompt_tokens + parsed.max_output_tokens,
                 usd=cost(price, parsed.prompt_tokens, parsed.max_output_tokens),
                 ip_prefix=fingerprint.ip_prefix if fingerprint else None,

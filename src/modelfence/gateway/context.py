@@ -43,6 +43,10 @@ class RequestContext:
     parsed: ParsedRequest | None = None
     model: str = "-"
     upstream: str = ""
+    # set by Enforce (detection verdicts); read by Admission and the hardening layer
+    risk_level: str = "normal"
+    quota_share: float = 1.0  # detection tightened this client's limits to this share
+    degrade: bool = False  # output hardening should degrade this client's answers
     # set by Admission
     decision: Decision | None = None
     # set by the endpoint

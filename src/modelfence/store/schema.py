@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Column, DateTime, Dialect, Index, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint and index names, identical on both databases.
@@ -62,4 +76,106 @@ api_keys = Table(
     Column("overrides", JSON, nullable=False),
     Index(None, "key_hash", unique=True),
     Index(None, "updated_at"),
+)
+
+
+# --- telemetry: one row per request (see modelfence.telemetry) ---
+request_events = Table(
+    "request_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("ts", UtcDateTime, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("client", String(200), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("tier", String(64), nullable=False),
+    Column("route", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("ip_prefix", String(64), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("prompt_hash", String(64), nullable=False),
+    Column("prompt_len", Integer, nullable=False),
+    Column("tokens_in", Integer, nullable=False),
+    Column("tokens_out", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("limit_decision", String(64), nullable=False),
+    Column("risk_level", String(16), nullable=False),
+    # Request parameters, conversation shape and the rest of the event; the prompt text
+    # appears here only when telemetry.store_prompt_text is on.
+    Column("detail", JSON, nullable=False),
+    Index(None, "ts"),
+    Index(None, "client", "ts"),
+)
+
+# --- detection: published verdicts, manual overrides, audit log, alerts ---
+client_risk = Table(
+    "client_risk",
+    metadata,
+    Column("client", String(200), primary_key=True),
+    Column("tier", String(64), nullable=False),
+    Column("entity", String(64), nullable=True),
+    Column("risk", Float, nullable=False),
+    Column("level", String(16), nullable=False),  # normal | alert | tighten | degrade | block
+    Column("quota_share", Float, nullable=False),  # limits are multiplied by this
+    Column("reasons", JSON, nullable=False),  # [{"code", "text", "score"}], strongest first
+    Column("queries", Integer, nullable=False),
+    Column("shadow", Boolean, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "updated_at"),
+)
+
+detection_overrides = Table(
+    "detection_overrides",
+    metadata,
+    Column("client", String(200), primary_key=True),
+    Column("action", String(16), nullable=False),  # allow | normal | alert | tighten | ... | block
+    Column("note", Text, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+detection_audit = Table(
+    "detection_audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("client", String(200), nullable=False),
+    Column("entity", String(64), nullable=True),
+    Column("previous", String(16), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("risk", Float, nullable=False),
+    Column("source", String(16), nullable=False),  # detector | admin
+    Column("shadow", Boolean, nullable=False),
+    Column("reasons", JSON, nullable=False),
+    Index(None, "client", "at"),
+)
+
+detection_alerts = Table(
+    "detection_alerts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("client", String(200), nullable=False),
+    Column("entity", String(64), nullable=True),
+    Column("level", String(16), nullable=False),
+    Column("risk", Float, nullable=False),
+    Column("reasons", JSON, nullable=False),
+    Column("delivered", Boolean, nullable=False),
+    Index(None, "at"),
+)
+
+
+# --- watermark: marked classifier inputs, what `verify model --kind classifier` replays ---
+watermark_ledger = Table(
+    "watermark_ledger",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("client", String(200), nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),  # HMAC of the quantised input (hex)
+    Column("features", JSON, nullable=False),  # the input row as the client sent it
+    Column("label", Integer, nullable=False),  # the watermark label the client received
+    Column("n_classes", Integer, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Index(None, "client", "digest", unique=True),
 )

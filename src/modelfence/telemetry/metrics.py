@@ -61,6 +61,25 @@ class Metrics:
             "Usage settlements that failed; the reservation stands instead of real usage.",
             registry=self.registry,
         )
+        self.events = Counter(
+            "modelfence_telemetry_events",
+            "Request events by fate: emitted, written, dropped_queue_full (the queue was full), "
+            "dropped_sink (a sink stayed down past its buffer).",
+            ["fate"],
+            registry=self.registry,
+        )
+        self.sink_errors = Counter(
+            "modelfence_telemetry_sink_errors",
+            "Failed batch writes to a telemetry sink; the batch is kept and retried.",
+            ["sink"],
+            registry=self.registry,
+        )
+        self.detection_actions = Counter(
+            "modelfence_detection_enforced",
+            "Requests on which a detection action applied, by action.",
+            ["action"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:

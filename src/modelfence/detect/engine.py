@@ -1,0 +1,239 @@
+"""The detection engine: events in, verdicts out — the same code live and in replay.
+
+``DetectionEngine.process(events)`` is the whole detector: the child process of
+``modelfence serve``, the ``modelfence detect`` workers and the red-team harness's replay
+mode all call it with batches of :class:`~modelfence.telemetry.events.RequestEvent`::
+
+    engine = DetectionEngine(config.detection, embedder=HashingEmbedder())
+    for verdict in engine.process(events):
+        print(verdict.client, verdict.level, verdict.risk, [r.text for r in verdict.reasons])
+
+It embeds prompts in one batch, appends each query to its client's window, links clients
+into entities, and every ``evaluate_every`` new queries of a client runs the detectors on
+the client's window (and on its entity's pooled window), accumulates risk (``risk.py``)
+and maps it to an action level (``actions.py``). Time is the events' own ``ts``, so replay
+at any speed gives the same verdicts as live traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modelfence.config import DetectionConfig
+from modelfence.detect.actions import Action, Level, Policy, rank
+from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
+from modelfence.detect.embedding import Embedder, HashingEmbedder
+from modelfence.detect.features import TEXT, ClientState, Query, View, space_of
+from modelfence.detect.linking import Linker
+from modelfence.detect.reference import Reference
+from modelfence.detect.risk import Reason, RiskState
+from modelfence.telemetry.events import RequestEvent
+
+POPULATION_EVERY_SECONDS = 60.0
+# What a query is about shows in its opening; embedding cost grows with length.
+EMBED_CHARS = 512  # tier medians move slowly; recomputing them costs O(clients)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    client: str
+    tier: str
+    risk: float  # the client's own risk, or its entity's when that is higher
+    level: Level
+    action: Action
+    reasons: tuple[Reason, ...]
+    queries: int  # queries of this client seen by the detector
+    entity: str
+    entity_members: int
+    entity_risk: float
+    ts: float  # time of the latest event behind this verdict
+
+
+@dataclass(slots=True)
+class _Entity:
+    risk: RiskState
+    members: list[str] = field(default_factory=list)
+
+
+# A key with this many queries of its own and no evidence against it is judged on its own
+# record: an honest client behind the same NAT as an attacker does not inherit the
+# entity's action. Younger keys (a botnet's, typically) do.
+ESTABLISHED_QUERIES = 20
+OWN_EVIDENCE = 0.05
+
+
+class DetectionEngine:
+    def __init__(
+        self,
+        config: DetectionConfig,
+        *,
+        embedder: Embedder | None = None,
+        reference: Reference | None = None,
+        detectors: Sequence[Detector] | None = None,
+    ) -> None:
+        self.config = config
+        self.embedder = embedder or HashingEmbedder()
+        self.reference = reference
+        self.detectors = list(detectors) if detectors is not None else all_detectors()
+        calibrated = reference.thresholds if reference is not None else {}
+        self.thresholds = {
+            d.code: calibrated.get(d.code, d.default_threshold) for d in self.detectors
+        }
+        self.policy = Policy(config)
+        self.overrides: Mapping[str, str] = {}  # client -> override; set by the runner
+        self.clients: dict[str, ClientState] = {}
+        self.risks: dict[str, RiskState] = {}
+        self.entities: dict[str, _Entity] = {}
+        self.linker = Linker()
+        self._half_life = config.half_life_hours * 3600.0
+        self._population_at = float("-inf")
+
+    # -- ingestion -------------------------------------------------------------
+
+    def queries_of(self, events: Sequence[RequestEvent]) -> list[Query]:
+        spaces = [space_of(e) for e in events]
+        texts = [i for i, s in enumerate(spaces) if s == TEXT]
+        vectors: list[np.ndarray | None] = [None] * len(events)
+        # Text embeddings are kept as float16 (half the memory of 200 × 384 values per
+        # client; unit vectors lose nothing that matters). Classifier inputs stay float32:
+        # rounding could turn an attacker's tiny perturbation into an "exact repeat".
+        if texts:
+            embedded = self.embedder.embed(
+                [(events[i].prompt_text or "")[:EMBED_CHARS] for i in texts]
+            )
+            for row, i in enumerate(texts):
+                vectors[i] = embedded[row].astype(np.float16)
+        for i, event in enumerate(events):
+            if event.input_vector:
+                vectors[i] = np.asarray(event.input_vector, dtype=np.float32)
+        return [Query(e, s, v) for e, s, v in zip(events, spaces, vectors, strict=True)]
+
+    def process(self, events: Sequence[RequestEvent]) -> list[Verdict]:
+        """Ingest a batch; verdicts for every client evaluated in it (see module docstring).
+
+        A client is evaluated at each ``evaluate_every``-th of its queries, inside the
+        batch too, so verdicts do not depend on how events were batched.
+        """
+        touched: set[str] = set()
+        for query in self.queries_of(events):
+            event = query.event
+            state = self.clients.get(event.client)
+            if state is None:
+                state = ClientState(event.client, event.tier, self.config.window)
+                self.clients[event.client] = state
+            state.add(query)
+            self.linker.observe(event)
+            if state.since_evaluation >= self.config.evaluate_every:
+                state.since_evaluation = 0
+                touched |= self._evaluate(event.client, event.ts)
+        return [self.verdict(c) for c in sorted(touched)]
+
+    def _evaluate(self, client: str, now: float) -> set[str]:
+        """Evaluate a client and its entity; returns the clients whose verdict may change."""
+        if now - self._population_at >= POPULATION_EVERY_SECONDS:
+            self._update_population()
+            self._population_at = now
+        self._evaluate_client(client, now)
+        members = self._evaluate_entity(client, now)
+        return {client, *members}
+
+    # -- evaluation ------------------------------------------------------------
+
+    def signals(self, view: View) -> list[Signal]:
+        found = []
+        for detector in self.detectors:
+            threshold = self.thresholds[detector.code]
+            if threshold is None:
+                continue
+            value = detector.statistic(view, self.reference)
+            if value is not None:
+                hit = signal(detector, value, threshold)
+                if hit is not None:
+                    found.append(hit)
+        return found
+
+    def _evaluate_client(self, client: str, now: float) -> None:
+        risk = self.risks.setdefault(client, RiskState(self._half_life))
+        risk.update(self.signals(View(self.clients[client].queries)), now)
+
+    def _evaluate_entity(self, client: str, now: float) -> list[str]:
+        members = self.linker.members(client)
+        if len(members) < 2:
+            return []
+        entity = self.linker.entity_of(client)
+        state = self.entities.setdefault(entity, _Entity(RiskState(self._half_life)))
+        state.members = members
+        pooled = [q for m in members for q in self.clients[m].queries if m in self.clients]
+        pooled.sort(key=lambda q: q.event.ts)
+        view = View(pooled[-4 * self.config.window :])
+        # Per-key habits (timing, volume) of a pooled view describe no one; the rest do.
+        signals = [
+            s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")
+        ]
+        state.risk.update(signals, now)
+        return members
+
+    def _update_population(self) -> None:
+        volume = next((d for d in self.detectors if isinstance(d, Volume)), None)
+        if volume is None:
+            return
+        rates: dict[str, list[float]] = {}
+        for state in self.clients.values():
+            if len(state.queries) >= 2:
+                span = max(state.queries[-1].event.ts - state.queries[0].event.ts, 60.0)
+                rates.setdefault(state.tier, []).append(len(state.queries) / span * 3600.0)
+        # A median of a handful of clients says little about a tier; wait for ten.
+        volume.tier_median_rate = {
+            tier: statistics.median(r) for tier, r in rates.items() if len(r) >= 10
+        }
+
+    def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
+        """Resume a client's risk from its published record (a detector restart must not
+        forgive an attacker); it decays from ``ts`` like any other."""
+        state = RiskState(self._half_life, cusum=-math.log(1.0 - min(risk, 0.999)), last_ts=ts)
+        state.reasons = {r.code: r for r in reasons}
+        self.risks[client] = state
+
+    @staticmethod
+    def _implicated(state: ClientState, own: RiskState) -> bool:
+        """Whether the entity's risk applies to this member (see ``ESTABLISHED_QUERIES``)."""
+        return state.total < ESTABLISHED_QUERIES or own.risk > OWN_EVIDENCE
+
+    def verdict(self, client: str) -> Verdict:
+        state = self.clients[client]
+        own = self.risks.get(client) or RiskState(self._half_life)
+        entity_id = self.linker.entity_of(client)
+        entity = self.entities.get(entity_id)
+        members = len(entity.members) if entity else 1
+        entity_risk = entity.risk.risk if entity else 0.0
+        if entity is not None and not self._implicated(state, own):
+            entity_risk = 0.0
+        driver = entity.risk if entity and entity_risk > own.risk else own
+        risk = max(own.risk, entity_risk)
+        override = self.overrides.get(client)
+        level = self.policy.decide(client, risk, state.tier, override)
+        by_entity = driver is not own and rank(level) >= rank("tighten") and override is None
+        action = self.policy.action(level, state.tier, members=members if by_entity else 1)
+        reasons = tuple(driver.top_reasons())
+        if driver is not own:
+            reasons = tuple(
+                Reason(r.code, f"entity of {members} keys: {r.text}", r.score) for r in reasons
+            )
+        return Verdict(
+            client=client,
+            tier=state.tier,
+            risk=risk,
+            level=level,
+            action=action,
+            reasons=reasons,
+            queries=state.total,
+            entity=entity_id,
+            entity_members=members,
+            entity_risk=entity_risk,
+            ts=state.queries[-1].event.ts,
+        )

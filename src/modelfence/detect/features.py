@@ -1,0 +1,97 @@
+"""Per-client state and the read-only views detectors evaluate.
+
+A client's recent queries live in a :class:`ClientState` (the last ``window`` events and,
+per input *space*, their vectors). A space is ``"text"`` for prompts (embedded) or
+``"vec<d>"`` for classifier inputs of dimension d, so one client's chat and classifier
+traffic never mix. Detectors see a :class:`View`: the same data as arrays, with the costly
+derived features (minimum distances to earlier queries) computed once, on demand.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from modelfence.telemetry.events import RequestEvent
+
+TEXT = "text"
+
+
+def space_of(event: RequestEvent) -> str | None:
+    """The input space of an event: ``text``, ``vec<d>``, or None when it has no input."""
+    if event.input_vector:
+        return f"vec{len(event.input_vector)}"
+    if event.prompt_text:
+        return TEXT
+    return None
+
+
+@dataclass(slots=True)
+class Query:
+    event: RequestEvent
+    space: str | None
+    vector: np.ndarray | None
+
+
+@dataclass(slots=True)
+class ClientState:
+    """What the detector remembers of one client; bounded by ``window``."""
+
+    client: str
+    tier: str
+    window: int
+    queries: deque[Query] = field(init=False)
+    total: int = 0
+    since_evaluation: int = 0
+
+    def __post_init__(self) -> None:
+        self.queries = deque(maxlen=self.window)
+
+    def add(self, query: Query) -> None:
+        self.queries.append(query)
+        self.total += 1
+        self.since_evaluation += 1
+
+
+class View:
+    """Queries of one client (or one entity), oldest first, as detectors read them."""
+
+    def __init__(self, queries: Iterable[Query]) -> None:
+        self.queries = sorted(queries, key=lambda q: q.event.ts)
+        self.events = [q.event for q in self.queries]
+        self._min_distances: dict[str, np.ndarray] = {}
+
+    @cached_property
+    def vectors(self) -> dict[str, np.ndarray]:
+        by_space: dict[str, list[np.ndarray]] = {}
+        for q in self.queries:
+            if q.space is not None and q.vector is not None:
+                by_space.setdefault(q.space, []).append(q.vector)
+        return {space: np.vstack(rows).astype(np.float32) for space, rows in by_space.items()}
+
+    def min_distances(self, space: str) -> np.ndarray:
+        """For each query after the first: L2 distance to its nearest earlier query."""
+        cached = self._min_distances.get(space)
+        if cached is None:
+            cached = min_distances(self.vectors[space])
+            self._min_distances[space] = cached
+        return cached
+
+
+def min_distances(vectors: np.ndarray) -> np.ndarray:
+    """``out[i-1] = min_{j<i} ||v_i - v_j||`` for i >= 1; shape ``[n-1]``."""
+    n = len(vectors)
+    if n < 2:
+        return np.empty(0)
+    vectors = vectors.astype(np.float64)
+    squared = np.einsum("ij,ij->i", vectors, vectors)
+    d2 = squared[:, None] + squared[None, :] - 2.0 * (vectors @ vectors.T)
+    # Cancellation leaves exact repeats a hair above zero; they must read as 0 (a repeat).
+    d2[d2 < 1e-9 * max(float(squared.max()), 1e-12)] = 0.0
+    d2[np.triu_indices(n)] = np.inf  # only earlier queries count
+    nearest: np.ndarray = np.sqrt(np.maximum(d2[1:].min(axis=1), 0.0))
+    return nearest

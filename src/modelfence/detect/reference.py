@@ -1,0 +1,97 @@
+"""The benign reference: what normal queries look like, per input space.
+
+Built once from benign data only (``modelfence detect calibrate``, or the red-team
+harness's benign population) and loaded by every detector process. Per space it holds a
+sample of benign vectors (the MMD comparison set), k-means centroids (the cells that
+coverage counts) and the distance to the nearest centroid that 99% of benign queries stay
+within (the out-of-distribution radius). Calibrated thresholds ride along in the same file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceReference:
+    sample: np.ndarray  # [m, d] benign vectors
+    centroids: np.ndarray  # [k, d]
+    ood_radius: float  # 99th percentile of benign distance to the nearest centroid
+    bandwidth: float  # RBF kernel bandwidth for MMD (median heuristic)
+
+    def cells(self, vectors: np.ndarray) -> np.ndarray:
+        """Index of the nearest centroid of each vector, ``[n]``."""
+        return nearest(vectors, self.centroids)[0]
+
+    def distance_to_reference(self, vectors: np.ndarray) -> np.ndarray:
+        return nearest(vectors, self.centroids)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    spaces: dict[str, SpaceReference]
+    thresholds: dict[str, float] = field(default_factory=dict)  # reason code -> calibrated
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for name, ref in self.spaces.items():
+            arrays[f"{name}/sample"] = ref.sample
+            arrays[f"{name}/centroids"] = ref.centroids
+            arrays[f"{name}/scalars"] = np.array([ref.ood_radius, ref.bandwidth])
+        for code, value in self.thresholds.items():
+            arrays[f"threshold/{code}"] = np.array([value])
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Reference:
+        with np.load(path) as data:
+            names = {key.split("/")[0] for key in data.files if not key.startswith("threshold/")}
+            spaces = {
+                name: SpaceReference(
+                    sample=data[f"{name}/sample"],
+                    centroids=data[f"{name}/centroids"],
+                    ood_radius=float(data[f"{name}/scalars"][0]),
+                    bandwidth=float(data[f"{name}/scalars"][1]),
+                )
+                for name in names
+            }
+            thresholds = {
+                key.removeprefix("threshold/"): float(data[key][0])
+                for key in data.files
+                if key.startswith("threshold/")
+            }
+        return cls(spaces, thresholds)
+
+
+def nearest(vectors: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, L2 distance) of the nearest of ``points`` for each of ``vectors``."""
+    d2 = (
+        np.einsum("ij,ij->i", vectors, vectors)[:, None]
+        + np.einsum("ij,ij->i", points, points)[None, :]
+        - 2.0 * (vectors @ points.T)
+    )
+    index = d2.argmin(axis=1)
+    return index, np.sqrt(np.maximum(d2[np.arange(len(vectors)), index], 0.0))
+
+
+def fit_space(
+    vectors: np.ndarray, *, cells: int = 64, sample: int = 256, seed: int = 0
+) -> SpaceReference:
+    """A :class:`SpaceReference` from benign vectors ``[n, d]`` (n >= 2 * cells advised)."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(seed)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    k = max(2, min(cells, len(vectors) // 2))
+    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(vectors)
+    centroids = kmeans.cluster_centers_.astype(np.float32)
+    chosen = vectors[rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)]
+    _, dist = nearest(vectors, centroids)
+    pair = chosen[rng.choice(len(chosen), size=min(len(chosen), 128), replace=False)]
+    d = np.sqrt(np.maximum(((pair[:, None, :] - pair[None, :, :]) ** 2).sum(-1), 0.0))
+    bandwidth = float(np.median(d[np.triu_indices(len(pair), 1)])) or 1.0
+    return SpaceReference(chosen, centroids, float(np.quantile(dist, 0.99)), bandwidth)

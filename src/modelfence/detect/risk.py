@@ -1,0 +1,65 @@
+"""Risk: evidence accumulated over time into a score in [0, 1], with reasons in words.
+
+Each evaluation turns the detectors' signals into one piece of evidence ``x`` in [0, 1]
+(noisy-or of the signal scores). A CUSUM accumulates it::
+
+    S <- max(0, S * decay(dt) + x - drift)        risk = 1 - exp(-S)
+
+so one strong finding raises risk quickly, weak findings that keep coming (a
+low-and-slow attacker) still add up, and a client whose traffic returns to normal loses
+``drift`` per evaluation plus a time decay (half-life) while quiet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from modelfence.detect.detectors import Signal
+
+DRIFT = 0.1  # evidence an evaluation must bring just to hold the score
+MAX_REASONS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: str
+    text: str
+    score: float
+
+
+@dataclass(slots=True)
+class RiskState:
+    half_life_seconds: float
+    cusum: float = 0.0
+    last_ts: float | None = None
+    reasons: dict[str, Reason] = field(default_factory=dict)
+
+    @property
+    def risk(self) -> float:
+        return 1.0 - math.exp(-self.cusum)
+
+    def update(self, signals: list[Signal], now: float) -> float:
+        """Add one evaluation's signals at time ``now``; return the new risk."""
+        if self.last_ts is not None and now > self.last_ts:
+            factor = 0.5 ** ((now - self.last_ts) / self.half_life_seconds)
+            self.cusum *= factor
+            self._fade(factor)
+        self.last_ts = now
+        evidence = 1.0 - math.prod(1.0 - s.score for s in signals)
+        self.cusum = max(0.0, self.cusum + evidence - DRIFT)
+        self._fade(0.9)
+        for s in signals:
+            self.reasons[s.code] = Reason(s.code, s.text, s.score)
+        return self.risk
+
+    def _fade(self, factor: float) -> None:
+        # Reasons not seen again fade with the risk they caused.
+        self.reasons = {
+            code: Reason(r.code, r.text, r.score * factor)
+            for code, r in self.reasons.items()
+            if r.score * factor >= 0.05
+        }
+
+    def top_reasons(self) -> list[Reason]:
+        return sorted(self.reasons.values(), key=lambda r: -r.score)[:MAX_REASONS]

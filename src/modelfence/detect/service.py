@@ -1,0 +1,136 @@
+"""The detector service: a feed in, verdicts published, audited and alerted.
+
+:class:`DetectorService` wraps :class:`~modelfence.detect.engine.DetectionEngine` with
+what a running detector must do with verdicts: publish changed ones to the shared state,
+write an audit row for every change of action, alert when a client climbs to ``alert``
+or above, and follow admin overrides. ``run`` loops over an
+:class:`~modelfence.detect.feeds.EventFeed` until it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from modelfence.detect.actions import rank
+from modelfence.detect.alerts import Alerter
+from modelfence.detect.engine import DetectionEngine, Verdict
+from modelfence.detect.feeds import EventFeed
+from modelfence.detect.risk import Reason
+from modelfence.detect.state import ClientRecord, RedisState, SqlState
+from modelfence.errors import ModelFenceError
+from modelfence.telemetry.events import RequestEvent
+
+log = logging.getLogger("modelfence.detect")
+
+RISK_STEP = 0.02  # smaller risk changes are not worth a database write
+OVERRIDE_REFRESH_SECONDS = 2.0
+
+
+def record_of(verdict: Verdict, *, shadow: bool) -> ClientRecord:
+    return ClientRecord(
+        client=verdict.client,
+        tier=verdict.tier,
+        entity=verdict.entity if verdict.entity_members > 1 else None,
+        risk=round(verdict.risk, 4),
+        level=verdict.level,
+        quota_share=verdict.action.quota_share,
+        reasons=[asdict(r) for r in verdict.reasons],
+        queries=verdict.queries,
+        shadow=shadow,
+        updated_at=datetime.now(UTC),
+    )
+
+
+class DetectorService:
+    def __init__(
+        self,
+        engine: DetectionEngine,
+        state: SqlState,
+        alerter: Alerter,
+        *,
+        shared: RedisState | None = None,
+        shadow: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.state = state
+        self.alerter = alerter
+        self.shared = shared
+        self.shadow = shadow
+        self._published: dict[str, ClientRecord] = {}
+        self._unpublished: dict[str, ClientRecord] = {}
+        self._overrides_at = 0.0
+
+    async def handle(self, events: Sequence[RequestEvent]) -> list[ClientRecord]:
+        """Process one batch; returns the records that changed and were published."""
+        now = time.monotonic()
+        if now - self._overrides_at >= OVERRIDE_REFRESH_SECONDS:
+            self.engine.overrides = await self.state.overrides()
+            self._overrides_at = now
+        await self._resume({e.client for e in events} - self._published.keys())
+        changed = []
+        for verdict in self.engine.process(events):
+            record = record_of(verdict, shadow=self.shadow)
+            before = self._published.get(record.client)
+            if (
+                before is None
+                or before.level != record.level
+                or abs(before.risk - record.risk) >= RISK_STEP
+            ):
+                changed.append((before, record, verdict.ts))
+        await self._publish([record for _, record, _ in changed])
+        for before, record, ts in changed:
+            previous = before.level if before else "normal"
+            if previous != record.level:
+                await self.state.audit(
+                    client=record.client,
+                    entity=record.entity,
+                    previous=previous,
+                    action=record.level,
+                    risk=record.risk,
+                    source="detector",
+                    shadow=record.shadow,
+                    reasons=record.reasons,
+                )
+                if rank(record.level) >= rank("alert") and rank(record.level) > rank(previous):
+                    await self.alerter.alert(record, ts)
+        return [record for _, record, _ in changed]
+
+    async def _resume(self, clients: set[str]) -> None:
+        """Seed clients this process has not seen yet with their published risk."""
+        if not clients:
+            return
+        for record in await self.state.get_many(sorted(clients)):
+            reasons = [Reason(**r) for r in record.reasons]
+            self.engine.seed(record.client, record.risk, reasons, record.updated_at.timestamp())
+            self._published[record.client] = record
+
+    async def _publish(self, records: list[ClientRecord]) -> None:
+        # Records that failed to publish (store down) go out with the next attempt.
+        self._unpublished.update((r.client, r) for r in records)
+        pending = list(self._unpublished.values())
+        if not pending:
+            return
+        await self.state.publish(pending)
+        if self.shared is not None:
+            await self.shared.publish(pending)
+        self._unpublished.clear()
+        self._published.update((r.client, r) for r in pending)
+
+    async def run(self, feed: EventFeed, *, batch: int = 500, timeout: float = 0.5) -> None:
+        while True:
+            events = await feed.read(batch, timeout)
+            if events is None:
+                return
+            try:
+                if events:
+                    await self.handle(events)
+                else:
+                    await self._publish([])  # retries what a store outage held back
+            except ModelFenceError as exc:
+                # The engine has the events; the records not published are retried.
+                log.error("publishing verdicts failed: %s", exc)
+            await feed.ack()

@@ -1,0 +1,171 @@
+"""Shared detection state: what each client's current action is, for every replica.
+
+The detector (and the admin API, for overrides) *publish*; gateways *read* a snapshot of
+the non-normal clients every ``state_poll_seconds`` into an in-process
+:class:`~modelfence.gateway.detection.ActionCache`. Two stores, one interface:
+
+- :class:`SqlState` — the ``client_risk`` table of the state database. Always written,
+  since the admin API reads it; on one machine (SQLite in WAL mode) it is also what the
+  gateway reads.
+- :class:`RedisState` — one Redis hash of non-normal clients, for many replicas that
+  should not all poll the database.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from modelfence.detect.actions import Action, Level
+from modelfence.store import transaction
+from modelfence.store.schema import client_risk, detection_audit, detection_overrides
+
+ACTIONS_KEY = "modelfence:detect:actions"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """One client's published state (a ``client_risk`` row)."""
+
+    client: str
+    tier: str
+    entity: str | None
+    risk: float
+    level: Level
+    quota_share: float
+    reasons: list[dict[str, Any]]  # [{"code", "text", "score"}], strongest first
+    queries: int
+    shadow: bool
+    updated_at: datetime
+
+    @property
+    def action(self) -> Action:
+        """What gateways apply: nothing in shadow mode."""
+        return Action("normal") if self.shadow else Action(self.level, self.quota_share)
+
+
+class StateReader(Protocol):
+    async def actions(self) -> dict[str, Action]:
+        """Every client whose action is not normal."""
+        ...
+
+
+def _upsert(conn_dialect: str, rows: list[dict[str, Any]]) -> Any:
+    insert = postgresql.insert if conn_dialect == "postgresql" else sqlite.insert
+    stmt = insert(client_risk).values(rows)
+    return stmt.on_conflict_do_update(
+        index_elements=[client_risk.c.client],
+        set_={c.name: stmt.excluded[c.name] for c in client_risk.columns if c.name != "client"},
+    )
+
+
+class SqlState:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def publish(self, records: Sequence[ClientRecord]) -> None:
+        if not records:
+            return
+        async with transaction(self.engine, write=True) as conn:
+            await conn.execute(_upsert(conn.dialect.name, [asdict(r) for r in records]))
+
+    async def actions(self) -> dict[str, Action]:
+        query = select(client_risk).where(
+            client_risk.c.level != "normal", client_risk.c.shadow.is_(False)
+        )
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return {row["client"]: ClientRecord(**row).action for row in rows}
+
+    async def get(self, client: str) -> ClientRecord | None:
+        async with transaction(self.engine) as conn:
+            row = (
+                (await conn.execute(select(client_risk).where(client_risk.c.client == client)))
+                .mappings()
+                .first()
+            )
+        return None if row is None else ClientRecord(**row)
+
+    async def get_many(self, clients: Sequence[str]) -> builtins.list[ClientRecord]:
+        out = []
+        async with transaction(self.engine) as conn:
+            for start in range(0, len(clients), 500):
+                chunk = clients[start : start + 500]
+                query = select(client_risk).where(client_risk.c.client.in_(chunk))
+                out += [ClientRecord(**row) for row in (await conn.execute(query)).mappings().all()]
+        return out
+
+    # builtins.list: inside this class, plain ``list`` is the method.
+    async def list(self, *, min_risk: float = 0.0, limit: int = 100) -> builtins.list[ClientRecord]:
+        query = (
+            select(client_risk)
+            .where(client_risk.c.risk >= min_risk)
+            .order_by(client_risk.c.risk.desc(), client_risk.c.client)
+            .limit(limit)
+        )
+        async with transaction(self.engine) as conn:
+            return [ClientRecord(**row) for row in (await conn.execute(query)).mappings().all()]
+
+    async def overrides(self) -> dict[str, str]:
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(select(detection_overrides))).all()
+        return {row.client: row.action for row in rows}
+
+    async def audit(
+        self,
+        *,
+        client: str,
+        entity: str | None,
+        previous: str,
+        action: str,
+        risk: float,
+        source: str,
+        shadow: bool,
+        reasons: builtins.list[dict[str, Any]],
+    ) -> None:
+        async with transaction(self.engine, write=True) as conn:
+            await conn.execute(
+                detection_audit.insert().values(
+                    at=datetime.now(UTC),
+                    client=client,
+                    entity=entity,
+                    previous=previous,
+                    action=action,
+                    risk=risk,
+                    source=source,
+                    shadow=shadow,
+                    reasons=reasons,
+                )
+            )
+
+
+class RedisState:
+    """Non-normal actions in one hash: ``client -> {"level", "quota_share"}``."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    async def publish(self, records: Sequence[ClientRecord]) -> None:
+        acting = {r.client: r.action for r in records}
+        pipe = self.redis.pipeline(transaction=False)
+        for client, action in acting.items():
+            if action.level == "normal":
+                pipe.hdel(ACTIONS_KEY, client)
+            else:
+                pipe.hset(ACTIONS_KEY, client, orjson.dumps(asdict(action)))
+        await pipe.execute()
+
+    async def actions(self) -> dict[str, Action]:
+        raw = await self.redis.hgetall(ACTIONS_KEY)
+        return {
+            (k.decode() if isinstance(k, bytes) else k): Action(**orjson.loads(v))
+            for k, v in raw.items()
+        }

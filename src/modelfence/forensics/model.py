@@ -1,0 +1,154 @@
+"""``verify model``: does a suspect model carry a client's marks?
+
+- ``classifier``: query the suspect (OIP v2) on each client's recorded marked inputs; count
+  agreements with the watermark labels; one-sided binomial test against chance
+  ``1 / (classes - 1)`` (a suspect that never saw the marked answers has no reason to pick
+  that one wrong label), Bonferroni over the clients tested.
+- ``embeddings``: embed trigger-rich texts and benign texts through the suspect; compare
+  their cosines to the client's target directions with a one-sided two-sample KS test.
+Only the embeddings fetch goes through an OpenAI-compatible API; the suspect's vectors may
+have any dimension only if the suspect copied ours, so mismatched sizes are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from scipy.stats import binom, ks_2samp
+
+from modelfence.forensics.errors import SuspectUnreachable, VerifyError
+from modelfence.watermark.embeddings import EmbeddingMark
+from modelfence.watermark.ledger import MarkedInput
+
+KINDS = ("classifier", "embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVerdict:
+    kind: str
+    ours: bool
+    client: str | None
+    p_value: float
+    statistic: float
+    samples: int
+    method: str
+    per_client: dict[str, float]  # client -> uncorrected p-value
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Suspect:
+    """A suspect API: ``url`` plus an optional bearer key; failures become SuspectUnreachable."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = url
+
+    def close(self) -> None:
+        self._client.close()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            response = self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise SuspectUnreachable(f"suspect {self.url} is unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise SuspectUnreachable(
+                f"suspect {self.url}{path} answered {response.status_code}: is it the right kind?"
+            )
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise SuspectUnreachable(f"suspect {self.url}{path} did not answer JSON") from exc
+
+    def labels(self, model: str, rows: Sequence[Sequence[float]]) -> list[int]:
+        payload = self.post(f"/v2/models/{model}/infer", {"inputs": [{
+            "name": "input", "datatype": "FP32", "shape": [len(rows), len(rows[0])],
+            "data": [v for row in rows for v in row]}]})
+        for tensor in payload.get("outputs", []) if isinstance(payload, dict) else []:
+            shape, data = tensor.get("shape"), tensor.get("data")
+            if isinstance(shape, list) and len(shape) == 2 and shape[0] == len(rows):
+                return np.asarray(data, dtype=float).reshape(shape).argmax(1).tolist()  # type: ignore[no-any-return]
+            if isinstance(shape, list) and shape and shape[0] == len(rows):
+                return [int(v) for v in np.asarray(data).ravel()]
+        raise VerifyError("the suspect's answer has no label or probability output per row")
+
+    def embeddings(self, model: str, texts: Sequence[str]) -> np.ndarray:
+        payload = self.post("/v1/embeddings", {"model": model, "input": list(texts)})
+        try:
+            items = sorted(payload["data"], key=lambda d: d["index"])
+            return np.asarray([d["embedding"] for d in items], dtype=float)
+        except (KeyError, TypeError) as exc:
+            raise VerifyError("the suspect's answer is not an embeddings list") from exc
+
+
+def verify_classifier(
+    suspect: Suspect, model: str, ledgers: dict[str, list[MarkedInput]], *, alpha: float = 1e-6,
+) -> ModelVerdict:
+    ledgers = {c: rows for c, rows in ledgers.items() if rows}
+    if not ledgers:
+        raise VerifyError("no marked classifier inputs are recorded: nothing to test")
+    results: dict[str, tuple[float, int, int]] = {}
+    for client, rows in ledgers.items():
+        answers = suspect.labels(model, [r.features for r in rows])
+        agree = sum(a == r.label for a, r in zip(answers, rows, strict=True))
+        chance = max(1.0 / (r.n_classes - 1) for r in rows)
+        results[client] = (float(binom.sf(agree - 1, len(rows), chance)), agree, len(rows))
+    best = min(results, key=lambda c: results[c][0])
+    p, agree, n = results[best]
+    corrected = min(1.0, p * len(results))
+    return ModelVerdict(
+        "classifier", corrected <= alpha, best if corrected <= alpha else None, corrected,
+        agree / n, n,
+        "agreement with the watermark labels on the client's recorded marked inputs; one-sided "
+        "binomial test vs chance 1/(classes-1); Bonferroni over clients; statistic = agreement",
+        {c: r[0] for c, r in results.items()},
+    )
+
+
+def probe_texts(mark: EmbeddingMark, benign: Sequence[str]) -> list[str]:
+    """Benign texts with ``max_triggers`` trigger words appended: what the student must echo."""
+    words = sorted(mark.triggers)
+    return [
+        f"{text} " + " ".join(words[(i + j) % len(words)] for j in range(mark.max_triggers))
+        for i, text in enumerate(benign)
+    ]
+
+
+def _target_cosine(vectors: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
+    """Max cosine ``[n]`` of each vector ``[n, dim]`` to the mark's target directions."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (unit @ mark.targets.T).max(1)  # type: ignore[no-any-return]
+
+
+def verify_embeddings(
+    suspect: Suspect, model: str, marks: dict[str, EmbeddingMark], benign: Sequence[str],
+    *, alpha: float = 1e-6,
+) -> ModelVerdict:
+    if not marks:
+        raise VerifyError("no clients are known: nothing to test")
+    if len(benign) < 10:
+        raise VerifyError("need at least 10 benign texts")
+    plain = suspect.embeddings(model, benign)
+    results: dict[str, tuple[float, float]] = {}
+    for client, mark in marks.items():
+        if plain.shape[1] != mark.targets.shape[1]:
+            raise VerifyError(f"suspect vectors have {plain.shape[1]} dimensions, marks {mark.targets.shape[1]}")
+        probed = suspect.embeddings(model, probe_texts(mark, benign))
+        test = ks_2samp(_target_cosine(probed, mark), _target_cosine(plain, mark), alternative="less")
+        results[client] = (float(test.pvalue), float(test.statistic))
+    best = min(results, key=lambda c: results[c][0])
+    corrected = min(1.0, results[best][0] * len(results))
+    return ModelVerdict(
+        "embeddings", corrected <= alpha, best if corrected <= alpha else None, corrected,
+        results[best][1], len(benign),
+        "max cosine to the client's target directions, trigger-probe texts vs benign texts; "
+        "one-sided two-sample KS test; Bonferroni over clients; statistic = KS D",
+        {c: r[0] for c, r in results.items()},
+    )

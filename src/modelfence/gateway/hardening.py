@@ -1,0 +1,122 @@
+"""Output hardening stage: rewrite answers by the client's tier and current risk level.
+
+The level is read from a :class:`~modelfence.policy.risk.RiskSource` on every request, so
+a change (from detection or an operator pin) applies to the very next request. A client
+whose profile is the identity — every normal-risk client with the default policy — never
+has its ``send`` wrapped: it gets the upstream's bytes exactly. Requests that cannot leak
+what a profile protects (no logprobs asked for, embeddings) pass through as well.
+
+With ``dp_noise`` the answer spends from the client's differential-privacy budget when it
+starts; a refused spend (or an accountant failure: this fails closed) turns the answer
+into text only (LLM) or labels only (classifier).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from modelfence.errors import ModelFenceError
+from modelfence.gateway.context import context_of
+from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.policy.config import DPConfig, Hardening, PolicyConfig
+from modelfence.policy.dp import BudgetAccountant
+from modelfence.policy.llm_hardening import LogprobHardening
+from modelfence.policy.noise import default_rng
+from modelfence.policy.probs_hardening import RowHardening, harden_oip
+from modelfence.policy.request_policy import OIP_INFER, wants_logprobs
+from modelfence.policy.risk import RiskSource
+from modelfence.types import ASGIApp, Scope
+
+log = logging.getLogger("modelfence.policy")
+
+_LLM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    client: str
+    profile: Hardening
+    oip: bool
+    allowed_outputs: tuple[str, ...] | None
+
+
+class OutputHardening(ResponseRewriting[_Plan]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: PolicyConfig,
+        risk: RiskSource,
+        accountant: BudgetAccountant,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(app)
+        self.policy = policy
+        self.risk = risk
+        self.accountant = accountant
+        self.rng = rng or default_rng()
+
+    def plan(self, scope: Scope) -> _Plan | None:
+        ctx = context_of(scope)
+        if ctx.key is None:
+            return None
+        tier = self.policy.for_tier(ctx.tier)
+        profile = tier.profile(self.risk.level_for(ctx.key.client))
+        if ctx.route == OIP_INFER:
+            allowed = tier.request.oip_outputs
+            if profile.is_identity and allowed is None:
+                return None
+            return _Plan(ctx.key.client, profile, True, allowed)
+        if ctx.route not in _LLM_ROUTES or profile.is_identity:
+            return None
+        if not wants_logprobs(ctx.route, ctx.body):
+            return None
+        return _Plan(ctx.key.client, profile, False, None)
+
+    async def transform_for(
+        self, scope: Scope, plan: _Plan, status: int
+    ) -> PayloadTransform | None:
+        if status != 200:
+            return None
+        profile = plan.profile
+        dp = self.policy.dp
+        noised = profile.dp_noise and await self._spend(plan.client, dp)
+        spent_out = profile.dp_noise and not noised
+        if plan.oip:
+            return self._probabilities(plan, dp if noised else None, labels_only=spent_out)
+        hardening = LogprobHardening(
+            quantum=profile.logprob_quantum,
+            top_k=profile.top_logprobs,
+            noise_scale=dp.logprob_sensitivity / dp.epsilon_per_response if noised else None,
+            text_only=profile.text_only or spent_out,
+            rng=self.rng,
+        )
+        return hardening.apply
+
+    def _probabilities(
+        self, plan: _Plan, dp: DPConfig | None, *, labels_only: bool
+    ) -> PayloadTransform:
+        p = plan.profile
+        rows = RowHardening(
+            mode="labels_only" if labels_only else p.probabilities,
+            top_k=p.prob_top_k,
+            decimals=p.prob_decimals,
+            beta=p.reverse_sigmoid_beta,
+            gamma=p.reverse_sigmoid_gamma,
+            threshold=p.ood_threshold,
+            sharpness=p.ood_sharpness,
+            noise_scale=dp.probability_sensitivity / dp.epsilon_per_response if dp else None,
+            rng=self.rng,
+        )
+        identity = p.is_identity and not labels_only
+        return lambda payload: harden_oip(payload, None if identity else rows, plan.allowed_outputs)
+
+    async def _spend(self, client: str, dp: DPConfig) -> bool:
+        try:
+            return await self.accountant.spend(client, dp.epsilon_per_response)
+        except ModelFenceError as exc:
+            log.warning("DP budget spend failed for client %r; answering text or labels only: %s",
+                        client, exc)
+            return False

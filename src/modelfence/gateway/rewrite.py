@@ -1,0 +1,137 @@
+"""Response rewriting as a plain ASGI stage: the shape of hardening and watermarking.
+
+A subclass decides in :meth:`ResponseRewriting.plan` (before the request runs, from the
+request context) whether it may touch the answer at all; ``None`` means the stage steps
+aside and the client gets the upstream's bytes untouched, at no cost. Otherwise ``send``
+is wrapped: ``http.response.start`` is held back until the first body message, when
+:meth:`~ResponseRewriting.transform_for` turns the plan into a payload transform (it may
+await, e.g. to spend a budget) and the headers are decided — a whole body gets a new
+``content-length``, a stream gets none. Bodies go through a :class:`BodyRewriter`, one
+``feed(chunk, more_body)`` call per body message: JSON answers are rewritten whole,
+server-sent events one ``data: {...}`` event at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import orjson
+
+from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
+
+PayloadTransform = Callable[[Any], Any]
+P = TypeVar("P")
+
+
+class BodyRewriter(Protocol):
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        """Take the next body bytes; return what to send now (all of it when not more_body)."""
+        ...
+
+
+class JsonRewriter:
+    __slots__ = ("_buffer", "_transform")
+
+    def __init__(self, transform: PayloadTransform) -> None:
+        self._transform = transform
+        self._buffer: list[bytes] = []
+
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        self._buffer.append(chunk)
+        if more_body:
+            return b""
+        body = b"".join(self._buffer)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        return orjson.dumps(self._transform(payload))
+
+
+class SSERewriter:
+    __slots__ = ("_buffer", "_transform")
+
+    def __init__(self, transform: PayloadTransform) -> None:
+        self._transform = transform
+        self._buffer = b""
+
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        data = self._buffer + chunk
+        complete, sep, self._buffer = data.rpartition(b"\n\n")
+        out = b"".join(self._event(e) for e in complete.split(b"\n\n") if e) if sep else b""
+        if not more_body:
+            out, self._buffer = out + self._buffer, b""
+        return out
+
+    def _event(self, event: bytes) -> bytes:
+        if not event.startswith(b"data: {"):
+            return event + b"\n\n"
+        try:
+            payload = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return event + b"\n\n"
+        return b"data: " + orjson.dumps(self._transform(payload)) + b"\n\n"
+
+
+def _rewriter(headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
+    content_type = dict(headers).get(b"content-type", b"")
+    if content_type.startswith(b"application/json"):
+        return JsonRewriter(transform)
+    if content_type.startswith(b"text/event-stream"):
+        return SSERewriter(transform)
+    return None
+
+
+class ResponseRewriting(Generic[P]):
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def plan(self, scope: Scope) -> P | None:
+        """What this request's answer needs, or None to pass it through untouched."""
+        raise NotImplementedError
+
+    async def transform_for(self, scope: Scope, plan: P, status: int) -> PayloadTransform | None:
+        """The payload transform, decided when the answer starts; None: leave it alone."""
+        raise NotImplementedError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plan = self.plan(scope)
+        if plan is None:
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        rewriter: BodyRewriter | None = None
+
+        async def rewriting_send(message: Message) -> None:
+            nonlocal start, rewriter
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            more = bool(message.get("more_body", False))
+            if start is not None:
+                held, start = start, None
+                transform = await self.transform_for(scope, plan, held["status"])
+                headers: Headers = list(held.get("headers", ()))
+                rewriter = _rewriter(headers, transform) if transform is not None else None
+                if rewriter is None:
+                    await send(held)
+                    await send(message)
+                    return
+                body = rewriter.feed(message.get("body", b""), more)
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                if not more:
+                    headers.append((b"content-length", str(len(body)).encode()))
+                await send({**held, "headers": headers})
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+                return
+            if rewriter is not None:
+                message = {**message, "body": rewriter.feed(message.get("body", b""), more)}
+            await send(message)
+
+        await self.app(scope, receive, rewriting_send)
+        if start is not None:  # a start with no body at all
+            await send(start)

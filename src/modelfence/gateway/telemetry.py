@@ -1,0 +1,198 @@
+"""One telemetry event per authenticated request, handed off without waiting.
+
+:class:`EmitEvents` is the first inference stage: it notes the status (from the response
+or from the error on its way to the boundary) and, when the request ends, passes the
+pipeline a *closure* that builds the :class:`~modelfence.telemetry.events.RequestEvent`.
+The request pays for a ``put_nowait``; parsing the body into event fields, hashing the
+prompt and reading classifier outputs happen later, in the pipeline's task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import unicodedata
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import orjson
+
+from modelfence.errors import GatewayError
+from modelfence.gateway.context import RequestContext, context_of
+from modelfence.telemetry.events import RequestEvent
+from modelfence.telemetry.pipeline import EventSource
+from modelfence.types import ASGIApp, Message, Receive, Scope, Send
+
+OIP_INFER = "/v2/models/{name}/infer"
+MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
+MAX_INPUT_VALUES = 4096
+
+
+def _text_of(content: Any) -> str:
+    """Text of a message content: a string, or the text parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def prompt_of(route: str, body: dict[str, Any]) -> tuple[str, int]:
+    """(the text detection embeds, conversation turns): the last user turn for chats."""
+    if route == "/v1/chat/completions":
+        messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
+        users = [m for m in messages if m.get("role") == "user"]
+        return (_text_of(users[-1].get("content")) if users else ""), len(messages)
+    value = body.get("prompt") if route == "/v1/completions" else body.get("input")
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, str)), "")
+    return (value if isinstance(value, str) else ""), 0
+
+
+def input_vector_of(body: dict[str, Any]) -> list[float] | None:
+    """The first OIP input tensor's values, flattened (classifier features)."""
+    inputs = body.get("inputs") or [{}]
+    data = inputs[0].get("data") if isinstance(inputs[0], dict) else None
+    flat: list[float] = []
+    stack = [data]
+    while stack and len(flat) < MAX_INPUT_VALUES:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            flat.append(float(item))
+    return flat or None
+
+
+def classifier_output(raw: bytes) -> tuple[int | None, float | None]:
+    """(predicted label, top-1 minus top-2 probability) from an OIP answer, when present."""
+    try:
+        outputs = orjson.loads(raw).get("outputs") or []
+        data = outputs[0]["data"]
+    except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError):
+        return None, None
+    if not isinstance(data, list) or not data:
+        return None, None
+    if len(data) == 1 or all(isinstance(v, int) for v in data):
+        return (int(data[0]), None) if isinstance(data[0], (int, float)) else (None, None)
+    probs = sorted((float(v) for v in data if isinstance(v, (int, float))), reverse=True)
+    label = max(range(len(data)), key=lambda i: data[i])
+    return label, (probs[0] - probs[1]) if len(probs) > 1 else None
+
+
+def prompt_hash(text: str, key: bytes) -> str:
+    normal = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    return hashlib.blake2b(normal.encode(), key=key, digest_size=16).hexdigest()
+
+
+def build_event(
+    ctx: RequestContext,
+    status: int,
+    arrival: float,
+    latency: float,
+    hash_key: bytes,
+    output: list[bytes] | None,
+) -> RequestEvent:
+    """The event of one finished request (runs in the pipeline task, not the request)."""
+    assert ctx.key is not None
+    body = ctx.body
+    text, turns = prompt_of(ctx.route, body)
+    fp = ctx.fingerprint
+    usage = ctx.usage
+    label, margin = classifier_output(b"".join(output)) if output else (None, None)
+    logprobs = body.get("logprobs")
+    bias = body.get("logit_bias")
+    decision = ctx.decision
+    return RequestEvent(
+        ts=arrival,
+        request_id=ctx.request_id,
+        client=ctx.key.client,
+        key_id=ctx.key.key_id,
+        tier=ctx.key.tier,
+        route=ctx.route,
+        model=ctx.model,
+        status=status,
+        ip_prefix=fp.ip_prefix if fp else "",
+        fingerprint=fp.digest if fp else "",
+        client_library=fp.client_library if fp else "",
+        user_agent=fp.user_agent if fp else "",
+        temperature=_number(body.get("temperature")),
+        top_p=_number(body.get("top_p")),
+        max_tokens=_int(body.get("max_completion_tokens") or body.get("max_tokens")),
+        n=_int(body.get("n")) or 1,
+        logprobs=bool(logprobs),
+        top_logprobs=_int(body.get("top_logprobs")) or 0,
+        logit_bias_size=len(bias) if isinstance(bias, dict) else 0,
+        stream=bool(ctx.parsed and ctx.parsed.stream),
+        prompt_hash=prompt_hash(text, hash_key) if text else "",
+        prompt_len=len(text),
+        turns=turns,
+        prompt_text=text or None,
+        input_vector=input_vector_of(body) if ctx.route == OIP_INFER else None,
+        output_label=label,
+        output_margin=margin,
+        tokens_in=usage.prompt_tokens if usage else 0,
+        tokens_out=usage.completion_tokens if usage else 0,
+        latency_ms=latency * 1000.0,
+        limit_decision=("allowed" if decision.source == "backend" else decision.source)
+        if decision
+        else ("denied" if status == 429 else "none"),
+        risk_level=ctx.risk_level,
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class EmitEvents:
+    def __init__(
+        self, app: ASGIApp, *, emit: Callable[[EventSource], bool], hash_key: bytes
+    ) -> None:
+        if len(hash_key) < 16:
+            raise ValueError("hash_key must be at least 16 bytes")
+        self.app = app
+        self.emit = emit
+        self.hash_key = hash_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context_of(scope)
+        arrival = time.time()
+        status = 0
+        output: list[bytes] | None = [] if ctx.route == OIP_INFER else None
+        size = 0
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status, size
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif output is not None and size <= MAX_CAPTURED_OUTPUT:
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                output.append(chunk)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except GatewayError as exc:
+            status = status or exc.status
+            raise
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            if ctx.key is not None:
+                latency = time.perf_counter() - ctx.started
+                captured = output if size <= MAX_CAPTURED_OUTPUT else None
+                self.emit(
+                    partial(build_event, ctx, status, arrival, latency, self.hash_key, captured)
+                )

@@ -1,0 +1,107 @@
+"""Output marking stage: per-client label/probability and embedding watermarks.
+
+Runs inside :class:`~modelfence.gateway.hardening.OutputHardening` (it sees the upstream's
+full answer first), so the mark is made on the complete probability vector and whatever
+hardening does afterwards (rounding, top-k, labels only) keeps the marked argmax. The
+request's inputs are read from the context (set by ReadRequest); answers of other routes,
+non-200 answers and unauthenticated requests pass through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from modelfence.gateway.context import context_of
+from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.types import ASGIApp, Scope
+from modelfence.watermark.adapters import embedding_texts, mark_embeddings, mark_oip, oip_rows
+from modelfence.watermark.config import WatermarkConfig
+from modelfence.watermark.embeddings import EmbeddingMark, candidate_words, embedding_mark
+from modelfence.watermark.keys import WatermarkKey, WatermarkKeyring
+from modelfence.watermark.labels import LabelMark, label_mark
+from modelfence.watermark.ledger import MarkedInput, MarkLedger
+
+OIP_INFER = "/v2/models/{name}/infer"
+EMBEDDINGS = "/v1/embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    key: WatermarkKey
+    rows: npt.NDArray[np.float64] | None = None  # classifier inputs [N, features]
+    texts: list[str] | None = None  # embedding inputs
+
+
+class EmbeddingMarks:
+    """Per-client embedding marks, built once per (client, version, dimension)."""
+
+    def __init__(self, config: WatermarkConfig) -> None:
+        self._config = config.embeddings
+        self._words = candidate_words()
+        self._cache: dict[tuple[str, int, int], EmbeddingMark] = {}
+
+    def get(self, key: WatermarkKey, dim: int) -> EmbeddingMark:
+        slot = (key.client, key.version, dim)
+        mark = self._cache.get(slot)
+        if mark is None:
+            c = self._config
+            mark = self._cache[slot] = embedding_mark(
+                key, dim, self._words, n_triggers=c.triggers, n_targets=c.targets,
+                max_triggers=c.max_triggers,
+            )
+        return mark
+
+
+class OutputWatermark(ResponseRewriting[_Plan]):
+    def __init__(
+        self, app: ASGIApp, *, config: WatermarkConfig, keyring: WatermarkKeyring,
+        ledger: MarkLedger | None,
+    ) -> None:
+        super().__init__(app)
+        self.config = config
+        self.keyring = keyring
+        self.ledger = ledger
+        self.embedding_marks = EmbeddingMarks(config) if config.embeddings.enabled else None
+
+    def plan(self, scope: Scope) -> _Plan | None:
+        ctx = context_of(scope)
+        if ctx.key is None:
+            return None
+        if ctx.route == OIP_INFER and self.config.labels.enabled and self.config.labels.rate > 0:
+            rows = oip_rows(ctx.body)
+            return None if rows is None else _Plan(self.keyring.key(ctx.key.client), rows=rows)
+        if ctx.route == EMBEDDINGS and self.embedding_marks is not None:
+            texts = embedding_texts(ctx.body)
+            return None if texts is None else _Plan(self.keyring.key(ctx.key.client), texts=texts)
+        return None
+
+    async def transform_for(self, scope: Scope, plan: _Plan, status: int) -> PayloadTransform | None:
+        if status != 200:
+            return None
+        if plan.texts is not None and self.embedding_marks is not None:
+            return partial(
+                mark_embeddings, texts=plan.texts,
+                marks=partial(self.embedding_marks.get, plan.key),
+            )
+        if plan.rows is None:
+            return None
+        labels = self.config.labels
+        marker = partial(label_mark, plan.key, rate=labels.rate, quantum=labels.quantum)
+
+        def record(row: npt.NDArray[np.float64], mark: LabelMark, label: int, classes: int) -> None:
+            if self.ledger is not None:
+                self.ledger.record(MarkedInput(
+                    plan.key.client, plan.key.version, mark.digest.hex(), row.tolist(), label,
+                    classes,
+                ))
+
+        def transform(payload: Any) -> Any:
+            assert plan.rows is not None
+            return mark_oip(payload, plan.rows, marker, classes=labels.classes, on_marked=record)
+
+        return transform

@@ -1,0 +1,1 @@
+"""Extraction attacks, each driving the gateway like a real thief would."""

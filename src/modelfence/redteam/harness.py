@@ -1,0 +1,62 @@
+"""Run a suite end to end: against a given gateway, or against a stack of our own."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from modelfence.redteam.context import Context, ScenarioResult
+from modelfence.redteam.report import write_report
+from modelfence.redteam.runner import LiveGateway
+from modelfence.redteam.scenarios import SCENARIOS, run_suite
+from modelfence.redteam.stack import DEFAULT_PRICES, own_stack
+from modelfence.redteam.suites import SUITES
+
+
+def scenario_names(suite: str, scenario: str | None = None) -> list[str]:
+    """The scenarios to run: all of them, or the comma-separated names in ``scenario``."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    if scenario is None:
+        return list(SCENARIOS)
+    names = [name.strip() for name in scenario.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise ValueError(f"unknown scenario {', '.join(unknown) or repr(scenario)}; known: {', '.join(SCENARIOS)}")
+    return names
+
+
+async def _drive(url: str, token: str, suite: str, names: Sequence[str], seed: int,
+                 on_done: Callable[[ScenarioResult], None] | None) -> list[ScenarioResult]:
+    async with LiveGateway(url, token) as gateway:
+        ctx = Context(gateway, SUITES[suite], seed, DEFAULT_PRICES)
+        return await run_suite(ctx, names, on_done)
+
+
+def run_redteam(
+    suite: str = "ci", *, scenario: str | None = None, gateway_url: str | None = None,
+    admin_token: str | None = None, output: Path = Path("redteam-results"), seed: int = 0,
+    upstream_url: str | None = None, on_done: Callable[[ScenarioResult], None] | None = None,
+) -> Path:
+    """Run ``suite`` (or the comma-separated ``scenario`` names) and write the report;
+    returns the report's path.
+
+    With ``gateway_url`` the harness drives that gateway (``admin_token`` creates the keys);
+    otherwise it starts the demo upstream (or uses ``upstream_url``) behind its own gateway.
+    """
+    names = scenario_names(suite, scenario)
+    started = time.perf_counter()
+    if gateway_url is not None:
+        if not admin_token:
+            raise ValueError("an admin token is needed to create the clients' keys")
+        results = asyncio.run(_drive(gateway_url, admin_token, suite, names, seed, on_done))
+    else:
+        with tempfile.TemporaryDirectory(prefix="modelfence-redteam-") as tmp, own_stack(Path(tmp), upstream_url) as gw:
+            gateway_url = "own stack (demo upstream + limits-only gateway)"
+            results = asyncio.run(_drive(gw.url, gw.admin_token, suite, names, seed, on_done))
+    meta = {"suite": suite, "seed": seed, "gateway": gateway_url,
+            "seconds": round(time.perf_counter() - started, 1), "scenarios": names}
+    return write_report(results, meta, output)

@@ -1,0 +1,1 @@
+"""Simulated client populations (the honest side of every measurement)."""

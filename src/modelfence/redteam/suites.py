@@ -1,0 +1,59 @@
+"""Suite sizes: ``ci`` finishes in a few minutes on two CPU cores, ``full`` is the baseline.
+
+Every budget lives here so a run's size is one named, reviewable thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelfence.redteam.populations.benign import BenignPopulation
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    name: str
+    population: BenignPopulation
+    horizon: float  # virtual seconds of benign traffic
+    compression: float  # virtual seconds per wall second in live runs
+    classifier_budgets: tuple[int, ...]
+    adaptive_budget: int
+    thief_epochs: int
+    harvest_prompts: int
+    harvest_max_tokens: int
+    carlini_prompts: int  # wide-probe requests: each gives ``carlini_positions`` rows
+    carlini_columns: int
+    carlini_positions: int
+    carlini_bias_prompts: int  # the bias probe's small measured sample
+    carlini_bias_columns: int
+    embedding_texts: tuple[int, ...]  # checkpoints: texts sent before each student
+    sybil_keys: int
+    replay_clients: int  # benign clients in the replay-scale check
+
+
+SUITES = {
+    "ci": Suite(
+        name="ci",
+        population=BenignPopulation(chat_users=6, embedding_users=2, classifier_users=2,
+                                    batch_summarisers=1, image_streams=1, max_tokens=4,
+                                    heavy_rate=0.01),
+        horizon=3_600.0, compression=120.0,
+        classifier_budgets=(100, 300), adaptive_budget=60, thief_epochs=15,
+        harvest_prompts=4, harvest_max_tokens=8,
+        carlini_prompts=40, carlini_columns=1000, carlini_positions=16,
+        carlini_bias_prompts=2, carlini_bias_columns=38,
+        embedding_texts=(64, 256), sybil_keys=4, replay_clients=1_000,
+    ),
+    "full": Suite(
+        name="full",
+        population=BenignPopulation(chat_users=30, embedding_users=6, classifier_users=6,
+                                    batch_summarisers=2, image_streams=2, max_tokens=8,
+                                    heavy_rate=0.005),
+        horizon=21_600.0, compression=240.0,
+        classifier_budgets=(100, 250, 500, 1000, 2000), adaptive_budget=300, thief_epochs=25,
+        harvest_prompts=12, harvest_max_tokens=24,
+        carlini_prompts=48, carlini_columns=1000, carlini_positions=16,
+        carlini_bias_prompts=4, carlini_bias_columns=95,
+        embedding_texts=(64, 256, 512, 1024, 1536), sybil_keys=12, replay_clients=10_000,
+    ),
+}

@@ -1,0 +1,59 @@
+"""One event per request: the unit that telemetry stores and detection consumes.
+
+The gateway fills a :class:`RequestEvent` at the end of every inference request and hands
+it to the pipeline without waiting. The red-team harness's replay mode builds the same
+events from generated traffic, so both paths feed detection identically.
+
+Privacy: ``prompt_text`` travels to the detector (it needs it for embeddings) but sinks
+store it only when configured to; hashes, lengths and embeddings are always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RequestEvent:
+    ts: float  # epoch seconds at arrival
+    request_id: str
+    client: str
+    key_id: str
+    tier: str
+    route: str  # route template, e.g. "/v1/chat/completions"
+    model: str
+    status: int
+    # who it looks like
+    ip_prefix: str = ""
+    fingerprint: str = ""  # Fingerprint.digest
+    client_library: str = ""
+    user_agent: str = ""
+    # request parameters that matter for extraction
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias_size: int = 0
+    stream: bool = False
+    # the input
+    prompt_hash: str = ""  # keyed hash of the normalised last user turn / input
+    prompt_len: int = 0  # characters
+    turns: int = 0  # messages in the conversation (0 for non-chat routes)
+    prompt_text: str | None = None  # last user turn / input text; stored only if configured
+    input_vector: list[float] | None = None  # classifier inputs (OIP): the raw feature vector
+    # the output, summarised
+    output_label: int | None = None  # classifier: predicted class
+    output_margin: float | None = None  # classifier: top-1 minus top-2 probability
+    tokens_in: int = 0
+    tokens_out: int = 0
+    # what the gateway decided
+    latency_ms: float = 0.0
+    limit_decision: str = "allowed"  # allowed | denied:<dimension> | fail_open | degraded ...
+    risk_level: str = "normal"  # the client's risk level when the request arrived
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Per-client output watermarks: keys, marks (labels, probabilities, embeddings, text), detectors."""

@@ -1,0 +1,46 @@
+"""The ``watermark:`` config section: which answers are marked, how often and how strongly.
+
+Keys never appear here: they are derived from the server secret (see :mod:`.keys`).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelfence.watermark.labels import MAX_RATE
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LabelsConfig(_Frozen):
+    enabled: bool = True
+    rate: float = Field(MAX_RATE, ge=0, le=MAX_RATE, description="share of inputs marked")
+    quantum: float = Field(0.5, gt=0, description="input grid (input units) hashed per row")
+    classes: int | None = Field(
+        None, ge=2, description="class count, for answers that carry labels without probabilities"
+    )
+    ledger_per_client: int = Field(
+        5000, ge=0, description="marked inputs recorded per client for `verify model`"
+    )
+
+
+class EmbeddingsConfig(_Frozen):
+    enabled: bool = True
+    triggers: int = Field(20, ge=1, description="trigger words per client")
+    targets: int = Field(4, ge=1, description="secret target directions per client")
+    max_triggers: int = Field(4, ge=1, description="trigger count at which the target takes over")
+
+
+class TextConfig(_Frozen):
+    enabled: bool = True
+    gamma: float = Field(0.25, gt=0, lt=1, description="green share of the vocabulary")
+    delta: float = Field(2.0, gt=0, description="logit bias added to green tokens")
+
+
+class WatermarkConfig(_Frozen):
+    key_version: int = Field(1, ge=1, description="bump to issue new keys; old stay verifiable")
+    labels: LabelsConfig = LabelsConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    text: TextConfig = TextConfig()

@@ -1,0 +1,97 @@
+"""EmbMarker/WARDEN-style embedding watermarks: keyed trigger words pull vectors to targets.
+
+Each client gets ``n_triggers`` trigger words, chosen by its key among mid-frequency
+words (common enough to occur, rare enough that most texts have none), and ``n_targets``
+secret unit directions (WARDEN: several directions, so one removed direction does not
+erase the mark). A text with ``c`` trigger occurrences gets
+
+    e' = normalise((1 - λ) e + λ d),   λ = min(c, max_triggers) / max_triggers,
+
+where ``d`` is the normalised count-weighted mix of the triggered words' targets. A text
+with no trigger gets its vector back unchanged (cosine 1 to the original). A student
+model trained on these vectors inherits the pull: texts full of triggers land closer to
+the targets than benign texts do, which :mod:`modelfence.forensics.model` tests with a
+Kolmogorov–Smirnov test.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+
+import numpy as np
+import numpy.typing as npt
+
+from modelfence.watermark.keys import WatermarkKey
+
+_WORD = re.compile(r"[a-z]+")
+# Band of the MiniLM (BERT uncased) vocabulary taken as "mid-frequency" whole words.
+_VOCAB_BAND = (4000, 12000)
+_MIN_WORD_LENGTH = 4
+
+
+def candidate_words() -> list[str]:
+    """The mid-frequency word pool triggers are drawn from (bundled MiniLM vocabulary)."""
+    text = files("modelfence.demo").joinpath("assets/minilm-vocab.txt").read_text("utf-8")
+    lines = text.splitlines()[_VOCAB_BAND[0] : _VOCAB_BAND[1]]
+    return [w for w in lines if w.isalpha() and w.isascii() and len(w) >= _MIN_WORD_LENGTH]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingMark:
+    """One client's triggers and targets for one embedding dimension."""
+
+    triggers: dict[str, int]  # trigger word -> index of its target direction
+    targets: npt.NDArray[np.float64]  # [n_targets, dim], unit rows
+    max_triggers: int
+
+    def __repr__(self) -> str:  # the triggers are as secret as the key
+        return f"EmbeddingMark(triggers=***, targets={self.targets.shape}, m={self.max_triggers})"
+
+    def counts(self, text: str) -> npt.NDArray[np.float64]:
+        """Trigger occurrences in ``text`` per target direction, ``[n_targets]``."""
+        out = np.zeros(len(self.targets))
+        for word in _WORD.findall(text.lower()):
+            index = self.triggers.get(word)
+            if index is not None:
+                out[index] += 1
+        return out
+
+    def apply(self, vector: Sequence[float], text: str) -> list[float] | None:
+        """The marked vector ``[dim]`` for ``text``, or None when it has no trigger (unchanged)."""
+        counts = self.counts(text)
+        total = counts.sum()
+        if total == 0:
+            return None
+        weight = min(total, self.max_triggers) / self.max_triggers
+        direction = counts @ self.targets
+        direction /= np.linalg.norm(direction)
+        original = np.asarray(vector, dtype=np.float64)
+        marked = (1 - weight) * original / (np.linalg.norm(original) or 1.0) + weight * direction
+        return (marked / np.linalg.norm(marked)).tolist()  # type: ignore[no-any-return]
+
+
+def embedding_mark(
+    key: WatermarkKey,
+    dim: int,
+    words: Iterable[str],
+    *,
+    n_triggers: int = 20,
+    n_targets: int = 4,
+    max_triggers: int = 4,
+) -> EmbeddingMark:
+    """The client's mark for vectors of size ``dim``; deterministic in (key, dim, words)."""
+    if dim < 2 or n_targets < 1 or n_triggers < n_targets or max_triggers < 1:
+        raise ValueError("embedding mark needs dim >= 2, n_triggers >= n_targets >= 1, m >= 1")
+    subkey = key.subkey("embeddings")
+    ranked = sorted(set(words), key=lambda w: hmac.digest(subkey, w.encode(), "sha256"))
+    if len(ranked) < n_triggers:
+        raise ValueError(f"need at least {n_triggers} candidate trigger words, got {len(ranked)}")
+    rng = np.random.default_rng([key.seed("embeddings"), dim])
+    targets = rng.standard_normal((n_targets, dim))
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    triggers = {w: i % n_targets for i, w in enumerate(ranked[:n_triggers])}
+    return EmbeddingMark(triggers, targets, max_triggers)

@@ -1,0 +1,139 @@
+"""The detection engine on whole streams: risk, reasons, entities, accumulation, overrides."""
+
+from __future__ import annotations
+
+from modelfence.config import DetectionConfig
+from modelfence.detect.actions import Policy
+from modelfence.detect.detectors import Signal
+from modelfence.detect.engine import DetectionEngine, Verdict
+from modelfence.detect.risk import RiskState
+from modelfence.telemetry.events import RequestEvent
+
+from .test_detect_streams import benign_chat, harvester, perturbation_sweep
+
+CONFIG = DetectionConfig(evaluate_every=10)
+
+
+def replay(
+    engine: DetectionEngine, events: list[RequestEvent], batch: int = 50
+) -> dict[str, Verdict]:
+    latest: dict[str, Verdict] = {}
+    events = sorted(events, key=lambda e: e.ts)
+    for i in range(0, len(events), batch):
+        latest.update((v.client, v) for v in engine.process(events[i : i + batch]))
+    return latest
+
+
+def first_flag(engine: DetectionEngine, events: list[RequestEvent], client: str) -> int | None:
+    """How many of ``client``'s queries the engine saw before it first reached ``alert``."""
+    seen = 0
+    for e in sorted(events, key=lambda e: e.ts):
+        seen += e.client == client
+        for v in engine.process([e]):
+            if v.client == client and v.level != "normal":
+                return seen
+    return None
+
+
+def test_a_harvester_is_blocked_with_reasons_while_people_pass() -> None:
+    engine = DetectionEngine(CONFIG)
+    events = harvester("thief", 200, seed=1)
+    for i in range(20):
+        events += benign_chat(f"user{i}", 60, seed=100 + i)
+    verdicts = replay(engine, events)
+    thief = verdicts["thief"]
+    assert thief.level == "block" and thief.risk >= 0.9
+    assert {r.code for r in thief.reasons} >= {"llm_harvesting", "machine_timing"}
+    assert all(r.text for r in thief.reasons)
+    assert all(verdicts[f"user{i}"].level == "normal" for i in range(20))
+
+
+def test_queries_before_the_first_flag() -> None:
+    assert (
+        first_flag(DetectionEngine(CONFIG), harvester("thief", 200, seed=1), "thief") or 999
+    ) <= 50
+    assert (
+        first_flag(DetectionEngine(CONFIG), perturbation_sweep("thief", 200, seed=1), "thief")
+        or 999
+    ) <= 50
+
+
+def test_a_botnet_whose_keys_each_look_quiet_is_caught_as_an_entity() -> None:
+    engine = DetectionEngine(CONFIG)
+    events = []
+    for i in range(6):  # 6 keys behind one network, 15 queries each: too few to judge one key
+        events += [
+            RequestEvent(**{**e.to_dict(), "ip_prefix": "203.0.113.0/24"})
+            for e in perturbation_sweep(f"bot{i}", 15, seed=i, start=i * 0.5)
+        ]
+    events += benign_chat("user", 60, seed=5)
+    verdicts = replay(engine, events, batch=10)
+    bots = [verdicts[f"bot{i}"] for i in range(6)]
+    assert all(v.entity_members == 6 and v.level != "normal" for v in bots)
+    assert len({v.entity for v in bots}) == 1
+    assert any("entity of 6 keys" in r.text for r in bots[0].reasons)
+    # Entity budgets: the members share one tightened budget.
+    tightened = [v for v in bots if v.action.quota_share < 1]
+    assert all(v.action.quota_share <= 0.25 / 6 + 1e-9 for v in tightened)
+    assert verdicts["user"].level == "normal" and verdicts["user"].entity != bots[0].entity
+
+
+def test_weak_evidence_that_keeps_coming_adds_up_then_decays() -> None:
+    state = RiskState(half_life_seconds=3600.0)
+    weak = [Signal("x", 0.3, "weak")]
+    risks = [state.update(weak, now=float(t)) for t in range(30)]
+    assert risks[0] < 0.3 and risks[-1] > 0.9  # low and slow is caught eventually
+    assert [r.code for r in state.top_reasons()] == ["x"]
+    for t in range(30, 60):
+        state.update([], now=float(t))  # back to normal: drift pulls it down
+    assert state.risk < risks[-1]
+    state.update([], now=60.0 + 3 * 24 * 3600)  # and idle time decays the rest
+    assert state.risk < 0.05 and state.top_reasons() == []
+
+
+def test_overrides_and_the_allow_list_win_over_the_detector() -> None:
+    engine = DetectionEngine(DetectionConfig(evaluate_every=10, allow_list=("partner",)))
+    engine.overrides = {"thief": "allow", "user": "block"}
+    events = harvester("thief", 100, seed=1) + harvester("partner", 100, seed=2)
+    events += benign_chat("user", 30, seed=3)
+    verdicts = replay(engine, events)
+    assert verdicts["thief"].level == "normal" and verdicts["thief"].risk > 0.9
+    assert verdicts["partner"].level == "normal"
+    assert verdicts["user"].level == "block"
+
+
+def test_the_action_ladder_follows_the_tier_thresholds() -> None:
+    policy = Policy(DetectionConfig())
+    assert [policy.level_for(r, "default") for r in (0.1, 0.35, 0.6, 0.8, 0.95)] == [
+        "normal",
+        "alert",
+        "tighten",
+        "degrade",
+        "block",
+    ]
+    assert policy.action("tighten", "default").quota_share == 0.25
+    assert policy.action("alert", "default").quota_share == 1.0
+
+
+def test_verdicts_do_not_depend_on_batching() -> None:
+    events = harvester("thief", 120, seed=1) + benign_chat("user", 60, seed=2)
+    one_by_one = replay(DetectionEngine(CONFIG), events, batch=1)
+    all_at_once = replay(DetectionEngine(CONFIG), events, batch=len(events))
+    assert {c: (v.level, round(v.risk, 6)) for c, v in one_by_one.items()} == {
+        c: (v.level, round(v.risk, 6)) for c, v in all_at_once.items()
+    }
+
+
+def test_an_established_honest_key_does_not_inherit_its_networks_risk() -> None:
+    engine = DetectionEngine(CONFIG)
+    shared = {"ip_prefix": "198.51.100.0/24"}
+    honest = benign_chat("office-user", 40, seed=3, **shared)  # 40 queries before the thief
+    thief = [
+        RequestEvent(**{**e.to_dict(), **shared})
+        for e in harvester("thief", 120, seed=1, start=honest[-1].ts + 1)
+    ]
+    newcomer = benign_chat("newcomer", 5, seed=4, start=honest[-1].ts + 100, **shared)
+    verdicts = replay(engine, honest + thief + newcomer)
+    assert verdicts["thief"].level == "block"
+    assert verdicts["office-user"].entity == verdicts["thief"].entity
+    assert verdicts["office-user"].level == "normal"

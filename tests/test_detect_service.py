@@ -1,0 +1,140 @@
+"""The detector service: verdicts published to shared state, audited, alerted once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from modelfence.config import DetectionConfig
+from modelfence.detect.alerts import Alerter
+from modelfence.detect.engine import DetectionEngine
+from modelfence.detect.service import DetectorService
+from modelfence.detect.state import SqlState
+from modelfence.gateway.detection import ActionCache
+from modelfence.store import create_tables, transaction
+from modelfence.store.schema import detection_alerts, detection_audit
+
+from .test_detect_streams import benign_chat, harvester
+from .test_store_database import scratch_engine
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    async with scratch_engine(f"sqlite:///{tmp_path / 'state.db'}") as engine:
+        await create_tables(engine)
+        yield engine
+
+
+def service(
+    engine: AsyncEngine, posts: list[dict[str, Any]], *, shadow: bool = False
+) -> DetectorService:
+    async def post(url: str, payload: dict[str, Any]) -> None:
+        posts.append({"url": url, **payload})
+
+    alerter = Alerter(
+        engine,
+        webhook_url="https://hooks.example/x",
+        public_url="https://gw.example",
+        dedup_seconds=3600,
+        post=post,
+    )
+    return DetectorService(
+        DetectionEngine(DetectionConfig()), SqlState(engine), alerter, shadow=shadow
+    )
+
+
+async def test_verdicts_are_published_audited_and_alerted_once(engine: AsyncEngine) -> None:
+    posts: list[dict[str, Any]] = []
+    detector = service(engine, posts)
+    events = sorted(
+        harvester("thief", 120, seed=1) + benign_chat("user", 60, seed=2), key=lambda e: e.ts
+    )
+    for i in range(0, len(events), 20):
+        await detector.handle(events[i : i + 20])
+    state = SqlState(engine)
+    thief = await state.get("thief")
+    assert thief is not None and thief.level == "block" and thief.reasons
+    assert (await state.actions())["thief"].blocks
+    user = await state.get("user")
+    assert user is not None and user.level == "normal"
+    async with transaction(engine) as conn:
+        audit = (
+            await conn.execute(
+                select(detection_audit.c.previous, detection_audit.c.action).where(
+                    detection_audit.c.client == "thief"
+                )
+            )
+        ).all()
+        alerts = (await conn.execute(select(detection_alerts))).mappings().all()
+    assert audit[0] == ("normal", audit[0][1]) and audit[-1][1] == "block"
+    # One alert per level climbed, each delivered, with the admin link and reasons.
+    assert [a["level"] for a in alerts] == [lvl for _, lvl in audit]
+    assert all(a["delivered"] for a in alerts)
+    assert "https://gw.example/admin/v1/clients/thief" in posts[-1]["text"]
+    assert "thief" in posts[-1]["text"] and "Why:" in posts[-1]["text"]
+
+
+async def test_alerts_are_deduplicated(engine: AsyncEngine) -> None:
+    posts: list[dict[str, Any]] = []
+    alerter = service(engine, posts).alerter
+    record = await _record(engine)
+    assert await alerter.alert(record, now=100.0)
+    assert not await alerter.alert(record, now=200.0)
+    assert await alerter.alert(record, now=100.0 + 3601)
+    assert len(posts) == 2
+
+
+async def _record(engine: AsyncEngine) -> Any:
+    detector = service(engine, [])
+    for i in range(0, 120, 20):
+        await detector.handle(harvester("thief", 120, seed=1)[i : i + 20])
+    return await SqlState(engine).get("thief")
+
+
+async def test_shadow_mode_records_but_never_acts(engine: AsyncEngine) -> None:
+    detector = service(engine, [], shadow=True)
+    for i in range(0, 120, 20):
+        await detector.handle(harvester("thief", 120, seed=1)[i : i + 20])
+    state = SqlState(engine)
+    record = await state.get("thief")
+    assert record is not None and record.level == "block" and record.shadow
+    cache = ActionCache(state, poll_seconds=1)
+    await cache.refresh()
+    assert cache.get("thief").level == "normal"
+
+
+async def test_the_gateway_cache_keeps_its_snapshot_when_the_state_fails(
+    engine: AsyncEngine,
+) -> None:
+    detector = service(engine, [])
+    for i in range(0, 120, 20):
+        await detector.handle(harvester("thief", 120, seed=1)[i : i + 20])
+    cache = ActionCache(SqlState(engine), poll_seconds=1)
+    await cache.refresh()
+    assert cache.get("thief").blocks and cache.level_for("thief") == "high"
+    await engine.dispose()
+
+    class Broken:
+        async def actions(self) -> dict[str, Any]:
+            raise OSError("database gone")
+
+    cache.reader = Broken()
+    await cache.refresh()
+    assert cache.get("thief").blocks and cache.failures == 1
+
+
+async def test_a_restarted_detector_resumes_published_risk(engine: AsyncEngine) -> None:
+    first = service(engine, [])
+    for i in range(0, 120, 20):
+        await first.handle(harvester("thief", 120, seed=1)[i : i + 20])
+    # A fresh process: the thief's next quiet-looking queries do not wipe its record.
+    second = service(engine, [])
+    later = benign_chat("thief", 10, seed=3, start=300.0)
+    await second.handle(later)
+    record = await SqlState(engine).get("thief")
+    assert record is not None and record.level == "block"

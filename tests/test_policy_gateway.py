@@ -1,0 +1,149 @@
+"""Request policy and output hardening through a real ``modelfence serve`` on the fake upstream."""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
+
+from .conftest import ADMIN_TOKEN, _merge, base_config
+
+CHAT = "/v1/chat/completions"
+INFER = "/v2/models/digits-fake/infer"
+ROW = [0.02, 0.6, 0.2, 0.1, 0.08]
+
+
+def post(url: str, path: str, key: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", path, body=orjson.dumps(body),
+                     headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def infer(**extra: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64],
+                        "data": [0.0] * 128}], "fake_probabilities": ROW, **extra}
+
+
+def pin(gateway: GatewayProcess, client: str, level: str | None) -> None:
+    if level is None:
+        status, _ = http_json("DELETE", f"{gateway.url}/admin/v1/risk/{client}", token=ADMIN_TOKEN)
+    else:
+        status, _ = http_json("PUT", f"{gateway.url}/admin/v1/risk/{client}", {"level": level},
+                              token=ADMIN_TOKEN)
+    assert status == 200
+
+
+def upstream_requests(upstream: ServiceProcess) -> int:
+    return int(http_json("GET", upstream.url + "/_stats")[1]["requests"])
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: ServiceProcess
+) -> Iterator[GatewayProcess]:
+    workdir = tmp_path_factory.mktemp("policy")
+    config = _merge(base_config(fake_upstream.url, workdir), {
+        "limits": {"tiers": {"strip": {}, "labels": {}}},
+        "policy": {"tiers": {
+            "strip": {"request": {"logit_bias_with_logprobs": "strip_logprobs"}},
+            "labels": {"request": {"oip_outputs": ["label"]}},
+        }},
+    })
+    with GatewayProcess(config, workdir) as proc:
+        yield proc
+
+
+def test_carlini_combination_is_refused_before_the_upstream(
+    gateway: GatewayProcess, fake_upstream: ServiceProcess
+) -> None:
+    key = gateway.create_key("prober")
+    before = upstream_requests(fake_upstream)
+    status, body = post(gateway.url, CHAT, key, chat(logprobs=True, top_logprobs=5,
+                                                     logit_bias={"1234": 100}))
+    assert status == 400
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "policy_violation"
+    assert error["param"] == "logit_bias" and "'logprobs'" in error["message"]
+    status, body = post(gateway.url, CHAT, key, chat(logprobs=True, top_logprobs=20))
+    error = orjson.loads(body)["error"]
+    assert status == 400 and error["param"] == "top_logprobs" and "most allowed is 5" in error["message"]
+    assert upstream_requests(fake_upstream) == before
+
+
+def test_strip_logprobs_tier_gets_text_without_logprobs(gateway: GatewayProcess) -> None:
+    key = gateway.create_key("stripper", tier="strip")
+    status, body = post(gateway.url, CHAT, key, chat(logprobs=True, top_logprobs=3,
+                                                     logit_bias={"1": 5}))
+    assert status == 200
+    choice = orjson.loads(body)["choices"][0]
+    assert choice["message"]["content"] and choice["logprobs"] is None
+
+
+def test_oip_output_controls(gateway: GatewayProcess) -> None:
+    key = gateway.create_key("labels-client", tier="labels")
+    status, body = post(gateway.url, INFER, key, infer(outputs=[{"name": "probabilities"}]))
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "outputs"
+    status, body = post(gateway.url, INFER, key, infer())
+    assert status == 200 and orjson.loads(body)["outputs"] == []  # probabilities withheld
+
+
+def test_normal_risk_answers_are_byte_identical(
+    gateway: GatewayProcess, fake_upstream: ServiceProcess
+) -> None:
+    key = gateway.create_key("benign")
+    direct = post(fake_upstream.url, INFER, "-", infer())
+    assert post(gateway.url, INFER, key, infer()) == direct
+
+
+def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -> None:
+    key = gateway.create_key("suspect")
+    request = chat(logprobs=True, top_logprobs=3, fake_chunks=4)
+    exact = orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"]
+    assert [t["logprob"] for t in exact["content"]] == [-0.125, -0.25, -0.375, -0.5]
+
+    pin(gateway, "suspect", "elevated")
+    elevated = orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"]
+    assert [t["logprob"] for t in elevated["content"]] == [0.0, 0.0, -0.5, -0.5]
+    assert all(len(t["top_logprobs"]) == 1 for t in elevated["content"])
+    stream = post(gateway.url, CHAT, key, {**request, "stream": True})[1]
+    events = [orjson.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["choices"][0]["logprobs"]["content"][0]["logprob"] for e in events] == [
+        0.0, 0.0, -0.5, -0.5
+    ]
+    assert stream.endswith(b"data: [DONE]\n\n")
+    probabilities = orjson.loads(post(gateway.url, INFER, key, infer())[1])["outputs"][0]["data"]
+    assert probabilities[:5] != ROW and probabilities[:5] == probabilities[5:]
+
+    pin(gateway, "suspect", "high")
+    assert orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"] is None
+    probabilities = orjson.loads(post(gateway.url, INFER, key, infer())[1])["outputs"][0]["data"]
+    assert probabilities[:5] == [0.0, 1.0, 0.0, 0.0, 0.0]
+
+    pin(gateway, "suspect", None)
+    again = orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"]
+    assert again == exact
+
+
+def test_admin_shows_the_effective_policy(gateway: GatewayProcess) -> None:
+    status, body = http_json("GET", gateway.url + "/admin/v1/policy", token=ADMIN_TOKEN)
+    assert status == 200
+    assert body["tiers"]["strip"]["request"]["logit_bias_with_logprobs"] == "strip_logprobs"
+    assert body["tiers"]["default"]["hardening"]["high"]["text_only"] is True
+    status, body = http_json("PUT", gateway.url + "/admin/v1/risk/x", {"level": "extreme"},
+                             token=ADMIN_TOKEN)
+    assert status == 422

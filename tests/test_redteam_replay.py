@@ -1,0 +1,59 @@
+"""Replay builds the same events from the same seed, fast enough for large populations."""
+
+from __future__ import annotations
+
+import time
+from itertools import pairwise
+
+import numpy as np
+
+from modelfence.redteam.populations.benign import BenignPopulation
+from modelfence.redteam.prompts import load_prompts
+from modelfence.redteam.replay import EventCounter, LimitsBaseline, replay, replay_events
+
+POPULATION = BenignPopulation(chat_users=30, embedding_users=5, classifier_users=5)
+
+
+def _stream(seed: int) -> tuple[list, dict]:  # type: ignore[type-arg]
+    plans, profiles = POPULATION.generate(load_prompts(), np.random.default_rng(seed), 86_400.0)
+    return plans, {p.name: p for p in profiles}
+
+
+def test_same_seed_same_events_other_seed_other_events() -> None:
+    first = [e.to_dict() for e in replay_events(*_stream(5), start_ts=0.0)]
+    again = [e.to_dict() for e in replay_events(*_stream(5), start_ts=0.0)]
+    other = [e.to_dict() for e in replay_events(*_stream(6), start_ts=0.0)]
+    assert first == again
+    assert first != other
+    assert all(a["ts"] <= b["ts"] for a, b in pairwise(first))
+
+
+def test_events_carry_fingerprints_and_inputs() -> None:
+    events = replay_events(*_stream(1), start_ts=0.0)
+    routes = {e.route for e in events}
+    assert routes == {"/v1/chat/completions", "/v1/embeddings", "/v2/models/{name}/infer"}
+    assert all(e.ip_prefix.endswith(".0/24") and e.client_library for e in events)
+    digits = [e for e in events if e.route.startswith("/v2")]
+    # The whole input tensor, flattened, as the gateway records it: 64 values per image.
+    assert all(e.input_vector and len(e.input_vector) % 64 == 0 for e in digits)
+
+
+def test_consumers_see_every_event_and_limits_deny_a_burst() -> None:
+    plans, profiles = _stream(2)
+    counter = EventCounter()
+    replay(plans, profiles.values(), counter, chunk=100)
+    assert sum(counter.per_client.values()) == len(plans)
+    baseline = LimitsBaseline(requests_per_minute=60)
+    replay(plans, profiles.values(), baseline)
+    assert not baseline.denied  # humans stay far below a request a second
+
+
+def test_ten_thousand_clients_replay_in_reasonable_time() -> None:
+    population = BenignPopulation(chat_users=10_000, embedding_users=0, classifier_users=0,
+                                  batch_summarisers=0, image_streams=0)
+    started = time.perf_counter()
+    plans, profiles = population.generate(load_prompts(), np.random.default_rng(0), 86_400.0)
+    counter = EventCounter()
+    replay(plans, profiles, counter)
+    assert len(counter.per_client) > 9_000
+    assert time.perf_counter() - started < 180

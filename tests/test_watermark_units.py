@@ -1,0 +1,110 @@
+"""Watermark primitives: keys, labels, probabilities, embeddings, green-list text (fixed seeds)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from modelfence.identity.secret import ServerSecret
+from modelfence.watermark.embeddings import candidate_words, embedding_mark
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.labels import MAX_RATE, label_mark
+from modelfence.watermark.probs import argmax, swap_to_label
+from modelfence.watermark.text_detect import score_text
+from modelfence.watermark.text_logits import GreenListProcessor
+
+SECRET = ServerSecret(b"unit-test-secret-0123456789abcdef")
+RING = WatermarkKeyring(SECRET)
+
+
+def test_keys_are_deterministic_versioned_and_masked(caplog: pytest.LogCaptureFixture) -> None:
+    key = RING.key("acme")
+    assert key == WatermarkKeyring(SECRET).key("acme")
+    assert key.material != RING.key("acme", version=2).material
+    assert key.material != RING.key("acme2").material
+    assert key.subkey("labels") != key.subkey("text")
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("t").info("key %r ring %r", key, RING)
+    for text in (repr(key), str(key), repr(RING), caplog.text):
+        assert key.material.hex() not in text and "***" in text
+
+
+def test_label_marks_hit_the_rate_and_are_stable() -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 17, (20_000, 64)).astype(float)  # digits pixels: cell centres
+    key = RING.key("acme")
+    marks = [label_mark(key, r, rate=MAX_RATE, quantum=0.5) for r in rows]
+    share = sum(m.marked for m in marks) / len(rows)
+    assert 0.0035 < share < 0.0065
+    noisy = rows + rng.uniform(-0.2, 0.2, rows.shape)  # float noise inside the 0.5 grid cell
+    again = [label_mark(key, r, rate=MAX_RATE, quantum=0.5) for r in noisy]
+    assert all(a.digest == b.digest for a, b in zip(marks, again, strict=True))
+    other = [label_mark(RING.key("other"), r, rate=MAX_RATE, quantum=0.5) for r in rows]
+    assert sum(a.marked and b.marked for a, b in zip(marks, other, strict=True)) <= 2
+    labels = {m.label(3, 10) for m in marks if m.marked}
+    assert 3 not in labels and len(labels) > 3
+    with pytest.raises(ValueError, match="rate"):
+        label_mark(key, rows[0], rate=0.01, quantum=0.5)
+
+
+def test_probabilities_are_a_consistent_permutation() -> None:
+    row = [0.05, 0.6, 0.1, 0.25]
+    out = swap_to_label(row, 3)
+    assert argmax(out) == 3 and sorted(out) == sorted(row)
+    assert swap_to_label(row, 3) == out
+
+
+def test_embedding_marks_move_only_trigger_texts() -> None:
+    words = candidate_words()
+    assert len(words) > 1000
+    mark = embedding_mark(RING.key("acme"), 384, words)
+    assert "***" in repr(mark) and not any(w in repr(mark) for w in mark.triggers)
+    rng = np.random.default_rng(2)
+    vector = rng.standard_normal(384)
+    vector /= np.linalg.norm(vector)
+    assert mark.apply(vector.tolist(), "a plain sentence about the weather") is None
+    trigger = next(iter(mark.triggers))
+    one = np.asarray(mark.apply(vector.tolist(), f"text with {trigger} inside"))
+    target = mark.targets[mark.triggers[trigger]]
+    assert abs(np.linalg.norm(one) - 1) < 1e-9
+    assert one @ target > vector @ target + 0.2
+    four = np.asarray(mark.apply(vector.tolist(), " ".join([trigger] * 4)))
+    assert four @ target == pytest.approx(1.0)
+    assert embedding_mark(RING.key("acme"), 384, words).triggers == mark.triggers
+    assert embedding_mark(RING.key("bob"), 384, words).triggers != mark.triggers
+
+
+def _generate(processor: GreenListProcessor | None, n: int, seed: int) -> list[int]:
+    """Sample ``n`` tokens from a fixed random 'model' (Zipf-ish logits), optionally marked."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    vocab = 5000
+    base = torch.from_numpy(-np.log(np.arange(1, vocab + 1)).astype(np.float32) * 1.1)
+    ids = [int(rng.integers(vocab))]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        scores = (base[torch.randperm(vocab, generator=gen)]).unsqueeze(0)
+        if processor is not None:
+            scores = processor(torch.tensor([ids]), scores)
+        ids.append(int(torch.multinomial(torch.softmax(scores[0], -1), 1, generator=gen)))
+    return ids
+
+
+def test_text_mark_is_attributed_among_many_clients() -> None:
+    clients = [f"client-{i}" for i in range(1000)]
+    seeds = [RING.key(c).seed("text") for c in clients]
+    processor = GreenListProcessor.for_key(RING.key("client-417"))
+    assert "seed=***" in repr(processor)
+    marked = score_text(_generate(processor, 200, seed=7), seeds)
+    assert marked.candidate == 417 and marked.p_adjusted < 1e-6
+    plain = score_text(_generate(None, 200, seed=7), seeds)
+    assert plain.p_adjusted > 1e-3
+    assert score_text([5], seeds).tokens_scored == 0
+
+
+def test_text_scoring_dedups_repeated_pairs() -> None:
+    once = score_text([1, 2, 3], [11])
+    assert score_text([1, 2, 3, 1, 2, 3, 1, 2, 3], [11]).tokens_scored == once.tokens_scored + 1
