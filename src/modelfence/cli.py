@@ -104,7 +104,7 @@ def demo(ctx: typer.Context) -> None:
     """Start the demo upstream and the gateway, run a short scenario, print what happened."""
     from modelfence.demo.scenario import run_demo
 
-    raise typer.Exit(run_demo(console))
+    raise typer.Exit(run_demo(Console(width=max(console.width, 120))))
 
 
 @app.command()

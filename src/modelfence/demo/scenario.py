@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 from rich.console import Console
 from rich.live import Live
@@ -42,15 +43,22 @@ class Session:
 
     gateway_url: str
     api_key: str
+    address: str  # sent as X-Forwarded-For; the demo gateway trusts loopback as its proxy
     requests: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     tokens: int = 0
     last: str = ""
+    first_refusal: int | None = None  # request number of the first 403
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-forwarded-for": self.address}
 
     @property
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(
-            base_url=self.gateway_url + "/v1", api_key=self.api_key, max_retries=0, timeout=120
+            base_url=self.gateway_url + "/v1", api_key=self.api_key, max_retries=0, timeout=120,
+            default_headers=self.headers,
         )
 
     def call(self, what: str, request: Callable[[], Any]) -> Any:
@@ -60,6 +68,8 @@ class Session:
         except (openai.APIStatusError, HTTPFailed) as exc:
             self.statuses[exc.status_code] += 1
             self.last = f"{what}: {exc.status_code} {exc.code}"
+            if exc.status_code == 403 and self.first_refusal is None:
+                self.first_refusal = self.requests
             return None
         self.statuses[200] += 1
         usage = getattr(result, "usage", None)
@@ -77,6 +87,7 @@ class Actor:
     tier: str
     role: str
     steps: Sequence[Step]
+    address: str  # where the actor's requests come from
     api_key: str | None = None  # a fixed (bad) key instead of a created one
 
 
@@ -130,63 +141,65 @@ class HTTPFailed(Exception):
         self.code = error.get("code") if isinstance(error, dict) else None
 
 
+def _digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return np.asarray(load_digits().data, dtype=np.float32)
+
+
+def _infer(session: Session, images: np.ndarray) -> None:
+    def infer() -> Any:
+        tensor = {"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                  "data": images.ravel().tolist()}
+        status, body = http_json(
+            "POST", f"{session.gateway_url}/v2/models/{CLASSIFIER}/infer", {"inputs": [tensor]},
+            token=session.api_key, timeout=60, headers=session.headers,
+        )
+        if status != 200:
+            raise HTTPFailed(status, body)
+        return None
+
+    session.call("digits", infer)
+
+
 def classify(start: int, count: int) -> Step:
     """Send ``count`` digits images (from scikit-learn's bundled set) for classification."""
+    return lambda session: _infer(session, _digits()[start : start + count])
+
+
+def probe(seed: int) -> Step:
+    """One extraction query: a known digit nudged a little, as synthetic-sample thieves do."""
 
     def step(session: Session) -> None:
-        from sklearn.datasets import load_digits
-
-        images = load_digits().data[start : start + count]
-
-        def infer() -> Any:
-            status, body = http_json(
-                "POST",
-                f"{session.gateway_url}/v2/models/{CLASSIFIER}/infer",
-                {
-                    "inputs": [
-                        {
-                            "name": "input",
-                            "shape": list(images.shape),
-                            "datatype": "FP32",
-                            "data": images.ravel().tolist(),
-                        }
-                    ]
-                },
-                token=session.api_key,
-                timeout=60,
-            )
-            if status != 200:
-                raise HTTPFailed(status, body)
-            return None
-
-        session.call("digits", infer)
+        rng = np.random.default_rng(seed)
+        noisy = np.clip(_digits()[seed % 5] + rng.normal(0, 1.5, 64), 0, 16)
+        _infer(session, noisy[None, :].astype(np.float32))
 
     return step
 
 
 ACTORS: list[Actor] = [
-    Actor(
-        "alice",
-        "default",
-        "asks questions",
-        [
-            chat("What is the capital of France?"),
-            chat("Give me one tip for writing clear emails.", stream=True),
-            chat("Name a primary colour."),
-        ],
+    Actor("alice", "default", "asks questions", [
+        chat("What is the capital of France?"),
+        chat("Give me one tip for writing clear emails.", stream=True),
+        chat("Name a primary colour."),
+    ], address="198.51.100.10"),
+    Actor("bob", "default", "embeds, classifies", [
+        embed(["meeting notes from Monday", "invoice 2231 overdue", "holiday plans"]),
+        classify(0, 16),
+        classify(16, 16),
+    ], address="198.51.100.77"),
+    Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
+          address="192.0.2.44"),
+    Actor("mallory", "default", "made-up key", [chat("hello")], address="192.0.2.99",
+          api_key="mf_" + "x" * 43),
+    Actor("thief", "default", "extraction sweep", [probe(i) for i in range(90)],
+          address="203.0.113.5"),
+    *(
+        Actor(f"bot-{n}", "default", "botnet member", [probe(1000 * n + i) for i in range(30)],
+              address=f"203.0.113.{20 + n}")
+        for n in range(1, 4)
     ),
-    Actor(
-        "bob",
-        "default",
-        "embeds notes, classifies scans",
-        [
-            embed(["meeting notes from Monday", "invoice 2231 overdue", "holiday plans"]),
-            classify(0, 16),
-            classify(16, 16),
-        ],
-    ),
-    Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)]),
-    Actor("mallory", "default", "made-up key", [chat("hello")], api_key="mf_" + "x" * 43),
 ]
 
 
@@ -204,6 +217,7 @@ def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
         "store": f"sqlite:///{workdir / 'modelfence.db'}",
         "secret_file": str(workdir / "modelfence.secret"),
         "admin_token": secrets.token_urlsafe(24),
+        "server": {"trusted_proxies": ["127.0.0.0/8"]},  # actors name their address in XFF
         "limits": {
             "backend": "memory",
             "tiers": {
@@ -233,7 +247,7 @@ def _table(actors: Sequence[Actor], sessions: dict[str, Session], title: str) ->
     table = Table(title=title)
     for column in ("client", "tier", "role"):
         table.add_column(column)
-    for column in ("requests", "ok", "429", "401", "tokens"):
+    for column in ("requests", "ok", "429", "401", "403", "tokens"):
         table.add_column(column, justify="right")
     table.add_column("last")
     for actor in actors:
@@ -246,6 +260,7 @@ def _table(actors: Sequence[Actor], sessions: dict[str, Session], title: str) ->
             str(s.statuses[200]),
             str(s.statuses[429]),
             str(s.statuses[401]),
+            str(s.statuses[403]),
             str(s.tokens),
             s.last,
         )
@@ -262,6 +277,27 @@ def _limit_decisions(metrics: str) -> dict[str, float]:
             name = decision if decision == "allowed" else f"denied ({dimension})"
             decisions[name] = decisions.get(name, 0) + float(value)
     return decisions
+
+
+def _detections(
+    console: Console, scored: Sequence[dict[str, Any]], sessions: dict[str, Session]
+) -> set[str]:
+    """Print who detection flagged, when and why; return their names."""
+    table = Table(title="detection: who was flagged, when, and why")
+    for column in ("client", "level", "risk", "refused from request", "entity", "top reason"):
+        table.add_column(column)
+    flagged = set()
+    for record in scored:
+        session = sessions.get(record["client"])
+        first = session.first_refusal if session else None
+        if record["level"] == "normal" and first is None:
+            continue
+        flagged.add(record["client"])
+        reason = record["reasons"][0]["text"] if record["reasons"] else ""
+        table.add_row(record["client"], record["level"], f"{record['risk']:.2f}",
+                      str(first or "-"), record["entity"] or "-", reason)
+    console.print(table)
+    return flagged
 
 
 def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
@@ -288,7 +324,9 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
             with gateway:
                 console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)\n")
                 sessions = {
-                    a.name: Session(gateway.url, a.api_key or gateway.create_key(a.name, a.tier))
+                    a.name: Session(
+                        gateway.url, a.api_key or gateway.create_key(a.name, a.tier), a.address
+                    )
                     for a in actors
                 }
                 with Live(
@@ -301,13 +339,19 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
                                 live.update(_table(actors, sessions, "running …"))
                     live.update(_table(actors, sessions, "summary"))
                 _, metrics = http_json("GET", gateway.url + "/metrics")
+                time.sleep(2)  # the detector's last verdicts reach the admin API
+                _, scored = http_json("GET", gateway.url + "/admin/v1/clients",
+                                      token=gateway.admin_token)
         decisions = _limit_decisions(metrics)
         console.print(
             "limit decisions: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))
         )
+        flagged = _detections(console, scored.get("data", []), sessions)
         ok = (
             sessions["alice"].statuses[200] == len(actors[0].steps)
             and sessions["trial-user"].statuses[429] > 0
+            and "thief" in flagged
+            and not flagged & {"alice", "bob"}
         )
         console.print(
             "[green]demo finished[/green]" if ok else "[red]demo finished with surprises[/red]"

@@ -30,11 +30,17 @@ def free_port() -> int:
 
 
 def http_json(
-    method: str, url: str, body: Any = None, *, token: str | None = None, timeout: float = 10.0
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """A tiny synchronous JSON client for set-up steps (not for traffic)."""
+    """A tiny synchronous JSON client for set-up steps and scripted demos (not for load)."""
     data = None if body is None else orjson.dumps(body)
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     request.add_header("content-type", "application/json")
     if token:
         request.add_header("authorization", f"Bearer {token}")
