@@ -62,6 +62,7 @@ from modelfence.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from modelfence.gateway.responses import error_payload
 
 if TYPE_CHECKING:
     from modelfence.demo.classifier import DigitsClassifier
@@ -590,8 +591,15 @@ def _json(payload: Any, status: int = 200, headers: Sequence[tuple[bytes, bytes]
 
 
 def _openai_error(exc: GatewayError) -> Response:
-    error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-    return _json({"error": error}, exc.status, exc.headers)
+    return _json(error_payload(exc), exc.status, exc.headers)
+
+
+def _stream_failure(exc: Exception, what: str) -> bytes:
+    """The SSE error event a stream ends with when generation fails after it started."""
+    if not isinstance(exc, GatewayError):
+        logger.exception("%s stream failed", what)
+        exc = GatewayError(str(exc))
+    return _sse(error_payload(exc))
 
 
 def _sse(payload: Any) -> bytes:
@@ -826,29 +834,8 @@ class _Demo:
                 prompt_tokens = sum(len(p) for p in prompts)
                 yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
             yield SSE_DONE
-        except GatewayError as exc:
-            yield _sse(
-                {
-                    "error": {
-                        "message": exc.message,
-                        "type": exc.type,
-                        "param": exc.param,
-                        "code": exc.code,
-                    }
-                }
-            )
         except Exception as exc:
-            logger.exception("completion stream failed")
-            yield _sse(
-                {
-                    "error": {
-                        "message": str(exc),
-                        "type": "server_error",
-                        "param": None,
-                        "code": "internal_error",
-                    }
-                }
-            )
+            yield _stream_failure(exc, "completion")
 
     async def embeddings(self, request: Request) -> Response:
         fields = _Fields(await _read_json(request, self.max_body_bytes))
@@ -1115,29 +1102,8 @@ async def _chat_chunks(
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
         yield SSE_DONE
-    except GatewayError as exc:
-        yield _sse(
-            {
-                "error": {
-                    "message": exc.message,
-                    "type": exc.type,
-                    "param": exc.param,
-                    "code": exc.code,
-                }
-            }
-        )
     except Exception as exc:
-        logger.exception("chat stream failed")
-        yield _sse(
-            {
-                "error": {
-                    "message": str(exc),
-                    "type": "server_error",
-                    "param": None,
-                    "code": "internal_error",
-                }
-            }
-        )
+        yield _stream_failure(exc, "chat")
 
 
 class _OipError(Exception):

@@ -37,7 +37,7 @@ SUITES = {
         population=BenignPopulation(chat_users=6, embedding_users=2, classifier_users=2,
                                     batch_summarisers=1, image_streams=1, max_tokens=4,
                                     heavy_rate=0.01),
-        horizon=3_600.0, compression=120.0,
+        horizon=3_600.0, compression=240.0,
         classifier_budgets=(100, 300), adaptive_budget=60, thief_epochs=15,
         harvest_prompts=4, harvest_max_tokens=8,
         carlini_prompts=40, carlini_columns=1000, carlini_positions=16,
