@@ -1,7 +1,7 @@
 """The red-team harness end to end through a real gateway in front of the real demo models.
 
-``MODELFENCE_TEST_PROFILE=ci`` runs a trimmed selection of the ``ci`` suite (about two
-minutes with the model load); the full profile runs every scenario of it (about eight).
+``MODELFENCE_TEST_PROFILE=ci`` runs a trimmed selection of the ``ci`` suite (under three
+minutes with the model load); the full profile runs every scenario of it (four to eight).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Suite sizes: ``ci`` finishes in a few minutes on two CPU cores, ``full`` is the baseline.
+"""Suite sizes: ``ci`` for every change, ``full`` for the baseline in docs/EVALUATION.md.
+
+Measured wall times of ``modelfence redteam`` on two shared CPU cores, demo models loaded
+by the run: ``ci`` about 4 minutes (8 under heavy load), ``full`` about 19 minutes. The
+LLM scenarios dominate: the demo LLM generates every token on the CPU.
 
 Every budget lives here so a run's size is one named, reviewable thing.
 """
