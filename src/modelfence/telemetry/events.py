@@ -10,7 +10,7 @@ store it only when configured to; hashes, lengths and embeddings are always kept
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -56,4 +56,9 @@ class RequestEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A shallow field copy: events are never mutated once built, and ``asdict``'s deep
+        copy cost several percent of the gateway's CPU (three uses per request)."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(RequestEvent))
