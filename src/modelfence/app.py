@@ -2,7 +2,7 @@
 
 ``create_app(config)`` returns an ASGI app whose lifespan opens the store, the limit
 backend and the one aiohttp session, and closes them again. The request path is a fixed
-list of stages (see ``_inference_stages``), stacked in one place.
+list of stages, stacked in one place (``ModelFenceApp._build``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.admin.api import create_admin_app
 from modelfence.admin.forensics import forensics_router
+from modelfence.admin.policy import policy_router
 from modelfence.config import Config, TierConfig
 from modelfence.detect.runtime import DetectionRuntime
 from modelfence.forensics.service import Forensics
@@ -24,12 +25,12 @@ from modelfence.gateway.admission import Admission
 from modelfence.gateway.apis import Api, OIPApi, OpenAIApi
 from modelfence.gateway.auth import Authenticate, Fingerprinting
 from modelfence.gateway.boundary import ErrorBoundary
-from modelfence.admin.policy import policy_router
 from modelfence.gateway.endpoints import (
     CatalogSource,
     MetricsEndpoint,
     ModelCatalog,
     OIPModelMetadata,
+    Probe,
     Readiness,
     healthz,
     upstream_probe,
@@ -68,10 +69,15 @@ class Services:
     """What the lifespan opens and must close again."""
 
     engine: AsyncEngine
+    store: SqlKeyStore
     registry: KeyRegistry
     backend: LimitBackend
     session: aiohttp.ClientSession
     transports: dict[str, Transport]
+    accountant: BudgetAccountant
+    detection: DetectionRuntime
+    keyring: WatermarkKeyring
+    ledger: MarkLedger
 
 
 def _stack(endpoint: ASGIApp, stages: list[Callable[[ASGIApp], ASGIApp]]) -> ASGIApp:
@@ -91,10 +97,6 @@ class ModelFenceApp:
         self.services: Services | None = None
         # Detection replaces the inner source; operators pin levels through the admin API.
         self.risk = RiskOverrides(NormalRisk())
-        self.accountant: BudgetAccountant | None = None
-        self.detection: DetectionRuntime | None = None
-        self.keyring: WatermarkKeyring | None = None
-        self.watermark_ledger: MarkLedger | None = None
         self._app: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,42 +148,42 @@ class ModelFenceApp:
             )
             for u in config.upstreams
         }
-        self.services = Services(engine, registry, backend, session, transports)
-        self.accountant = build_accountant(config.limits.backend, engine, config.policy.dp)
-        self.detection = DetectionRuntime(config, engine, self.metrics, secret)
-        await self.detection.start()
-        if self.detection.actions is not None:
-            self.risk.inner = self.detection.actions
-        self.keyring = WatermarkKeyring(secret, version=config.watermark.key_version)
-        self.watermark_ledger = MarkLedger(
-            engine, per_client=config.watermark.labels.ledger_per_client
+        detection = DetectionRuntime(config, engine, self.metrics, secret)
+        await detection.start()
+        if detection.actions is not None:
+            self.risk.inner = detection.actions
+        ledger = MarkLedger(engine, per_client=config.watermark.labels.ledger_per_client)
+        await ledger.start()
+        self.services = Services(
+            engine=engine,
+            store=store,
+            registry=registry,
+            backend=backend,
+            session=session,
+            transports=transports,
+            accountant=build_accountant(config.limits.backend, engine, config.policy.dp),
+            detection=detection,
+            keyring=WatermarkKeyring(secret, version=config.watermark.key_version),
+            ledger=ledger,
         )
-        await self.watermark_ledger.start()
-        self._app = self._build(store, registry, backend, transports)
+        self._app = self._build(self.services)
 
     async def shutdown(self) -> None:
         services, self.services = self.services, None
         if services is None:
             return
-        if self.detection is not None:
-            await self.detection.stop()
+        await services.detection.stop()
         await services.registry.stop()
         await services.backend.close()
-        if self.accountant is not None:
-            await self.accountant.close()
+        await services.accountant.close()
         await services.session.close()
-        if self.watermark_ledger is not None:
-            await self.watermark_ledger.stop()
+        await services.ledger.stop()
         await services.engine.dispose()
 
-    def _build(
-        self,
-        store: SqlKeyStore,
-        registry: KeyRegistry,
-        backend: LimitBackend,
-        transports: dict[str, Transport],
-    ) -> ASGIApp:
+    def _build(self, services: Services) -> ASGIApp:
         config = self.config
+        registry, backend, transports = services.registry, services.backend, services.transports
+        detection, keyring = services.detection, services.keyring
         metrics = self.metrics
         access = ModelAccess(
             PatternTable((m, u.name) for u in config.upstreams for m in u.models),
@@ -205,14 +207,6 @@ class ModelFenceApp:
             return Authenticate(endpoint, keys=registry)
 
         fingerprinter = Fingerprinter.from_config(config)
-        accountant = self.accountant
-        assert accountant is not None
-        detection = self.detection
-        assert detection is not None
-        keyring = self.keyring
-        assert keyring is not None
-        assert self.services is not None
-        engine = self.services.engine
         inference = _stack(
             Proxy(transports=transports, metrics=metrics),
             [
@@ -233,14 +227,14 @@ class ModelFenceApp:
                     metrics=metrics,
                 ),
                 lambda app: OutputHardening(
-                    app, policy=config.policy, risk=self.risk, accountant=accountant
+                    app, policy=config.policy, risk=self.risk, accountant=services.accountant
                 ),
                 lambda app: OutputWatermark(
-                    app, config=config.watermark, keyring=keyring, ledger=self.watermark_ledger
+                    app, config=config.watermark, keyring=keyring, ledger=services.ledger
                 ),
             ],
         )
-        probes = {"store": self._store_probe, "limits": backend.ping}
+        probes: dict[str, Probe] = {"store": self._store_probe, "limits": backend.ping}
         for upstream in config.upstreams:
             path = "/v2/health/ready" if upstream.kind == "oip" else "/v1/models"
             probes[f"upstream:{upstream.name}"] = upstream_probe(transports[upstream.name], path)
@@ -266,13 +260,13 @@ class ModelFenceApp:
             }
         )
         admin = create_admin_app(
-            store=store,
+            store=services.store,
             admin_token=config.admin_token,
             tiers=limits.tiers,
             routers=[
                 policy_router(config.policy, limits.tiers, self.risk),
                 detection.admin_router(),
-                forensics_router(Forensics(engine, keyring, config.watermark)),
+                forensics_router(Forensics(services.engine, keyring, config.watermark)),
             ],
         )
         router = Router(routes, mounts={"/admin": admin})

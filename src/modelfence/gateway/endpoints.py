@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from modelfence.errors import ModelFenceError, NotFound
+from modelfence.errors import ModelFenceError, UpstreamError
 from modelfence.gateway.context import context_of
 from modelfence.gateway.responses import send_bytes, send_json
 from modelfence.gateway.routing import ModelAccess
@@ -74,7 +74,7 @@ def upstream_probe(transport: Transport, path: str) -> Probe:
         response = await transport.send(UpstreamRequest("GET", path))
         try:
             if response.status >= 400:
-                raise NotFound(f"{path} answered {response.status}")
+                raise UpstreamError(f"{path} answered {response.status}")
         finally:
             response.close()
 
