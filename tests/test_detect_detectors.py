@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from modelfence.config import DetectionConfig
 from modelfence.detect.detectors import (
     BoundaryProbing,
     Coverage,
@@ -19,7 +20,8 @@ from modelfence.detect.detectors import (
     signal,
 )
 from modelfence.detect.embedding import HashingEmbedder
-from modelfence.detect.features import Query, View, min_distances, space_of
+from modelfence.detect.engine import DetectionEngine
+from modelfence.detect.features import View, min_distances
 from modelfence.detect.reference import Reference, fit_space
 from modelfence.telemetry.events import RequestEvent
 
@@ -29,15 +31,7 @@ EMBEDDER = HashingEmbedder()
 
 
 def view_of(events: list[RequestEvent]) -> View:
-    texts = [e.prompt_text or "" for e in events]
-    vectors = EMBEDDER.embed(texts)
-    queries = []
-    for event, vector in zip(events, vectors, strict=True):
-        space = space_of(event)
-        if event.input_vector:
-            vector = np.asarray(event.input_vector, dtype=np.float32)
-        queries.append(Query(event, space, vector if space else None))
-    return View(queries)
+    return View(DetectionEngine(DetectionConfig(), embedder=EMBEDDER).queries_of(events))
 
 
 def fires(
@@ -54,7 +48,7 @@ def fires(
 @pytest.fixture(scope="module")
 def vector_reference() -> Reference:
     benign = [e for seed in range(6) for e in natural_vectors(f"b{seed}", 80, seed)]
-    vectors = np.array([e.input_vector for e in benign], dtype=np.float32)
+    vectors = np.array([e.input_rows[0] for e in benign if e.input_rows], dtype=np.float32)
     space = fit_space(vectors, cells=16, seed=0)
     return Reference({"vec16": space}, {"mmd_shift": 0.05, "coverage_growth": 0.9})
 
@@ -113,7 +107,7 @@ def test_boundary_probing_fires_on_low_margins() -> None:
 def test_mmd_and_coverage_and_ood_use_the_reference(vector_reference: Reference) -> None:
     shifted = natural_vectors("a", 80, seed=9)
     for e in shifted:
-        e.input_vector = [v * 0.2 + 4.0 for v in e.input_vector or []]
+        e.input_rows = [[v * 0.2 + 4.0 for v in row] for row in e.input_rows or []]
     assert fires(Mmd(), shifted, vector_reference)
     assert fires(OutOfDistribution(), shifted, vector_reference)
     assert not fires(Mmd(), natural_vectors("b", 80, seed=10), vector_reference)

@@ -137,3 +137,27 @@ def test_an_established_honest_key_does_not_inherit_its_networks_risk() -> None:
     assert verdicts["thief"].level == "block"
     assert verdicts["office-user"].entity == verdicts["thief"].entity
     assert verdicts["office-user"].level == "normal"
+
+
+def test_a_batched_sweep_counts_one_query_per_row_and_is_caught_as_early() -> None:
+    """64 images in one request are 64 queries, with their own margins."""
+    single = perturbation_sweep("thief", 160, seed=1)
+    batched = [
+        RequestEvent(**{
+            **chunk[0].to_dict(),
+            "input_rows": [row for e in chunk for row in e.input_rows or []],
+            "output_margins": [m for e in chunk for m in e.output_margins or []],
+        })
+        for chunk in (single[i : i + 16] for i in range(0, len(single), 16))
+    ]
+    verdict = replay(DetectionEngine(CONFIG), batched)["thief"]
+    assert verdict.queries == 160
+    assert verdict.level != "normal"
+    assert {r.code for r in verdict.reasons} & {"boundary_probing", "perturbation_sweep", "prada_distance"}
+    rows_seen = 0
+    engine = DetectionEngine(CONFIG)
+    for event in batched:
+        rows_seen += len(event.input_rows or [])
+        if any(v.level != "normal" for v in engine.process([event])):
+            break
+    assert rows_seen <= 64

@@ -123,7 +123,7 @@ def natural_vectors(client: str, n: int, seed: int, start: float = 0.0) -> list[
         t += rng.expovariate(1 / 30.0)
         vector = [rng.gauss(0.0, 1.0) for _ in range(16)]
         out.append(
-            event(client, t, route=OIP, input_vector=vector, output_margin=rng.uniform(0.4, 1.0))
+            event(client, t, route=OIP, input_rows=[vector], output_margins=[rng.uniform(0.4, 1.0)])
         )
     return out
 
@@ -143,8 +143,8 @@ def perturbation_sweep(client: str, n: int, seed: int, start: float = 0.0) -> li
                 client,
                 t,
                 route=OIP,
-                input_vector=list(current),
-                output_margin=rng.uniform(0.0, 0.15),
+                input_rows=[list(current)],
+                output_margins=[rng.uniform(0.0, 0.15)],
             )
         )
     return out

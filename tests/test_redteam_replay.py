@@ -34,8 +34,8 @@ def test_events_carry_fingerprints_and_inputs() -> None:
     assert routes == {"/v1/chat/completions", "/v1/embeddings", "/v2/models/{name}/infer"}
     assert all(e.ip_prefix.endswith(".0/24") and e.client_library for e in events)
     digits = [e for e in events if e.route.startswith("/v2")]
-    # The whole input tensor, flattened, as the gateway records it: 64 values per image.
-    assert all(e.input_vector and len(e.input_vector) % 64 == 0 for e in digits)
+    # The input tensor as the gateway records it: one row of 64 pixels per image.
+    assert all(e.input_rows and {len(row) for row in e.input_rows} == {64} for e in digits)
 
 
 def test_consumers_see_every_event_and_limits_deny_a_burst() -> None:

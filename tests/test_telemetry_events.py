@@ -10,7 +10,13 @@ import pytest
 
 from modelfence.errors import PermissionDenied
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
-from modelfence.gateway.telemetry import EmitEvents, classifier_output, prompt_hash, prompt_of
+from modelfence.gateway.telemetry import (
+    EmitEvents,
+    classifier_output,
+    input_rows_of,
+    prompt_hash,
+    prompt_of,
+)
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.telemetry.pipeline import EventSource
 from modelfence.types import Message, Receive, Scope, Send
@@ -44,7 +50,10 @@ def test_prompt_hashes_are_keyed_and_normalised() -> None:
 @pytest.mark.parametrize(
     ("outputs", "expected"),
     [
-        ([{"name": "p", "data": [0.1, 0.7, 0.2]}], (1, pytest.approx(0.5))),
+        ([{"name": "p", "data": [0.1, 0.7, 0.2]}], (1, [pytest.approx(0.5)])),
+        # a batch of two rows: one margin per row, the label of the first
+        ([{"name": "p", "shape": [2, 3], "data": [0.1, 0.7, 0.2, 0.3, 0.3, 0.4]}],
+         (1, [pytest.approx(0.5), pytest.approx(0.1)])),
         ([{"name": "label", "data": [3]}], (3, None)),
         ("garbage", (None, None)),
     ],
@@ -103,3 +112,11 @@ async def test_every_authenticated_request_emits_one_event_even_when_refused() -
             event.max_tokens,
         ) == (0.0, True, 3, 1, 9)
     assert len(emitted) == 2
+
+
+def test_a_classifier_batch_is_one_row_per_input() -> None:
+    body = {"inputs": [{"name": "x", "shape": [3, 2], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
+    assert input_rows_of(body) == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    nested = {"inputs": [{"name": "x", "data": [[1, 2], [3, 4]]}]}  # no shape: one input
+    assert input_rows_of(nested) == [[1.0, 2.0, 3.0, 4.0]]
+    assert input_rows_of({"inputs": [{"name": "x", "data": "nope"}]}) is None

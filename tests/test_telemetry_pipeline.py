@@ -141,11 +141,11 @@ async def test_events_are_built_in_the_pipeline_and_a_broken_builder_is_counted(
 
 
 def test_prompt_text_is_stored_only_when_configured() -> None:
-    event = make_event(1, prompt_text="secret plans", prompt_hash="ab", input_vector=[1.0])
+    event = make_event(1, prompt_text="secret plans", prompt_hash="ab", input_rows=[[1.0]], output_margins=[0.5])
     assert "prompt_text" not in event_row(event, store_prompt_text=False)["detail"]
     row = event_row(event, store_prompt_text=True)
     assert row["detail"]["prompt_text"] == "secret plans" and row["prompt_hash"] == "ab"
-    assert "input_vector" not in row["detail"]
+    assert "input_rows" not in row["detail"] and "output_margins" not in row["detail"]
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,8 @@ def _set_population(engine: DetectionEngine, histories: Sequence[Sequence[Reques
     for events in histories:
         if len(events) >= 2:
             span = max(max(e.ts for e in events) - min(e.ts for e in events), 60.0)
-            rates.setdefault(events[0].tier, []).append(len(events) / span * 3600.0)
+            queries = sum(len(e.input_rows) if e.input_rows else 1 for e in events)
+            rates.setdefault(events[0].tier, []).append(queries / span * 3600.0)
     for detector in engine.detectors:
         if isinstance(detector, Volume):
             detector.tier_median_rate = {t: float(np.median(r)) for t, r in rates.items()}

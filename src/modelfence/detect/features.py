@@ -1,7 +1,8 @@
 """Per-client state and the read-only views detectors evaluate.
 
-A client's recent queries live in a :class:`ClientState` (the last ``window`` events and,
-per input *space*, their vectors). A space is ``"text"`` for prompts (embedded) or
+A client's recent queries live in a :class:`ClientState` (the last ``window`` queries and,
+per input *space*, their vectors). A query is one prompt, or one row of a classifier
+batch: a request scoring 64 images is 64 queries. A space is ``"text"`` for prompts (embedded) or
 ``"vec<d>"`` for classifier inputs of dimension d, so one client's chat and classifier
 traffic never mix. Detectors see a :class:`View`: the same data as arrays, with the costly
 derived features (minimum distances to earlier queries) computed once, on demand.
@@ -23,8 +24,8 @@ TEXT = "text"
 
 def space_of(event: RequestEvent) -> str | None:
     """The input space of an event: ``text``, ``vec<d>``, or None when it has no input."""
-    if event.input_vector:
-        return f"vec{len(event.input_vector)}"
+    if event.input_rows:
+        return f"vec{len(event.input_rows[0])}"
     if event.prompt_text:
         return TEXT
     return None
@@ -35,6 +36,7 @@ class Query:
     event: RequestEvent
     space: str | None
     vector: np.ndarray | None
+    margin: float | None = None  # classifier answers: top-1 minus top-2 probability
 
 
 @dataclass(slots=True)
@@ -62,7 +64,12 @@ class View:
 
     def __init__(self, queries: Iterable[Query]) -> None:
         self.queries = sorted(queries, key=lambda q: q.event.ts)
-        self.events = [q.event for q in self.queries]
+        # Requests, once each (the rows of one batch share their event), for detectors
+        # of request habits: timing, parameters.
+        self.events: list[RequestEvent] = []
+        for q in self.queries:
+            if not self.events or q.event is not self.events[-1]:
+                self.events.append(q.event)
         self._min_distances: dict[str, np.ndarray] = {}
 
     @cached_property

@@ -26,7 +26,7 @@ from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 OIP_INFER = "/v2/models/{name}/infer"
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
-MAX_INPUT_VALUES = 4096
+MAX_INPUT_VALUES = 16_384  # 256 rows of 64 features
 
 
 def _text_of(content: Any) -> str:
@@ -54,35 +54,65 @@ def prompt_of(route: str, body: dict[str, Any]) -> tuple[str, int]:
     return (value if isinstance(value, str) else ""), 0
 
 
-def input_vector_of(body: dict[str, Any]) -> list[float] | None:
-    """The first OIP input tensor's values, flattened (classifier features)."""
+def input_rows_of(body: dict[str, Any]) -> list[list[float]] | None:
+    """The first OIP input tensor as rows of features (``shape [n, ...]``: n rows).
+
+    A batch is n queries to a detector, not one: an attacker sending 64 images per request
+    must look like 64 queries. Rows past ``MAX_INPUT_VALUES`` values are not kept.
+    """
     inputs = body.get("inputs") or [{}]
-    data = inputs[0].get("data") if isinstance(inputs[0], dict) else None
+    tensor = inputs[0] if isinstance(inputs[0], dict) else {}
     flat: list[float] = []
-    stack = [data]
+    stack = [tensor.get("data")]
     while stack and len(flat) < MAX_INPUT_VALUES:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(reversed(item))
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
             flat.append(float(item))
-    return flat or None
+    if not flat:
+        return None
+    width = _row_width(tensor.get("shape")) or len(flat)
+    return [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)] or None
 
 
-def classifier_output(raw: bytes) -> tuple[int | None, float | None]:
-    """(predicted label, top-1 minus top-2 probability) from an OIP answer, when present."""
+def _row_width(shape: Any) -> int | None:
+    if not isinstance(shape, list) or len(shape) < 2:
+        return None
+    width = 1
+    for dim in shape[1:]:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            return None
+        width *= dim
+    return width
+
+
+def classifier_output(raw: bytes) -> tuple[int | None, list[float] | None]:
+    """(first row's predicted label, each row's top-1 minus top-2 probability) from an
+    OIP answer, when it carries probabilities ``[n, classes]``."""
     try:
-        outputs = orjson.loads(raw).get("outputs") or []
-        data = outputs[0]["data"]
+        output = (orjson.loads(raw).get("outputs") or [])[0]
+        data = output["data"]
     except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError):
         return None, None
     if not isinstance(data, list) or not data:
         return None, None
     if len(data) == 1 or all(isinstance(v, int) for v in data):
         return (int(data[0]), None) if isinstance(data[0], (int, float)) else (None, None)
-    probs = sorted((float(v) for v in data if isinstance(v, (int, float))), reverse=True)
-    label = max(range(len(data)), key=lambda i: data[i])
-    return label, (probs[0] - probs[1]) if len(probs) > 1 else None
+    values = [float(v) for v in data if isinstance(v, (int, float))]
+    shape = output.get("shape")
+    classes = shape[-1] if isinstance(shape, list) and shape and isinstance(shape[-1], int) else len(values)
+    if classes < 2 or len(values) % classes:
+        return None, None
+    margins = []
+    label = None
+    for start in range(0, len(values), classes):
+        row = values[start : start + classes]
+        if label is None:
+            label = max(range(classes), key=row.__getitem__)
+        top, second = sorted(row, reverse=True)[:2]
+        margins.append(top - second)
+    return label, margins
 
 
 def prompt_hash(text: str, key: bytes) -> str:
@@ -104,7 +134,7 @@ def build_event(
     text, turns = prompt_of(ctx.route, body)
     fp = ctx.fingerprint
     usage = ctx.usage
-    label, margin = classifier_output(b"".join(output)) if output else (None, None)
+    label, margins = classifier_output(b"".join(output)) if output else (None, None)
     logprobs = body.get("logprobs")
     bias = body.get("logit_bias")
     decision = ctx.decision
@@ -133,9 +163,9 @@ def build_event(
         prompt_len=len(text),
         turns=turns,
         prompt_text=text or None,
-        input_vector=input_vector_of(body) if ctx.route == OIP_INFER else None,
+        input_rows=input_rows_of(body) if ctx.route == OIP_INFER else None,
         output_label=label,
-        output_margin=margin,
+        output_margins=margins,
         tokens_in=usage.prompt_tokens if usage else 0,
         tokens_out=usage.completion_tokens if usage else 0,
         latency_ms=latency * 1000.0,

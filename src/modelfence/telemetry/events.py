@@ -43,10 +43,10 @@ class RequestEvent:
     prompt_len: int = 0  # characters
     turns: int = 0  # messages in the conversation (0 for non-chat routes)
     prompt_text: str | None = None  # last user turn / input text; stored only if configured
-    input_vector: list[float] | None = None  # classifier inputs (OIP): the raw feature vector
+    input_rows: list[list[float]] | None = None  # classifier inputs (OIP): one feature row per input
     # the output, summarised
-    output_label: int | None = None  # classifier: predicted class
-    output_margin: float | None = None  # classifier: top-1 minus top-2 probability
+    output_label: int | None = None  # classifier: predicted class of the first row
+    output_margins: list[float] | None = None  # classifier: top-1 minus top-2, per row
     tokens_in: int = 0
     tokens_out: int = 0
     # what the gateway decided

@@ -27,7 +27,7 @@ class BoundaryProbing:
     default_threshold: float | None = 0.5
 
     def statistic(self, view: View, reference: Reference | None) -> float | None:
-        margins = [e.output_margin for e in view.events if e.output_margin is not None]
+        margins = [q.margin for q in view.queries if q.margin is not None]
         if len(margins) < MIN_QUERIES:
             return None
         return share([m < LOW_MARGIN for m in margins])

@@ -48,14 +48,14 @@ class Volume:
         self.tier_median_rate: dict[str, float] = {}
 
     def statistic(self, view: View, reference: Reference | None) -> float | None:
-        events = view.events
-        if len(events) < MIN_GAPS:
+        queries = view.queries
+        if len(queries) < MIN_GAPS:
             return None
-        median = self.tier_median_rate.get(events[-1].tier)
-        span = max(events[-1].ts - events[0].ts, 60.0)
+        median = self.tier_median_rate.get(queries[-1].event.tier)
+        span = max(queries[-1].event.ts - queries[0].event.ts, 60.0)
         if not median:
             return None
-        return (len(events) / span * 3600.0) / median
+        return (len(queries) / span * 3600.0) / median
 
     def describe(self, value: float, threshold: float) -> str:
         return f"query rate {value:.0f}× the tier median"
