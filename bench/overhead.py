@@ -7,6 +7,9 @@ Targets (each started and stopped by this script, all on 127.0.0.1, free ports):
                         uvicorn/uvloop/httptools, no features (the Python floor);
 - ``modelfence-memory`` ``modelfence serve`` with in-process limits;
 - ``modelfence-redis``  ``modelfence serve`` with Redis limits (skipped if Redis is down);
+- ``modelfence-detection`` memory limits with the detector on (shadow mode: it decides and
+                        records but never blocks the load generator); the detector child
+                        runs on the proxy's core, so its CPU counts against the proxy;
 - ``litellm``           LiteLLM proxy 1.108.7 in its own virtualenv (created on first use).
 
 For each target:
@@ -65,7 +68,8 @@ BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 LITELLM_VERSION = "1.108.7"
 DEFAULT_LITELLM_VENV = Path(tempfile.gettempdir()) / "modelfence-bench-litellm"
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
-ALL_TARGETS = ["direct", "floor", "modelfence-memory", "modelfence-redis", "litellm"]
+ALL_TARGETS = ["direct", "floor", "modelfence-memory", "modelfence-detection", "modelfence-redis",
+               "litellm"]
 
 CHAT_BODY = {"model": "fake-chat", "max_tokens": 16,
              "messages": [{"role": "user", "content": "Say hello, request @N@"}]}
@@ -74,6 +78,7 @@ STREAM_BODY = {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": 
 
 # The targets.
 GOAL_P50_MEMORY_MS = 0.9
+GOAL_DETECTION_MS = 0.1  # "zero" within what repeated runs of one target differ by
 GOAL_P99_MEMORY_MS = 2.0
 GOAL_P50_REDIS_MS = 1.3
 GOAL_RPS_PER_CORE = 3000.0
@@ -290,7 +295,8 @@ def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
         # The detector is off the request path (a child process, or `modelfence detect`
         # workers elsewhere). Left on, it would share the proxy's pinned core, and it
         # rightly finds a load generator's perfectly regular spacing unnatural and blocks
-        # it. --detection turns it on in shadow mode (decides, records, never acts).
+        # it. The modelfence-detection target runs it in shadow mode (decides, records,
+        # never acts).
         config["detection"] = {"enabled": True, "shadow": True} if detection else {
             "enabled": False}
     path = workdir / f"modelfence-{'memory' if backend == 'memory' else 'redis'}.yaml"
@@ -333,7 +339,8 @@ def create_modelfence_key(base: str, config: Path, workdir: Path) -> str:
 
 def start_modelfence(upstream: str, backend: str, workdir: Path, pin: bool,
                      detection: bool) -> Target:
-    name = "modelfence-memory" if backend == "memory" else "modelfence-redis"
+    name = "modelfence-detection" if detection else (
+        "modelfence-memory" if backend == "memory" else "modelfence-redis")
     port = free_port()
     sub = workdir / name
     sub.mkdir(exist_ok=True)
@@ -347,7 +354,8 @@ def start_modelfence(upstream: str, backend: str, workdir: Path, pin: bool,
     except Exception:
         proc.stop()
         raise
-    label = "ModelFence, memory limits" if backend == "memory" else "ModelFence, Redis limits"
+    label = "ModelFence, Redis limits" if backend != "memory" else (
+        "ModelFence, memory limits + detection (shadow)" if detection else "ModelFence, memory limits")
     return Target(name, label, base, {"Authorization": f"Bearer {key}"}, proc)
 
 
@@ -868,6 +876,9 @@ def goals(rows: list[dict[str, Any]], rate: float) -> list[tuple[str, bool | Non
           GOAL_SHARE_OF_FLOOR * 100, True, "%")
     check("added time to first chunk p50, memory backend", mem["ttfc_p50_added"] if mem else None,
           GOAL_TTFC_MS, False, " ms")
+    on, off = at_rate(by.get("modelfence-detection"), "p50_added"), at_rate(mem, "p50_added")
+    check("detection on minus off, added p50 (the hot path only hands events over)",
+          on - off if on is not None and off is not None else None, GOAL_DETECTION_MS, False, " ms")
     loads = [r["other_load"] for r in rows if r.get("other_load") is not None]
     if loads and max(loads) > NOISY_CORES:
         # on a busy machine the scheduler, not the proxy, makes the latencies
@@ -976,8 +987,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="one more closed-loop run per ModelFence target under py-spy")
     p.add_argument("--profile-duration", type=float, default=None, help="seconds (10)")
-    p.add_argument("--detection", action="store_true",
-                   help="run ModelFence's detector (shadow mode); off by default")
     p.add_argument("--from-json", type=Path, metavar="PATH",
                    help="measure nothing: re-render the table of a saved run (results JSON)")
     p.add_argument("--no-docs", action="store_true", help="don't update docs/BENCHMARKS.md")
@@ -1108,12 +1117,11 @@ def main(argv: list[str] | None = None) -> int:
                     target = Target("direct", "direct (no proxy)", upstream_url)
                 elif name == "floor":
                     target = start_floor(upstream_url, workdir, args.pin)
-                elif name == "modelfence-memory":
+                elif name in ("modelfence-memory", "modelfence-detection"):
                     target = start_modelfence(upstream_url, "memory", workdir, args.pin,
-                                              args.detection)
+                                              name == "modelfence-detection")
                 elif name == "modelfence-redis":
-                    target = start_modelfence(upstream_url, args.redis_url, workdir, args.pin,
-                                              args.detection)
+                    target = start_modelfence(upstream_url, args.redis_url, workdir, args.pin, False)
                 elif name == "litellm":
                     target = start_litellm(upstream_url, workdir, args.pin, args.litellm_venv)
                 assert target is not None

@@ -25,8 +25,10 @@ def test_thresholds_come_from_benign_clients_and_hold_on_new_ones(tmp_path: Path
     assert {"mmd_shift", "coverage_growth", "out_of_distribution"} <= reference.thresholds.keys()
     defaults = {d.code: d.default_threshold for d in all_detectors()}
     assert reference.thresholds["machine_timing"] >= defaults["machine_timing"]  # never tighter
+    assert reference.tier_medians["default"] >= 1  # benign queries in ten minutes
     path = tmp_path / "reference.npz"
     reference.save(path)
+    assert Reference.load(path).tier_medians == reference.tier_medians
 
     engine = DetectionEngine(CONFIG, embedder=HashingEmbedder(), reference=Reference.load(path))
     events = [e for i in range(10) for e in benign_chat(f"new{i}", 40, seed=500 + i)]

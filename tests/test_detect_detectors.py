@@ -7,6 +7,7 @@ import pytest
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.detectors import (
+    AroundTheClock,
     BoundaryProbing,
     Coverage,
     Detector,
@@ -21,7 +22,7 @@ from modelfence.detect.detectors import (
 )
 from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine
-from modelfence.detect.features import View, min_distances
+from modelfence.detect.features import ClientState, View, min_distances
 from modelfence.detect.reference import Reference, fit_space
 from modelfence.telemetry.events import RequestEvent
 
@@ -93,9 +94,9 @@ def test_regularity_fires_on_a_metronome_not_on_people() -> None:
 
 def test_volume_compares_with_the_tier_median() -> None:
     detector = Volume()
-    detector.tier_median_rate = {"default": 10.0}  # queries per hour
-    assert fires(detector, harvester("a", 60, seed=1, gap=2.0))  # 1800/h
-    detector.tier_median_rate = {"default": 2000.0}
+    detector.tier_median = {"default": 3.0}  # queries in ten minutes
+    assert fires(detector, harvester("a", 60, seed=1, gap=2.0))  # 60 in two minutes: 20×
+    detector.tier_median = {"default": 30.0}
     assert not fires(detector, harvester("a", 60, seed=1, gap=2.0))
 
 
@@ -136,3 +137,23 @@ def test_prada_ignores_exact_repeats() -> None:
     repeated = [e for e in natural for _ in range(3)]  # every query sent three times
     assert not fires(Prada(), repeated)
     assert Prada().statistic(view_of(natural[:1] * 60), None) is None
+
+
+def test_around_the_clock_needs_a_full_day_and_fires_on_a_247_script() -> None:
+    config = DetectionConfig.model_validate({})
+    engine = DetectionEngine(config, embedder=EMBEDDER)
+    script = harvester("bot", 26 * 4, seed=1, gap=900.0)  # every 15 minutes for 26 hours
+    person = [e for day in range(2) for e in benign_chat("p", 20, seed=day, start=day * 86_400.0 + 9 * 3600)]
+    for name, events in (("bot", script), ("p", person)):
+        state = ClientState(name, "default", config.window)
+        for query in engine.queries_of(events):
+            state.add(query)
+        value = AroundTheClock().statistic(View(state.queries, state=state), None)
+        if name == "bot":
+            assert value is not None and value >= 24
+        else:
+            assert value is not None and value <= 3
+    young = ClientState("new", "default", config.window)
+    for query in engine.queries_of(script[:40]):
+        young.add(query)
+    assert AroundTheClock().statistic(View(young.queries, state=young), None) is None

@@ -9,7 +9,7 @@ from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.risk import RiskState
 from modelfence.telemetry.events import RequestEvent
 
-from .test_detect_streams import benign_chat, harvester, perturbation_sweep
+from .test_detect_streams import benign_chat, harvester, natural_vectors, perturbation_sweep
 
 CONFIG = DetectionConfig(evaluate_every=10)
 
@@ -161,3 +161,38 @@ def test_a_batched_sweep_counts_one_query_per_row_and_is_caught_as_early() -> No
         if any(v.level != "normal" for v in engine.process([event])):
             break
     assert rows_seen <= 64
+
+
+def test_an_embeddings_batch_counts_every_text() -> None:
+    (event,) = benign_chat("emb", 1, seed=3)
+    event.route, event.input_texts = "/v1/embeddings", ["first text", "second", "third"]
+    verdicts = DetectionEngine(DetectionConfig(evaluate_every=1)).process([event])
+    assert verdicts[0].queries == 3
+
+
+def test_keys_working_in_lockstep_are_linked_without_sharing_a_network() -> None:
+    """A Sybil campaign: distinct addresses and fingerprints, one script, round-robin."""
+    sweep = perturbation_sweep("script", 120, seed=7)
+    bots = [
+        RequestEvent(**{**e.to_dict(), "client": f"sybil{i % 4}", "ip_prefix": f"ip-s{i % 4}",
+                        "fingerprint": f"fp-s{i % 4}", "ts": i * 1.0})
+        for i, e in enumerate(sweep)
+    ]
+    # Two honest keys with the same kind of inputs, busy at different times.
+    honest = natural_vectors("early", 40, seed=1) + natural_vectors("late", 40, seed=2, start=5_000)
+    verdicts = replay(DetectionEngine(CONFIG), bots + honest, batch=10)
+    assert len({verdicts[f"sybil{i}"].entity for i in range(4)}) == 1
+    assert verdicts["sybil0"].entity_members == 4
+    assert verdicts["early"].entity_members == verdicts["late"].entity_members == 1
+
+
+def test_idle_clients_are_forgotten_but_their_risk_is_kept() -> None:
+    engine = DetectionEngine(CONFIG)
+    replay(engine, harvester("thief", 100, seed=1))
+    risk = engine.risks["thief"].risk
+    assert risk > 0.5
+    # past idle_evict_hours (6); the same network, so the forgotten thief stays in the entity
+    later = benign_chat("user", 30, seed=2, start=7 * 3600.0, ip_prefix="ip-thief")
+    replay(engine, later)
+    assert "thief" not in engine.clients and "user" in engine.clients
+    assert engine.risks["thief"].risk == risk  # decays only when the client is next seen

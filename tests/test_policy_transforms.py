@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import random
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -23,11 +23,13 @@ from modelfence.policy import (
     RowHardening,
     harden_oip,
     harden_row,
+    harden_rows,
     level_for_action,
 )
-from modelfence.policy.llm_hardening import quantise
+from modelfence.policy.llm_hardening import quantise, quantised
 from modelfence.policy.noise import laplace
 from modelfence.policy.probs_hardening import ood_aware, reverse_sigmoid, top_k
+from modelfence.policy.request_policy import narrowed_request
 from modelfence.types import Message
 
 
@@ -42,6 +44,13 @@ def test_quantise_rounds_to_multiples_without_float_noise() -> None:
     assert quantise(-0.37, 0.5) == -0.5
     assert quantise(-0.24, 0.5) == 0.0 and math.copysign(1, quantise(-0.24, 0.5)) == 1
     assert quantise(-1.234, 0.1) == -1.2
+
+
+@pytest.mark.parametrize("quantum", [0.5, 0.1, 0.05, 1 / 3, 2.0])
+def test_quantised_arrays_round_like_python(quantum: float) -> None:
+    values = -np.random.default_rng(5).exponential(3.0, 5000)
+    expected = [round(round(v / quantum) * quantum, 10) + 0.0 for v in values.tolist()]
+    assert quantised(values, quantum).tolist() == expected
 
 
 def test_logprob_quantum_and_top_k_keep_chosen_consistent() -> None:
@@ -59,7 +68,7 @@ def test_text_only_removes_logprobs() -> None:
 
 def test_noise_is_seeded_clipped_and_resorted() -> None:
     def run(seed: int) -> dict[str, Any]:
-        h = LogprobHardening(noise_scale=1.0, rng=random.Random(seed))
+        h = LogprobHardening(noise_scale=1.0, rng=np.random.default_rng(seed))
         return h.apply(chat_payload())  # type: ignore[no-any-return]
 
     assert run(1) == run(1)
@@ -71,10 +80,9 @@ def test_noise_is_seeded_clipped_and_resorted() -> None:
 
 
 def test_laplace_has_the_right_spread() -> None:
-    rng = random.Random(7)
-    draws = [laplace(rng, 2.0) for _ in range(20_000)]
-    assert abs(sum(draws) / len(draws)) < 0.1
-    assert sum(abs(d) for d in draws) / len(draws) == pytest.approx(2.0, rel=0.05)
+    draws = laplace(np.random.default_rng(7), 2.0, 20_000)
+    assert abs(draws.mean()) < 0.1
+    assert np.abs(draws).mean() == pytest.approx(2.0, rel=0.05)
 
 
 def test_legacy_completions_logprobs() -> None:
@@ -87,29 +95,31 @@ def test_legacy_completions_logprobs() -> None:
 
 
 ROW = [0.05, 0.6, 0.2, 0.1, 0.05]
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 def test_labels_only_top_k_and_rounding() -> None:
     assert harden_row(ROW, RowHardening(mode="labels_only")) == [0.0, 1.0, 0.0, 0.0, 0.0]
-    assert top_k(ROW, 2) == [0.0, 0.6, 0.2, 0.0, 0.0]
+    assert top_k(np.array([ROW]), 2).tolist() == [[0.0, 0.6, 0.2, 0.0, 0.0]]
+    assert top_k(np.array([[0.3, 0.4, 0.3]]), 2).tolist() == [[0.3, 0.4, 0.0]]  # ties: first
     assert harden_row([1 / 3, 2 / 3], RowHardening(decimals=2)) == [0.33, 0.67]
 
 
 def test_reverse_sigmoid_perturbs_but_keeps_the_label() -> None:
-    out = reverse_sigmoid(ROW, beta=0.3, gamma=0.4)
-    assert sum(out) == pytest.approx(1.0)
-    assert out.index(max(out)) == 1
-    assert max(abs(a - b) for a, b in zip(out, ROW, strict=True)) > 0.02
-    strong = reverse_sigmoid([0.9, 0.1], beta=1.9, gamma=5.0)
-    assert strong.index(max(strong)) == 0  # swapped back if the perturbation flips it
+    (out,) = reverse_sigmoid(np.array([ROW]), beta=0.3, gamma=0.4)
+    assert out.sum() == pytest.approx(1.0)
+    assert out.argmax() == 1
+    assert np.abs(out - ROW).max() > 0.02
+    strong = reverse_sigmoid(np.array([[0.9, 0.1], [0.2, 0.8]]), beta=1.9, gamma=5.0)
+    assert strong.argmax(axis=1).tolist() == [0, 1]  # swapped back where the perturbation flips it
 
 
 def test_ood_aware_leaves_confident_rows_exact() -> None:
-    confident = [0.95, 0.03, 0.02]
-    assert ood_aware(confident, threshold=0.9, sharpness=40) is confident
-    out = ood_aware(ROW, threshold=0.9, sharpness=40)
-    assert sum(out) == pytest.approx(1.0)
-    assert out.index(max(out)) != 1  # misinformation dominates far from the threshold
+    rows = np.array([[0.95, 0.03, 0.02, 0.0, 0.0], ROW])
+    confident, out = ood_aware(rows, threshold=0.9, sharpness=40)
+    assert confident.tolist() == rows[0].tolist()
+    assert out.sum() == pytest.approx(1.0)
+    assert out.argmax() != 1  # misinformation dominates far from the threshold
 
 
 def test_harden_oip_rows_and_allowed_outputs() -> None:
@@ -120,6 +130,77 @@ def test_harden_oip_rows_and_allowed_outputs() -> None:
     out = harden_oip(payload, RowHardening(mode="labels_only"), allowed=("probabilities",))
     assert out["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [2, 2],
                                "data": [1.0, 0.0, 0.0, 1.0]}]
+
+
+def test_rows_are_hardened_together_as_one_by_one() -> None:
+    rows = np.array([ROW, [0.3, 0.3, 0.2, 0.1, 0.1], [0.96, 0.01, 0.01, 0.01, 0.01]])
+    before = rows.copy()
+    for h in (RowHardening(mode="labels_only"), RowHardening(mode="reverse_sigmoid"),
+              RowHardening(mode="ood_aware", decimals=3), RowHardening(top_k=2)):
+        together = harden_rows(rows, h).tolist()
+        assert together == [harden_row(row, h) for row in rows.tolist()]
+    assert (rows == before).all()  # a new array; the input is not changed
+
+
+def test_probability_noise_is_seeded_and_keeps_rows_distributions() -> None:
+    def run(seed: int) -> np.ndarray:
+        return harden_rows(np.array([ROW, ROW]), RowHardening(noise_scale=0.1,
+                                                             rng=np.random.default_rng(seed)))
+
+    assert (run(3) == run(3)).all()
+    out = run(4)
+    assert out.sum(axis=1) == pytest.approx([1.0, 1.0]) and (out >= 0).all()
+    assert out[0].tolist() != out[1].tolist()  # every value gets its own draw
+
+
+def test_harden_oip_nested_data_and_misfit_tensors() -> None:
+    payload = {"outputs": [
+        {"name": "nested", "datatype": "FP64", "shape": [2, 2], "data": [[0.7, 0.3], [0.4, 0.6]]},
+        {"name": "misfit", "datatype": "FP32", "shape": [1, 2], "data": [0.1, 0.2, 0.7]},
+    ]}
+    out = harden_oip(payload, RowHardening(mode="labels_only"))
+    assert out["outputs"] == [  # what cannot be hardened is not released
+        {"name": "nested", "datatype": "FP64", "shape": [2, 2], "data": [1.0, 0.0, 0.0, 1.0]}]
+
+
+def test_noise_gives_a_chosen_token_without_alternative_its_own_value() -> None:
+    payload = {"choices": [{"logprobs": {"content": [
+        {"token": "a", "logprob": -0.37, "top_logprobs": []},
+        {"token": "b", "logprob": -0.2, "top_logprobs": [{"token": "b", "logprob": -0.2},
+                                                          {"token": "c", "logprob": -3.0}]},
+    ]}}]}
+    h = LogprobHardening(noise_scale=0.5, quantum=0.1, top_k=1, rng=np.random.default_rng(1))
+    first, second = h.apply(payload)["choices"][0]["logprobs"]["content"]
+    assert first["logprob"] != -0.37 and first["logprob"] == quantise(first["logprob"], 0.1)
+    assert len(second["top_logprobs"]) == 1
+    if second["top_logprobs"][0]["token"] == "b":
+        assert second["logprob"] == second["top_logprobs"][0]["logprob"]
+
+
+def test_legacy_noise_keeps_chosen_and_alternatives_consistent() -> None:
+    payload = {"choices": [{"logprobs": {"tokens": ["x", "y"], "token_logprobs": [-0.3, -1.2],
+                                          "top_logprobs": [{"x": -0.3, "z": -1.6}, {}]}}]}
+    h = LogprobHardening(noise_scale=1.0, rng=np.random.default_rng(2))
+    out = h.apply(payload)["choices"][0]["logprobs"]
+    assert out["token_logprobs"][0] == out["top_logprobs"][0]["x"]
+    assert out["token_logprobs"][1] not in (-1.2, None) and out["top_logprobs"][1] == {}
+    assert all(v <= 0 for v in [*out["token_logprobs"], *out["top_logprobs"][0].values()])
+
+
+@pytest.mark.parametrize(("route", "body", "text_only", "top_k", "expected"), [
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, 1,
+     {"logprobs": True, "top_logprobs": 1}),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 1}, False, 1, None),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, None, None),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5, "n": 2}, True, 1, {"n": 2}),
+    ("/v1/completions", {"logprobs": 5}, False, 2, {"logprobs": 2}),
+    ("/v1/completions", {"logprobs": 5}, True, None, {}),
+    (CHAT_ROUTE, {"n": 1}, True, None, None),
+], ids=["chat-top-k", "chat-within", "no-cap", "chat-text-only", "legacy-top-k",
+        "legacy-text-only", "nothing-to-strip"])
+def test_narrowed_request(route: str, body: dict[str, Any], text_only: bool, top_k: int | None,
+                          expected: dict[str, Any] | None) -> None:
+    assert narrowed_request(route, body, text_only=text_only, top_k=top_k) == expected
 
 
 def test_json_rewriter_buffers_until_the_last_chunk() -> None:
@@ -195,7 +276,7 @@ async def call(stage: OutputHardening, body: dict[str, Any]) -> tuple[list[Messa
 def stage(risk: RiskOverrides, policy: PolicyConfig | None = None,
           accountant: Accountant | None = None) -> OutputHardening:
     return OutputHardening(upstream, policy=policy or PolicyConfig(), risk=risk,
-                           accountant=accountant or Accountant(True), rng=random.Random(0))
+                           accountant=accountant or Accountant(True), rng=np.random.default_rng(0))
 
 
 async def test_normal_risk_is_byte_identical_and_levels_apply_on_the_next_request() -> None:
@@ -234,3 +315,30 @@ async def test_dp_noise_spends_budget_or_answers_text_only(allow: bool) -> None:
         assert accountant.spent == 1 and logprobs["content"][0]["logprob"] != -0.37
     else:
         assert logprobs is None
+
+
+async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
+    asked: list[bytes] = []
+
+    async def recording_upstream(scope: Any, receive: Any, send: Any) -> None:
+        asked.append(scope[SCOPE_KEY].raw_body)
+        await upstream(scope, receive, send)
+
+    risk = RiskOverrides(NormalRisk())
+    hardening = OutputHardening(recording_upstream, policy=PolicyConfig(), risk=risk,
+                                accountant=Accountant(True), rng=np.random.default_rng(0))
+    request = {"logprobs": True, "top_logprobs": 3}
+    for level in (RiskLevel.ELEVATED, RiskLevel.HIGH):
+        risk.set("acme", level)
+        await call(hardening, request)
+    assert [orjson.loads(body) for body in asked] == [{"logprobs": True, "top_logprobs": 1}, {}]
+    assert request == {"logprobs": True, "top_logprobs": 3}  # what detection sees is unchanged
+
+    noised = PolicyConfig.model_validate({"tiers": {"default": {"hardening": {
+        "elevated": {"dp_noise": True, "top_logprobs": 1}}}}})
+    risk.set("acme", RiskLevel.ELEVATED)
+    hardening = OutputHardening(recording_upstream, policy=noised, risk=risk,
+                                accountant=Accountant(True), rng=np.random.default_rng(0))
+    _, body = await call(hardening, request)
+    assert asked[-1] == b""  # not narrowed: noise re-sorts all alternatives before the cut
+    assert len(orjson.loads(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1

@@ -7,9 +7,11 @@ from itertools import pairwise
 
 import numpy as np
 
+from modelfence.detect.embedding import HashingEmbedder
 from modelfence.redteam.populations.benign import BenignPopulation
 from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.replay import EventCounter, LimitsBaseline, replay, replay_events
+from modelfence.redteam.replay_detection import detection_at_scale
 
 POPULATION = BenignPopulation(chat_users=30, embedding_users=5, classifier_users=5)
 
@@ -57,3 +59,22 @@ def test_ten_thousand_clients_replay_in_reasonable_time() -> None:
     replay(plans, profiles, counter)
     assert len(counter.per_client) > 9_000
     assert time.perf_counter() - started < 180
+
+
+def test_detection_at_scale_counts_honest_flags_and_caught_attackers() -> None:
+    """The replay-detection scenario in miniature (hashing embedder, 300 honest clients)."""
+    corpus = load_prompts()
+    details = detection_at_scale(
+        corpus, lambda name: np.random.default_rng([5, *name.encode()]), clients=300,
+        calibration_clients=300, attackers=2, sybils=1, embedder=HashingEmbedder(),
+    )
+    benign = details["benign"]
+    assert benign["clients"] == 302  # with one summariser and one camera stream
+    # Calibrated on only 150 scored clients here: the rate at scale is docs/DETECTION.md's.
+    assert benign["flagged"] == len(benign["flagged_clients"]) < 0.05 * benign["clients"]
+    attacks = details["attacks"]
+    assert set(attacks) >= {"harvest-broad", "carlini", "knockoff-random", "copycat", "sybil"}
+    assert attacks["sybil"]["keys"] == 12
+    assert attacks["carlini"]["detection_rate"] == 1.0  # logit_bias + logprobs, machine-paced
+    assert attacks["copycat"]["detection_rate"] == 1.0  # 64-image batches, one a second
+    assert details["throughput"]["events_per_second"] > 0

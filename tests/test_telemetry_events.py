@@ -14,6 +14,7 @@ from modelfence.gateway.telemetry import (
     EmitEvents,
     classifier_output,
     input_rows_of,
+    input_texts_of,
     prompt_hash,
     prompt_of,
 )
@@ -120,3 +121,8 @@ def test_a_classifier_batch_is_one_row_per_input() -> None:
     nested = {"inputs": [{"name": "x", "data": [[1, 2], [3, 4]]}]}  # no shape: one input
     assert input_rows_of(nested) == [[1.0, 2.0, 3.0, 4.0]]
     assert input_rows_of({"inputs": [{"name": "x", "data": "nope"}]}) is None
+
+
+def test_an_embeddings_batch_is_one_query_per_text() -> None:
+    assert input_texts_of({"input": ["a", "b", 3, "c" * 600]}) == ["a", "b", "c" * 512]
+    assert input_texts_of({"input": "one text"}) is None  # prompt_text carries it

@@ -36,11 +36,13 @@ from modelfence.gateway.endpoints import (
     upstream_probe,
 )
 from modelfence.gateway.hardening import OutputHardening
+from modelfence.gateway.lexical import LexicalWatermark, marked_upstreams
 from modelfence.gateway.proxy import Proxy
 from modelfence.gateway.request import ReadRequest
 from modelfence.gateway.request_policy import RequestPolicy
 from modelfence.gateway.router import Router
 from modelfence.gateway.routing import ModelAccess, PatternTable, allow_list
+from modelfence.gateway.source_mark import SourceMarking
 from modelfence.gateway.upstream import AiohttpTransport, Transport
 from modelfence.gateway.watermark import OutputWatermark
 from modelfence.identity import (
@@ -55,6 +57,7 @@ from modelfence.policy import BudgetAccountant, NormalRisk, RiskOverrides, build
 from modelfence.store import create_tables, open_engine, transaction
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Receive, Scope, Send
+from modelfence.watermark.channel import MarkIssuer
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.ledger import MarkLedger
 
@@ -207,6 +210,10 @@ class ModelFenceApp:
             return Authenticate(endpoint, keys=registry)
 
         fingerprinter = Fingerprinter.from_config(config)
+        lexical = config.watermark.lexical
+        lexical_upstreams = marked_upstreams(lexical, [u.name for u in config.upstreams])
+        text_marks = config.watermark.text
+        marks = MarkIssuer(keyring, text_marks) if text_marks.enabled else None
         inference = _stack(
             Proxy(transports=transports, metrics=metrics),
             [
@@ -226,12 +233,18 @@ class ModelFenceApp:
                     prices=prices,
                     metrics=metrics,
                 ),
+                lambda app: app if marks is None else SourceMarking(
+                    app, issuer=marks, hosted=lexical_upstreams
+                ),
                 lambda app: OutputHardening(
                     app, policy=config.policy, risk=self.risk, accountant=services.accountant
                 ),
                 lambda app: OutputWatermark(
                     app, config=config.watermark, keyring=keyring, ledger=services.ledger
                 ),
+                lambda app: LexicalWatermark(
+                    app, config=lexical, keyring=keyring, upstreams=lexical_upstreams
+                ) if lexical_upstreams else app,
             ],
         )
         probes: dict[str, Probe] = {"store": self._store_probe, "limits": backend.ping}

@@ -91,12 +91,23 @@ def demo_upstream(
     max_logprobs: Annotated[
         int, typer.Option(help="cap on top_logprobs (OpenAI: 20); like vLLM's --max-logprobs")
     ] = 20,
+    mark_secret_file: Annotated[
+        Path | None,
+        typer.Option(help="file with the mark channel key (`modelfence keys mark-secret`); "
+                          "default: $MODELFENCE_MARK_SECRET; without it text is not marked"),
+    ] = None,
 ) -> None:
     """Serve the demo models (SmolLM2 chat, MiniLM embeddings, digits classifier)."""
     from modelfence.demo.upstream import run_demo_upstream
+    from modelfence.watermark.channel import load_mark_secret
 
     _setup_logging("info")
-    run_demo_upstream(host, port, max_logprobs=max_logprobs)
+    try:
+        mark_secret = load_mark_secret(mark_secret_file)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    run_demo_upstream(host, port, max_logprobs=max_logprobs, mark_secret=mark_secret)
 
 
 @app.command()
@@ -131,12 +142,38 @@ def detect(
 
 
 @app.command()
+def calibrate(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option(help="the reference file to write (set detection.reference_file to it)")] = Path("reference.npz"),
+    clients: Annotated[int, typer.Option(min=50, help="honest clients to calibrate on")] = 2_000,
+    seed: Annotated[int, typer.Option(help="seed of the population")] = 0,
+) -> None:
+    """Calibrate detection on the built-in honest population (real prompts, human timing).
+
+    Thresholds are set at detection.target_fpr of honest clients; MMD, coverage and
+    out-of-distribution detection need the file. A starting point: recalibrate on your own
+    traffic with modelfence.detect.calibration.calibrate when you have it.
+    """
+    config = _load(ctx)
+    try:
+        from modelfence.redteam.defences import calibrate_reference
+    except ImportError as exc:
+        errors.print(f"[red]error:[/red] calibration needs the redteam extra: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    reference = calibrate_reference(output, seed=seed, clients=clients, config=config.detection)
+    for code, value in sorted(reference.thresholds.items()):
+        console.print(f"{code:22} {value:.4g}", highlight=False)
+    console.print(f"wrote {output}: set detection.reference_file to it", highlight=False)
+
+
+@app.command()
 def redteam(
     suite: Annotated[str, typer.Option(help="ci (about 8 minutes on 2 cores) or full (the baseline, about 25)")] = "ci",
     scenario: Annotated[Optional[str], typer.Option(help="run only these scenarios (comma-separated names)")] = None,
     gateway: Annotated[Optional[str], typer.Option(help="drive this gateway (admin token from $MODELFENCE_ADMIN_TOKEN) instead of starting a demo stack")] = None,
     output: Annotated[Path, typer.Option(help="folder for results.json, report.md and plots")] = Path("redteam-results"),
     seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
+    defended: Annotated[bool, typer.Option(help="own stack with every defence on (detection calibrated on honest traffic, request policy, hardening) instead of the limits-only baseline")] = False,
 ) -> None:
     """Drive honest and extraction traffic through a gateway and report what happened."""
     import os
@@ -146,7 +183,7 @@ def redteam(
     try:
         report = run_redteam(
             suite, scenario=scenario, gateway_url=gateway, output=output, seed=seed,
-            admin_token=os.environ.get("MODELFENCE_ADMIN_TOKEN"),
+            admin_token=os.environ.get("MODELFENCE_ADMIN_TOKEN"), defended=defended,
             on_done=lambda r: console.print(f"{r.name}: done in {r.seconds} s", highlight=False),
         )
     except ValueError as exc:
@@ -217,6 +254,25 @@ def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="
     config = _load(ctx)
     record = _with_store(config, lambda store: store.revoke(key_id))
     console.print(f"revoked {record.key_id} (client {record.client!r})", highlight=False)
+
+
+@keys_app.command("mark-secret")
+def keys_mark_secret(ctx: typer.Context) -> None:
+    """Print the mark channel key a self-hosted model server needs to mark text per client.
+
+    It is derived from the server secret and reveals no client's watermark key; give it to
+    the model server (`modelfence demo-upstream --mark-secret-file`), never to clients.
+    """
+    from modelfence.identity import load_server_secret
+    from modelfence.watermark.keys import WatermarkKeyring
+
+    config = _load(ctx)
+    try:
+        secret = load_server_secret(config.secret, config.secret_file)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    print(WatermarkKeyring(secret).channel_key().hex())
 
 
 @config_app.command("check")

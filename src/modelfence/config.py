@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,12 +172,15 @@ class DetectionConfig(_Frozen):
     shadow: bool = Field(False, description="decide and record, never act")
     embedder: Literal["auto", "minilm", "hashing"] = "auto"
     reference_file: str | None = Field(
-        None, description="benign reference (.npz from `modelfence detect calibrate`)"
+        None, description="benign reference (.npz from `modelfence calibrate`)"
     )
     target_fpr: float = Field(0.001, gt=0, lt=0.5)
     window: int = Field(200, ge=20, description="recent queries kept per client")
     evaluate_every: int = Field(10, ge=1, description="new queries between evaluations")
     half_life_hours: float = Field(24.0, gt=0, description="risk of a quiet client halves")
+    idle_evict_hours: float = Field(
+        6.0, gt=0, description="forget an idle client's recent queries (its risk is kept)"
+    )
     state_poll_seconds: float = Field(1.0, gt=0)
     webhook_url: str | None = Field(None, description="Slack-compatible incoming webhook")
     public_url: str = Field("http://127.0.0.1:8080", description="base of admin links in alerts")
@@ -230,6 +234,17 @@ class Config(_Frozen):
             if name not in self.limits.tiers:
                 allowed = ", ".join(sorted(self.limits.tiers))
                 raise ValueError(f"policy.tiers.{name}: no such tier in limits.tiers ({allowed})")
+        return self
+
+    @model_validator(mode="after")
+    def _lexical_upstreams_exist(self) -> Config:
+        names = [u.name for u in self.upstreams]
+        for pattern in self.watermark.lexical.upstreams:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                raise ValueError(
+                    f"watermark.lexical.upstreams: {pattern!r} names no upstream "
+                    f"(upstreams: {', '.join(names)})"
+                )
         return self
 
 

@@ -33,7 +33,8 @@ def forensics_router(forensics: Forensics) -> APIRouter:
 
     @router.post("/text")
     async def verify_text(body: TextRequest) -> dict[str, Any]:
-        """Is this text ours, which client, p-value and tokens scored."""
+        """Is this text ours, which client, p-value and tokens scored (at-source marks), and
+        the same for after-the-fact marks under ``after_the_fact``."""
         try:
             return await forensics.text(body.text)
         except VerifyError as exc:

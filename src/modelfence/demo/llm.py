@@ -238,6 +238,15 @@ class SmolLM:
         self._byte_decoder = _byte_decoder() if _is_byte_level(tokenizer) else None
         self._bytes: dict[int, bytes] = {}
 
+    @property
+    def model(self) -> Any:
+        """The transformers model itself, for batched work such as benchmarks."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
     # -- loading ---------------------------------------------------------------------
 
     @classmethod

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from modelfence.identity.secret import load_server_secret
 from modelfence.testing.processes import (
     GatewayProcess,
     ServiceProcess,
@@ -31,6 +32,8 @@ from modelfence.testing.processes import (
     http_json,
     modelfence_command,
 )
+from modelfence.watermark.channel import MARK_SECRET_ENV
+from modelfence.watermark.keys import WatermarkKeyring
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "minilm-l6-v2"
@@ -309,10 +312,16 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
             "digits; the first run prepares SmolLM2 once, later runs take seconds) …"
         )
         started = time.monotonic()
+        # The secret is made here, before either process starts, so that the upstream can
+        # be given the mark channel key and mark each client's text while sampling.
+        secret_file = workdir / "modelfence.secret"
+        secret_file.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+        keyring = WatermarkKeyring(load_server_secret(None, secret_file))
         upstream = ServiceProcess(
             modelfence_command("demo-upstream", "--port", str(upstream_port)),
             port=upstream_port,
             ready_path="/healthz?ready=all",
+            env={MARK_SECRET_ENV: keyring.channel_key().hex()},
             log_file=workdir / "demo-upstream.log",
             ready_timeout=900,
         )

@@ -22,8 +22,9 @@ In-process use (tests, notebooks)::
         r = await client.post("/v1/embeddings", json={"model": "minilm-l6-v2", "input": "hi"})
 
 The source-watermark layer plugs in through ``logits_processor_for``: a callable given the
-request headers (e.g. a signed ``x-modelfence-client``) that returns a logits processor for
-that request, or ``None``.
+request headers that returns a logits processor for that request, or ``None``. Given the
+mark channel key, ``run_demo_upstream`` uses :class:`~modelfence.watermark.channel.MarkVerifier`:
+it reads the gateway's sealed ``x-modelfence-mark`` header and marks that client's text.
 """
 
 from __future__ import annotations
@@ -1299,6 +1300,7 @@ def run_demo_upstream(
     *,
     max_logprobs: int = smollm.MAX_TOP_LOGPROBS,
     threads: int | None = None,
+    mark_secret: bytes | None = None,
 ) -> None:
     """Serve the demo models with uvicorn until interrupted (``modelfence demo-upstream``).
 
@@ -1306,14 +1308,23 @@ def run_demo_upstream(
     default; an undefended deployment may raise it, which the red-team logit probe uses.
     ``threads`` (default ``$MODELFENCE_DEMO_THREADS``, else 1) caps each model's CPU
     threads: the demo shares a small machine with the gateway and the detector, and one
-    thread per model measured fastest there.
+    thread per model measured fastest there. With ``mark_secret`` (the mark channel key)
+    chat and completions answers carry the text mark of the client the gateway names.
     """
     import uvicorn
 
+    from modelfence.watermark.channel import MarkVerifier
+
     if threads is None:
         threads = int(os.environ.get("MODELFENCE_DEMO_THREADS", "1"))
+    if mark_secret is None:
+        logger.info("no mark secret: answers carry no text mark")
     uvicorn.run(
-        create_demo_upstream_app(DemoModels(threads=threads), max_logprobs=max_logprobs),
+        create_demo_upstream_app(
+            DemoModels(threads=threads),
+            max_logprobs=max_logprobs,
+            logits_processor_for=MarkVerifier(mark_secret) if mark_secret else None,
+        ),
         host=host,
         port=port,
         log_level="info",

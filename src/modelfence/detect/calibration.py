@@ -26,9 +26,10 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.detectors import Volume
+from modelfence.detect.detectors.timing import BURST_SECONDS
 from modelfence.detect.embedding import Embedder
 from modelfence.detect.engine import DetectionEngine
-from modelfence.detect.features import View
+from modelfence.detect.features import ClientState, View, query_count
 from modelfence.detect.reference import Reference, fit_space
 from modelfence.telemetry.events import RequestEvent
 
@@ -78,16 +79,20 @@ def calibrate(
             pick = max if detector.direction == 1 else min
             value = pick(value, detector.default_threshold)
         thresholds[detector.code] = value
-    return Reference(spaces, thresholds)
+    volume = next(d for d in scorer.detectors if isinstance(d, Volume))
+    return Reference(spaces, thresholds, dict(volume.tier_median))
 
 
 def _client_extremes(engine: DetectionEngine, events: list[RequestEvent]) -> dict[str, float]:
     """Per detector, the most suspicious value over the client's evaluation windows."""
     queries = engine.queries_of(sorted(events, key=lambda e: e.ts))
     window, every = engine.config.window, engine.config.evaluate_every
+    state = ClientState(events[0].client, events[0].tier, window)
     out: dict[str, float] = {}
     for end in range(every, len(queries) + 1, every):
-        view = View(queries[max(0, end - window) : end])
+        for query in queries[end - every : end]:
+            state.add(query)
+        view = View(state.queries, state=state)
         for detector in engine.detectors:
             value = detector.statistic(view, engine.reference)
             if value is not None:
@@ -102,12 +107,14 @@ def _client_extremes(engine: DetectionEngine, events: list[RequestEvent]) -> dic
 
 
 def _set_population(engine: DetectionEngine, histories: Sequence[Sequence[RequestEvent]]) -> None:
-    rates: dict[str, list[float]] = {}
+    """Tier medians of the volume statistic, as the live engine computes them."""
+    counts: dict[str, list[int]] = {}
     for events in histories:
-        if len(events) >= 2:
-            span = max(max(e.ts for e in events) - min(e.ts for e in events), 60.0)
-            queries = sum(len(e.input_rows) if e.input_rows else 1 for e in events)
-            rates.setdefault(events[0].tier, []).append(queries / span * 3600.0)
+        if events:
+            ordered = sorted(events, key=lambda e: e.ts)
+            start = ordered[-1].ts - BURST_SECONDS
+            recent = sum(query_count(e) for e in ordered if e.ts >= start)
+            counts.setdefault(ordered[0].tier, []).append(recent)
     for detector in engine.detectors:
         if isinstance(detector, Volume):
-            detector.tier_median_rate = {t: float(np.median(r)) for t, r in rates.items()}
+            detector.tier_median = {t: float(np.median(c)) for t, c in counts.items()}

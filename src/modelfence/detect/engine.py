@@ -26,17 +26,19 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import Action, Level, Policy, rank
+from modelfence.detect.coactivity import activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
+from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
-from modelfence.detect.features import TEXT, ClientState, Query, View, space_of
+from modelfence.detect.features import ClientState, Query, View, space_of
 from modelfence.detect.linking import Linker
 from modelfence.detect.reference import Reference
 from modelfence.detect.risk import Reason, RiskState
 from modelfence.telemetry.events import RequestEvent
 
-POPULATION_EVERY_SECONDS = 60.0
+POPULATION_EVERY_SECONDS = 60.0  # tier medians move slowly; recomputing them costs O(clients)
 # What a query is about shows in its opening; embedding cost grows with length.
-EMBED_CHARS = 512  # tier medians move slowly; recomputing them costs O(clients)
+EMBED_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,12 @@ class Verdict:
     entity_members: int
     entity_risk: float
     ts: float  # time of the latest event behind this verdict
+
+
+def _texts_of(event: RequestEvent) -> list[str]:
+    if event.input_texts:
+        return event.input_texts
+    return [event.prompt_text] if event.prompt_text else []
 
 
 @dataclass(slots=True)
@@ -96,20 +104,18 @@ class DetectionEngine:
     # -- ingestion -------------------------------------------------------------
 
     def queries_of(self, events: Sequence[RequestEvent]) -> list[Query]:
-        """One query per prompt, and one per row of a classifier batch."""
-        spaces = [space_of(e) for e in events]
-        texts = [i for i, s in enumerate(spaces) if s == TEXT]
-        embedded: dict[int, np.ndarray] = {}
+        """One query per prompt, per text of an embeddings batch, per classifier row."""
+        texts: list[str] = []
+        for event in events:
+            if not event.input_rows:
+                texts.extend(t[:EMBED_CHARS] for t in _texts_of(event))
         # Text embeddings are kept as float16 (half the memory of 200 × 384 values per
         # client; unit vectors lose nothing that matters). Classifier inputs stay float32:
         # rounding could turn an attacker's tiny perturbation into an "exact repeat".
-        if texts:
-            vectors = self.embedder.embed(
-                [(events[i].prompt_text or "")[:EMBED_CHARS] for i in texts]
-            )
-            embedded = {i: vectors[row].astype(np.float16) for row, i in enumerate(texts)}
+        embedded = iter(self.embedder.embed(texts).astype(np.float16) if texts else ())
         out: list[Query] = []
-        for i, (event, space) in enumerate(zip(events, spaces, strict=True)):
+        for event in events:
+            space = space_of(event)
             if event.input_rows:
                 rows = np.asarray(event.input_rows, dtype=np.float32)
                 margins = event.output_margins or []
@@ -117,24 +123,31 @@ class DetectionEngine:
                     Query(event, space, row, margins[r] if r < len(margins) else None)
                     for r, row in enumerate(rows)
                 )
+            elif texts_of := _texts_of(event):
+                out.extend(Query(event, space, next(embedded)) for _ in texts_of)
             else:
-                out.append(Query(event, space, embedded.get(i)))
+                out.append(Query(event, space, None))
         return out
 
     def process(self, events: Sequence[RequestEvent]) -> list[Verdict]:
         """Ingest a batch; verdicts for every client evaluated in it (see module docstring).
 
-        A client is evaluated at each ``evaluate_every``-th of its queries, inside the
-        batch too, so verdicts do not depend on how events were batched.
+        A client is evaluated once its queries since the last evaluation reach
+        ``evaluate_every`` (checked after each request, so a 64-row batch is evaluated
+        once), inside the batch too: verdicts do not depend on how events were batched.
         """
         touched: set[str] = set()
-        for query in self.queries_of(events):
+        queries = self.queries_of(events)
+        for i, query in enumerate(queries):
             event = query.event
             state = self.clients.get(event.client)
             if state is None:
                 state = ClientState(event.client, event.tier, self.config.window)
                 self.clients[event.client] = state
             state.add(query)
+            last_row = i + 1 == len(queries) or queries[i + 1].event is not event
+            if not last_row:
+                continue
             self.linker.observe(event)
             if state.since_evaluation >= self.config.evaluate_every:
                 state.since_evaluation = 0
@@ -144,7 +157,9 @@ class DetectionEngine:
     def _evaluate(self, client: str, now: float) -> set[str]:
         """Evaluate a client and its entity; returns the clients whose verdict may change."""
         if now - self._population_at >= POPULATION_EVERY_SECONDS:
+            self._evict_idle(now)
             self._update_population()
+            self._link_lockstep(now)
             self._population_at = now
         self._evaluate_client(client, now)
         members = self._evaluate_entity(client, now)
@@ -167,7 +182,8 @@ class DetectionEngine:
 
     def _evaluate_client(self, client: str, now: float) -> None:
         risk = self.risks.setdefault(client, RiskState(self._half_life))
-        risk.update(self.signals(View(self.clients[client].queries)), now)
+        state = self.clients[client]
+        risk.update(self.signals(View(state.queries, state=state)), now)
 
     def _evaluate_entity(self, client: str, now: float) -> list[str]:
         members = self.linker.members(client)
@@ -176,7 +192,7 @@ class DetectionEngine:
         entity = self.linker.entity_of(client)
         state = self.entities.setdefault(entity, _Entity(RiskState(self._half_life)))
         state.members = members
-        pooled = [q for m in members for q in self.clients[m].queries if m in self.clients]
+        pooled = [q for m in members if m in self.clients for q in self.clients[m].queries]
         pooled.sort(key=lambda q: q.event.ts)
         view = View(pooled[-4 * self.config.window :])
         # Per-key habits (timing, volume) of a pooled view describe no one; the rest do.
@@ -184,21 +200,30 @@ class DetectionEngine:
             s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")
         ]
         state.risk.update(signals, now)
-        return members
+        return [m for m in members if m in self.clients]
 
     def _update_population(self) -> None:
         volume = next((d for d in self.detectors if isinstance(d, Volume)), None)
         if volume is None:
             return
-        rates: dict[str, list[float]] = {}
+        counts: dict[str, list[int]] = {}
         for state in self.clients.values():
-            if len(state.queries) >= 2:
-                span = max(state.queries[-1].event.ts - state.queries[0].event.ts, 60.0)
-                rates.setdefault(state.tier, []).append(len(state.queries) / span * 3600.0)
+            counts.setdefault(state.tier, []).append(recent_queries(state.queries))
         # A median of a handful of clients says little about a tier; wait for ten.
-        volume.tier_median_rate = {
-            tier: statistics.median(r) for tier, r in rates.items() if len(r) >= 10
-        }
+        live = {tier: float(statistics.median(c)) for tier, c in counts.items() if len(c) >= 10}
+        volume.tier_median = {**live, **(self.reference.tier_medians if self.reference else {})}
+
+    def _evict_idle(self, now: float) -> None:
+        """Drop the query windows of clients idle for ``idle_evict_hours``: memory follows
+        the active clients, not everyone ever seen. Risk (a few numbers) is kept."""
+        cutoff = now - self.config.idle_evict_hours * 3600.0
+        for client in [c for c, s in self.clients.items() if s.queries[-1].event.ts < cutoff]:
+            del self.clients[client]
+
+    def _link_lockstep(self, now: float) -> None:
+        activities = (activity_of(s, now, self.reference) for s in self.clients.values())
+        for a, b in lockstep_pairs(a for a in activities if a is not None):
+            self.linker.link(a, b)
 
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not

@@ -1,8 +1,8 @@
 """Per-client state and the read-only views detectors evaluate.
 
 A client's recent queries live in a :class:`ClientState` (the last ``window`` queries and,
-per input *space*, their vectors). A query is one prompt, or one row of a classifier
-batch: a request scoring 64 images is 64 queries. A space is ``"text"`` for prompts (embedded) or
+per input *space*, their vectors). A query is one prompt, one text of an embeddings
+batch or one row of a classifier batch: a request scoring 64 images is 64 queries. A space is ``"text"`` for prompts (embedded) or
 ``"vec<d>"`` for classifier inputs of dimension d, so one client's chat and classifier
 traffic never mix. Detectors see a :class:`View`: the same data as arrays, with the costly
 derived features (minimum distances to earlier queries) computed once, on demand.
@@ -26,9 +26,14 @@ def space_of(event: RequestEvent) -> str | None:
     """The input space of an event: ``text``, ``vec<d>``, or None when it has no input."""
     if event.input_rows:
         return f"vec{len(event.input_rows[0])}"
-    if event.prompt_text:
+    if event.prompt_text or event.input_texts:
         return TEXT
     return None
+
+
+def query_count(event: RequestEvent) -> int:
+    """Queries in one request: rows of a classifier batch, texts of an embeddings batch."""
+    return len(event.input_rows or event.input_texts or ()) or 1
 
 
 @dataclass(slots=True)
@@ -49,11 +54,20 @@ class ClientState:
     queries: deque[Query] = field(init=False)
     total: int = 0
     since_evaluation: int = 0
+    first_ts: float = float("inf")
+    # Distinct clock hours (ts // 3600) with activity, newest last: two days of them,
+    # for "active around the clock", which a window of recent queries cannot show.
+    hours: deque[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.queries = deque(maxlen=self.window)
+        self.hours = deque(maxlen=48)
 
     def add(self, query: Query) -> None:
+        self.first_ts = min(self.first_ts, query.event.ts)
+        hour = int(query.event.ts // 3600)
+        if not self.hours or self.hours[-1] != hour:
+            self.hours.append(hour)
         self.queries.append(query)
         self.total += 1
         self.since_evaluation += 1
@@ -62,8 +76,9 @@ class ClientState:
 class View:
     """Queries of one client (or one entity), oldest first, as detectors read them."""
 
-    def __init__(self, queries: Iterable[Query]) -> None:
+    def __init__(self, queries: Iterable[Query], *, state: ClientState | None = None) -> None:
         self.queries = sorted(queries, key=lambda q: q.event.ts)
+        self.state = state  # the client's own record; None for an entity's pooled view
         # Requests, once each (the rows of one batch share their event), for detectors
         # of request habits: timing, parameters.
         self.events: list[RequestEvent] = []

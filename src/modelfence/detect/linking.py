@@ -1,5 +1,7 @@
 """Cross-client linking: keys that share a machine or a network form one entity.
 
+(Keys that act in lockstep are joined too, by the engine, from ``coactivity.py``.)
+
 A botnet spreads an extraction over many keys, each under its limits and each looking
 benign; pooled, their queries show the pattern (coverage, sweeps, timing). Keys are
 joined (union-find) when they share a client fingerprint (address prefix, user agent and
@@ -31,6 +33,10 @@ class Linker:
         while self._parent[node] != root:  # path compression
             self._parent[node], node = root, self._parent[node]
         return root
+
+    def link(self, a: str, b: str) -> None:
+        """Join two clients' entities (behavioural evidence, see ``coactivity.py``)."""
+        self._union(a, b)
 
     def _union(self, a: str, b: str) -> None:
         ra, rb = self._find(a), self._find(b)

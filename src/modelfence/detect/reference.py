@@ -34,6 +34,9 @@ class SpaceReference:
 class Reference:
     spaces: dict[str, SpaceReference]
     thresholds: dict[str, float] = field(default_factory=dict)  # reason code -> calibrated
+    # Tier -> the benign median of the volume statistic. Preferred over the live
+    # population's median, which a large enough botnet could drag along.
+    tier_medians: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {}
@@ -43,13 +46,19 @@ class Reference:
             arrays[f"{name}/scalars"] = np.array([ref.ood_radius, ref.bandwidth])
         for code, value in self.thresholds.items():
             arrays[f"threshold/{code}"] = np.array([value])
+        for tier, value in self.tier_medians.items():
+            arrays[f"tier_median/{tier}"] = np.array([value])
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
         with np.load(path) as data:
-            names = {key.split("/")[0] for key in data.files if not key.startswith("threshold/")}
+            names = {
+                key.split("/")[0]
+                for key in data.files
+                if not key.startswith(("threshold/", "tier_median/"))
+            }
             spaces = {
                 name: SpaceReference(
                     sample=data[f"{name}/sample"],
@@ -64,7 +73,12 @@ class Reference:
                 for key in data.files
                 if key.startswith("threshold/")
             }
-        return cls(spaces, thresholds)
+            medians = {
+                key.removeprefix("tier_median/"): float(data[key][0])
+                for key in data.files
+                if key.startswith("tier_median/")
+            }
+        return cls(spaces, thresholds, medians)
 
 
 def nearest(vectors: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

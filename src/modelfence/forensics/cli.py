@@ -46,7 +46,8 @@ def verify_text_command(
     ctx: typer.Context,
     file: Annotated[str, typer.Argument(help="text file, or - for standard input")],
 ) -> None:
-    """Is this text marked by us, for which client, with what p-value (JSON report)."""
+    """Is this text marked by us, for which client, with what p-value (JSON report; the
+    verdict of after-the-fact marks under "after_the_fact")."""
     text = sys.stdin.read() if file == "-" else _read(file)
     _run(ctx, lambda f: f.text(text))
 

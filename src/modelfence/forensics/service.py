@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.forensics.errors import VerifyError
+from modelfence.forensics.lexical import verify_lexical
 from modelfence.forensics.model import Suspect, verify_classifier, verify_embeddings
 from modelfence.forensics.text import demo_tokenizer, verify_text
 from modelfence.store import transaction
@@ -50,7 +51,8 @@ class Forensics:
                 text, clients, self.keyring, tokenize=demo_tokenizer(), gamma=self.config.text.gamma
             )
         )
-        return verdict.as_dict()
+        lexical = await asyncio.to_thread(verify_lexical, text, clients, self.keyring)
+        return {**verdict.as_dict(), "after_the_fact": lexical.as_dict()}
 
     async def model(self, url: str, kind: str, model: str, api_key: str | None) -> dict[str, Any]:
         suspect = Suspect(url, api_key)

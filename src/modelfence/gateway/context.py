@@ -49,6 +49,8 @@ class RequestContext:
     degrade: bool = False  # output hardening should degrade this client's answers
     # set by Admission
     decision: Decision | None = None
+    # set by SourceMarking: the gateway's own headers for the upstream call
+    upstream_headers: tuple[tuple[str, str], ...] = ()
     # set by the endpoint
     usage: Usage | None = None
     outcome: str = "ok"

@@ -6,6 +6,12 @@ whose profile is the identity — every normal-risk client with the default poli
 has its ``send`` wrapped: it gets the upstream's bytes exactly. Requests that cannot leak
 what a profile protects (no logprobs asked for, embeddings) pass through as well.
 
+Where a profile removes logprobs (``text_only``) or alternatives (``top_logprobs``), the
+upstream is asked for no more than the client will get: only the bytes sent upstream
+change (``ctx.raw_body``; detection still sees what the client asked for), and the answer
+is hardened all the same, so it is right even when an upstream ignores the narrower
+request (or the proxy rebuilds a stream's request from the parsed body).
+
 With ``dp_noise`` the answer spends from the client's differential-privacy budget when it
 starts; a refused spend (or an accountant failure: this fails closed) turns the answer
 into text only (LLM) or labels only (classifier).
@@ -14,18 +20,20 @@ into text only (LLM) or labels only (classifier).
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
+import numpy as np
+import orjson
+
 from modelfence.errors import ModelFenceError
-from modelfence.gateway.context import context_of
+from modelfence.gateway.context import RequestContext, context_of
 from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
 from modelfence.policy.config import DPConfig, Hardening, PolicyConfig
 from modelfence.policy.dp import BudgetAccountant
 from modelfence.policy.llm_hardening import LogprobHardening
 from modelfence.policy.noise import default_rng
 from modelfence.policy.probs_hardening import RowHardening, harden_oip
-from modelfence.policy.request_policy import OIP_INFER, wants_logprobs
+from modelfence.policy.request_policy import OIP_INFER, narrowed_request, wants_logprobs
 from modelfence.policy.risk import RiskSource
 from modelfence.types import ASGIApp, Scope
 
@@ -50,7 +58,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
         policy: PolicyConfig,
         risk: RiskSource,
         accountant: BudgetAccountant,
-        rng: random.Random | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(app)
         self.policy = policy
@@ -73,6 +81,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
             return None
         if not wants_logprobs(ctx.route, ctx.body):
             return None
+        _narrow(ctx, profile)
         return _Plan(ctx.key.client, profile, False, None)
 
     async def transform_for(
@@ -120,3 +129,16 @@ class OutputHardening(ResponseRewriting[_Plan]):
             log.warning("DP budget spend failed for client %r; answering text or labels only: %s",
                         client, exc)
             return False
+
+
+def _narrow(ctx: RequestContext, profile: Hardening) -> None:
+    """Ask the upstream for no more logprobs than the profile lets through.
+
+    Not with DP noise: its alternatives are noised, re-sorted, then cut, so all of them count.
+    """
+    narrowed = narrowed_request(
+        ctx.route, ctx.body, text_only=profile.text_only,
+        top_k=None if profile.dp_noise else profile.top_logprobs,
+    )
+    if narrowed is not None:
+        ctx.raw_body = orjson.dumps(narrowed)

@@ -59,7 +59,8 @@ class Proxy:
         path = scope["path"]
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
-        response = await self._call(transport, UpstreamRequest("POST", path, upstream_body(ctx)))
+        request = UpstreamRequest("POST", path, upstream_body(ctx), headers=ctx.upstream_headers)
+        response = await self._call(transport, request)
         try:
             if response.status >= 500:
                 self.metrics.upstream_error(transport.name, f"status_{response.status}")

@@ -95,6 +95,10 @@ class ResponseRewriting(Generic[P]):
         """The payload transform, decided when the answer starts; None: leave it alone."""
         raise NotImplementedError
 
+    def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
+        """How the body goes through ``transform`` (override for state across a stream)."""
+        return _rewriter(headers, transform)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         plan = self.plan(scope)
         if plan is None:
@@ -116,7 +120,7 @@ class ResponseRewriting(Generic[P]):
                 held, start = start, None
                 transform = await self.transform_for(scope, plan, held["status"])
                 headers: Headers = list(held.get("headers", ()))
-                rewriter = _rewriter(headers, transform) if transform is not None else None
+                rewriter = self.body_rewriter(headers, transform) if transform is not None else None
                 if rewriter is None:
                     await send(held)
                     await send(message)

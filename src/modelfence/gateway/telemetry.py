@@ -25,8 +25,10 @@ from modelfence.telemetry.pipeline import EventSource
 from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 OIP_INFER = "/v2/models/{name}/infer"
+EMBEDDINGS = "/v1/embeddings"
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
 MAX_INPUT_VALUES = 16_384  # 256 rows of 64 features
+MAX_INPUT_TEXTS = 256
 
 
 def _text_of(content: Any) -> str:
@@ -52,6 +54,16 @@ def prompt_of(route: str, body: dict[str, Any]) -> tuple[str, int]:
     if isinstance(value, list):
         value = next((v for v in value if isinstance(v, str)), "")
     return (value if isinstance(value, str) else ""), 0
+
+
+def input_texts_of(body: dict[str, Any]) -> list[str] | None:
+    """Every text of an embeddings request (first ``MAX_INPUT_TEXTS``, cut to 512 characters):
+    a batch of 16 texts is 16 queries to a detector."""
+    value = body.get("input")
+    if not isinstance(value, list):
+        return None
+    texts = [v[:512] for v in value[:MAX_INPUT_TEXTS] if isinstance(v, str)]
+    return texts or None
 
 
 def input_rows_of(body: dict[str, Any]) -> list[list[float]] | None:
@@ -163,6 +175,7 @@ def build_event(
         prompt_len=len(text),
         turns=turns,
         prompt_text=text or None,
+        input_texts=input_texts_of(body) if ctx.route == EMBEDDINGS else None,
         input_rows=input_rows_of(body) if ctx.route == OIP_INFER else None,
         output_label=label,
         output_margins=margins,

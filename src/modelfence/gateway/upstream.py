@@ -30,10 +30,14 @@ _HOP_HEADERS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
+    """One call upstream. ``headers`` are the gateway's own (e.g. ``x-modelfence-mark``):
+    no header of the client's request is ever copied here, so none can be forged upstream."""
+
     method: str
     path: str  # with query string, e.g. "/v1/chat/completions"
     body: bytes = b""
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class UpstreamResponse(Protocol):
@@ -111,7 +115,7 @@ class AiohttpTransport:
         )
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        headers = {"content-type": request.content_type}
+        headers = {**dict(request.headers), "content-type": request.content_type}
         if self._auth is not None:
             headers["authorization"] = self._auth
         try:

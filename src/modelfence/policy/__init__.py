@@ -9,7 +9,7 @@
 from modelfence.policy.config import DPConfig, Hardening, PolicyConfig, RequestRules, TierPolicy
 from modelfence.policy.dp import BudgetAccountant, RedisAccountant, SqlAccountant, build_accountant
 from modelfence.policy.llm_hardening import LogprobHardening
-from modelfence.policy.probs_hardening import RowHardening, harden_oip, harden_row
+from modelfence.policy.probs_hardening import RowHardening, harden_oip, harden_row, harden_rows
 from modelfence.policy.request_policy import apply_rules
 from modelfence.policy.risk import (
     NormalRisk,
@@ -38,5 +38,6 @@ __all__ = [
     "build_accountant",
     "harden_oip",
     "harden_row",
+    "harden_rows",
     "level_for_action",
 ]

@@ -82,8 +82,29 @@ def _check_logit_bias(rules: RequestRules, bias: Any) -> None:
             )
 
 
-def _without_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+def without_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+
+
+def narrowed_request(
+    route: str, body: dict[str, Any], *, text_only: bool, top_k: int | None
+) -> dict[str, Any] | None:
+    """The request to send upstream so it returns no more logprobs than the client may get,
+    or None when it already asks for no more.
+
+    Only the upstream's work and the answer's size change: the hardened answer is the same
+    (an upstream's top ``k`` alternatives are the first ``k`` of its top ``n``).
+    """
+    if text_only:
+        stripped = without_logprobs(body)
+        return stripped if len(stripped) < len(body) else None
+    name = {_CHAT: "top_logprobs", _COMPLETIONS: "logprobs"}.get(route)
+    if name is None or top_k is None:
+        return None
+    asked = body.get(name)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked <= top_k:
+        return None
+    return {**body, name: top_k}
 
 
 def _check_llm(rules: RequestRules, route: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,7 +123,7 @@ def _check_llm(rules: RequestRules, route: str, body: dict[str, Any]) -> dict[st
             "'logit_bias' cannot be combined with 'logprobs' on this tier; send one or the other",
         )
     if rules.logit_bias_with_logprobs == "strip_logprobs":
-        return _without_logprobs(body)
+        return without_logprobs(body)
     return None
 
 

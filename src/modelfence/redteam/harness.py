@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modelfence.redteam.context import Context, ScenarioResult
+from modelfence.redteam.defences import defended_overrides
 from modelfence.redteam.report import write_report
 from modelfence.redteam.runner import LiveGateway
 from modelfence.redteam.scenarios import SCENARIOS, run_suite
@@ -40,22 +42,31 @@ def run_redteam(
     suite: str = "ci", *, scenario: str | None = None, gateway_url: str | None = None,
     admin_token: str | None = None, output: Path = Path("redteam-results"), seed: int = 0,
     upstream_url: str | None = None, on_done: Callable[[ScenarioResult], None] | None = None,
+    defended: bool = False,
 ) -> Path:
     """Run ``suite`` (or the comma-separated ``scenario`` names) and write the report;
     returns the report's path.
 
     With ``gateway_url`` the harness drives that gateway (``admin_token`` creates the keys);
-    otherwise it starts the demo upstream (or uses ``upstream_url``) behind its own gateway.
+    otherwise it starts the demo upstream (or uses ``upstream_url``) behind its own gateway:
+    the limits-only baseline, or with ``defended`` every defence on (``defences.py``).
     """
     names = scenario_names(suite, scenario)
     started = time.perf_counter()
     if gateway_url is not None:
+        if defended:
+            raise ValueError("--defended configures the harness's own stack; a given gateway runs its own config")
         if not admin_token:
             raise ValueError("an admin token is needed to create the clients' keys")
         results = asyncio.run(_drive(gateway_url, admin_token, suite, names, seed, on_done))
     else:
-        with tempfile.TemporaryDirectory(prefix="modelfence-redteam-") as tmp, own_stack(Path(tmp), upstream_url) as gw:
-            gateway_url = "own stack (demo upstream + limits-only gateway)"
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modelfence-redteam-")))
+            overrides = (defended_overrides(tmp, seed=seed, clients=SUITES[suite].calibration_clients)
+                         if defended else None)
+            gw = stack.enter_context(own_stack(tmp, upstream_url, overrides))
+            gateway_url = ("own stack (demo upstream + defended gateway: detection, request policy, hardening)"
+                           if defended else "own stack (demo upstream + limits-only gateway)")
             results = asyncio.run(_drive(gw.url, gw.admin_token, suite, names, seed, on_done))
     meta = {"suite": suite, "seed": seed, "gateway": gateway_url,
             "seconds": round(time.perf_counter() - started, 1), "scenarios": names}

@@ -227,6 +227,26 @@ async def replay_scale(ctx: Context) -> ScenarioResult:
     return result
 
 
+async def replay_detection(ctx: Context) -> ScenarioResult:
+    """Detection rates by replay: an honest population with many attackers of each
+    replayable kind, scored by the detector calibrated on another honest population."""
+    from modelfence.detect.embedding import load_embedder
+    from modelfence.redteam.replay_detection import detection_at_scale
+
+    started = time.perf_counter()
+    suite = ctx.suite
+    details = await asyncio.to_thread(
+        detection_at_scale, ctx.corpus, ctx.rng, clients=suite.replay_clients,
+        calibration_clients=suite.calibration_clients, attackers=suite.replay_attackers,
+        sybils=max(1, suite.replay_attackers // 10), embedder=load_embedder(),
+    )
+    result = ScenarioResult("replay-detection", "detection at population scale: honest clients flagged, "
+                            "attackers caught, queries before the first flag", "flagged_share")
+    result.details = details
+    result.seconds = round(time.perf_counter() - started, 1)
+    return result
+
+
 SCENARIOS: dict[str, ScenarioFn] = {
     "benign": benign,
     "knockoff-random-probs": _classifier_scenario("knockoff-random", False, "ART KnockoffNets, random sampling, probabilities"),
@@ -244,6 +264,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "low-and-slow": low_and_slow,
     "key-rotation": key_rotation,
     "replay-scale": replay_scale,
+    "replay-detection": replay_detection,
 }
 
 

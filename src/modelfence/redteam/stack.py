@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from modelfence.redteam.metrics import Price
+from modelfence.redteam.overrides import config_with
 from modelfence.testing.processes import (
     GatewayProcess,
     ServiceProcess,
@@ -39,8 +40,11 @@ OPEN_REQUEST_RULES = {"logit_bias_with_logprobs": "allow", "max_top_logprobs": N
                       "max_logit_bias_entries": None, "max_logit_bias_magnitude": None}
 
 
-def baseline_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
-    return {
+def baseline_config(
+    upstream_url: str, workdir: Path, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The baseline gateway's config, deep-merged with ``overrides`` (one defence on, say)."""
+    config = {
         "server": {"trusted_proxies": ["127.0.0.0/8"]},
         "upstreams": [
             {"name": "demo", "url": upstream_url, "kind": "openai",
@@ -60,11 +64,15 @@ def baseline_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
         },
         "log_level": "warning",
     }
+    return config_with(config, overrides or {})
 
 
 @contextlib.contextmanager
-def own_stack(workdir: Path, upstream_url: str | None = None) -> Iterator[GatewayProcess]:
-    """Start the demo upstream (unless ``upstream_url`` names a running one) and a gateway."""
+def own_stack(
+    workdir: Path, upstream_url: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Iterator[GatewayProcess]:
+    """Start the demo upstream (unless ``upstream_url`` names a running one) and a gateway
+    whose config is the baseline deep-merged with ``overrides``."""
     with contextlib.ExitStack() as stack:
         if upstream_url is None:
             port = free_port()
@@ -75,5 +83,6 @@ def own_stack(workdir: Path, upstream_url: str | None = None) -> Iterator[Gatewa
             )
             stack.enter_context(upstream)
             upstream_url = upstream.url
-        gateway = GatewayProcess(baseline_config(upstream_url, workdir), workdir, name="gateway")
+        config = baseline_config(upstream_url, workdir, overrides)
+        gateway = GatewayProcess(config, workdir, name="gateway")
         yield stack.enter_context(gateway)

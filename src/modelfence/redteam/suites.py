@@ -33,6 +33,8 @@ class Suite:
     embedding_texts: tuple[int, ...]  # checkpoints: texts sent before each student
     sybil_keys: int
     replay_clients: int  # benign clients in the replay-scale check
+    replay_attackers: int  # attackers of each replayable kind among them (replay-detection)
+    calibration_clients: int  # the honest population detection is calibrated on
 
 
 SUITES = {
@@ -47,6 +49,7 @@ SUITES = {
         carlini_prompts=40, carlini_columns=1000, carlini_positions=16,
         carlini_bias_prompts=2, carlini_bias_columns=38,
         embedding_texts=(64, 256), sybil_keys=4, replay_clients=1_000,
+        replay_attackers=3, calibration_clients=500,
     ),
     "full": Suite(
         name="full",
@@ -59,5 +62,6 @@ SUITES = {
         carlini_prompts=48, carlini_columns=1000, carlini_positions=16,
         carlini_bias_prompts=4, carlini_bias_columns=95,
         embedding_texts=(64, 256, 512, 1024, 1536), sybil_keys=12, replay_clients=10_000,
+        replay_attackers=100, calibration_clients=2_000,
     ),
 }

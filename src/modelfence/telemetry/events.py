@@ -43,6 +43,7 @@ class RequestEvent:
     prompt_len: int = 0  # characters
     turns: int = 0  # messages in the conversation (0 for non-chat routes)
     prompt_text: str | None = None  # last user turn / input text; stored only if configured
+    input_texts: list[str] | None = None  # embeddings: every input text (capped); never stored
     input_rows: list[list[float]] | None = None  # classifier inputs (OIP): one feature row per input
     # the output, summarised
     output_label: int | None = None  # classifier: predicted class of the first row

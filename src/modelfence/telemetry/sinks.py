@@ -20,7 +20,7 @@ from modelfence.telemetry.events import RequestEvent
 
 # Columns of their own; everything else of the event goes into ``detail``.
 _COLUMNS = frozenset(c.name for c in request_events.columns) - {"id", "detail"}
-_NEVER_STORED = frozenset({"input_rows", "output_margins"})  # large; detection gets them through its feed
+_NEVER_STORED = frozenset({"input_texts", "input_rows", "output_margins"})  # large; detection gets them through its feed
 _RETENTION_EVERY_SECONDS = 3600.0
 
 

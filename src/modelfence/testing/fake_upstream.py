@@ -7,6 +7,8 @@ extra body fields, which the gateway forwards untouched:
 - ``"fake_delay": seconds`` — wait before answering (timeouts, concurrency leases);
 - ``"fake_status": 500`` — answer with that status;
 - ``"fake_chunks": n`` — number of content chunks in a stream (default 5);
+- ``"fake_text": "..."`` — the chat answer's content instead of the fixed words; a stream
+  cuts it into ``fake_chunks`` equal pieces, mid-word as real streams do;
 - ``"fake_chunk_delay": seconds`` — pause between stream chunks;
 - ``"fake_probabilities": [p0, p1, ...]`` — the probability row every OIP input gets
   (default ten times 0.1).
@@ -14,7 +16,8 @@ extra body fields, which the gateway forwards untouched:
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
 ``top_logprobs`` alternatives per token.
 
-``GET /_stats`` reports how many inference requests arrived; ``POST /_reset`` zeroes it.
+``GET /_stats`` reports how many inference requests arrived and the ``x-modelfence-*``
+headers of the last one (what the gateway told the upstream); ``POST /_reset`` zeroes it.
 
     python -m modelfence.testing.fake_upstream --port 9100
 """
@@ -58,9 +61,13 @@ def _json(payload: Any, status: int = 200) -> web.Response:
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests = 0
+        self.gateway_headers: dict[str, str] = {}
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.requests += 1
+        self.gateway_headers = {
+            k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-modelfence-")
+        }
         body = orjson.loads(await request.read())
         if body.get("fake_delay"):
             await asyncio.sleep(float(body["fake_delay"]))
@@ -71,7 +78,13 @@ class FakeUpstream:
         if body.get("fake_status"):
             return _json({"error": {"message": "scripted failure"}}, body["fake_status"])
         chunks = int(body.get("fake_chunks", 5))
-        text = "".join(_WORDS[i % len(_WORDS)] for i in range(chunks))
+        script = body.get("fake_text")
+        if isinstance(script, str):
+            pieces = [script[len(script) * i // chunks : len(script) * (i + 1) // chunks]
+                      for i in range(chunks)]
+        else:
+            pieces = [_WORDS[i % len(_WORDS)] for i in range(chunks)]
+        text = "".join(pieces)
         usage = {"prompt_tokens": 11, "completion_tokens": chunks, "total_tokens": 11 + chunks}
         created = int(time.time())
         if not body.get("stream"):
@@ -94,7 +107,7 @@ class FakeUpstream:
                 "model": body.get("model")}
         delay = float(body.get("fake_chunk_delay", 0))
         for i in range(chunks):
-            delta = {"content": _WORDS[i % len(_WORDS)]}
+            delta = {"content": pieces[i]}
             chunk: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta,
                                                           "finish_reason": None}]}
             if body.get("logprobs"):
@@ -147,10 +160,11 @@ class FakeUpstream:
         return web.Response(status=200)
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json({"requests": self.requests})
+        return _json({"requests": self.requests, "gateway_headers": self.gateway_headers})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.requests = 0
+        self.gateway_headers = {}
         return _json({"requests": 0})
 
 

@@ -39,8 +39,25 @@ class TextConfig(_Frozen):
     delta: float = Field(2.0, gt=0, description="logit bias added to green tokens")
 
 
+class LexicalConfig(_Frozen):
+    """After-the-fact text marks, for upstreams whose sampling we cannot mark (hosted APIs).
+
+    Chosen per upstream: an upstream is either ours to mark while sampling (``text``) or
+    marked afterwards here; its name decides, whatever model a request names.
+    """
+
+    enabled: bool = True
+    upstreams: tuple[str, ...] = Field(
+        (), description="upstream names (or fnmatch patterns) whose text answers are marked"
+    )
+    max_change_share: float = Field(
+        0.1, gt=0, le=0.5, description="most words changed, as a share of the words so far"
+    )
+
+
 class WatermarkConfig(_Frozen):
     key_version: int = Field(1, ge=1, description="bump to issue new keys; old stay verifiable")
     labels: LabelsConfig = LabelsConfig()
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     text: TextConfig = TextConfig()
+    lexical: LexicalConfig = LexicalConfig()

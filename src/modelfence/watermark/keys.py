@@ -63,6 +63,13 @@ class WatermarkKeyring:
     def __repr__(self) -> str:
         return f"WatermarkKeyring(version={self.version}, secret=***)"
 
+    def channel_key(self) -> bytes:
+        """The 32-byte key of the gateway → model-server mark channel (see ``.channel``).
+
+        Its own HKDF purpose, so the model server that holds it can derive no client's key.
+        """
+        return self._secret.derive("watermark/channel")
+
     def key(self, client: str, version: int | None = None) -> WatermarkKey:
         version = self.version if version is None else version
         cached = self._keys.get((client, version))

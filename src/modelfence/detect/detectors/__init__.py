@@ -7,7 +7,7 @@ from modelfence.detect.detectors.harvesting import Harvesting
 from modelfence.detect.detectors.mmd import Mmd
 from modelfence.detect.detectors.prada import Prada
 from modelfence.detect.detectors.sweeps import Sweeps
-from modelfence.detect.detectors.timing import Regularity, Volume
+from modelfence.detect.detectors.timing import AroundTheClock, Regularity, Volume
 
 
 def all_detectors() -> list[Detector]:
@@ -18,6 +18,7 @@ def all_detectors() -> list[Detector]:
         Coverage(),
         Sweeps(),
         Regularity(),
+        AroundTheClock(),
         Volume(),
         Harvesting(),
         BoundaryProbing(),
@@ -26,6 +27,7 @@ def all_detectors() -> list[Detector]:
 
 
 __all__ = [
+    "AroundTheClock",
     "BoundaryProbing",
     "Coverage",
     "Detector",

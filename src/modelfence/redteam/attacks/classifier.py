@@ -79,6 +79,14 @@ class DigitsOracle:
             self.rows_queried += len(chunk)
         return np.stack([self._answers[key] for key in keys]) if keys else np.zeros((0, N_CLASSES), np.float32)
 
+    def purchased(self) -> tuple[np.ndarray, np.ndarray]:
+        """What the thief holds: the images it paid for ``[n, 1, 8, 8]`` and their answers
+        ``[n, 10]`` (one-hot when labels only), e.g. to train a clone after a refusal."""
+        keys = list(self._answers)
+        images = np.frombuffer(b"".join(keys), dtype=np.float32).reshape(-1, 1, 8, 8)
+        answers = np.stack([self._answers[key] for key in keys]) if keys else np.zeros((0, N_CLASSES), np.float32)
+        return images, answers
+
 
 def gateway_classifier(oracle: DigitsOracle) -> Any:
     """The oracle wrapped as an ART classifier (inputs ``[n, 1, 8, 8]``, 0-16 pixels)."""

@@ -1,0 +1,278 @@
+"""Text marks made at the source: cost per token, attribution among many clients, quality.
+
+Everything runs on the demo LLM (SmolLM2-135M-Instruct, CPU) with the processor the demo
+upstream uses (``GreenListProcessor``; gamma and delta from the config defaults or flags):
+
+(a) cost: ms per generated token of ``SmolLM.generate`` (the demo upstream's own loop)
+    with and without the processor, alternating runs, and the processor alone per call;
+(b) attribution: ``--answers`` answers to prompts from ``modelfence.redteam.prompts``, each
+    marked for a random one of ``--clients`` clients, cut to 50/100/150/200 tokens and
+    traced with ``verify_text`` (every client's key scored, Bonferroni over all of them,
+    named when p <= ``--alpha``); false attribution on ``--unmarked`` unmarked answers and
+    on human-written texts of at least 50 tokens (prompts not asked);
+(c) quality: perplexity of marked and unmarked answers to the same prompts, scored by the
+    unmarked model.
+
+Answers for (b) and (c) are sampled at temperature 1 (top_p 1, as the demo upstream does
+by default) in batches through ``model.generate``; end-of-text and other special tokens
+are suppressed until ``--min-tokens`` (220) so that every answer is long enough for each cut.
+
+    python bench/watermark_text.py                   # about 10 minutes on two busy cores
+    python bench/watermark_text.py --answers 200 --unmarked 100 --human 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelfence.demo.llm import SamplingParams, SmolLM
+from modelfence.forensics.text import demo_tokenizer, verify_text
+from modelfence.identity.secret import ServerSecret
+from modelfence.redteam.prompts import load_prompts
+from modelfence.watermark.config import TextConfig
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.text_logits import GreenListProcessor
+
+DEFAULTS = TextConfig.model_validate({})
+CUTS = (50, 100, 150, 200)
+T0 = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    prompt: list[int]  # chat-template token ids
+    tokens: list[int]  # generated ids, special tokens excluded
+    client: int | None  # index of the client it was marked for; None: unmarked
+
+
+class PerRow:
+    """One processor (or none) per batch row, in the transformers call form."""
+
+    def __init__(self, processors: list[GreenListProcessor | None]) -> None:
+        self.processors = processors
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, processor in enumerate(self.processors):
+            if processor is not None:
+                processor(input_ids[row : row + 1], scores[row : row + 1])
+        return scores
+
+
+def generate(llm: SmolLM, jobs: list[tuple[list[int], GreenListProcessor | None, int | None]],
+             args: argparse.Namespace) -> list[Answer]:
+    """Sample every job's answer, ``args.batch`` rows at a time (left-padded)."""
+    tok, model = llm.tokenizer, llm.model
+    special = sorted(set(tok.all_special_ids) - llm.eos_token_ids)
+    answers: list[Answer] = []
+    for start in range(0, len(jobs), args.batch):
+        chunk = jobs[start : start + args.batch]
+        width = max(len(p) for p, _, _ in chunk)
+        pad = llm.bos_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _, _ in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _, _ in chunk])
+        torch.manual_seed(args.seed + start)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                top_p=1.0, max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens,
+                suppress_tokens=special, pad_token_id=pad,
+                logits_processor=[PerRow([proc for _, proc, _ in chunk])],
+            )
+        for (prompt, _, client), row in zip(chunk, out[:, width:].tolist(), strict=True):
+            tokens = []
+            for token in row:
+                if token in llm.eos_token_ids:
+                    break
+                tokens.append(token)
+            answers.append(Answer(prompt, tokens, client))
+        done = start + len(chunk)
+        print(f"  generated {done}/{len(jobs)} answers ({time.monotonic() - T0:.0f}s)", file=sys.stderr)
+    return answers
+
+
+def per_token_cost(llm: SmolLM, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, float]:
+    """ms/token of the demo upstream's own generation loop, with and without the mark."""
+    processor = GreenListProcessor(12345, gamma=args.gamma, delta=args.delta)
+    params = SamplingParams(max_tokens=args.cost_tokens, temperature=1.0, seed=args.seed)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    llm.generate(prompts[0], SamplingParams(max_tokens=4))  # warm-up
+    for prompt in prompts[: args.cost_runs]:
+        for arm in ("off", "on", "on", "off"):  # balanced against drifting machine load
+            started = time.perf_counter()
+            out = llm.generate(prompt, params, logits_processor=processor if arm == "on" else None)
+            times[arm].append((time.perf_counter() - started) * 1000 / max(1, out.completion_tokens))
+    scores = torch.randn(1, llm.vocab_size)
+    ids = torch.tensor([[17, 42]])
+    processor(ids, scores)  # token codes computed once, as in serving
+    calls = 200
+    started = time.perf_counter()
+    for i in range(calls):
+        ids[0, -1] = i
+        processor(ids, scores)
+    alone = (time.perf_counter() - started) * 1000 / calls
+    return {"off": statistics.median(times["off"]), "on": statistics.median(times["on"]),
+            "alone": alone}
+
+
+def perplexity(llm: SmolLM, answer: Answer) -> float:
+    """exp(mean negative log-likelihood) of the answer's tokens under the unmarked model."""
+    ids = torch.tensor([answer.prompt + answer.tokens])
+    with torch.inference_mode():
+        logits = llm.model(input_ids=ids).logits[0, len(answer.prompt) - 1 : -1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer.tokens))
+    return math.exp(float(nll))
+
+
+def attribution(answers: list[Answer], clients: list[str], ring: WatermarkKeyring,
+                llm: SmolLM, args: argparse.Namespace) -> list[dict[str, Any]]:
+    tokenize = demo_tokenizer()
+    # Re-tokenised text, as `modelfence verify text` sees a leak (not the sampled ids).
+    texts = [tokenize(llm.decode(a.tokens)) for a in answers]
+    rows = []
+    for cut in CUTS:
+        right = wrong = scored = 0
+        p_values = []
+        for answer, ids in zip(answers, texts, strict=True):
+            if len(ids) < cut:
+                continue
+            verdict = verify_text(llm.decode(ids[:cut]), clients, ring, tokenize=tokenize,
+                                  gamma=args.gamma, alpha=args.alpha)
+            scored += 1
+            p_values.append(verdict.p_value)
+            if verdict.ours:
+                named = clients.index(verdict.client) if verdict.client else -1
+                right += named == answer.client
+                wrong += named != answer.client
+        rows.append({"tokens": cut, "scored": scored, "right": right, "wrong": wrong,
+                     "median_p": statistics.median(p_values) if p_values else float("nan")})
+    return rows
+
+
+def false_attribution(texts: list[str], clients: list[str], ring: WatermarkKeyring,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    tokenize = demo_tokenizer()
+    named, lengths, smallest = 0, [], 1.0
+    for text in texts:
+        verdict = verify_text(text, clients, ring, tokenize=tokenize, gamma=args.gamma,
+                              alpha=args.alpha)
+        named += verdict.ours
+        lengths.append(verdict.tokens_scored)
+        smallest = min(smallest, verdict.p_value)
+    return {"texts": len(texts), "median_tokens": statistics.median(lengths) if lengths else 0,
+            "named": named, "smallest_p": smallest}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(args.threads)
+    llm = SmolLM.load(threads=args.threads)
+    corpus = list(load_prompts().all())
+    picked = [corpus[int(i)] for i in rng.choice(len(corpus), args.answers, replace=False)]
+    prompts = [llm.encode_chat([{"role": "user", "content": p}]) for p in picked]
+    ring = WatermarkKeyring(ServerSecret(b"bench-watermark-text-" + str(args.seed).encode()))
+    clients = [f"client-{i:05d}" for i in range(args.clients)]
+    owners = [int(c) for c in rng.integers(0, args.clients, args.answers)]
+
+    print(f"(a) cost per token, {args.cost_runs} prompts x {args.cost_tokens} tokens ...",
+          file=sys.stderr)
+    cost = per_token_cost(llm, prompts, args)
+    print("(b, c) generating answers ...", file=sys.stderr)
+    jobs: list[tuple[list[int], GreenListProcessor | None, int | None]] = [
+        (p, GreenListProcessor.for_key(ring.key(clients[c]), gamma=args.gamma, delta=args.delta), c)
+        for p, c in zip(prompts, owners, strict=True)
+    ]
+    jobs += [(p, None, None) for p in prompts[: args.unmarked]]
+    answers = generate(llm, jobs, args)
+    marked, unmarked = answers[: args.answers], answers[args.answers :]
+    print("(b) tracing ...", file=sys.stderr)
+    rows = attribution(marked, clients, ring, llm, args)
+    asked, tokenize = set(picked), demo_tokenizer()
+    # Only texts long enough for the shortest cut: a 10-token text could never be named.
+    human = [t for t in corpus if t not in asked and len(tokenize(t)) >= CUTS[0]][: args.human]
+    nulls = {
+        "unmarked answers": false_attribution([llm.decode(a.tokens) for a in unmarked], clients,
+                                              ring, args),
+        "human-written prompts": false_attribution(human, clients, ring, args),
+    }
+    print("(c) perplexity ...", file=sys.stderr)
+    ppl = {
+        "marked": [perplexity(llm, a) for a in marked[: args.unmarked]],
+        "unmarked": [perplexity(llm, a) for a in unmarked],
+    }
+    report(args, cost, rows, nulls, ppl, argv)
+
+
+def report(args: argparse.Namespace, cost: dict[str, float], rows: list[dict[str, Any]],
+           nulls: dict[str, dict[str, Any]], ppl: dict[str, list[float]],
+           argv: list[str] | None) -> None:
+    command = " ".join(["python bench/watermark_text.py", *(sys.argv[1:] if argv is None else argv)])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n`{command}` — {platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, "
+          f"torch threads {args.threads}, gamma {args.gamma}, delta {args.delta}, "
+          f"{args.clients} clients, alpha {args.alpha:g}, {time.monotonic() - T0:.0f} s\n")
+    overhead = 100 * (cost["on"] / cost["off"] - 1)
+    print("| generation (demo upstream loop) | ms/token |\n|---|---:|")
+    print(f"| without mark | {cost['off']:.1f} |\n| with mark | {cost['on']:.1f} ({overhead:+.1f}%) |")
+    print(f"| processor alone, per token | {cost['alone']:.3f} |\n")
+    print(f"| tokens of marked text | answers | right client named (p ≤ {args.alpha:g}) "
+          "| wrong client named | not named | median p (Bonferroni) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        share = 100 * r["right"] / r["scored"] if r["scored"] else float("nan")
+        missed = r["scored"] - r["right"] - r["wrong"]
+        print(f"| {r['tokens']} | {r['scored']} | {r['right']} ({share:.1f}%) | {r['wrong']} "
+              f"| {missed} | {r['median_p']:.2g} |")
+    print(f"\n| unmarked text | texts | median tokens | named (p ≤ {args.alpha:g}) | smallest p |")
+    print("|---|---:|---:|---:|---:|")
+    for name, n in nulls.items():
+        print(f"| {name} | {n['texts']} | {n['median_tokens']:.0f} | {n['named']} "
+              f"| {n['smallest_p']:.2g} |")
+    print("\n| answers (same prompts) | n | perplexity mean | median |\n|---|---:|---:|---:|")
+    for name, values in ppl.items():
+        if values:
+            print(f"| {name} | {len(values)} | {statistics.mean(values):.2f} "
+                  f"| {statistics.median(values):.2f} |")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--answers", type=int, default=50, help="marked answers (>= 50 for the table)")
+    p.add_argument("--unmarked", type=int, default=20,
+                   help="unmarked answers to the first prompts (false attribution, perplexity)")
+    p.add_argument("--human", type=int, default=1000, help="human-written texts scored as unmarked")
+    p.add_argument("--clients", type=int, default=10_000, help="clients whose keys are scored")
+    # Sampled ids re-tokenise into a few percent fewer tokens: 10% spare keeps the 200 cut full.
+    p.add_argument("--max-tokens", type=int, default=220)
+    p.add_argument("--min-tokens", type=int, default=220,
+                   help="end of text suppressed before this many tokens")
+    p.add_argument("--gamma", type=float, default=DEFAULTS.gamma)
+    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
+    p.add_argument("--alpha", type=float, default=1e-6, help="false-attribution target")
+    p.add_argument("--batch", type=int, default=35, help="answers sampled together")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on busy cores)")
+    p.add_argument("--cost-runs", type=int, default=3, help="prompts timed with and without mark")
+    p.add_argument("--cost-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.unmarked > args.answers:
+        p.error("--unmarked must not exceed --answers (they reuse the same prompts)")
+    if args.min_tokens > args.max_tokens:
+        p.error("--min-tokens must not exceed --max-tokens")
+    return args
+
+
+if __name__ == "__main__":
+    main()

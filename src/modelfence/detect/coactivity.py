@@ -1,0 +1,94 @@
+"""Linking by behaviour: keys that work in lockstep on the same kind of queries.
+
+A careful botnet gives every key its own address, client library and header order, so
+nothing in the fingerprint joins them (``linking.py``). What it cannot hide cheaply is
+that one script drives them: the keys are busy in the same seconds and ask from the same
+distribution. The engine compares recently busy, young keys pairwise:
+
+- timing: the Jaccard overlap of their 10-second activity slots over the last ten minutes
+  (at least ``MIN_JACCARD``, with at least ``MIN_SHARED_SLOTS`` slots in common);
+- distribution: the cosine of their histograms over the reference cells of the same input
+  space (their mean query vectors without a reference), at least ``MIN_COSINE``.
+
+Pairs that pass both are linked into one entity. Only keys with at least ``MIN_QUERIES``
+queries in the ten minutes are compared, which leaves out almost every person, and only
+keys first seen in the last day: an established customer is judged on its own record.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelfence.detect.features import ClientState
+from modelfence.detect.reference import Reference
+
+SLOT_SECONDS = 10.0
+SPAN_SECONDS = 600.0
+YOUNG_SECONDS = 86_400.0
+MIN_QUERIES = 10
+MIN_SHARED_SLOTS = 2
+MIN_JACCARD = 0.5
+MIN_COSINE = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What one key did in the last ten minutes, reduced to what linking compares."""
+
+    client: str
+    space: str
+    slots: frozenset[int]
+    signature: np.ndarray  # unit vector: cell histogram, or mean query vector
+
+
+def activity_of(state: ClientState, now: float, reference: Reference | None) -> Activity | None:
+    if now - state.first_ts > YOUNG_SECONDS or not state.queries:
+        return None
+    if state.queries[-1].event.ts < now - SPAN_SECONDS:  # idle: the common case, O(1)
+        return None
+    recent = [
+        q for q in state.queries
+        if q.event.ts >= now - SPAN_SECONDS and q.vector is not None and q.space is not None
+    ]
+    if len(recent) < MIN_QUERIES:
+        return None
+    space = Counter(q.space for q in recent).most_common(1)[0][0]
+    assert space is not None
+    vectors = np.vstack(
+        [q.vector for q in recent if q.space == space and q.vector is not None]
+    ).astype(np.float32)
+    cells = reference.spaces.get(space) if reference is not None else None
+    if cells is not None:
+        signature = np.bincount(cells.cells(vectors), minlength=len(cells.centroids)).astype(np.float32)
+    else:
+        signature = vectors.mean(axis=0)
+    norm = float(np.linalg.norm(signature))
+    if norm == 0.0:
+        return None
+    slots = frozenset(int(q.event.ts // SLOT_SECONDS) for q in recent)
+    return Activity(state.client, space, slots, signature / norm)
+
+
+def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
+    """Pairs of keys busy in the same slots on the same query distribution."""
+    by_space: dict[str, list[Activity]] = {}
+    for activity in activities:
+        by_space.setdefault(activity.space, []).append(activity)
+    pairs = []
+    for group in by_space.values():
+        if len(group) < 2:
+            continue
+        cosine = np.vstack([a.signature for a in group]) @ np.vstack([a.signature for a in group]).T
+        for i, a in enumerate(group):
+            for j in range(i + 1, len(group)):
+                if cosine[i, j] < MIN_COSINE:
+                    continue
+                b = group[j]
+                shared = len(a.slots & b.slots)
+                if shared >= MIN_SHARED_SLOTS and shared / len(a.slots | b.slots) >= MIN_JACCARD:
+                    pairs.append((a.client, b.client))
+    return pairs

@@ -1,0 +1,174 @@
+"""After-the-fact text marking stage: per-client lexical marks on answers of hosted upstreams.
+
+For chat and completions answers of the upstreams named in ``watermark.lexical.upstreams``
+(those we cannot mark while sampling), each choice's text goes through the client's
+:class:`~modelfence.watermark.lexical.LexicalMark`. Whole JSON answers are marked at once; a
+stream keeps one streaming rewriter per choice, so each event carries the marked text of
+its own delta, less at most the few trailing words still undecided, which follow in a later
+event. Whatever is still held when the choice finishes rides on its ``finish_reason`` event;
+a stream that ends without one gets an extra event before ``[DONE]``. The marked stream is
+character for character the marked whole answer.
+
+Requests for JSON output (``response_format``) pass through untouched, as do other routes,
+other upstreams, non-200 answers and unauthenticated requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import orjson
+
+from modelfence.gateway.context import context_of
+from modelfence.gateway.rewrite import (
+    BodyRewriter,
+    PayloadTransform,
+    ResponseRewriting,
+    SSERewriter,
+)
+from modelfence.types import ASGIApp, Headers, Scope
+from modelfence.watermark.config import LexicalConfig
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.lexical import LEXICAL_PURPOSE, LexicalMark, Rewriter
+from modelfence.watermark.lexicon import Lexicon, default_lexicon
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    mark: LexicalMark
+    chat: bool  # text under message/delta "content"; else under "text" (completions)
+
+
+class ChoiceMarks:
+    """One answer's marking: called on a whole JSON answer, or :meth:`event` per stream event."""
+
+    def __init__(self, mark: LexicalMark, *, chat: bool) -> None:
+        self._mark = mark
+        self._chat = chat
+        self._open: dict[int, Rewriter] = {}  # choices of a stream that have not finished
+        self._last: dict[str, Any] = {}  # the last event, the template of a closing one
+
+    def __call__(self, payload: Any) -> Any:
+        for choice in _choices(payload):
+            holder = choice.get("message") if self._chat else choice
+            if isinstance(holder, dict) and isinstance(holder.get(self._key), str):
+                holder[self._key] = self._mark.text(holder[self._key])
+        return payload
+
+    def event(self, payload: Any) -> Any:
+        """Mark one stream event's deltas; a finished choice gets everything still held."""
+        choices = _choices(payload)
+        if choices:
+            self._last = payload
+        for choice in choices:
+            index = choice.get("index", 0)
+            rewriter = self._open.get(index)
+            if rewriter is None:
+                rewriter = self._open[index] = self._mark.rewriter()
+            holder = choice.get("delta") if self._chat else choice
+            if not isinstance(holder, dict):
+                continue
+            text = holder.get(self._key)
+            text = text if isinstance(text, str) else ""
+            if choice.get("finish_reason") is not None:
+                out = rewriter.flush(text)
+                del self._open[index]
+            else:
+                out = rewriter.feed(text)
+            if out or self._key in holder:
+                holder[self._key] = out
+        return payload
+
+    def closing_event(self) -> bytes:
+        """An event with the text still held by choices that never finished (or b"")."""
+        rests = {index: rewriter.flush() for index, rewriter in self._open.items()}
+        self._open.clear()
+        choices = [self._choice(index, rest) for index, rest in rests.items() if rest]
+        if not choices:
+            return b""
+        template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
+        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+
+    @property
+    def _key(self) -> str:
+        return "content" if self._chat else "text"
+
+    def _choice(self, index: int, text: str) -> dict[str, Any]:
+        if self._chat:
+            return {"index": index, "delta": {"content": text}, "finish_reason": None}
+        return {"index": index, "text": text, "finish_reason": None}
+
+
+def _choices(payload: Any) -> list[dict[str, Any]]:
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+class _MarkedEvents(SSERewriter):
+    """Server-sent events through :meth:`ChoiceMarks.event`, closed by what is still held."""
+
+    __slots__ = ("_marks",)
+
+    def __init__(self, marks: ChoiceMarks) -> None:
+        super().__init__(marks.event)
+        self._marks = marks
+
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        out = super().feed(chunk, more_body)
+        return out if more_body else out + self._marks.closing_event()
+
+    def _event(self, event: bytes) -> bytes:
+        if event.startswith(b"data: [DONE]"):
+            return self._marks.closing_event() + event + b"\n\n"
+        return super()._event(event)
+
+
+class LexicalWatermark(ResponseRewriting[_Plan]):
+    def __init__(
+        self, app: ASGIApp, *, config: LexicalConfig, keyring: WatermarkKeyring,
+        upstreams: frozenset[str], lexicon: Lexicon | None = None,
+    ) -> None:
+        """``upstreams``: the names of the upstreams to mark (``config.upstreams`` resolved)."""
+        super().__init__(app)
+        self.config = config
+        self.keyring = keyring
+        self.upstreams = upstreams
+        self.lexicon = lexicon or default_lexicon()
+
+    def plan(self, scope: Scope) -> _Plan | None:
+        ctx = context_of(scope)
+        if ctx.key is None or ctx.route not in (CHAT, COMPLETIONS):
+            return None
+        if ctx.upstream not in self.upstreams or _wants_json(ctx.body):
+            return None
+        seed = self.keyring.key(ctx.key.client).seed(LEXICAL_PURPOSE)
+        mark = LexicalMark(self.lexicon, seed, max_change_share=self.config.max_change_share)
+        return _Plan(mark, ctx.route == CHAT)
+
+    async def transform_for(self, scope: Scope, plan: _Plan, status: int) -> PayloadTransform | None:
+        return ChoiceMarks(plan.mark, chat=plan.chat) if status == 200 else None
+
+    def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
+        rewriter = super().body_rewriter(headers, transform)
+        if isinstance(rewriter, SSERewriter) and isinstance(transform, ChoiceMarks):
+            return _MarkedEvents(transform)
+        return rewriter
+
+
+def marked_upstreams(config: LexicalConfig, names: Iterable[str]) -> frozenset[str]:
+    """The upstream names that ``config`` marks (its entries may be fnmatch patterns)."""
+    if not config.enabled:
+        return frozenset()
+    return frozenset(n for n in names if any(fnmatchcase(n, p) for p in config.upstreams))
+
+
+def _wants_json(body: dict[str, Any]) -> bool:
+    """Whether the client asked for JSON output (a rewritten word could break it)."""
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") != "text"
