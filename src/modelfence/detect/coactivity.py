@@ -8,11 +8,17 @@ distribution. The engine compares recently busy, young keys pairwise:
 - timing: the Jaccard overlap of their 10-second activity slots over the last ten minutes
   (at least ``MIN_JACCARD``, with at least ``MIN_SHARED_SLOTS`` slots in common);
 - distribution: the cosine of their histograms over the reference cells of the same input
-  space (their mean query vectors without a reference), at least ``MIN_COSINE``.
+  space (of their per-dimension means and spreads without a reference), at least
+  ``MIN_COSINE``.
 
 Pairs that pass both are linked into one entity. Only keys with at least ``MIN_QUERIES``
 queries in the ten minutes are compared, which leaves out almost every person, and only
 keys first seen in the last day: an established customer is judged on its own record.
+
+A thief whose key is blocked signs up again and carries on (key rotation): the new key is
+busy right after the old one stops, on the same distribution. ``successor_pairs`` links a
+key first seen within ten minutes of a *flagged* key's last query, with the same query
+distribution, to it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class Activity:
     client: str
     space: str
     slots: frozenset[int]
-    signature: np.ndarray  # unit vector: cell histogram, or mean query vector
+    signature: np.ndarray  # unit vector: cell histogram, or [mean, std] of the queries
+    first_ts: float  # when the key was first seen
+    last_ts: float  # its latest query
 
 
 def activity_of(state: ClientState, now: float, reference: Reference | None) -> Activity | None:
@@ -64,13 +72,13 @@ def activity_of(state: ClientState, now: float, reference: Reference | None) -> 
     cells = reference.spaces.get(space) if reference is not None else None
     if cells is not None:
         signature = np.bincount(cells.cells(vectors), minlength=len(cells.centroids)).astype(np.float32)
-    else:
-        signature = vectors.mean(axis=0)
+    else:  # first and second moments: a zero-mean distribution still has a shape
+        signature = np.concatenate([vectors.mean(axis=0), vectors.std(axis=0)])
     norm = float(np.linalg.norm(signature))
     if norm == 0.0:
         return None
     slots = frozenset(int(q.event.ts // SLOT_SECONDS) for q in recent)
-    return Activity(state.client, space, slots, signature / norm)
+    return Activity(state.client, space, slots, signature / norm, state.first_ts, recent[-1].event.ts)
 
 
 def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
@@ -91,4 +99,21 @@ def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
                 shared = len(a.slots & b.slots)
                 if shared >= MIN_SHARED_SLOTS and shared / len(a.slots | b.slots) >= MIN_JACCARD:
                     pairs.append((a.client, b.client))
+    return pairs
+
+
+def successor_pairs(activities: Iterable[Activity], flagged: set[str]) -> list[tuple[str, str]]:
+    """(flagged key, new key) pairs: the new key started within ``SPAN_SECONDS`` after the
+    flagged one's latest query, on the same query distribution."""
+    by_space: dict[str, list[Activity]] = {}
+    for activity in activities:
+        by_space.setdefault(activity.space, []).append(activity)
+    pairs = []
+    for group in by_space.values():
+        old = [a for a in group if a.client in flagged]
+        for new in group:
+            for a in old:
+                starts_after = 0.0 <= new.first_ts - a.last_ts <= SPAN_SECONDS
+                if starts_after and float(a.signature @ new.signature) >= MIN_COSINE:
+                    pairs.append((a.client, new.client))
     return pairs

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import Action, Level, Policy, rank
-from modelfence.detect.coactivity import activity_of, lockstep_pairs
+from modelfence.detect.coactivity import activity_of, lockstep_pairs, successor_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
@@ -37,6 +37,7 @@ from modelfence.detect.risk import Reason, RiskState
 from modelfence.telemetry.events import RequestEvent
 
 POPULATION_EVERY_SECONDS = 60.0  # tier medians move slowly; recomputing them costs O(clients)
+LINK_EVERY_SECONDS = 15.0  # a rotated key should inherit its predecessor's record quickly
 # What a query is about shows in its opening; embedding cost grows with length.
 EMBED_CHARS = 512
 
@@ -100,6 +101,10 @@ class DetectionEngine:
         self.linker = Linker()
         self._half_life = config.half_life_hours * 3600.0
         self._population_at = float("-inf")
+        self._linked_at = float("-inf")
+        # Called with the client's verdict at every evaluation, inside a batch too: replay
+        # measures "queries before the first flag" with it, exactly, whatever the batching.
+        self.listener: Callable[[Verdict], None] | None = None
 
     # -- ingestion -------------------------------------------------------------
 
@@ -159,10 +164,14 @@ class DetectionEngine:
         if now - self._population_at >= POPULATION_EVERY_SECONDS:
             self._evict_idle(now)
             self._update_population()
-            self._link_lockstep(now)
             self._population_at = now
+        if now - self._linked_at >= LINK_EVERY_SECONDS:
+            self._link_lockstep(now)
+            self._linked_at = now
         self._evaluate_client(client, now)
         members = self._evaluate_entity(client, now)
+        if self.listener is not None:
+            self.listener(self.verdict(client))
         return {client, *members}
 
     # -- evaluation ------------------------------------------------------------
@@ -200,6 +209,12 @@ class DetectionEngine:
             s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")
         ]
         state.risk.update(signals, now)
+        # One member caught is evidence against the whole entity: its risk is never below
+        # its riskiest member's own (which young members then inherit; see _implicated).
+        riskiest = max((self.risks[m] for m in members if m in self.risks), key=lambda r: r.cusum)
+        if riskiest.cusum > state.risk.cusum:
+            state.risk.cusum = riskiest.cusum
+            state.risk.reasons = {**state.risk.reasons, **riskiest.reasons}
         return [m for m in members if m in self.clients]
 
     def _update_population(self) -> None:
@@ -221,9 +236,17 @@ class DetectionEngine:
             del self.clients[client]
 
     def _link_lockstep(self, now: float) -> None:
-        activities = (activity_of(s, now, self.reference) for s in self.clients.values())
-        for a, b in lockstep_pairs(a for a in activities if a is not None):
+        activities = [
+            act for s in self.clients.values() if (act := activity_of(s, now, self.reference))
+        ]
+        flagged = {act.client for act in activities if self._flagged(act.client)}
+        for a, b in lockstep_pairs(activities) + successor_pairs(activities, flagged):
             self.linker.link(a, b)
+
+    def _flagged(self, client: str) -> bool:
+        risk = self.risks.get(client)
+        state = self.clients[client]
+        return risk is not None and rank(self.policy.level_for(risk.risk, state.tier)) >= rank("alert")
 
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not

@@ -26,7 +26,7 @@ from modelfence.config import DetectionConfig
 from modelfence.detect.actions import rank
 from modelfence.detect.calibration import calibrate
 from modelfence.detect.embedding import CachedEmbedder, Embedder
-from modelfence.detect.engine import DetectionEngine
+from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.reference import Reference
 from modelfence.redteam.populations.benign import BenignPopulation
 from modelfence.redteam.prompts import PromptCorpus
@@ -98,20 +98,25 @@ class PopulationScore:
 
 
 def score_population(
-    engine: DetectionEngine, events: Sequence[RequestEvent], *, chunk: int = 100
+    engine: DetectionEngine, events: Sequence[RequestEvent], *, chunk: int = 500
 ) -> PopulationScore:
     """Replay ``events`` (time-ordered) through ``engine`` in pipeline-sized batches."""
     score = PopulationScore(clients=len({e.client for e in events}), events=len(events))
+
+    def note(verdict: Verdict) -> None:
+        if verdict.entity_members > score.linked.get(verdict.client, 1):
+            score.linked[verdict.client] = verdict.entity_members
+        if rank(verdict.level) >= rank("alert"):
+            score.first_flag.setdefault(verdict.client, verdict.queries)
+        if rank(verdict.level) > rank(score.worst.get(verdict.client, "normal")):
+            score.worst[verdict.client] = verdict.level
+            score.reasons[verdict.client] = [r.text for r in verdict.reasons]
+
+    engine.listener = note
     started = time.perf_counter()
     for start in range(0, len(events), chunk):
         for verdict in engine.process(events[start : start + chunk]):
-            if verdict.entity_members > score.linked.get(verdict.client, 1):
-                score.linked[verdict.client] = verdict.entity_members
-            if rank(verdict.level) >= rank("alert"):
-                score.first_flag.setdefault(verdict.client, verdict.queries)
-            if rank(verdict.level) > rank(score.worst.get(verdict.client, "normal")):
-                score.worst[verdict.client] = verdict.level
-                score.reasons[verdict.client] = [r.text for r in verdict.reasons]
+            note(verdict)  # members raised through their entity's evaluation
     score.seconds = time.perf_counter() - started
     return score
 
