@@ -64,6 +64,14 @@ def test_oip_model_comes_from_the_path() -> None:
     assert OIPApi().parse("/v2/models/{name}/infer", "digits", body).model == "digits"
 
 
+def test_a_classifier_batch_costs_one_token_per_input() -> None:
+    """Token limits and per-token prices bound and bill images, not requests."""
+    batch = {"inputs": [{"name": "input", "shape": [64, 64], "datatype": "FP32", "data": [0] * 4096}]}
+    assert OIPApi().parse("/v2/models/{name}/infer", "digits", batch).prompt_tokens == 64
+    odd = {"inputs": [{"name": "input", "shape": [], "datatype": "FP32", "data": [0]}]}
+    assert OIPApi().parse("/v2/models/{name}/infer", "digits", odd).prompt_tokens == 1
+
+
 @pytest.mark.parametrize(
     "body", [{}, {"inputs": []}, {"inputs": [1]}, {"inputs": [{"name": "x"}]}, {"inputs": [{"shape": [1]}]}]
 )

@@ -157,7 +157,8 @@ class DetectionEngine:
             if state.since_evaluation >= self.config.evaluate_every:
                 state.since_evaluation = 0
                 touched |= self._evaluate(event.client, event.ts)
-        return [self.verdict(c) for c in sorted(touched)]
+        # A client evicted later in the same batch has nothing left to publish.
+        return [self.verdict(c) for c in sorted(touched) if c in self.clients]
 
     def _evaluate(self, client: str, now: float) -> set[str]:
         """Evaluate a client and its entity; returns the clients whose verdict may change."""

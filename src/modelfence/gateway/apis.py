@@ -127,7 +127,12 @@ class OIPApi:
                 raise BadRequest(f"'inputs[{i}]' must be a tensor object with a name", param="inputs")
             if not isinstance(tensor.get("shape"), list) or "data" not in tensor:
                 raise BadRequest(f"'inputs[{i}]' needs 'shape' and 'data'", param="inputs")
-        return ParsedRequest(model=model_in_path)
+        # A classifier's "tokens" are its inputs: the first dimension of the first tensor
+        # (a batch of 64 images is 64), so token limits and per-token prices bound and
+        # bill images, not requests.
+        first = inputs[0]["shape"][0] if inputs[0]["shape"] else 1
+        rows = first if isinstance(first, int) and not isinstance(first, bool) and first > 0 else 1
+        return ParsedRequest(model=model_in_path, prompt_tokens=rows)
 
 
 def usage_from_response(payload: Any) -> tuple[int, int] | None:
