@@ -227,3 +227,10 @@ def test_a_rotated_key_inherits_the_blocked_key_it_replaces() -> None:
     # An honest new key starting at the same moment is not linked.
     honest = benign_chat("newcomer", 40, seed=9, start=start)
     assert replay(engine, honest)["newcomer"].entity_members == 1
+
+
+def test_a_client_evicted_later_in_the_same_batch_has_no_verdict() -> None:
+    engine = DetectionEngine(DetectionConfig(evaluate_every=1))
+    early = benign_chat("early", 1, seed=1)
+    late = benign_chat("late", 1, seed=2, start=7 * 3600.0)
+    assert [v.client for v in engine.process(early + late)] == ["late"]
