@@ -208,27 +208,6 @@ def test_the_listener_sees_every_evaluation_whatever_the_batching() -> None:
     assert first_flags(1) == first_flags(120) is not None
 
 
-def test_a_rotated_key_inherits_the_blocked_key_it_replaces() -> None:
-    """Key rotation: blocked, the thief signs up again elsewhere and carries on."""
-    first = harvester("thief", 150, seed=1)
-    start = first[-1].ts + 5.0
-    again = [
-        RequestEvent(**{**e.to_dict(), "ip_prefix": "ip-new", "fingerprint": "fp-new"})
-        for e in harvester("thief~1", 60, seed=2, start=start)
-    ]
-    engine = DetectionEngine(CONFIG)
-    assert replay(engine, first, batch=10)["thief"].level == "block"
-    seen: list[Verdict] = []
-    engine.listener = lambda v: seen.append(v) if v.client == "thief~1" else None
-    replay(engine, again, batch=1)
-    linked = [v for v in seen if v.entity_members == 2]
-    assert linked and linked[0].queries <= 20  # linked within its first queries
-    assert linked[0].level == "block" and "entity of 2 keys" in linked[0].reasons[0].text
-    # An honest new key starting at the same moment is not linked.
-    honest = benign_chat("newcomer", 40, seed=9, start=start)
-    assert replay(engine, honest)["newcomer"].entity_members == 1
-
-
 def test_a_client_evicted_later_in_the_same_batch_has_no_verdict() -> None:
     engine = DetectionEngine(DetectionConfig(evaluate_every=1))
     early = benign_chat("early", 1, seed=1)

@@ -14,11 +14,6 @@ distribution. The engine compares recently busy, young keys pairwise:
 Pairs that pass both are linked into one entity. Only keys with at least ``MIN_QUERIES``
 queries in the ten minutes are compared, which leaves out almost every person, and only
 keys first seen in the last day: an established customer is judged on its own record.
-
-A thief whose key is blocked signs up again and carries on (key rotation): the new key is
-busy right after the old one stops, on the same distribution. ``successor_pairs`` links a
-key first seen within ten minutes of a *flagged* key's last query, with the same query
-distribution, to it.
 """
 
 from __future__ import annotations
@@ -49,8 +44,6 @@ class Activity:
     space: str
     slots: frozenset[int]
     signature: np.ndarray  # unit vector: cell histogram, or [mean, std] of the queries
-    first_ts: float  # when the key was first seen
-    last_ts: float  # its latest query
 
 
 def activity_of(state: ClientState, now: float, reference: Reference | None) -> Activity | None:
@@ -78,7 +71,7 @@ def activity_of(state: ClientState, now: float, reference: Reference | None) -> 
     if norm == 0.0:
         return None
     slots = frozenset(int(q.event.ts // SLOT_SECONDS) for q in recent)
-    return Activity(state.client, space, slots, signature / norm, state.first_ts, recent[-1].event.ts)
+    return Activity(state.client, space, slots, signature / norm)
 
 
 def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
@@ -101,19 +94,3 @@ def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
                     pairs.append((a.client, b.client))
     return pairs
 
-
-def successor_pairs(activities: Iterable[Activity], flagged: set[str]) -> list[tuple[str, str]]:
-    """(flagged key, new key) pairs: the new key started within ``SPAN_SECONDS`` after the
-    flagged one's latest query, on the same query distribution."""
-    by_space: dict[str, list[Activity]] = {}
-    for activity in activities:
-        by_space.setdefault(activity.space, []).append(activity)
-    pairs = []
-    for group in by_space.values():
-        old = [a for a in group if a.client in flagged]
-        for new in group:
-            for a in old:
-                starts_after = 0.0 <= new.first_ts - a.last_ts <= SPAN_SECONDS
-                if starts_after and float(a.signature @ new.signature) >= MIN_COSINE:
-                    pairs.append((a.client, new.client))
-    return pairs

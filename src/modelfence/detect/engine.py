@@ -26,7 +26,7 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import Action, Level, Policy, rank
-from modelfence.detect.coactivity import activity_of, lockstep_pairs, successor_pairs
+from modelfence.detect.coactivity import activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
@@ -37,7 +37,7 @@ from modelfence.detect.risk import Reason, RiskState
 from modelfence.telemetry.events import RequestEvent
 
 POPULATION_EVERY_SECONDS = 60.0  # tier medians move slowly; recomputing them costs O(clients)
-LINK_EVERY_SECONDS = 15.0  # a rotated key should inherit its predecessor's record quickly
+LINK_EVERY_SECONDS = 15.0  # a botnet's keys should be joined within their first minute
 # What a query is about shows in its opening; embedding cost grows with length.
 EMBED_CHARS = 512
 
@@ -237,17 +237,9 @@ class DetectionEngine:
             del self.clients[client]
 
     def _link_lockstep(self, now: float) -> None:
-        activities = [
-            act for s in self.clients.values() if (act := activity_of(s, now, self.reference))
-        ]
-        flagged = {act.client for act in activities if self._flagged(act.client)}
-        for a, b in lockstep_pairs(activities) + successor_pairs(activities, flagged):
+        activities = (activity_of(s, now, self.reference) for s in self.clients.values())
+        for a, b in lockstep_pairs(act for act in activities if act is not None):
             self.linker.link(a, b)
-
-    def _flagged(self, client: str) -> bool:
-        risk = self.risks.get(client)
-        state = self.clients[client]
-        return risk is not None and rank(self.policy.level_for(risk.risk, state.tier)) >= rank("alert")
 
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not
