@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.embedding import load_embedder
@@ -22,8 +21,7 @@ from modelfence.detect.reference import Reference
 from modelfence.policy.config import RequestRules
 from modelfence.redteam.context import EVALUATOR
 from modelfence.redteam.prompts import load_prompts
-from modelfence.redteam.replay_attacks import answer_classifier
-from modelfence.redteam.replay_detection import by_client, population_events
+from modelfence.redteam.replay_detection import calibrated_reference
 
 CALIBRATION_CLIENTS = 2_000
 
@@ -33,13 +31,9 @@ def calibrate_reference(
 ) -> Reference:
     """Calibrate on ``clients`` honest clients (seeded apart from every scenario) and save
     the ``.npz`` a gateway's ``detection.reference_file`` loads."""
-    from modelfence.detect.calibration import calibrate
-
     config = config or DetectionConfig.model_validate({})
-    threadpool_limits(1)  # as the detector runs
-    events = population_events(load_prompts(), np.random.default_rng([seed, 0xCA11B]), clients)
-    answer_classifier(events)
-    reference = calibrate(by_client(events), config=config, embedder=load_embedder(config.embedder))
+    reference = calibrated_reference(load_prompts(), np.random.default_rng([seed, 0xCA11B]), clients,
+                                     config, load_embedder(config.embedder))
     reference.save(path)
     return reference
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +33,9 @@ from modelfence.redteam.traffic import (
     make_profile,
 )
 from modelfence.telemetry.events import RequestEvent
+
+if TYPE_CHECKING:  # the demo extra; imported when the first answers are needed
+    from modelfence.demo.classifier import DigitsClassifier
 
 # Budgets of one attacker instance: what the live ``full`` suite's largest checkpoint sends.
 HARVEST_PROMPTS = 300
@@ -151,11 +156,16 @@ def _shifted(plans: Sequence[PlannedRequest], start: float) -> list[PlannedReque
     return [replace(p, at=p.at + start) for p in plans]
 
 
-def answer_classifier(events: Sequence[RequestEvent]) -> None:
-    """Fill in each classifier event's per-row margins from the real digits model."""
+@cache  # the victim is the same for every replay of a run
+def _victim() -> DigitsClassifier:
     from modelfence.demo.classifier import DigitsClassifier
 
-    model = DigitsClassifier.train(seed=0)
+    return DigitsClassifier.train(seed=0)
+
+
+def answer_classifier(events: Sequence[RequestEvent]) -> None:
+    """Fill in each classifier event's per-row margins from the real digits model."""
+    model = _victim()
     digits = [e for e in events if e.input_rows]
     if not digits:
         return

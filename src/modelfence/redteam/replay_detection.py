@@ -14,7 +14,7 @@ measured on a disjoint *evaluation* population, and never on the attacks scored 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +67,12 @@ def calibrated_reference(
     corpus: PromptCorpus, rng: np.random.Generator, clients: int, config: DetectionConfig,
     embedder: Embedder,
 ) -> Reference:
-    """The reference and thresholds from an honest population of ``clients`` (own seed)."""
-    return calibrate(by_client(population_events(corpus, rng, clients)), config=config, embedder=embedder)
+    """The reference and thresholds from an honest population of ``clients`` (own seed),
+    its classifier answers from the real digits model."""
+    threadpool_limits(1)  # as the detector process runs (see detect/process.py)
+    events = population_events(corpus, rng, clients)
+    answer_classifier(events)
+    return calibrate(by_client(events), config=config, embedder=embedder)
 
 
 @dataclass
@@ -83,18 +87,9 @@ class PopulationScore:
     first_flag: dict[str, int] = field(default_factory=dict)  # client -> queries seen then
     linked: dict[str, int] = field(default_factory=dict)  # client -> largest entity it was in
 
-    @property
-    def levels(self) -> Counter[str]:
-        counts = Counter(self.worst.values())
-        counts["normal"] += self.clients - len(self.worst)
-        return counts
-
     def flagged(self) -> list[str]:
         """Clients raised to ``alert`` or above at any point."""
         return sorted(c for c, level in self.worst.items() if rank(level) >= rank("alert"))
-
-    def blocked(self) -> list[str]:
-        return sorted(c for c, level in self.worst.items() if level == "block")
 
 
 def score_population(
@@ -129,11 +124,8 @@ def detection_at_scale(
     """Calibrate on one honest population; replay another with ``attackers`` of every
     replayable kind and ``sybils`` Sybil campaigns among it; report what was caught."""
     config = config or DetectionConfig.model_validate({})
-    threadpool_limits(1)  # as the detector process runs (see detect/process.py)
     started = time.perf_counter()
-    calibration = population_events(corpus, rng("calibration"), calibration_clients)
-    answer_classifier(calibration)
-    reference = calibrate(by_client(calibration), config=config, embedder=embedder)
+    reference = calibrated_reference(corpus, rng("calibration"), calibration_clients, config, embedder)
     calibrated_in = time.perf_counter() - started
     plans, profiles = population(clients).generate(corpus, rng("honest"), DAY)
     attack_plans, attack_profiles = attack_population(
@@ -146,7 +138,7 @@ def detection_at_scale(
     honest = [p.name for p in profiles]
     flagged = [c for c in score.flagged() if c in everyone and everyone[c].role == "benign"]
     return {
-        "calibration": {"clients": calibration_clients, "events": len(calibration),
+        "calibration": {"clients": calibration_clients,
                         "seconds": round(calibrated_in, 1), "thresholds": reference.thresholds,
                         "tier_medians": reference.tier_medians},
         "benign": {
