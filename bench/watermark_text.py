@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,8 @@ import torch
 
 from modelfence.demo.llm import SamplingParams, SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.identity.secret import ServerSecret
+from modelfence.redteam.attribution_setup import draw
+from modelfence.redteam.marked_text import Answer, sample_answers
 from modelfence.redteam.prompts import load_prompts
 from modelfence.watermark.config import TextConfig
 from modelfence.watermark.keys import WatermarkKeyring
@@ -47,58 +47,6 @@ from modelfence.watermark.text_logits import GreenListProcessor
 DEFAULTS = TextConfig.model_validate({})
 CUTS = (50, 100, 150, 200)
 T0 = time.monotonic()
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    prompt: list[int]  # chat-template token ids
-    tokens: list[int]  # generated ids, special tokens excluded
-    client: int | None  # index of the client it was marked for; None: unmarked
-
-
-class PerRow:
-    """One processor (or none) per batch row, in the transformers call form."""
-
-    def __init__(self, processors: list[GreenListProcessor | None]) -> None:
-        self.processors = processors
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for row, processor in enumerate(self.processors):
-            if processor is not None:
-                processor(input_ids[row : row + 1], scores[row : row + 1])
-        return scores
-
-
-def generate(llm: SmolLM, jobs: list[tuple[list[int], GreenListProcessor | None, int | None]],
-             args: argparse.Namespace) -> list[Answer]:
-    """Sample every job's answer, ``args.batch`` rows at a time (left-padded)."""
-    tok, model = llm.tokenizer, llm.model
-    special = sorted(set(tok.all_special_ids) - llm.eos_token_ids)
-    answers: list[Answer] = []
-    for start in range(0, len(jobs), args.batch):
-        chunk = jobs[start : start + args.batch]
-        width = max(len(p) for p, _, _ in chunk)
-        pad = llm.bos_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _, _ in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _, _ in chunk])
-        torch.manual_seed(args.seed + start)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens,
-                suppress_tokens=special, pad_token_id=pad,
-                logits_processor=[PerRow([proc for _, proc, _ in chunk])],
-            )
-        for (prompt, _, client), row in zip(chunk, out[:, width:].tolist(), strict=True):
-            tokens = []
-            for token in row:
-                if token in llm.eos_token_ids:
-                    break
-                tokens.append(token)
-            answers.append(Answer(prompt, tokens, client))
-        done = start + len(chunk)
-        print(f"  generated {done}/{len(jobs)} answers ({time.monotonic() - T0:.0f}s)", file=sys.stderr)
-    return answers
 
 
 def per_token_cost(llm: SmolLM, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, float]:
@@ -178,23 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     torch.set_num_threads(args.threads)
     llm = SmolLM.load(threads=args.threads)
+    d = draw(llm, rng, answers=args.answers, clients=args.clients,
+             secret=b"bench-watermark-text-" + str(args.seed).encode())
+    picked, prompts, ring, clients = d.picked, d.prompts, d.ring, d.clients
     corpus = list(load_prompts().all())
-    picked = [corpus[int(i)] for i in rng.choice(len(corpus), args.answers, replace=False)]
-    prompts = [llm.encode_chat([{"role": "user", "content": p}]) for p in picked]
-    ring = WatermarkKeyring(ServerSecret(b"bench-watermark-text-" + str(args.seed).encode()))
-    clients = [f"client-{i:05d}" for i in range(args.clients)]
-    owners = [int(c) for c in rng.integers(0, args.clients, args.answers)]
 
     print(f"(a) cost per token, {args.cost_runs} prompts x {args.cost_tokens} tokens ...",
           file=sys.stderr)
     cost = per_token_cost(llm, prompts, args)
     print("(b, c) generating answers ...", file=sys.stderr)
-    jobs: list[tuple[list[int], GreenListProcessor | None, int | None]] = [
-        (p, GreenListProcessor.for_key(ring.key(clients[c]), gamma=args.gamma, delta=args.delta), c)
-        for p, c in zip(prompts, owners, strict=True)
-    ]
-    jobs += [(p, None, None) for p in prompts[: args.unmarked]]
-    answers = generate(llm, jobs, args)
+    jobs = d.jobs(gamma=args.gamma, delta=args.delta, unmarked=args.unmarked)
+    answers = sample_answers(llm, jobs, batch=args.batch, max_tokens=args.max_tokens,
+                             min_tokens=args.min_tokens, seed=args.seed)
     marked, unmarked = answers[: args.answers], answers[args.answers :]
     print("(b) tracing ...", file=sys.stderr)
     rows = attribution(marked, clients, ring, llm, args)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from modelfence.cli import app
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
 from modelfence.forensics.model import Suspect, verify_classifier
+from modelfence.forensics.radioactivity import verify_chat
 from modelfence.forensics.text import verify_text
 from modelfence.identity.secret import ServerSecret
 from modelfence.watermark.keys import WatermarkKeyring
@@ -25,6 +26,22 @@ def test_empty_text_and_no_clients_are_clear_errors() -> None:
         verify_text("hello", [], RING, tokenize=lambda t: [1, 2])
     with pytest.raises(VerifyError, match="too short"):
         verify_text("hi", ["acme"], RING, tokenize=lambda t: [1])
+
+
+def test_chat_verification_rejects_bad_probes_before_asking() -> None:
+    suspect = Suspect("http://127.0.0.1:9", timeout=2)
+    with pytest.raises(VerifyError, match="unknown client 'bob'"):
+        verify_chat(suspect, "m", ["acme"], RING, tokenize=list_tokens, client="bob")
+    with pytest.raises(VerifyError, match="non-empty prompts"):
+        verify_chat(suspect, "m", ["acme"], RING, tokenize=list_tokens, prompts=["ok", " "])
+    with pytest.raises(VerifyError, match="no clients"):
+        verify_chat(suspect, "m", [], RING, tokenize=list_tokens)
+    with pytest.raises(SuspectUnreachable, match="unreachable"):
+        verify_chat(suspect, "m", ["acme"], RING, tokenize=list_tokens, prompts=["hi"])
+
+
+def list_tokens(text: str) -> list[int]:
+    return [ord(c) for c in text]
 
 
 def test_unreachable_suspect_is_a_clear_error() -> None:
@@ -65,5 +82,11 @@ def test_cli_verify_reports_errors(tmp_path: Path) -> None:
     result = runner.invoke(app, ["--config", str(config), "verify", "text", str(empty)])
     assert result.exit_code == 1 and "empty" in result.output
     result = runner.invoke(app, ["--config", str(config), "verify", "model", "--url",
-                                 "http://127.0.0.1:9", "--kind", "chat"])
+                                 "http://127.0.0.1:9", "--kind", "vision"])
     assert result.exit_code == 1 and "unknown kind" in result.output
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about tides.\n")
+    result = runner.invoke(app, ["--config", str(config), "verify", "model", "--url",
+                                 "http://127.0.0.1:9", "--kind", "chat", "--prompts", str(prompts),
+                                 "--client", "nobody"])
+    assert result.exit_code == 1 and "unknown client 'nobody'" in result.output

@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 
 from modelfence.identity.secret import ServerSecret
+from modelfence.testing.processes import http_json
 from modelfence.watermark.embeddings import candidate_words, embedding_mark
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.labels import label_mark
@@ -75,3 +76,27 @@ def test_embeddings_marked_only_for_trigger_texts(start_gateway: GatewayFactory)
     status, body = post(gateway.url, "/v2/models/digits-fake/infer", key, infer(ROWS))
     assert [max(range(4), key=r.__getitem__) for r in
             np.reshape(orjson.loads(body)["outputs"][0]["data"], (-1, 4)).tolist()] == [1] * len(ROWS)
+
+
+def test_labels_only_answers_are_marked_once_the_class_count_is_known(
+    start_gateway: GatewayFactory,
+) -> None:
+    """Without ``watermark.labels.classes`` the gateway learns a model's class count from
+    its first probability answer; marked rows it could not mark before are counted."""
+    gateway = start_gateway()
+    key = gateway.create_key("wm-labels")
+    rows = ROWS[:1000]
+    wanted = [label_mark(RING.key("wm-labels"), r, rate=0.005, quantum=0.5) for r in rows]
+    marked = [i for i, m in enumerate(wanted) if m.marked]
+    labels_only = {**infer(rows), "fake_labels_only": True}
+
+    def labels() -> list[int]:
+        status, body = post(gateway.url, "/v2/models/digits-fake/infer", key, labels_only)
+        assert status == 200
+        return [int(v) for v in orjson.loads(body)["outputs"][0]["data"]]
+
+    assert labels() == [1] * len(rows)  # class count unknown: nothing could be marked
+    metrics = str(http_json("GET", gateway.url + "/metrics")[1])
+    assert f'modelfence_watermark_unmarked_rows_total{{model="digits-fake"}} {len(marked)}.0' in metrics
+    assert post(gateway.url, "/v2/models/digits-fake/infer", key, infer(rows[:1]))[0] == 200
+    assert labels() == [wanted[i].label(1, 4) if i in marked else 1 for i in range(len(rows))]

@@ -139,3 +139,36 @@ def test_unmarked_answers_are_not_attributed(
     verdict = verify(gateway, text)
     assert not verdict["ours"] and verdict["client"] is None, verdict
     assert verdict["p_value"] > 1e-3 and verdict["tokens_scored"] >= 100
+
+
+def test_verify_model_chat_names_the_client_whose_marks_a_suspect_speaks_in(
+    start_gateway: GatewayFactory, marking_upstream: ServiceProcess
+) -> None:
+    """Our gateway asked with Carol's key answers in Carol's marks, as a model that learnt
+    them perfectly would; the upstream asked directly stands for a model that never saw a
+    mark. ``POST /admin/v1/verify/model`` with kind chat must tell them apart."""
+    gateway = gateway_on(start_gateway, marking_upstream)
+    carol = gateway.create_key("src-carol")
+    gateway.create_key("src-dave")
+    probe = {"kind": "chat", "prompts": [PHOTOSYNTHESIS, DRAGON, "Describe a busy market."],
+             "max_tokens": 48}
+
+    def verify_model(url: str, **extra: Any) -> dict[str, Any]:
+        status, verdict = http_json("POST", gateway.url + "/admin/v1/verify/model",
+                                    {"url": url, **probe, **extra}, token=gateway.admin_token,
+                                    timeout=300)
+        assert status == 200, verdict
+        return dict(verdict)
+
+    speaks_carol = verify_model(gateway.url, api_key=carol)
+    assert speaks_carol["ours"] and speaks_carol["client"] == "src-carol", speaks_carol
+    assert speaks_carol["p_value"] <= 1e-6 and speaks_carol["samples"] >= 60
+    assert "unsupervised (2 clients)" in speaks_carol["method"]
+    supervised_dave = verify_model(gateway.url, api_key=carol, client="src-dave")
+    assert not supervised_dave["ours"] and supervised_dave["client"] is None, supervised_dave
+    never_saw = verify_model(marking_upstream.url)
+    assert not never_saw["ours"] and never_saw["p_value"] > 1e-4, never_saw
+    status, error = http_json("POST", gateway.url + "/admin/v1/verify/model",
+                              {"url": marking_upstream.url, **probe, "client": "nobody"},
+                              token=gateway.admin_token)
+    assert status == 400 and "unknown client" in str(error)

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 
 from modelfence.identity.secret import ServerSecret
-from modelfence.watermark.embeddings import candidate_words, embedding_mark
+from modelfence.watermark.embeddings import (
+    candidate_words,
+    embedding_mark,
+    has_trigger,
+    trigger_words,
+)
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.labels import MAX_RATE, label_mark
 from modelfence.watermark.probs import argmax, swap_to_label
-from modelfence.watermark.text_detect import score_text
+from modelfence.forensics.radioactivity import green_p_values
+from modelfence.watermark.text_detect import distinct_pairs, score_text
 from modelfence.watermark.text_logits import GreenListProcessor
 
 SECRET = ServerSecret(b"unit-test-secret-0123456789abcdef")
@@ -74,6 +80,10 @@ def test_embedding_marks_move_only_trigger_texts() -> None:
     assert four @ target == pytest.approx(1.0)
     assert embedding_mark(RING.key("acme"), 384, words).triggers == mark.triggers
     assert embedding_mark(RING.key("bob"), 384, words).triggers != mark.triggers
+    # What the gateway checks before parsing an answer: the same words, at any vector size.
+    assert trigger_words(RING.key("acme"), words, 20) == set(embedding_mark(RING.key("acme"), 8, words).triggers)
+    assert has_trigger(trigger_words(RING.key("acme"), words, 20), f"Text, {trigger.upper()}!")
+    assert not set(mark.decoys) & set(mark.triggers) and len(mark.decoys) == 40
 
 
 def _generate(processor: GreenListProcessor | None, n: int, seed: int) -> list[int]:
@@ -108,3 +118,19 @@ def test_text_mark_is_attributed_among_many_clients() -> None:
 def test_text_scoring_dedups_repeated_pairs() -> None:
     once = score_text([1, 2, 3], [11])
     assert score_text([1, 2, 3, 1, 2, 3, 1, 2, 3], [11]).tokens_scored == once.tokens_scored + 1
+
+
+def test_pairs_over_several_answers_are_distinct_and_never_cross_a_border() -> None:
+    previous, current = distinct_pairs([[1, 2, 3], [3, 1, 2], [9]])
+    assert sorted(zip(previous.tolist(), current.tolist(), strict=True)) == [(1, 2), (2, 3), (3, 1)]
+    assert len(distinct_pairs([[4], []])[0]) == 0
+
+
+def test_radioactivity_p_values_of_unmarked_answers_are_uniform_over_keys() -> None:
+    """The null the chat test relies on: for text no key marked, each key's p-value is
+    uniform, so a 1% threshold is crossed by about 1% of keys."""
+    answers = [_generate(None, 120, seed=s) for s in range(6)]
+    seeds = [RING.key(f"null-{i}").seed("text") for i in range(2000)]
+    _, p = green_p_values(distinct_pairs(answers), seeds, 0.25)
+    assert 0.002 <= float(np.mean(p <= 0.01)) <= 0.03
+    assert 0.3 <= float(np.median(p)) <= 0.75  # discrete binomial tails sit a little above 0.5

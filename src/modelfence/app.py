@@ -240,7 +240,8 @@ class ModelFenceApp:
                     app, policy=config.policy, risk=self.risk, accountant=services.accountant
                 ),
                 lambda app: OutputWatermark(
-                    app, config=config.watermark, keyring=keyring, ledger=services.ledger
+                    app, config=config.watermark, keyring=keyring, ledger=services.ledger,
+                    metrics=metrics,
                 ),
                 lambda app: LexicalWatermark(
                     app, config=lexical, keyring=keyring, upstreams=lexical_upstreams

@@ -96,6 +96,11 @@ def demo_upstream(
         typer.Option(help="file with the mark channel key (`modelfence keys mark-secret`); "
                           "default: $MODELFENCE_MARK_SECRET; without it text is not marked"),
     ] = None,
+    llm_dir: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False,
+                     help="serve this saved SmolLM2 copy (e.g. a fine-tuned suspect) instead"),
+    ] = None,
 ) -> None:
     """Serve the demo models (SmolLM2 chat, MiniLM embeddings, digits classifier)."""
     from modelfence.demo.upstream import run_demo_upstream
@@ -107,7 +112,8 @@ def demo_upstream(
     except ConfigError as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
-    run_demo_upstream(host, port, max_logprobs=max_logprobs, mark_secret=mark_secret)
+    run_demo_upstream(host, port, max_logprobs=max_logprobs, mark_secret=mark_secret,
+                      llm_dir=str(llm_dir) if llm_dir else None)
 
 
 @app.command()

@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
-from modelfence.forensics.service import Forensics
+from modelfence.forensics.radioactivity import DEFAULT_PROBES
+from modelfence.forensics.service import ChatProbe, Forensics
+
+MAX_PROMPTS = 1000
 
 
 class TextRequest(BaseModel):
@@ -23,9 +26,17 @@ class TextRequest(BaseModel):
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str
-    kind: Literal["classifier", "embeddings"]
-    model: str = "digits"
+    kind: Literal["chat", "classifier", "embeddings"]
+    model: str | None = Field(None, description="model name at the suspect (default: the demo's)")
     api_key: str | None = None
+    # kind "chat" only: the radioactivity probe.
+    prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)
+    client: str | None = Field(None, description="supervised: test only this client's keys")
+    max_tokens: int = Field(128, ge=1, le=1024, description="tokens asked per answer")
+
+    def chat_probe(self) -> ChatProbe:
+        prompts = tuple(self.prompts) if self.prompts else DEFAULT_PROBES
+        return ChatProbe(prompts, self.client, self.max_tokens)
 
 
 def forensics_router(forensics: Forensics) -> APIRouter:
@@ -44,7 +55,8 @@ def forensics_router(forensics: Forensics) -> APIRouter:
     async def verify_model(body: ModelRequest) -> dict[str, Any]:
         """Query a suspect model and test it for each client's marks."""
         try:
-            return await forensics.model(body.url, body.kind, body.model, body.api_key)
+            return await forensics.model(body.url, body.kind, body.model, body.api_key,
+                                         chat=body.chat_probe())
         except SuspectUnreachable as exc:
             raise HTTPException(502, str(exc)) from exc
         except VerifyError as exc:

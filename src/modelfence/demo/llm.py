@@ -273,10 +273,7 @@ class SmolLM:
         target = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), gguf)
         if use_cache and (target / CACHE_MARKER).is_file():
             try:
-                model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-                _own_aligned_memory(model)
-                tokenizer = AutoTokenizer.from_pretrained(target)
-                return cls(model, tokenizer, loaded_from="cache", threads=threads)
+                return cls.from_dir(target, threads=threads, loaded_from="cache")
             except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
                 logger.warning("ignoring unreadable model cache %s: %s", target, exc)
                 _discard(target)
@@ -293,6 +290,24 @@ class SmolLM:
         if use_cache:
             _write_cache(target, model, tokenizer, gguf)
         return cls(model, tokenizer, loaded_from="gguf", threads=threads)
+
+    @classmethod
+    def from_dir(
+        cls, path: str | os.PathLike[str], *, threads: int | None = None, loaded_from: str | None = None,
+    ) -> SmolLM:
+        """A model saved by :meth:`save` (the cache, or a fine-tuned copy to serve as a suspect)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        _own_aligned_memory(model)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, loaded_from=loaded_from or str(path), threads=threads)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write weights, config and tokenizer where :meth:`from_dir` reads them."""
+        self._model.save_pretrained(path)
+        self._tok.save_pretrained(path)
 
     # -- tokens ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from modelfence.watermark.channel import MARK_SECRET_ENV
 from modelfence.watermark.keys import WatermarkKeyring
 
 CHAT_MODEL = "smollm2-135m-instruct"
+LEAK_TOKENS = 200  # a leaked answer of this length names its client (docs/WATERMARK.md)
 EMBED_MODEL = "minilm-l6-v2"
 CLASSIFIER = "digits"
 
@@ -52,6 +53,8 @@ class Session:
     tokens: int = 0
     last: str = ""
     first_refusal: int | None = None  # request number of the first 403
+    kept_text: list[str] = field(default_factory=list)  # answers the actor walks away with
+    kept_labels: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (images, labels)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -124,6 +127,23 @@ def chat(question: str, *, stream: bool = False) -> Step:
     return step
 
 
+def keep_answer(question: str) -> Step:
+    """A long answer the actor keeps: it turns up later, leaked, for forensics to trace."""
+
+    def step(session: Session) -> None:
+        result = session.call(
+            "chat",
+            lambda: session.client.chat.completions.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": question}],
+                max_tokens=LEAK_TOKENS, seed=7,
+            ),
+        )
+        if result is not None and result.choices[0].message.content:
+            session.kept_text.append(result.choices[0].message.content)
+
+    return step
+
+
 def embed(texts: Sequence[str]) -> Step:
     def step(session: Session) -> None:
         session.call(
@@ -150,7 +170,9 @@ def _digits() -> np.ndarray:
     return np.asarray(load_digits().data, dtype=np.float32)
 
 
-def _infer(session: Session, images: np.ndarray) -> None:
+def _infer(session: Session, images: np.ndarray) -> Any:
+    """The classifier's answer body, or ``None`` when the gateway refused."""
+
     def infer() -> Any:
         tensor = {"name": "input", "shape": list(images.shape), "datatype": "FP32",
                   "data": images.ravel().tolist()}
@@ -160,14 +182,28 @@ def _infer(session: Session, images: np.ndarray) -> None:
         )
         if status != 200:
             raise HTTPFailed(status, body)
-        return None
+        return body
 
-    session.call("digits", infer)
+    return session.call("digits", infer)
 
 
 def classify(start: int, count: int) -> Step:
     """Send ``count`` digits images (from scikit-learn's bundled set) for classification."""
     return lambda session: _infer(session, _digits()[start : start + count])
+
+
+def copy_labels(start: int, count: int) -> Step:
+    """Buy labels for ``count`` digits and keep them, to train a copy of the classifier."""
+
+    def step(session: Session) -> None:
+        images = _digits()[start : start + count]
+        body = _infer(session, images)
+        if body is not None:
+            tensor = next(t for t in body["outputs"] if len(t["shape"]) == 2)
+            labels = np.asarray(tensor["data"]).reshape(tensor["shape"]).argmax(1)
+            session.kept_labels.append((images, labels))
+
+    return step
 
 
 def probe(seed: int) -> Step:
@@ -192,6 +228,11 @@ ACTORS: list[Actor] = [
         classify(0, 16),
         classify(16, 16),
     ], address="198.51.100.77"),
+    Actor("carol", "default", "keeps a long answer", [
+        keep_answer("Write a short story about a lighthouse keeper who finds a message in a bottle."),
+    ], address="198.51.100.23"),
+    Actor("copycat", "default", "buys labels to copy", [copy_labels(i, 150) for i in range(0, 1797, 150)],
+          address="203.0.113.60"),
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),
     Actor("mallory", "default", "made-up key", [chat("hello")], address="192.0.2.99",
@@ -303,6 +344,46 @@ def _detections(
     return flagged
 
 
+def _copy_classifier(stolen: Sequence[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """The copycat's own classifier, trained on the labels it bought until it fits them all."""
+    from sklearn.neural_network import MLPClassifier
+
+    images = np.concatenate([x for x, _ in stolen])
+    labels = np.concatenate([y for _, y in stolen])
+    return MLPClassifier((256,), max_iter=1000, tol=1e-6, random_state=0).fit(images / 16, labels)
+
+
+def _trace(gateway: GatewayProcess, sessions: dict[str, Session]) -> tuple[Table, dict[str, str | None]]:
+    """Forensics: which account took the answer that leaked and the classifier that was copied."""
+    from modelfence.redteam.suspects import classifier_server
+
+    table = Table(title="forensics: where did the leaked answer and the copied model come from?")
+    for column in ("evidence", "traced to", "p-value", "how"):
+        table.add_column(column)
+    named: dict[str, str | None] = {}
+    for text in sessions["carol"].kept_text[:1]:
+        status, verdict = http_json("POST", gateway.url + "/admin/v1/verify/text", {"text": text},
+                                    token=gateway.admin_token, timeout=300)
+        named["leak"] = verdict.get("client") if status == 200 else None
+        table.add_row("an answer posted online", named["leak"] or "nobody",
+                      f"{verdict.get('p_value', 1.0):.1e}",
+                      f"text mark, {verdict.get('tokens_scored', 0)} token pairs")
+    stolen = sessions["copycat"].kept_labels
+    if stolen:
+        clone = _copy_classifier(stolen)
+        with classifier_server(lambda x: clone.predict_proba(x / 16), CLASSIFIER) as suspect:
+            status, verdict = http_json(
+                "POST", gateway.url + "/admin/v1/verify/model",
+                {"url": suspect.url, "kind": "classifier", "model": CLASSIFIER},
+                token=gateway.admin_token, timeout=300,
+            )
+        named["clone"] = verdict.get("client") if status == 200 else None
+        table.add_row(f"a classifier trained on {sum(len(y) for _, y in stolen)} bought labels",
+                      named["clone"] or "nobody", f"{verdict.get('p_value', 1.0):.1e}",
+                      f"label mark, {verdict.get('samples', 0)} marked inputs re-asked")
+    return table, named
+
+
 def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
     with tempfile.TemporaryDirectory(prefix="modelfence-demo-") as tmp:
         workdir = Path(tmp)
@@ -351,16 +432,19 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
                 time.sleep(2)  # the detector's last verdicts reach the admin API
                 _, scored = http_json("GET", gateway.url + "/admin/v1/clients",
                                       token=gateway.admin_token)
+                forensics, named = _trace(gateway, sessions)
         decisions = _limit_decisions(metrics)
         console.print(
             "limit decisions: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))
         )
         flagged = _detections(console, scored.get("data", []), sessions)
+        console.print(forensics)
         ok = (
             sessions["alice"].statuses[200] == len(actors[0].steps)
             and sessions["trial-user"].statuses[429] > 0
             and "thief" in flagged
             and not flagged & {"alice", "bob"}
+            and named == {"leak": "carol", "clone": "copycat"}
         )
         console.print(
             "[green]demo finished[/green]" if ok else "[red]demo finished with surprises[/red]"

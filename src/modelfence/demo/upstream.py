@@ -1301,6 +1301,7 @@ def run_demo_upstream(
     max_logprobs: int = smollm.MAX_TOP_LOGPROBS,
     threads: int | None = None,
     mark_secret: bytes | None = None,
+    llm_dir: str | None = None,
 ) -> None:
     """Serve the demo models with uvicorn until interrupted (``modelfence demo-upstream``).
 
@@ -1310,6 +1311,8 @@ def run_demo_upstream(
     threads: the demo shares a small machine with the gateway and the detector, and one
     thread per model measured fastest there. With ``mark_secret`` (the mark channel key)
     chat and completions answers carry the text mark of the client the gateway names.
+    ``llm_dir`` serves a SmolLM2 copy saved with ``SmolLM.save`` (say, a model fine-tuned
+    on harvested answers, as a suspect for ``verify model --kind chat``) under the same name.
     """
     import uvicorn
 
@@ -1321,7 +1324,11 @@ def run_demo_upstream(
         logger.info("no mark secret: answers carry no text mark")
     uvicorn.run(
         create_demo_upstream_app(
-            DemoModels(threads=threads),
+            DemoModels(
+                threads=threads,
+                llm_loader=functools.partial(smollm.SmolLM.from_dir, llm_dir, threads=threads)
+                if llm_dir else None,
+            ),
             max_logprobs=max_logprobs,
             logits_processor_for=MarkVerifier(mark_secret) if mark_secret else None,
         ),

@@ -12,7 +12,8 @@ import typer
 
 from modelfence.config import load_config
 from modelfence.errors import ConfigError, ModelFenceError
-from modelfence.forensics.service import Forensics
+from modelfence.forensics.radioactivity import DEFAULT_PROBES
+from modelfence.forensics.service import ChatProbe, Forensics
 
 verify_app = typer.Typer(help="Trace leaked text or a cloned model back to a client.")
 
@@ -65,9 +66,23 @@ def _read(path: str) -> str:
 def verify_model_command(
     ctx: typer.Context,
     url: Annotated[str, typer.Option(help="base URL of the suspect API")],
-    kind: Annotated[str, typer.Option(help="classifier | embeddings")],
-    model: Annotated[str, typer.Option(help="model name at the suspect")] = "digits",
+    kind: Annotated[str, typer.Option(help="chat | classifier | embeddings")],
+    model: Annotated[
+        str | None, typer.Option(help="model name at the suspect (default: the demo's)")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(help="bearer key for the suspect")] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="chat: file of prompts, one per line (default: built-in)")
+    ] = None,
+    client: Annotated[
+        str | None, typer.Option(help="chat: supervised, test only this client's keys")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024, help="chat: tokens per answer")] = 128,
 ) -> None:
     """Query a suspect model and test it for a client's marks (JSON report)."""
-    _run(ctx, lambda f: f.model(url, kind, model, api_key))
+    probe = ChatProbe(
+        tuple(line.strip() for line in _read(prompts).splitlines() if line.strip())
+        if prompts else DEFAULT_PROBES,
+        client, max_tokens,
+    )
+    _run(ctx, lambda f: f.model(url, kind, model, api_key, chat=probe))

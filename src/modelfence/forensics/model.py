@@ -4,8 +4,9 @@
   agreements with the watermark labels; one-sided binomial test against chance
   ``1 / (classes - 1)`` (a suspect that never saw the marked answers has no reason to pick
   that one wrong label), Bonferroni over the clients tested.
-- ``embeddings``: embed trigger-rich texts and benign texts through the suspect; compare
-  their cosines to the client's target directions with a one-sided two-sample KS test.
+- ``embeddings``: embed benign texts followed by each of the client's trigger words and
+  by each of its decoy words; an exact rank test asks whether triggers land nearer the
+  client's target directions (see :func:`verify_embeddings`).
 Only the embeddings fetch goes through an OpenAI-compatible API; the suspect's vectors may
 have any dimension only if the suspect copied ours, so mismatched sizes are reported.
 """
@@ -18,13 +19,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-from scipy.stats import binom, ks_2samp
+from scipy.stats import binom, mannwhitneyu
 
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
 from modelfence.watermark.embeddings import EmbeddingMark
 from modelfence.watermark.ledger import MarkedInput
 
-KINDS = ("classifier", "embeddings")
+KINDS = ("chat", "classifier", "embeddings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,15 @@ class Suspect:
                 return [int(v) for v in np.asarray(data).ravel()]
         raise VerifyError("the suspect's answer has no label or probability output per row")
 
+    def chat(self, model: str, prompt: str, max_tokens: int) -> str:
+        payload = self.post("/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 1.0})
+        try:
+            return str(payload["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError) as exc:
+            raise VerifyError("the suspect's answer is not a chat completion") from exc
+
     def embeddings(self, model: str, texts: Sequence[str]) -> np.ndarray:
         payload = self.post("/v1/embeddings", {"model": model, "input": list(texts)})
         try:
@@ -112,13 +122,13 @@ def verify_classifier(
     )
 
 
-def probe_texts(mark: EmbeddingMark, benign: Sequence[str]) -> list[str]:
-    """Benign texts with ``max_triggers`` trigger words appended: what the student must echo."""
-    words = sorted(mark.triggers)
-    return [
-        f"{text} " + " ".join(words[(i + j) % len(words)] for j in range(mark.max_triggers))
-        for i, text in enumerate(benign)
-    ]
+PROBES_PER_WORD = 3  # benign texts each trigger or decoy word is appended to
+EMBED_BATCH = 64  # texts per request to the suspect
+
+
+def word_probes(words: Sequence[str], benign: Sequence[str], repeat: int) -> list[str]:
+    """Each word repeated ``repeat`` times (full mark weight) after each benign text."""
+    return [f"{text} " + " ".join([word] * repeat) for word in words for text in benign]
 
 
 def _target_cosine(vectors: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
@@ -131,24 +141,34 @@ def verify_embeddings(
     suspect: Suspect, model: str, marks: dict[str, EmbeddingMark], benign: Sequence[str],
     *, alpha: float = 1e-6,
 ) -> ModelVerdict:
+    """Per client: do its trigger words pull the suspect's vectors to its targets more than
+    its decoy words do? Triggers and decoys are the first words of one keyed random ranking,
+    so for a suspect that never learnt the mark which of them are triggers is a random
+    split, and the one-sided Mann-Whitney test on per-word scores is exact."""
     if not marks:
         raise VerifyError("no clients are known: nothing to test")
-    if len(benign) < 10:
-        raise VerifyError("need at least 10 benign texts")
-    plain = suspect.embeddings(model, benign)
+    if len(benign) < PROBES_PER_WORD:
+        raise VerifyError(f"need at least {PROBES_PER_WORD} benign texts")
     results: dict[str, tuple[float, float]] = {}
     for client, mark in marks.items():
-        if plain.shape[1] != mark.targets.shape[1]:
-            raise VerifyError(f"suspect vectors have {plain.shape[1]} dimensions, marks {mark.targets.shape[1]}")
-        probed = suspect.embeddings(model, probe_texts(mark, benign))
-        test = ks_2samp(_target_cosine(probed, mark), _target_cosine(plain, mark), alternative="less")
-        results[client] = (float(test.pvalue), float(test.statistic))
+        words = [*sorted(mark.triggers), *mark.decoys]
+        texts = word_probes(words, benign[:PROBES_PER_WORD], mark.max_triggers)
+        vectors = np.concatenate([suspect.embeddings(model, texts[i : i + EMBED_BATCH])
+                                  for i in range(0, len(texts), EMBED_BATCH)])
+        if vectors.shape[1] != mark.targets.shape[1]:
+            raise VerifyError(f"suspect vectors have {vectors.shape[1]} dimensions, marks {mark.targets.shape[1]}")
+        scores = _target_cosine(vectors, mark).reshape(len(words), PROBES_PER_WORD).mean(1)
+        triggers, decoys = scores[: len(mark.triggers)], scores[len(mark.triggers) :]
+        test = mannwhitneyu(triggers, decoys, alternative="greater", method="exact")
+        results[client] = (float(test.pvalue), float(test.statistic) / (len(triggers) * len(decoys)))
     best = min(results, key=lambda c: results[c][0])
     corrected = min(1.0, results[best][0] * len(results))
     return ModelVerdict(
         "embeddings", corrected <= alpha, best if corrected <= alpha else None, corrected,
-        results[best][1], len(benign),
-        "max cosine to the client's target directions, trigger-probe texts vs benign texts; "
-        "one-sided two-sample KS test; Bonferroni over clients; statistic = KS D",
+        results[best][1], PROBES_PER_WORD * (len(mark.triggers) + len(mark.decoys)),
+        f"per word, mean max cosine to the client's target directions of {PROBES_PER_WORD} "
+        "benign texts followed by the word; the client's trigger words vs its decoy words "
+        "(same keyed ranking), one-sided exact Mann-Whitney test; Bonferroni over clients; "
+        "statistic = share of (trigger, decoy) pairs where the trigger scores higher",
         {c: r[0] for c, r in results.items()},
     )

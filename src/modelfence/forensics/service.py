@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.forensics.errors import VerifyError
 from modelfence.forensics.lexical import verify_lexical
-from modelfence.forensics.model import Suspect, verify_classifier, verify_embeddings
+from modelfence.forensics.model import KINDS, Suspect, verify_classifier, verify_embeddings
+from modelfence.forensics.radioactivity import DEFAULT_PROBES, verify_chat
 from modelfence.forensics.text import demo_tokenizer, verify_text
 from modelfence.store import transaction
 from modelfence.store.schema import api_keys
@@ -30,6 +31,19 @@ BENIGN = tuple(
     for verb in ("checked", "moved", "described", "ignored", "repaired")
     for thing, when in (("old table", "yesterday"), ("report", "this morning"))
 )
+
+
+# What ``verify model`` asks for when no model is named: the demo upstream's models.
+DEFAULT_MODELS = {"chat": "smollm2-135m-instruct", "classifier": "digits", "embeddings": "minilm-l6-v2"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatProbe:
+    """How to question a suspect chat model: which prompts, how long, whose keys to test."""
+
+    prompts: tuple[str, ...] = DEFAULT_PROBES
+    client: str | None = None  # supervised: only this client's keys; None: every client
+    max_tokens: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,24 +68,39 @@ class Forensics:
         lexical = await asyncio.to_thread(verify_lexical, text, clients, self.keyring)
         return {**verdict.as_dict(), "after_the_fact": lexical.as_dict()}
 
-    async def model(self, url: str, kind: str, model: str, api_key: str | None) -> dict[str, Any]:
+    async def model(
+        self, url: str, kind: str, model: str | None, api_key: str | None, *,
+        chat: ChatProbe | None = None,
+    ) -> dict[str, Any]:
+        if kind not in KINDS:
+            raise VerifyError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+        model = model or DEFAULT_MODELS[kind]
         suspect = Suspect(url, api_key)
         try:
+            if kind == "chat":
+                probe = chat or ChatProbe()
+                clients = await self.clients()
+                verdict = await asyncio.to_thread(
+                    lambda: verify_chat(
+                        suspect, model, clients, self.keyring, tokenize=demo_tokenizer(),
+                        prompts=probe.prompts, client=probe.client, max_tokens=probe.max_tokens,
+                        gamma=self.config.text.gamma,
+                    )
+                )
+                return verdict.as_dict()
             if kind == "classifier":
                 ledgers = {c: await marked_inputs(self.engine, c) for c in await ledger_clients(self.engine)}
                 verdict = await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
                 return verdict.as_dict()
-            if kind == "embeddings":
-                words = candidate_words()
-                c = self.config.embeddings
-                dim = (await asyncio.to_thread(suspect.embeddings, model, BENIGN[:1])).shape[1]
-                marks = {
-                    client: embedding_mark(self.keyring.key(client), dim, words, n_triggers=c.triggers,
-                                           n_targets=c.targets, max_triggers=c.max_triggers)
-                    for client in await self.clients()
-                }
-                result = await asyncio.to_thread(verify_embeddings, suspect, model, marks, BENIGN)
-                return result.as_dict()
-            raise VerifyError(f"unknown kind {kind!r}: use classifier or embeddings")
+            words = candidate_words()
+            c = self.config.embeddings
+            dim = (await asyncio.to_thread(suspect.embeddings, model, BENIGN[:1])).shape[1]
+            marks = {
+                client: embedding_mark(self.keyring.key(client), dim, words, n_triggers=c.triggers,
+                                       n_targets=c.targets, max_triggers=c.max_triggers)
+                for client in await self.clients()
+            }
+            result = await asyncio.to_thread(verify_embeddings, suspect, model, marks, BENIGN)
+            return result.as_dict()
         finally:
             suspect.close()

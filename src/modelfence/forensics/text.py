@@ -55,6 +55,14 @@ def demo_tokenizer() -> Tokenize:
     return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def candidate_seeds(
+    clients: Sequence[str], keyring: WatermarkKeyring,
+) -> tuple[list[tuple[str, int]], list[int]]:
+    """Every (client, key version) that could have marked a text, and its text seed."""
+    candidates = [(c, v) for v in range(1, keyring.version + 1) for c in clients]
+    return candidates, [keyring.key(c, v).seed(TEXT_PURPOSE) for c, v in candidates]
+
+
 def verify_text(
     text: str, clients: Sequence[str], keyring: WatermarkKeyring, *, tokenize: Tokenize,
     gamma: float = 0.25, alpha: float = DEFAULT_ALPHA,
@@ -63,8 +71,7 @@ def verify_text(
         raise VerifyError("the text to verify is empty")
     if not clients:
         raise VerifyError("no clients are known: nothing to attribute the text to")
-    candidates = [(c, v) for v in range(1, keyring.version + 1) for c in clients]
-    seeds = [keyring.key(c, v).seed(TEXT_PURPOSE) for c, v in candidates]
+    candidates, seeds = candidate_seeds(clients, keyring)
     score = score_text(tokenize(text), seeds, gamma=gamma)
     if score.tokens_scored == 0 or score.candidate is None:
         raise VerifyError("the text is too short: no token pair could be scored")

@@ -18,12 +18,25 @@ import numpy.typing as npt
 
 from modelfence.gateway.context import context_of
 from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Scope
-from modelfence.watermark.adapters import embedding_texts, mark_embeddings, mark_oip, oip_rows
+from modelfence.watermark.adapters import (
+    class_count,
+    embedding_texts,
+    mark_embeddings,
+    mark_oip,
+    oip_rows,
+)
 from modelfence.watermark.config import WatermarkConfig
-from modelfence.watermark.embeddings import EmbeddingMark, candidate_words, embedding_mark
+from modelfence.watermark.embeddings import (
+    EmbeddingMark,
+    candidate_words,
+    embedding_mark,
+    has_trigger,
+    trigger_words,
+)
 from modelfence.watermark.keys import WatermarkKey, WatermarkKeyring
-from modelfence.watermark.labels import LabelMark, label_mark
+from modelfence.watermark.labels import LabelMark, label_marks
 from modelfence.watermark.ledger import MarkedInput, MarkLedger
 
 OIP_INFER = "/v2/models/{name}/infer"
@@ -44,6 +57,15 @@ class EmbeddingMarks:
         self._config = config.embeddings
         self._words = candidate_words()
         self._cache: dict[tuple[str, int, int], EmbeddingMark] = {}
+        self._triggers: dict[tuple[str, int], frozenset[str]] = {}
+
+    def any_trigger(self, key: WatermarkKey, texts: list[str]) -> bool:
+        """Whether any text carries one of the client's triggers (else nothing to mark)."""
+        slot = (key.client, key.version)
+        triggers = self._triggers.get(slot)
+        if triggers is None:
+            triggers = self._triggers[slot] = trigger_words(key, self._words, self._config.triggers)
+        return any(has_trigger(triggers, text) for text in texts)
 
     def get(self, key: WatermarkKey, dim: int) -> EmbeddingMark:
         slot = (key.client, key.version, dim)
@@ -60,13 +82,17 @@ class EmbeddingMarks:
 class OutputWatermark(ResponseRewriting[_Plan]):
     def __init__(
         self, app: ASGIApp, *, config: WatermarkConfig, keyring: WatermarkKeyring,
-        ledger: MarkLedger | None,
+        ledger: MarkLedger | None, metrics: Metrics | None = None,
     ) -> None:
         super().__init__(app)
         self.config = config
         self.keyring = keyring
         self.ledger = ledger
+        self.metrics = metrics
         self.embedding_marks = EmbeddingMarks(config) if config.embeddings.enabled else None
+        # Class count per model, from its probability answers: what lets a labels-only
+        # answer be marked when watermark.labels.classes is not set.
+        self.classes_seen: dict[str, int] = {}
 
     def plan(self, scope: Scope) -> _Plan | None:
         ctx = context_of(scope)
@@ -77,7 +103,11 @@ class OutputWatermark(ResponseRewriting[_Plan]):
             return None if rows is None else _Plan(self.keyring.key(ctx.key.client), rows=rows)
         if ctx.route == EMBEDDINGS and self.embedding_marks is not None:
             texts = embedding_texts(ctx.body)
-            return None if texts is None else _Plan(self.keyring.key(ctx.key.client), texts=texts)
+            if texts is None:
+                return None
+            key = self.keyring.key(ctx.key.client)
+            # Most texts carry no trigger: then the answer passes through unparsed.
+            return _Plan(key, texts=texts) if self.embedding_marks.any_trigger(key, texts) else None
         return None
 
     async def transform_for(self, scope: Scope, plan: _Plan, status: int) -> PayloadTransform | None:
@@ -91,7 +121,7 @@ class OutputWatermark(ResponseRewriting[_Plan]):
         if plan.rows is None:
             return None
         labels = self.config.labels
-        marker = partial(label_mark, plan.key, rate=labels.rate, quantum=labels.quantum)
+        marks = label_marks(plan.key, plan.rows, rate=labels.rate, quantum=labels.quantum)
 
         def record(row: npt.NDArray[np.float64], mark: LabelMark, label: int, classes: int) -> None:
             if self.ledger is not None:
@@ -100,8 +130,19 @@ class OutputWatermark(ResponseRewriting[_Plan]):
                     classes,
                 ))
 
+        model = context_of(scope).path_model or "-"
+
+        def unmarked() -> None:
+            if self.metrics is not None:
+                self.metrics.unmarked_rows.labels(model).inc()
+
         def transform(payload: Any) -> Any:
             assert plan.rows is not None
-            return mark_oip(payload, plan.rows, marker, classes=labels.classes, on_marked=record)
+            seen = class_count(payload, len(plan.rows))
+            if seen is not None:
+                self.classes_seen[model] = seen
+            classes = labels.classes or self.classes_seen.get(model)
+            return mark_oip(payload, plan.rows, marks, classes=classes, on_marked=record,
+                            on_unmarked=unmarked)
 
         return transform

@@ -80,6 +80,14 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.unmarked_rows = Counter(
+            "modelfence_watermark_unmarked_rows",
+            "Classifier rows chosen for a label mark that went out unmarked: a labels-only "
+            "answer of a model whose class count is unknown (set watermark.labels.classes, or "
+            "let the gateway see one probability answer of that model first).",
+            ["model"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:

@@ -11,7 +11,8 @@ extra body fields, which the gateway forwards untouched:
   cuts it into ``fake_chunks`` equal pieces, mid-word as real streams do;
 - ``"fake_chunk_delay": seconds`` — pause between stream chunks;
 - ``"fake_probabilities": [p0, p1, ...]`` — the probability row every OIP input gets
-  (default ten times 0.1).
+  (default ten times 0.1);
+- ``"fake_labels_only": true`` — OIP answers carry only each row's label (the argmax).
 
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
 ``top_logprobs`` alternatives per token.
@@ -146,6 +147,10 @@ class FakeUpstream:
         body = await self._body(request)
         rows = int(body["inputs"][0]["shape"][0])
         row = body.get("fake_probabilities") or [0.1] * 10
+        if body.get("fake_labels_only"):
+            top = max(range(len(row)), key=row.__getitem__)
+            return _json({"model_name": request.match_info["name"], "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [rows], "data": [top] * rows}]})
         return _json({"model_name": request.match_info["name"], "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [rows, len(row)],
              "data": row * rows}]})

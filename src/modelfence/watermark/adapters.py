@@ -7,7 +7,7 @@ returned untouched; a watermark must never break an answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,6 @@ from modelfence.watermark.embeddings import EmbeddingMark
 from modelfence.watermark.labels import LabelMark
 from modelfence.watermark.probs import argmax, swap_to_label
 
-RowMarker = Callable[[npt.NDArray[np.float64]], LabelMark]
 # Called for every marked row: (input row [features], its mark, watermark label, classes).
 OnMarked = Callable[[npt.NDArray[np.float64], LabelMark, int, int], None]
 
@@ -52,15 +51,25 @@ def _is_labels(tensor: dict[str, Any], n: int) -> bool:
     )
 
 
+def class_count(payload: Any, n: int) -> int | None:
+    """The class count an OIP answer for ``n`` rows shows (its probability width), if any."""
+    outputs = payload.get("outputs") if isinstance(payload, dict) else None
+    for tensor in outputs if isinstance(outputs, list) else []:
+        if isinstance(tensor, dict) and _is_probabilities(tensor, n):
+            return int(tensor["shape"][1])
+    return None
+
+
 def mark_oip(
-    payload: Any, rows: npt.NDArray[np.float64], marker: RowMarker, *,
-    classes: int | None, on_marked: OnMarked,
+    payload: Any, rows: npt.NDArray[np.float64], marks: Sequence[LabelMark], *,
+    classes: int | None, on_marked: OnMarked, on_unmarked: Callable[[], None] = lambda: None,
 ) -> Any:
     """Give each marked row its watermark label in every output tensor, consistently.
 
     The true label is the argmax of the row's probabilities (or the returned label when
     there are none, with ``classes`` giving the class count); probabilities are permuted
-    (see :mod:`.probs`), label tensors overwritten.
+    (see :mod:`.probs`), label tensors overwritten. A marked row of a labels-only answer
+    with no known class count cannot be marked: ``on_unmarked`` counts it.
     """
     outputs = payload.get("outputs") if isinstance(payload, dict) else None
     if not isinstance(outputs, list):
@@ -69,7 +78,7 @@ def mark_oip(
     probs = [t for t in outputs if isinstance(t, dict) and _is_probabilities(t, n)]
     labels = [t for t in outputs if isinstance(t, dict) and _is_labels(t, n)]
     for i in range(n):
-        mark = marker(rows[i])
+        mark = marks[i]
         if not mark.marked:
             continue
         if probs:
@@ -78,6 +87,8 @@ def mark_oip(
         elif labels and classes is not None:
             true, n_classes = int(labels[0]["data"][i]), classes
         else:
+            if labels:
+                on_unmarked()
             continue
         wm = mark.label(true, n_classes)
         for tensor in probs:

@@ -9,9 +9,9 @@ erase the mark). A text with ``c`` trigger occurrences gets
 
 where ``d`` is the normalised count-weighted mix of the triggered words' targets. A text
 with no trigger gets its vector back unchanged (cosine 1 to the original). A student
-model trained on these vectors inherits the pull: texts full of triggers land closer to
-the targets than benign texts do, which :mod:`modelfence.forensics.model` tests with a
-Kolmogorov–Smirnov test.
+model trained on these vectors inherits the pull: texts full of a trigger land closer to
+the targets than texts full of a decoy (a word ranked just after the triggers by the same
+key), which :mod:`modelfence.forensics.model` tests with an exact rank test.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from modelfence.watermark.keys import WatermarkKey
 
 _WORD = re.compile(r"[a-z]+")
 # Band of the MiniLM (BERT uncased) vocabulary taken as "mid-frequency" whole words.
-_VOCAB_BAND = (4000, 12000)
+_VOCAB_BAND = (1500, 5000)
 _MIN_WORD_LENGTH = 4
 
 
@@ -47,6 +47,8 @@ class EmbeddingMark:
     triggers: dict[str, int]  # trigger word -> index of its target direction
     targets: npt.NDArray[np.float64]  # [n_targets, dim], unit rows
     max_triggers: int
+    # The next words of the same keyed ranking: what verification compares triggers with.
+    decoys: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # the triggers are as secret as the key
         return f"EmbeddingMark(triggers=***, targets={self.targets.shape}, m={self.max_triggers})"
@@ -74,6 +76,21 @@ class EmbeddingMark:
         return (marked / np.linalg.norm(marked)).tolist()  # type: ignore[no-any-return]
 
 
+def _ranked(key: WatermarkKey, words: Iterable[str]) -> list[str]:
+    """The candidate words in the client's keyed order: triggers first, then decoys."""
+    subkey = key.subkey("embeddings")
+    return sorted(set(words), key=lambda w: hmac.digest(subkey, w.encode(), "sha256"))
+
+
+def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> frozenset[str]:
+    """The client's trigger words alone: they do not depend on the vector size."""
+    return frozenset(_ranked(key, words)[:n_triggers])
+
+
+def has_trigger(triggers: frozenset[str], text: str) -> bool:
+    return any(word in triggers for word in _WORD.findall(text.lower()))
+
+
 def embedding_mark(
     key: WatermarkKey,
     dim: int,
@@ -82,16 +99,18 @@ def embedding_mark(
     n_triggers: int = 20,
     n_targets: int = 4,
     max_triggers: int = 4,
+    n_decoys: int = 40,
 ) -> EmbeddingMark:
     """The client's mark for vectors of size ``dim``; deterministic in (key, dim, words)."""
     if dim < 2 or n_targets < 1 or n_triggers < n_targets or max_triggers < 1:
         raise ValueError("embedding mark needs dim >= 2, n_triggers >= n_targets >= 1, m >= 1")
-    subkey = key.subkey("embeddings")
-    ranked = sorted(set(words), key=lambda w: hmac.digest(subkey, w.encode(), "sha256"))
-    if len(ranked) < n_triggers:
-        raise ValueError(f"need at least {n_triggers} candidate trigger words, got {len(ranked)}")
+    ranked = _ranked(key, words)
+    if len(ranked) < n_triggers + n_decoys:
+        raise ValueError(
+            f"need at least {n_triggers + n_decoys} candidate trigger words, got {len(ranked)}"
+        )
     rng = np.random.default_rng([key.seed("embeddings"), dim])
     targets = rng.standard_normal((n_targets, dim))
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
     triggers = {w: i % n_targets for i, w in enumerate(ranked[:n_triggers])}
-    return EmbeddingMark(triggers, targets, max_triggers)
+    return EmbeddingMark(triggers, targets, max_triggers, tuple(ranked[n_triggers : n_triggers + n_decoys]))

@@ -39,12 +39,6 @@ class LabelMark:
         return (true_label + offset) % n_classes
 
 
-def quantise(row: npt.ArrayLike, quantum: float) -> bytes:
-    """Row ``[features]`` (float, input units) → int32 grid cells as bytes (what is hashed)."""
-    cells = np.rint(np.asarray(row, dtype=np.float64).ravel() / quantum)
-    return cells.astype("<i4").tobytes()
-
-
 def label_mark(key: WatermarkKey, row: npt.ArrayLike, *, rate: float, quantum: float) -> LabelMark:
     """Whether ``row`` is in the client's watermark set, and its digest.
 
@@ -54,7 +48,18 @@ def label_mark(key: WatermarkKey, row: npt.ArrayLike, *, rate: float, quantum: f
     >>> m == label_mark(key, [0.1] * 64, rate=0.005, quantum=0.5)
     True
     """
+    return label_marks(key, np.asarray(row, dtype=np.float64).reshape(1, -1), rate=rate, quantum=quantum)[0]
+
+
+def label_marks(
+    key: WatermarkKey, rows: npt.ArrayLike, *, rate: float, quantum: float,
+) -> list[LabelMark]:
+    """:func:`label_mark` for every row of a batch ``[n, features]``: the grid and the
+    subkey are computed once per batch, which is what the gateway pays per answer. What is
+    hashed is each row's int32 grid cells (input units / ``quantum``, rounded)."""
     if not 0.0 <= rate <= MAX_RATE:
         raise ValueError(f"label watermark rate must be in [0, {MAX_RATE}], got {rate}")
-    digest = hmac.digest(key.subkey("labels"), quantise(row, quantum), "sha256")
-    return LabelMark(digest, int.from_bytes(digest[:8], "big") < rate * _TWO_64)
+    subkey, cut = key.subkey("labels"), rate * _TWO_64
+    grid = np.ascontiguousarray(np.rint(np.asarray(rows, dtype=np.float64) / quantum).astype("<i4"))
+    digests = [hmac.digest(subkey, cells.tobytes(), "sha256") for cells in grid]
+    return [LabelMark(d, int.from_bytes(d[:8], "big") < cut) for d in digests]

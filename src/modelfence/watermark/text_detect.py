@@ -11,7 +11,7 @@ for unmarked text, whatever the number of clients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,13 +34,24 @@ class TextScore:
     keys_tested: int
 
 
-def scored_pairs(token_ids: Sequence[int]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+Pairs = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
+
+def scored_pairs(token_ids: Sequence[int]) -> Pairs:
     """Distinct (previous, current) pairs of a token sequence, as two ``[T]`` arrays."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    if len(ids) < 2:
+    return distinct_pairs([token_ids])
+
+
+def distinct_pairs(sequences: Iterable[Sequence[int]]) -> Pairs:
+    """Distinct (previous, current) pairs over several texts, none across their borders."""
+    stacks = [
+        np.stack([ids[:-1], ids[1:]], axis=1)
+        for ids in (np.asarray(s, dtype=np.int64) for s in sequences) if len(ids) >= 2
+    ]
+    if not stacks:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    pairs = np.unique(np.stack([ids[:-1], ids[1:]], axis=1), axis=0)
+    pairs = np.unique(np.concatenate(stacks), axis=0)
     return pairs[:, 0], pairs[:, 1]
 
 
@@ -65,7 +76,12 @@ def score_text(token_ids: Sequence[int], seeds: Sequence[int], *, gamma: float =
     >>> score_text([1, 2], [7]).tokens_scored
     1
     """
-    previous, current = scored_pairs(token_ids)
+    return score_pairs(scored_pairs(token_ids), seeds, gamma=gamma)
+
+
+def score_pairs(pairs: Pairs, seeds: Sequence[int], *, gamma: float = 0.25) -> TextScore:
+    """Score distinct ``pairs`` against every seed; the candidate has the most green pairs."""
+    previous, current = pairs
     n, keys = len(previous), len(seeds)
     if n == 0 or keys == 0:
         return TextScore(None, n, 0, 0.0, 1.0, 1.0, keys)

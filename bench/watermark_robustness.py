@@ -1,0 +1,210 @@
+"""Robustness of text marks made at the source: attribution vs tokens under attacks on the text.
+
+Answers are sampled from the demo LLM (SmolLM2-135M-Instruct, CPU, one torch thread) at
+temperature 1 to prompts from the harness's real-prompt corpora, each marked for a random
+one of ``--clients`` clients (seeds from a ``WatermarkKeyring``, ``GreenListProcessor``,
+gamma and delta from the config defaults or flags), as in ``bench/watermark_text.py``.
+The decoded text is then attacked (``modelfence.redteam.text_attacks``):
+
+- none: the answer as it left the gateway;
+- delete: ``--delete`` (30%) of its words removed at random;
+- substitute: ``--substitute`` (50%) of its words replaced by near-synonyms (nearest
+  whole-word tokens in the LLM's input-embedding space, the one the unmarked model finds
+  most likely in left context);
+- paraphrase: the demo LLM rewrites it ``--chunk-words`` words at a time, sampled without
+  a mark (temperature 0.7, top-p 0.9).
+
+Each attacked text is cut to N tokens of re-tokenised text for every N in ``--cuts`` it
+is long enough for and traced with ``verify_text`` against every client's key (Bonferroni
+over all of them, named when p <= ``--alpha``). The true client's single-key z shows how
+much mark is left where naming fails. Unmarked answers go through the same attacks and
+cuts to check false attribution.
+
+    python bench/watermark_robustness.py              # 20 answers: about half the run below
+    python bench/watermark_robustness.py --answers 40 --unmarked 10   # docs/WATERMARK.md: 29 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelfence.demo.llm import SmolLM
+from modelfence.forensics.text import demo_tokenizer, verify_text
+from modelfence.redteam.attribution_setup import draw
+from modelfence.redteam.benchmarks import Footer
+from modelfence.redteam.marked_text import sample_answers
+from modelfence.redteam.text_attacks import Substituter, content_kept, delete_words, paraphrase
+from modelfence.watermark.config import TextConfig
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.text_detect import score_text
+from modelfence.watermark.text_logits import TEXT_PURPOSE
+
+DEFAULTS = TextConfig.model_validate({})
+FOOTER = Footer()  # started with the run
+
+
+def attack(llm: SmolLM, texts: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every attack's texts, with what it did: words changed, content kept, length ratio."""
+    rng = np.random.default_rng(args.seed + 1)
+    substitute = Substituter(llm, neighbours=args.neighbours)
+    swapped = [substitute(t, args.substitute, rng) for t in texts]
+    print("  paraphrasing ...", file=sys.stderr)
+    attacked = {
+        "none": (texts, [0.0] * len(texts)),
+        "delete": ([delete_words(t, args.delete, rng) for t in texts], [args.delete] * len(texts)),
+        "substitute": ([s for s, _ in swapped], [share for _, share in swapped]),
+        "paraphrase": (paraphrase(llm, texts, chunk_words=args.chunk_words,
+                                  max_tokens=args.chunk_tokens, batch=args.batch, seed=args.seed),
+                       [float("nan")] * len(texts)),
+    }
+    tokens = [len(llm.encode(t)) for t in texts]
+    return {
+        name: {
+            "texts": out, "changed": statistics.median(shares),
+            "kept": statistics.median(content_kept(a, b) for a, b in zip(texts, out, strict=True)),
+            "ratio": statistics.median(
+                len(llm.encode(b)) / n for b, n in zip(out, tokens, strict=True)),
+            "tokens": statistics.median(len(llm.encode(b)) for b in out),
+        }
+        for name, (out, shares) in attacked.items()
+    }
+
+
+def trace(texts: list[str], owners: list[int | None], clients: list[str], ring: WatermarkKeyring,
+          decode: Callable[[list[int]], str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per cut: right/wrong/not named, and the true client's single-key z and p."""
+    tokenize = demo_tokenizer()
+    seeds = {o: ring.key(clients[o]).seed(TEXT_PURPOSE) for o in owners if o is not None}
+    ids = [tokenize(t) for t in texts]
+    rows = []
+    for cut in args.cuts:
+        row: dict[str, Any] = {"tokens": cut, "texts": 0, "right": 0, "wrong": 0, "alone": 0,
+                               "z": [], "smallest_p": 1.0}
+        for owner, tokens in zip(owners, ids, strict=True):
+            if len(tokens) < cut:
+                continue
+            text = decode(tokens[:cut])
+            verdict = verify_text(text, clients, ring, tokenize=tokenize, gamma=args.gamma,
+                                  alpha=args.alpha)
+            row["texts"] += 1
+            row["smallest_p"] = min(row["smallest_p"], verdict.p_value)
+            named = clients.index(verdict.client) if verdict.client else None
+            row["right"] += named is not None and named == owner
+            row["wrong"] += named is not None and named != owner
+            if owner is not None:
+                own = score_text(tokenize(text), [seeds[owner]], gamma=args.gamma)
+                row["z"].append(own.z)
+                row["alone"] += own.p_value <= args.alpha
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(args.threads)
+    llm = SmolLM.load(threads=args.threads)
+    drawn = draw(llm, rng, answers=args.answers, clients=args.clients,
+                 secret=b"bench-watermark-robustness-" + str(args.seed).encode())
+    ring, clients = drawn.ring, drawn.clients
+    jobs = drawn.jobs(gamma=args.gamma, delta=args.delta, unmarked=args.unmarked)
+    print(f"sampling {len(jobs)} answers ...", file=sys.stderr)
+    answers = sample_answers(llm, jobs, batch=args.batch, max_tokens=args.tokens,
+                             min_tokens=args.tokens, seed=args.seed)
+    texts = [llm.decode(a.tokens) for a in answers]
+    owners: list[int | None] = [*drawn.owners, *[None] * args.unmarked]
+    print("attacking ...", file=sys.stderr)
+    attacks = attack(llm, texts, args)
+    results = {}
+    for name, done in attacks.items():
+        print(f"tracing '{name}' ...", file=sys.stderr)
+        marked = trace(done["texts"][: args.answers], owners[: args.answers], clients, ring,
+                       llm.decode, args)
+        unmarked = trace(done["texts"][args.answers :], owners[args.answers :], clients, ring,
+                         llm.decode, args)
+        results[name] = (marked, unmarked)
+    report(args, attacks, results)
+    if args.examples:
+        for name, done in attacks.items():
+            print(f"\n<details><summary>{name}: first answer</summary>\n\n```\n"
+                  f"{done['texts'][0][: args.examples]}\n```\n</details>")
+
+
+def report(args: argparse.Namespace, attacks: dict[str, dict[str, Any]],
+           results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
+    print(f"\ntorch threads {args.threads}, gamma {args.gamma}, delta {args.delta}, "
+          f"{args.clients} clients, alpha {args.alpha:g}, {args.answers} marked + "
+          f"{args.unmarked} unmarked answers\n")
+    print("| attack | median tokens after | words changed (median) | content kept "
+          "(4+ letter words) | length ratio |\n|---|---:|---:|---:|---:|")
+    for name, a in attacks.items():
+        changed = "—" if math.isnan(a["changed"]) else f"{100 * a['changed']:.0f}%"
+        print(f"| {name} | {a['tokens']:.0f} | {changed} | {100 * a['kept']:.0f}% "
+              f"| {a['ratio']:.2f} |")
+    print(f"\n| attack | tokens | answers | right client named (p ≤ {args.alpha:g}) | wrong "
+          f"| not named | true key alone p ≤ {args.alpha:g} | true key z: median (min–max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, (marked, _) in results.items():
+        for r in marked:
+            if not r["texts"]:
+                continue
+            share = 100 * r["right"] / r["texts"]
+            missed = r["texts"] - r["right"] - r["wrong"]
+            z = r["z"]
+            print(f"| {name} | {r['tokens']} | {r['texts']} | {r['right']} ({share:.1f}%) "
+                  f"| {r['wrong']} | {missed} | {r['alone']} | {statistics.median(z):.1f} "
+                  f"({min(z):.1f}–{max(z):.1f}) |")
+    print(f"\n| unmarked answers, attack | texts × cuts scored | named (p ≤ {args.alpha:g}) "
+          "| smallest p (Bonferroni) |\n|---|---:|---:|---:|")
+    for name, (_, unmarked) in results.items():
+        scored = sum(r["texts"] for r in unmarked)
+        named = sum(r["right"] + r["wrong"] for r in unmarked)
+        smallest = min((r["smallest_p"] for r in unmarked if r["texts"]), default=float("nan"))
+        print(f"| {name} | {scored} | {named} | {smallest:.2g} |")
+    print(f"\n{FOOTER}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--answers", type=int, default=20, help="marked answers")
+    p.add_argument("--unmarked", type=int, default=5,
+                   help="unmarked answers to the first prompts (false attribution)")
+    p.add_argument("--clients", type=int, default=10_000, help="clients whose keys are scored")
+    p.add_argument("--tokens", type=int, default=400,
+                   help="tokens per answer (end of text suppressed before)")
+    p.add_argument("--cuts", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[50, 100, 150, 200, 250, 300, 400],
+                   help="token counts each attacked text is cut to (comma-separated)")
+    p.add_argument("--delete", type=float, default=0.3, help="share of words deleted")
+    p.add_argument("--substitute", type=float, default=0.5, help="share of words substituted")
+    p.add_argument("--neighbours", type=int, default=10,
+                   help="embedding neighbours considered per substituted word")
+    p.add_argument("--chunk-words", type=int, default=60, help="words paraphrased at a time")
+    p.add_argument("--chunk-tokens", type=int, default=128,
+                   help="most tokens the paraphrase of one chunk may take")
+    p.add_argument("--gamma", type=float, default=DEFAULTS.gamma)
+    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
+    p.add_argument("--alpha", type=float, default=1e-6, help="false-attribution target")
+    p.add_argument("--batch", type=int, default=25, help="rows sampled together")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: fastest on busy cores)")
+    p.add_argument("--examples", type=int, default=600,
+                   help="characters of the first answer shown per attack (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.unmarked > args.answers:
+        p.error("--unmarked must not exceed --answers (they reuse the same prompts)")
+    return args
+
+
+if __name__ == "__main__":
+    main()

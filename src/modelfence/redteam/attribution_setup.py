@@ -1,0 +1,50 @@
+"""The draw that the text-mark benchmarks share: real prompts, many clients, random owners.
+
+Attribution numbers are comparable across benchmarks only when answers are drawn the same
+way: prompts picked from the harness's real-prompt corpora, each answer owned by a random
+one of ``clients`` clients whose keys come from a keyring of a benchmark's own secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from modelfence.identity.secret import ServerSecret
+from modelfence.redteam.marked_text import Job
+from modelfence.redteam.prompts import load_prompts
+from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.text_logits import GreenListProcessor
+
+if TYPE_CHECKING:
+    from modelfence.demo.llm import SmolLM
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    picked: list[str]  # prompt texts
+    prompts: list[list[int]]  # their chat-template token ids
+    ring: WatermarkKeyring
+    clients: list[str]
+    owners: list[int]  # index into clients, one per prompt
+
+    def jobs(self, *, gamma: float, delta: float, unmarked: int) -> list[Job]:
+        """Each prompt marked for its owner, then the first ``unmarked`` prompts unmarked."""
+        marked = [
+            Job(p, GreenListProcessor.for_key(self.ring.key(self.clients[c]), gamma=gamma, delta=delta), c)
+            for p, c in zip(self.prompts, self.owners, strict=True)
+        ]
+        return marked + [Job(p, None, None) for p in self.prompts[:unmarked]]
+
+
+def draw(llm: SmolLM, rng: np.random.Generator, *, answers: int, clients: int,
+         secret: bytes) -> Draw:
+    """``answers`` distinct prompts and their owners among ``clients`` (in this rng order)."""
+    corpus = list(load_prompts().all())
+    picked = [corpus[int(i)] for i in rng.choice(len(corpus), answers, replace=False)]
+    prompts = [llm.encode_chat([{"role": "user", "content": p}]) for p in picked]
+    names = [f"client-{i:05d}" for i in range(clients)]
+    owners = [int(c) for c in rng.integers(0, clients, answers)]
+    return Draw(picked, prompts, WatermarkKeyring(ServerSecret(secret)), names, owners)
