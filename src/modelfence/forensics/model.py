@@ -165,7 +165,7 @@ def verify_embeddings(
     corrected = min(1.0, results[best][0] * len(results))
     return ModelVerdict(
         "embeddings", corrected <= alpha, best if corrected <= alpha else None, corrected,
-        results[best][1], PROBES_PER_WORD * (len(mark.triggers) + len(mark.decoys)),
+        results[best][1], PROBES_PER_WORD * (len(marks[best].triggers) + len(marks[best].decoys)),
         f"per word, mean max cosine to the client's target directions of {PROBES_PER_WORD} "
         "benign texts followed by the word; the client's trigger words vs its decoy words "
         "(same keyed ranking), one-sided exact Mann-Whitney test; Bonferroni over clients; "
