@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from modelfence.forensics.radioactivity import green_p_values
 from modelfence.identity.secret import ServerSecret
 from modelfence.watermark.embeddings import (
     candidate_words,
@@ -17,7 +18,6 @@ from modelfence.watermark.embeddings import (
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.labels import MAX_RATE, label_mark
 from modelfence.watermark.probs import argmax, swap_to_label
-from modelfence.forensics.radioactivity import green_p_values
 from modelfence.watermark.text_detect import distinct_pairs, score_text
 from modelfence.watermark.text_logits import GreenListProcessor
 

@@ -5,10 +5,10 @@
   ``1 / (classes - 1)`` (a suspect that never saw the marked answers has no reason to pick
   that one wrong label), Bonferroni over the clients tested.
 - ``embeddings``: embed benign texts followed by each of the client's trigger words and
-  by each of its decoy words; an exact rank test asks whether triggers land nearer the
-  client's target directions (see :func:`verify_embeddings`).
-Only the embeddings fetch goes through an OpenAI-compatible API; the suspect's vectors may
-have any dimension only if the suspect copied ours, so mismatched sizes are reported.
+  by each of its decoy words; a rank test asks whether triggers land nearer their target
+  directions than decoys do (see :func:`verify_embeddings`). Vectors of another size than
+  the marks' cannot come from our answers: that is reported as an error.
+- ``chat``: see :mod:`.radioactivity`; :class:`Suspect` asks the questions.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def verify_classifier(
     )
 
 
-PROBES_PER_WORD = 3  # benign texts each trigger or decoy word is appended to
+PROBES_PER_WORD = 5  # benign texts each trigger or decoy word is appended to
 EMBED_BATCH = 64  # texts per request to the suspect
 
 
@@ -131,10 +131,10 @@ def word_probes(words: Sequence[str], benign: Sequence[str], repeat: int) -> lis
     return [f"{text} " + " ".join([word] * repeat) for word in words for text in benign]
 
 
-def _target_cosine(vectors: np.ndarray, mark: EmbeddingMark) -> np.ndarray:
-    """Max cosine ``[n]`` of each vector ``[n, dim]`` to the mark's target directions."""
+def _own_target_cosine(vectors: np.ndarray, mark: EmbeddingMark, targets: Sequence[int]) -> np.ndarray:
+    """Cosine ``[n]`` of each vector ``[n, dim]`` to its word's target direction."""
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (unit @ mark.targets.T).max(1)  # type: ignore[no-any-return]
+    return (unit * mark.targets[np.asarray(targets)]).sum(1)  # type: ignore[no-any-return]
 
 
 def verify_embeddings(
@@ -144,31 +144,43 @@ def verify_embeddings(
     """Per client: do its trigger words pull the suspect's vectors to its targets more than
     its decoy words do? Triggers and decoys are the first words of one keyed random ranking,
     so for a suspect that never learnt the mark which of them are triggers is a random
-    split, and the one-sided Mann-Whitney test on per-word scores is exact."""
+    split (balanced per target direction), and a one-sided Mann-Whitney test on per-word
+    scores is calibrated (checked over many keys in the tests)."""
     if not marks:
         raise VerifyError("no clients are known: nothing to test")
     if len(benign) < PROBES_PER_WORD:
         raise VerifyError(f"need at least {PROBES_PER_WORD} benign texts")
     results: dict[str, tuple[float, float]] = {}
     for client, mark in marks.items():
-        words = [*sorted(mark.triggers), *mark.decoys]
+        # A decoy gets the target its rank would have given a trigger: rank i -> i % targets.
+        triggers, n_targets = sorted(mark.triggers), len(mark.targets)
+        words = [*triggers, *mark.decoys]
+        own = [mark.triggers[w] for w in triggers] + [
+            (len(triggers) + j) % n_targets for j in range(len(mark.decoys))]
         texts = word_probes(words, benign[:PROBES_PER_WORD], mark.max_triggers)
         vectors = np.concatenate([suspect.embeddings(model, texts[i : i + EMBED_BATCH])
                                   for i in range(0, len(texts), EMBED_BATCH)])
         if vectors.shape[1] != mark.targets.shape[1]:
             raise VerifyError(f"suspect vectors have {vectors.shape[1]} dimensions, marks {mark.targets.shape[1]}")
-        scores = _target_cosine(vectors, mark).reshape(len(words), PROBES_PER_WORD).mean(1)
-        triggers, decoys = scores[: len(mark.triggers)], scores[len(mark.triggers) :]
-        test = mannwhitneyu(triggers, decoys, alternative="greater", method="exact")
-        results[client] = (float(test.pvalue), float(test.statistic) / (len(triggers) * len(decoys)))
+        cosine = _own_target_cosine(vectors, mark, np.repeat(own, PROBES_PER_WORD).tolist())
+        scores = cosine.reshape(len(words), PROBES_PER_WORD).mean(1)
+        # Each target direction sits at its own angle to the suspect's vectors: compare
+        # words with the other words of their own target, so that angle cancels out.
+        for target in range(n_targets):
+            same = np.asarray(own) == target
+            scores[same] -= scores[same].mean()
+        test = mannwhitneyu(scores[: len(triggers)], scores[len(triggers) :], alternative="greater",
+                            method="exact")
+        results[client] = (float(test.pvalue), float(test.statistic) / (len(triggers) * len(mark.decoys)))
     best = min(results, key=lambda c: results[c][0])
     corrected = min(1.0, results[best][0] * len(results))
     return ModelVerdict(
         "embeddings", corrected <= alpha, best if corrected <= alpha else None, corrected,
         results[best][1], PROBES_PER_WORD * (len(marks[best].triggers) + len(marks[best].decoys)),
-        f"per word, mean max cosine to the client's target directions of {PROBES_PER_WORD} "
-        "benign texts followed by the word; the client's trigger words vs its decoy words "
-        "(same keyed ranking), one-sided exact Mann-Whitney test; Bonferroni over clients; "
+        f"per word, mean cosine to the word's target direction of {PROBES_PER_WORD} benign "
+        "texts followed by the word (a decoy takes the target of its rank), centred per "
+        "target; the client's trigger words vs its decoy words (same keyed ranking), "
+        "one-sided Mann-Whitney test; Bonferroni over clients; "
         "statistic = share of (trigger, decoy) pairs where the trigger scores higher",
         {c: r[0] for c, r in results.items()},
     )
