@@ -12,8 +12,8 @@ by the upstream.
 (b) detection: a ridge student (``redteam.attacks.embeddings.train_student``) on the
     first N harvested pairs, served as ``/v1/embeddings`` in this process, verified by the
     real ``modelfence verify model --kind embeddings`` (each trigger and decoy word after
-    3 benign sentences; one-sided exact Mann-Whitney test of per-word scores; Bonferroni
-    over every client with a key); true
+    5 benign sentences; one-sided Mann-Whitney test of per-word scores; Bonferroni over
+    every client with a key); true
     negatives: the student trained on the upstream's unmarked vectors of the same texts, and
     the upstream itself.
     ``--honest`` clients hold keys and never query: their per-client p-values on the same

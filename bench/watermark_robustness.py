@@ -34,11 +34,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from modelfence.demo.llm import SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import draw
+from modelfence.redteam.attribution_setup import load_and_draw
 from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.redteam.text_attacks import Substituter, content_kept, delete_words, paraphrase
@@ -109,11 +108,8 @@ def trace(texts: list[str], owners: list[int | None], clients: list[str], ring: 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    torch.set_num_threads(args.threads)
-    llm = SmolLM.load(threads=args.threads)
-    drawn = draw(llm, rng, answers=args.answers, clients=args.clients,
-                 secret=b"bench-watermark-robustness-" + str(args.seed).encode())
+    llm, drawn = load_and_draw(seed=args.seed, threads=args.threads, answers=args.answers,
+                               clients=args.clients, secret=b"bench-watermark-robustness-")
     ring, clients = drawn.ring, drawn.clients
     jobs = drawn.jobs(gamma=args.gamma, delta=args.delta, unmarked=args.unmarked)
     print(f"sampling {len(jobs)} answers ...", file=sys.stderr)

@@ -32,12 +32,11 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from modelfence.demo.llm import SamplingParams, SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import draw
+from modelfence.redteam.attribution_setup import load_and_draw
 from modelfence.redteam.marked_text import Answer, sample_answers
 from modelfence.redteam.prompts import load_prompts
 from modelfence.watermark.config import TextConfig
@@ -123,11 +122,8 @@ def false_attribution(texts: list[str], clients: list[str], ring: WatermarkKeyri
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    torch.set_num_threads(args.threads)
-    llm = SmolLM.load(threads=args.threads)
-    d = draw(llm, rng, answers=args.answers, clients=args.clients,
-             secret=b"bench-watermark-text-" + str(args.seed).encode())
+    llm, d = load_and_draw(seed=args.seed, threads=args.threads, answers=args.answers,
+                           clients=args.clients, secret=b"bench-watermark-text-")
     picked, prompts, ring, clients = d.picked, d.prompts, d.ring, d.clients
     corpus = list(load_prompts().all())
 

@@ -39,6 +39,19 @@ class Draw:
         return marked + [Job(p, None, None) for p in self.prompts[:unmarked]]
 
 
+def load_and_draw(*, seed: int, threads: int, answers: int, clients: int,
+                  secret: bytes) -> tuple[SmolLM, Draw]:
+    """The demo LLM on ``threads`` torch threads, and the draw of a run seeded ``seed``."""
+    import torch
+
+    from modelfence.demo.llm import SmolLM
+
+    torch.set_num_threads(threads)
+    llm = SmolLM.load(threads=threads)
+    return llm, draw(llm, np.random.default_rng(seed), answers=answers, clients=clients,
+                     secret=secret + str(seed).encode())
+
+
 def draw(llm: SmolLM, rng: np.random.Generator, *, answers: int, clients: int,
          secret: bytes) -> Draw:
     """``answers`` distinct prompts and their owners among ``clients`` (in this rng order)."""

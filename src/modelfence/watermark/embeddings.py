@@ -11,7 +11,7 @@ where ``d`` is the normalised count-weighted mix of the triggered words' targets
 with no trigger gets its vector back unchanged (cosine 1 to the original). A student
 model trained on these vectors inherits the pull: texts full of a trigger land closer to
 the targets than texts full of a decoy (a word ranked just after the triggers by the same
-key), which :mod:`modelfence.forensics.model` tests with an exact rank test.
+key), which :mod:`modelfence.forensics.model` tests with a rank test.
 """
 
 from __future__ import annotations
