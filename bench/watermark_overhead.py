@@ -34,12 +34,13 @@ import numpy as np
 import orjson
 
 from modelfence.demo.classifier import DigitsClassifier
-from modelfence.demo.embedder import TextEmbedder
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.rewrite import JsonRewriter
-from modelfence.gateway.watermark import EMBEDDINGS, OIP_INFER, OutputWatermark
+from modelfence.gateway.watermark import OutputWatermark
+from modelfence.operations import Operation
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.identity.secret import ServerSecret
+from modelfence.models.embedder import TextEmbedder
 from modelfence.redteam.benchmarks import OPEN_LIMITS, Footer
 from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.stack import own_stack
@@ -157,7 +158,7 @@ def build_cases(stage: Stage, rng: np.random.Generator) -> dict[str, list[tuple[
                 for _ in range(16):
                     rows = pool[rng.choice(len(pool), batch, replace=False)]
                     body = digits_body(rows, labels_only=labels_only)
-                    answers.append((OIP_INFER, body, orjson.dumps(oip_answer(model, rows, labels_only))))
+                    answers.append((Operation.OIP_INFER.route, body, orjson.dumps(oip_answer(model, rows, labels_only))))
                 cases[f"{kind}, batch {batch}, {inputs}"] = answers
         for inputs, pool_texts in (("typical", plain), ("worst", rich)):
             answers = []
@@ -166,7 +167,7 @@ def build_cases(stage: Stage, rng: np.random.Generator) -> dict[str, list[tuple[
                 vectors = embedder.embed(chosen)
                 payload = {"object": "list", "model": "minilm-l6-v2", "data": [
                     {"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
-                answers.append((EMBEDDINGS, embeddings_body(chosen), orjson.dumps(payload)))
+                answers.append((Operation.EMBEDDINGS.route, embeddings_body(chosen), orjson.dumps(payload)))
             cases[f"embeddings 384-d, batch {batch}, {inputs}"] = answers
     return cases
 

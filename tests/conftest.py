@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 
-from modelfence.testing.processes import GatewayProcess, ServiceProcess, free_port, modelfence_command
+from modelfence.testing.processes import (
+    GatewayProcess,
+    ServiceProcess,
+    free_port,
+    modelfence_command,
+)
 
 from .services import ensure_postgres, ensure_redis
 

@@ -6,11 +6,13 @@ started the error says which command failed, so a missing service is never a sil
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +42,9 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
 
 
 def _start(command: str, host: str, port: int, name: str) -> None:
-    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=60, check=False
+    )
     try:
         wait_for_port(host, port, timeout=30)
     except RuntimeError as exc:
@@ -96,3 +100,119 @@ def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster on a spare port, for tests that stop it mid-run.
+
+    ``initdb`` refuses to run as root, so every cluster command runs as the ``postgres``
+    user when the tests run as root. ``stop()`` and ``start()`` keep the port and data.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        """``workdir`` must be reachable by the ``postgres`` user (see :func:`private_postgres`)."""
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL server binaries are missing (apt-get install postgresql)")
+        self.bin = bins[-1].parent
+        self.data = workdir / "data"
+        self.socket_dir = workdir / "socket"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_owner = os.geteuid() == 0
+        for path in (workdir, self.socket_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            if self._as_owner:
+                shutil.chown(path, "postgres", "postgres")
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self._as_owner:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}")
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync")
+
+    def start(self) -> None:
+        # fsync off is safe here: a crash of the server process (not of the machine) keeps
+        # every commit. synchronous_commit stays on, or a crash would lose acknowledged rows.
+        options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c full_page_writes=off")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-w", "-t", "30",
+                  "-l", str(self.data.parent / "postgres.log"), "start")
+        wait_for_port("127.0.0.1", self.port, timeout=30)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` closes sessions cleanly; ``immediate`` is what a crash looks like."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists() and port_open("127.0.0.1", self.port)
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A fresh cluster in a temporary directory, stopped and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="mf-pg-") as workdir:
+        if os.geteuid() == 0:
+            shutil.chown(workdir, "postgres", "postgres")
+        cluster = PrivatePostgres(Path(workdir) / "pg")
+        cluster.init()
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            if (cluster.data / "postmaster.pid").exists():
+                cluster.stop("immediate")
+
+
+def scrape_metrics(base_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``/metrics`` of a gateway as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelfence.testing.processes import http_json
+
+    status, text = http_json("GET", base_url + "/metrics")
+    if status != 200 or not isinstance(text, str):
+        raise RuntimeError(f"/metrics answered {status}")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_sum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+               **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def dropped_events(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+    """Every request event the gateway counted as lost, whatever the fate's name."""
+    return sum(
+        value for (name, labels), value in samples.items()
+        if name == "modelfence_telemetry_events_total"
+        and dict(labels).get("fate", "").startswith("dropped")
+    )
+
+
+@contextmanager
+def background_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop in a thread of its own: requests run on it while a test stops services."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -16,6 +16,7 @@ from modelfence.admin import create_admin_app
 from modelfence.identity import KeyStore, ServerSecret, SqlKeyStore
 from modelfence.store import create_tables, open_engine
 
+from .test_auth_failures import admin_failures
 from .test_store_database import scratch_engine
 
 TOKEN = "admin-token-0123456789abcdef"
@@ -25,7 +26,9 @@ TIERS = ("default", "pro")
 
 
 def client_for(store: KeyStore, admin_token: str | None = TOKEN) -> httpx.AsyncClient:
-    admin = create_admin_app(store=store, admin_token=admin_token, tiers=TIERS)
+    admin = create_admin_app(
+        store=store, admin_token=admin_token, tiers=TIERS, failures=admin_failures(1000)
+    )
     gateway = Starlette(routes=[Mount("/admin", app=admin)])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw")
 
@@ -163,6 +166,14 @@ async def test_bad_limits_are_422(
     assert error_of(response)["param"] == next(iter(limits))
 
 
+async def test_a_body_that_is_not_utf8_is_invalid_json(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/admin/v1/keys", content=b'{"client": "\xff\xfe"}',
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert response.status_code == 422 and error_of(response)["code"] == "invalid_json"
+
+
 async def test_invalid_json_is_422_once_authenticated(client: httpx.AsyncClient) -> None:
     json_type = {"content-type": "application/json"}
     response = await client.post("/admin/v1/keys", content=b"{nope", headers={**AUTH, **json_type})
@@ -186,6 +197,27 @@ async def test_unknown_routes_are_openai_style_errors(client: httpx.AsyncClient)
     assert response.status_code == 404 and error_of(response)["code"] == "not_found"
     response = await client.patch("/admin/v1/keys", headers=AUTH)
     assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+    response = await client.get("/admin/v1/keys/", headers=AUTH)
+    assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PATCH", "/admin/v1/keys", "GET, POST"),
+        ("DELETE", "/admin/v1/keys", "GET, POST"),
+        ("POST", "/admin/v1/keys/key_000000000000", "DELETE, GET"),
+        ("GET", "/admin/v1/keys/key_000000000000/limits", "PUT"),
+        ("PUT", "/admin/openapi.json", "GET, HEAD"),
+    ],
+)
+async def test_a_wrong_method_is_405_naming_every_allowed_method(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    response = await client.request(method, path, headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == allow
+    assert error_of(response)["code"] == "method_not_allowed"
+    assert allow in error_of(response)["message"]
 
 
 async def test_a_store_outage_is_503(tmp_path: Path) -> None:
@@ -218,3 +250,19 @@ async def test_openapi_is_served_and_describes_the_routes(client: httpx.AsyncCli
     assert {"201", "401", "422", "503"} <= set(create["responses"])
     error_schema = create["responses"]["422"]["content"]["application/json"]["schema"]
     assert error_schema["$ref"].endswith("/ErrorResponse")
+
+
+async def test_openapi_declares_every_response_with_a_schema(client: httpx.AsyncClient) -> None:
+    assert_every_response_declared((await client.get("/admin/openapi.json")).json())
+
+
+def assert_every_response_declared(schema: dict[str, Any]) -> None:
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"401", "503"} <= set(responses), (method, path)
+            if operation.get("parameters") or operation.get("requestBody"):
+                assert "422" in responses, (method, path)
+            for status, response in responses.items():
+                body = response.get("content", {}).get("application/json", {}).get("schema")
+                assert body and body != {}, (method, path, status)

@@ -14,8 +14,8 @@ import pytest
 
 from modelfence.demo import llm as smollm
 from modelfence.demo.classifier import DigitsClassifier, check_pixels
-from modelfence.demo.embedder import DIMENSIONS, TextEmbedder
 from modelfence.demo.llm import SamplingParams, SmolLM, _find_stop, _safe_end, _write_cache
+from modelfence.models.embedder import DIMENSIONS, TextEmbedder
 
 # -- sampler helpers ---------------------------------------------------------------------
 

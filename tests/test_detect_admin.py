@@ -21,6 +21,7 @@ from modelfence.identity import SqlKeyStore
 from modelfence.store import create_tables
 
 from .test_admin_api import AUTH, SECRET, TIERS, TOKEN, error_of
+from .test_auth_failures import admin_failures
 from .test_detect_service import service
 from .test_detect_streams import harvester
 from .test_store_database import scratch_engine
@@ -47,6 +48,7 @@ async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
         store=SqlKeyStore(engine, SECRET),
         admin_token=TOKEN,
         tiers=TIERS,
+        failures=admin_failures(1000),
         routers=[detection_router(SqlState(engine), Policy(DetectionConfig()))],
     )
     app = Starlette(routes=[Mount("/admin", app=admin)])

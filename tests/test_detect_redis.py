@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from modelfence.config import parse_config
+from modelfence.detect.cache import ActionCache
 from modelfence.detect.feeds import (
     GROUP,
     STREAM_PREFIX,
@@ -19,7 +20,6 @@ from modelfence.detect.feeds import (
 )
 from modelfence.detect.process import run_worker
 from modelfence.detect.state import RedisState, SqlState
-from modelfence.gateway.detection import ActionCache
 from modelfence.store import create_tables, open_engine
 
 from .services import private_redis

@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.alerts import Alerter
+from modelfence.detect.cache import ActionCache
 from modelfence.detect.engine import DetectionEngine
 from modelfence.detect.service import DetectorService
 from modelfence.detect.state import SqlState
-from modelfence.gateway.detection import ActionCache
 from modelfence.store import create_tables, transaction
 from modelfence.store.schema import detection_alerts, detection_audit
 
@@ -124,7 +124,7 @@ async def test_the_gateway_cache_keeps_its_snapshot_when_the_state_fails(
             raise OSError("database gone")
 
     cache.reader = Broken()
-    await cache.refresh()
+    assert not await cache.poller.once()
     assert cache.get("thief").blocks and cache.failures == 1
 
 

@@ -230,7 +230,7 @@ def test_tokens_are_settled_to_real_usage(gateway: GatewayProcess) -> None:
     ("body", "headers", "status", "code"),
     [
         (b"{not json", {}, 400, "invalid_request"),
-        (b'{"model": "fake-chat", "messages": "hi"}', {}, 400, "invalid_request"),
+        (b'{"model": "fake-chat", "messages": "hi"}', {}, 400, "invalid_parameter"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', {}, 404, "model_not_found"),
         (b"x" * 70_000, {}, 413, "payload_too_large"),
         (b"{}", {"x-big": "y" * 9000}, 431, "headers_too_large"),

@@ -141,3 +141,23 @@ async def test_only_the_keyed_hash_is_stored(store: SqlKeyStore, engine: AsyncEn
     assert rows[0]["key_hash"] == SECRET.hash_api_key(api_key) != api_key
     secret_part = api_key[len(record.prefix) :]
     assert not any(secret_part in str(value) for value in rows[0].values())
+
+
+async def test_overrides_stored_by_earlier_versions_are_read_within_bounds(
+    store: SqlKeyStore, engine: AsyncEngine
+) -> None:
+    """A row written before limits were bounded (1e24, 0.5, text) must neither hang the
+    limiter nor make reading the key fail: it is clamped into range, text is ignored."""
+    record, api_key = await store.create("legacy", "default")
+    stored = {"requests_per_minute": 1e24, "tokens_per_minute": 0.5,
+              "concurrent_requests": "8", "usd_per_day": 2.5}
+    async with transaction(engine, write=True) as conn:
+        await conn.execute(
+            api_keys.update().where(api_keys.c.key_id == record.key_id).values(overrides=stored)
+        )
+    expected = LimitOverrides(requests_per_minute=10_000_000, tokens_per_minute=1,
+                              concurrent_requests=None, usd_per_day=2.5)
+    assert (await store.get(record.key_id)).overrides == expected
+    assert [r.overrides for r in await store.list() if r.key_id == record.key_id] == [expected]
+    found = await store.find_by_secret(api_key)
+    assert found is not None and found.overrides == expected

@@ -306,11 +306,14 @@ def test_quota_for_applies_overrides_and_source_limits() -> None:
 
 
 async def test_build_backend_picks_by_name() -> None:
-    memory = build_backend(LimitsConfig.model_validate({}), on_fallback=lambda mode: None)
+    memory = build_backend(
+        LimitsConfig.model_validate({}), on_fallback=print, on_release=print
+    )
     assert isinstance(memory, MemoryBackend)
     shared = build_backend(
         LimitsConfig.model_validate({"backend": "redis://127.0.0.1:6379/0"}),
-        on_fallback=lambda mode: None,
+        on_fallback=print,
+        on_release=print,
     )
     assert isinstance(shared, GuardedBackend)  # Redis never goes unguarded
     await shared.close()

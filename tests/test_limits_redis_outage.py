@@ -53,6 +53,7 @@ async def test_outage_is_handled_as_configured_then_redis_takes_over_again(
             mode=mode,
             share=0.5,
             on_fallback=fallbacks.append,
+            on_release=lambda event: None,
             probe_interval_seconds=0,  # try Redis on every admission
         )
         before = await guarded.admit(request)
@@ -135,6 +136,7 @@ def guard(
         mode=mode,
         share=0.5,
         on_fallback=fallbacks.append,
+        on_release=lambda event: None,
         clock=clock,
         probe_interval_seconds=1.0,
         log_interval_seconds=5.0,
@@ -182,4 +184,4 @@ async def test_fallback_warnings_are_rate_limited(caplog: pytest.LogCaptureFixtu
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
     assert "primary is down" in messages[0] and "closed" in messages[0]
-    assert "9 similar warnings held back" in messages[1]
+    assert "9 similar lines held back" in messages[1]

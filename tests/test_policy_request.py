@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from modelfence.config import parse_config
 from modelfence.errors import BadRequest, ConfigError
+from modelfence.gateway.apis import ParsedRequest
+from modelfence.gateway.context import SCOPE_KEY, RequestContext
+from modelfence.gateway.proxy import upstream_body
+from modelfence.gateway.request_policy import RequestPolicy
+from modelfence.identity.base import ApiKeyRecord
+from modelfence.operations import Operation
 from modelfence.policy import PolicyConfig, RequestRules, apply_rules
-from modelfence.policy.request_policy import OIP_INFER, wants_logprobs
+from modelfence.policy.request_policy import OMIT, upstream_payload, wants_logprobs
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
+CHAT = Operation.CHAT
+COMPLETIONS = Operation.COMPLETIONS
+OIP_INFER = Operation.OIP_INFER
 
 
-def rejected(rules: RequestRules, route: str, body: dict[str, Any]) -> BadRequest:
+def rejected(rules: RequestRules, route: Operation, body: dict[str, Any]) -> BadRequest:
     with pytest.raises(BadRequest) as caught:
         apply_rules(rules, route, body)
     assert caught.value.status == 400 and caught.value.code == "policy_violation"
@@ -29,7 +38,7 @@ def test_defaults_let_ordinary_requests_through_unchanged() -> None:
         {"logprobs": True, "top_logprobs": 5},
         {"logit_bias": {"50256": -100}},
     ):
-        assert apply_rules(rules, CHAT, body) is None
+        assert apply_rules(rules, CHAT, body) == {}
 
 
 @pytest.mark.parametrize(
@@ -41,7 +50,7 @@ def test_defaults_let_ordinary_requests_through_unchanged() -> None:
     ],
     ids=["chat-logprobs", "chat-top-logprobs", "completions-logprobs"],
 )
-def test_logit_bias_with_logprobs_is_forbidden_by_default(route: str, body: dict[str, Any]) -> None:
+def test_logit_bias_with_logprobs_is_forbidden_by_default(route: Operation, body: dict[str, Any]) -> None:
     error = rejected(RequestRules(), route, body)
     assert error.param == "logit_bias" and "'logprobs'" in error.message
 
@@ -49,13 +58,16 @@ def test_logit_bias_with_logprobs_is_forbidden_by_default(route: str, body: dict
 def test_strip_logprobs_neutralises_the_combination() -> None:
     rules = RequestRules(logit_bias_with_logprobs="strip_logprobs")
     body = {"model": "m", "logprobs": True, "top_logprobs": 3, "logit_bias": {"1": 5}}
-    assert apply_rules(rules, CHAT, body) == {"model": "m", "logit_bias": {"1": 5}}
-    assert apply_rules(RequestRules(logit_bias_with_logprobs="allow"), CHAT, body) is None
+    overrides = apply_rules(rules, CHAT, body)
+    assert overrides == {"logprobs": OMIT, "top_logprobs": OMIT}
+    assert upstream_payload(body, overrides) == {"model": "m", "logit_bias": {"1": 5}}
+    assert body["top_logprobs"] == 3  # the client's body is never changed
+    assert apply_rules(RequestRules(logit_bias_with_logprobs="allow"), CHAT, body) == {}
 
 
 def test_empty_bias_or_no_logprobs_is_not_the_combination() -> None:
-    assert apply_rules(RequestRules(), CHAT, {"logprobs": True, "logit_bias": {}}) is None
-    assert apply_rules(RequestRules(), CHAT, {"logprobs": False, "logit_bias": {"1": 2}}) is None
+    assert apply_rules(RequestRules(), CHAT, {"logprobs": True, "logit_bias": {}}) == {}
+    assert apply_rules(RequestRules(), CHAT, {"logprobs": False, "logit_bias": {"1": 2}}) == {}
 
 
 def test_top_logprobs_cap_names_parameter_and_limit() -> None:
@@ -86,7 +98,7 @@ def test_caps(rules: RequestRules, body: dict[str, Any], param: str) -> None:
 
 def test_oip_outputs_restricts_the_tensors_a_request_may_name() -> None:
     rules = RequestRules(oip_outputs=("label",))
-    assert apply_rules(rules, OIP_INFER, {"outputs": [{"name": "label"}]}) is None
+    assert apply_rules(rules, OIP_INFER, {"outputs": [{"name": "label"}]}) == {}
     error = rejected(rules, OIP_INFER, {"outputs": [{"name": "probabilities"}]})
     assert error.param == "outputs" and "['label']" in error.message
 
@@ -95,7 +107,7 @@ def test_wants_logprobs() -> None:
     assert wants_logprobs(CHAT, {"logprobs": True})
     assert not wants_logprobs(CHAT, {"logprobs": False})
     assert wants_logprobs(COMPLETIONS, {"logprobs": 0})
-    assert not wants_logprobs("/v1/embeddings", {"logprobs": True})
+    assert not wants_logprobs(Operation.EMBEDDINGS, {"logprobs": True})
 
 
 @pytest.mark.parametrize(
@@ -131,3 +143,26 @@ def test_tier_policy_keeps_default_levels_when_one_is_tuned() -> None:
     assert tier.hardening["high"].prob_top_k == 1
     assert tier.hardening["normal"].is_identity
     assert tier.hardening["elevated"].top_logprobs == 1
+
+
+async def test_the_policy_stage_keeps_the_client_body_and_the_proxy_merges_once() -> None:
+    """The stage used to overwrite ctx.body, so detection never saw the logprobs asked for."""
+    policy = PolicyConfig.model_validate(
+        {"tiers": {"default": {"request": {"logit_bias_with_logprobs": "strip_logprobs"}}}}
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+            "top_logprobs": 3, "logit_bias": {"1": 5}, "stream": True}
+    raw = orjson.dumps(body)
+    key = ApiKeyRecord("k1", "acme", "default", "mf-", datetime.now(UTC))
+    ctx = RequestContext(route=CHAT.route, started=0.0, request_id="r", key=key, body=body,
+                         raw_body=raw, parsed=ParsedRequest(CHAT, "m", stream=True))
+    seen: list[bytes] = []
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(upstream_body(scope[SCOPE_KEY]))
+
+    await RequestPolicy(endpoint, policy=policy)({SCOPE_KEY: ctx}, None, None)  # type: ignore[arg-type]
+    assert ctx.body is body and ctx.raw_body == raw and body["top_logprobs"] == 3
+    sent = orjson.loads(seen[0])
+    assert "logprobs" not in sent and "top_logprobs" not in sent
+    assert sent["stream_options"] == {"include_usage": True} and sent["logit_bias"] == {"1": 5}

@@ -14,6 +14,7 @@ from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.hardening import OutputHardening
 from modelfence.gateway.rewrite import JsonRewriter, SSERewriter
 from modelfence.identity.base import ApiKeyRecord
+from modelfence.operations import Operation
 from modelfence.policy import (
     LogprobHardening,
     NormalRisk,
@@ -29,7 +30,7 @@ from modelfence.policy import (
 from modelfence.policy.llm_hardening import quantise, quantised
 from modelfence.policy.noise import laplace
 from modelfence.policy.probs_hardening import ood_aware, reverse_sigmoid, top_k
-from modelfence.policy.request_policy import narrowed_request
+from modelfence.policy.request_policy import OMIT, narrowed_request, upstream_payload
 from modelfence.types import Message
 
 
@@ -95,7 +96,7 @@ def test_legacy_completions_logprobs() -> None:
 
 
 ROW = [0.05, 0.6, 0.2, 0.1, 0.05]
-CHAT_ROUTE = "/v1/chat/completions"
+CHAT_ROUTE = Operation.CHAT
 
 
 def test_labels_only_top_k_and_rounding() -> None:
@@ -188,18 +189,18 @@ def test_legacy_noise_keeps_chosen_and_alternatives_consistent() -> None:
 
 
 @pytest.mark.parametrize(("route", "body", "text_only", "top_k", "expected"), [
-    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, 1,
-     {"logprobs": True, "top_logprobs": 1}),
-    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 1}, False, 1, None),
-    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, None, None),
-    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5, "n": 2}, True, 1, {"n": 2}),
-    ("/v1/completions", {"logprobs": 5}, False, 2, {"logprobs": 2}),
-    ("/v1/completions", {"logprobs": 5}, True, None, {}),
-    (CHAT_ROUTE, {"n": 1}, True, None, None),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, 1, {"top_logprobs": 1}),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 1}, False, 1, {}),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5}, False, None, {}),
+    (CHAT_ROUTE, {"logprobs": True, "top_logprobs": 5, "n": 2}, True, 1,
+     {"logprobs": OMIT, "top_logprobs": OMIT}),
+    (Operation.COMPLETIONS, {"logprobs": 5}, False, 2, {"logprobs": 2}),
+    (Operation.COMPLETIONS, {"logprobs": 5}, True, None, {"logprobs": OMIT}),
+    (CHAT_ROUTE, {"n": 1}, True, None, {}),
 ], ids=["chat-top-k", "chat-within", "no-cap", "chat-text-only", "legacy-top-k",
         "legacy-text-only", "nothing-to-strip"])
-def test_narrowed_request(route: str, body: dict[str, Any], text_only: bool, top_k: int | None,
-                          expected: dict[str, Any] | None) -> None:
+def test_narrowed_request(route: Operation, body: dict[str, Any], text_only: bool,
+                          top_k: int | None, expected: dict[str, Any]) -> None:
     assert narrowed_request(route, body, text_only=text_only, top_k=top_k) == expected
 
 
@@ -318,10 +319,11 @@ async def test_dp_noise_spends_budget_or_answers_text_only(allow: bool) -> None:
 
 
 async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
-    asked: list[bytes] = []
+    asked: list[dict[str, Any]] = []
 
     async def recording_upstream(scope: Any, receive: Any, send: Any) -> None:
-        asked.append(scope[SCOPE_KEY].raw_body)
+        ctx = scope[SCOPE_KEY]
+        asked.append(upstream_payload(ctx.body, ctx.upstream_overrides))
         await upstream(scope, receive, send)
 
     risk = RiskOverrides(NormalRisk())
@@ -331,7 +333,7 @@ async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
     for level in (RiskLevel.ELEVATED, RiskLevel.HIGH):
         risk.set("acme", level)
         await call(hardening, request)
-    assert [orjson.loads(body) for body in asked] == [{"logprobs": True, "top_logprobs": 1}, {}]
+    assert asked == [{"logprobs": True, "top_logprobs": 1}, {}]
     assert request == {"logprobs": True, "top_logprobs": 3}  # what detection sees is unchanged
 
     noised = PolicyConfig.model_validate({"tiers": {"default": {"hardening": {
@@ -340,5 +342,5 @@ async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
     hardening = OutputHardening(recording_upstream, policy=noised, risk=risk,
                                 accountant=Accountant(True), rng=np.random.default_rng(0))
     _, body = await call(hardening, request)
-    assert asked[-1] == b""  # not narrowed: noise re-sorts all alternatives before the cut
+    assert asked[-1] == request  # not narrowed: noise re-sorts all alternatives before the cut
     assert len(orjson.loads(body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.errors import ConfigError, StoreError
-from modelfence.store import async_url, create_tables, open_engine, transaction
+from modelfence.store import async_url, create_tables, open_engine, rejects_values, transaction
 from modelfence.store.database import SQLITE_BUSY_TIMEOUT_MS
 from modelfence.store.schema import api_keys
 from modelfence.testing.processes import free_port
@@ -141,7 +141,26 @@ async def test_unusable_sqlite_file_raises_store_error(tmp_path: Path) -> None:
 async def test_unreachable_postgres_raises_store_error() -> None:
     engine = open_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
     try:
-        with pytest.raises(StoreError, match="state database failed"):
+        with pytest.raises(StoreError, match="state database failed") as caught:
             await create_tables(engine)
     finally:
         await engine.dispose()
+    assert not rejects_values(caught.value)  # worth a retry, unlike a bad value
+
+
+async def test_errors_caused_by_values_are_told_apart(store_url: str) -> None:
+    async with scratch_engine(store_url) as engine:
+        await create_tables(engine)
+        row = {
+            "key_id": "k1", "client": "c", "tier": "t", "prefix": "p", "key_hash": "h",
+            "created_at": datetime.now(UTC), "updated_at": datetime.now(UTC), "overrides": {},
+        }
+        async with transaction(engine, write=True) as conn:
+            await conn.execute(api_keys.insert(), row)
+        with pytest.raises(StoreError) as duplicate:
+            async with transaction(engine, write=True) as conn:
+                await conn.execute(api_keys.insert(), row)
+        with pytest.raises(StoreError) as naive:
+            async with transaction(engine, write=True) as conn:
+                await conn.execute(api_keys.insert(), row | {"key_id": "k2", "created_at": datetime.now()})
+    assert rejects_values(duplicate.value) and rejects_values(naive.value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import tracemalloc
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,15 +14,21 @@ import pytest
 from modelfence.errors import PermissionDenied
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.telemetry import (
+    MAX_PROMPT_CHARS,
     EmitEvents,
+    build_event,
     classifier_output,
+    event_draft,
+    first_tensor,
     input_rows_of,
     input_texts_of,
     prompt_hash,
     prompt_of,
 )
 from modelfence.identity.base import ApiKeyRecord
-from modelfence.telemetry.pipeline import EventSource
+from modelfence.operations import Operation
+from modelfence.telemetry.events import RequestEvent
+from modelfence.telemetry.pipeline import EventPipeline, EventSource, PipelineSettings
 from modelfence.types import Message, Receive, Scope, Send
 
 KEY = ApiKeyRecord("key_1", "acme", "default", "mf_x", datetime.now(UTC))
@@ -38,9 +47,9 @@ def test_the_prompt_is_the_last_user_turn_and_turns_are_counted() -> None:
             },
         ]
     }
-    assert prompt_of("/v1/chat/completions", body) == ("second", 4)
-    assert prompt_of("/v1/completions", {"prompt": ["a", "b"]}) == ("a", 0)
-    assert prompt_of("/v1/embeddings", {"input": "text"}) == ("text", 0)
+    assert prompt_of(Operation.CHAT, body) == ("second", 4)
+    assert prompt_of(Operation.COMPLETIONS, {"prompt": ["a", "b"]}) == ("a", 0)
+    assert prompt_of(Operation.EMBEDDINGS, {"input": "text"}) == ("text", 0)
 
 
 def test_prompt_hashes_are_keyed_and_normalised() -> None:
@@ -117,12 +126,89 @@ async def test_every_authenticated_request_emits_one_event_even_when_refused() -
 
 def test_a_classifier_batch_is_one_row_per_input() -> None:
     body = {"inputs": [{"name": "x", "shape": [3, 2], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
-    assert input_rows_of(body) == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert input_rows_of(*first_tensor(body)) == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     nested = {"inputs": [{"name": "x", "data": [[1, 2], [3, 4]]}]}  # no shape: one input
-    assert input_rows_of(nested) == [[1.0, 2.0, 3.0, 4.0]]
-    assert input_rows_of({"inputs": [{"name": "x", "data": "nope"}]}) is None
+    assert input_rows_of(*first_tensor(nested)) == [[1.0, 2.0, 3.0, 4.0]]
+    assert input_rows_of(*first_tensor({"inputs": [{"name": "x", "data": "nope"}]})) is None
+    assert first_tensor({"inputs": {"x": 1}}) == (None, None)
 
 
 def test_an_embeddings_batch_is_one_query_per_text() -> None:
     assert input_texts_of({"input": ["a", "b", 3, "c" * 600]}) == ["a", "b", "c" * 512]
     assert input_texts_of({"input": "one text"}) is None  # prompt_text carries it
+
+
+async def _finish(stage: EmitEvents, ctx: RequestContext) -> None:
+    async def send(_message: Message) -> None:
+        return None
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    await stage({"type": "http", SCOPE_KEY: ctx}, receive, send)
+
+
+def _big_request(i: int, route: str = "/v1/chat/completions") -> RequestContext:
+    ctx = RequestContext(route=route, started=0.0, request_id=f"r{i}", key=KEY)
+    history = [{"role": "user", "content": "y" * 2**19 + str(i)}, {"role": "assistant", "content": "ok"}]
+    ctx.body = {"messages": [*history, {"role": "user", "content": "x" * 2**19 + str(i)}]}
+    ctx.raw_body = b"z" * 2**20
+    return ctx
+
+
+async def test_queued_events_hold_a_slim_snapshot_and_the_queue_is_bounded_by_bytes() -> None:
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    pipeline = EventPipeline([], settings=PipelineSettings(queue_bytes=8 * 2**20))
+    stage = EmitEvents(answer, emit=pipeline.emit, hash_key=HASH_KEY)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):  # 1 MiB requests; the pipeline is not started: nothing drains
+            await _finish(stage, _big_request(i))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    stats = pipeline.stats
+    assert stats["dropped_queue_bytes"] > 0  # counted, not silent
+    assert stats["emitted"] + stats["dropped_queue_bytes"] == 40
+    assert pipeline.queued_bytes() <= 8 * 2**20
+    # Only the last user turn is kept (about 0.5 MiB each), never the whole body.
+    assert held <= 10 * 2**20
+    await pipeline.start()  # what was queued still becomes complete events
+    await pipeline.stop()
+
+
+async def test_events_are_built_off_the_event_loop_and_unchanged() -> None:
+    class Keep:
+        name = "keep"
+
+        def __init__(self) -> None:
+            self.events: list[RequestEvent] = []
+
+        async def write(self, events: Sequence[RequestEvent]) -> None:
+            self.events += events
+
+        async def close(self) -> None:
+            return None
+
+    threads: list[str] = []
+    ctx = _big_request(1)
+    expected = build_event(ctx, 200, 5.0, 0.0, HASH_KEY, None)
+    draft = event_draft(ctx, 200, 5.0, 0.0, HASH_KEY, None)
+
+    def build() -> RequestEvent:
+        threads.append(threading.current_thread().name)
+        return draft()
+
+    sink = Keep()
+    pipeline = EventPipeline([sink])
+    await pipeline.start()
+    pipeline.emit(build)
+    assert await pipeline.flush(5)
+    await pipeline.stop()
+    assert threads and threads[0] != threading.main_thread().name
+    (event,) = sink.events
+    assert event.prompt_hash == expected.prompt_hash and event.prompt_len == 2**19 + 1
+    assert event.prompt_text == ("x" * 2**19 + "1")[:MAX_PROMPT_CHARS] and event.turns == 3

@@ -28,17 +28,17 @@ FAST = PipelineSettings(
 
 
 def make_event(i: int, **fields: object) -> RequestEvent:
-    return RequestEvent(
-        ts=time.time(),
-        request_id=f"r{i}",
-        client="acme",
-        key_id="key_1",
-        tier="default",
-        route="/v1/chat/completions",
-        model="m",
-        status=200,
-        **fields,
-    )  # type: ignore[arg-type]
+    base: dict[str, object] = {
+        "ts": time.time(),
+        "request_id": f"r{i}",
+        "client": "acme",
+        "key_id": "key_1",
+        "tier": "default",
+        "route": "/v1/chat/completions",
+        "model": "m",
+        "status": 200,
+    }
+    return RequestEvent(**(base | fields))  # type: ignore[arg-type]
 
 
 class FlakySink:
@@ -175,3 +175,65 @@ async def test_sql_sink_writes_batches_and_applies_retention(
             assert (
                 await conn.execute(select(func.count()).select_from(request_events))
             ).scalar() == 2
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_odd_text_values_are_cleaned_not_retried_forever(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # A model name with a NUL byte or past VARCHAR(200) once stalled the lane for good.
+    url = (
+        f"sqlite:///{tmp_path / 'state.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    async with scratch_engine(url) as engine:
+        await create_tables(engine)
+        pipeline = EventPipeline([SqlSink(engine)], settings=FAST)
+        await pipeline.start()
+        for i, model in enumerate(["m", "bad\x00model", "x" * 300, "m\ud800", "m"]):
+            pipeline.emit(make_event(i, model=model, client=f"c\x00{i}"))
+        assert await pipeline.flush(5)
+        pipeline.emit(make_event(9))
+        assert await pipeline.flush(5)
+        await pipeline.stop()
+        async with transaction(engine) as conn:
+            rows = (await conn.execute(select(request_events.c.model))).scalars().all()
+        assert sorted(rows) == sorted(["m", "badmodel", "x" * 200, "m\ufffd", "m", "m"])
+        assert pipeline.stats["written:store"] == 6 and pipeline.stats["sink_error:store"] == 0
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_poison_event_is_isolated_counted_and_the_rest_written(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'state.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    async with scratch_engine(url) as engine:
+        await create_tables(engine)
+        rejected: list[tuple[str, int]] = []
+        pipeline = EventPipeline(
+            [SqlSink(engine)], settings=FAST, count=lambda fate, n: rejected.append((fate, n))
+        )
+        await pipeline.start()
+        # An upstream reporting absurd usage: no INTEGER column holds it, on any database.
+        for i in range(7):
+            pipeline.emit(make_event(i, tokens_out=2**70 if i == 3 else 5))
+        assert await pipeline.flush(5)
+        pipeline.emit(make_event(9))  # and the lane carries on
+        assert await pipeline.flush(5)
+        await pipeline.stop()
+        async with transaction(engine) as conn:
+            ids = (await conn.execute(select(request_events.c.request_id))).scalars().all()
+        assert sorted(ids) == ["r0", "r1", "r2", "r4", "r5", "r6", "r9"]
+        stats = pipeline.stats
+        assert stats["rejected:store"] == 1 and stats["written:store"] == 7
+        assert stats["emitted"] == stats["written:store"] + stats["rejected:store"]
+        assert ("rejected:store", 1) in rejected

@@ -61,6 +61,7 @@ def gateway_on(start_gateway: GatewayFactory, upstream: ServiceProcess, **extra:
         upstreams=[{"name": "demo", "url": upstream.url, "models": [MODEL_NAME],
                     "timeout_seconds": 300}],
         detection={"enabled": False},
+        forensics={"allowed_suspect_urls": ["127.0.0.1"]},  # the suspects of verify/model
         **extra,
     )
 

@@ -7,30 +7,39 @@ list of stages, stacked in one place (``ModelFenceApp._build``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.admin.api import create_admin_app
+from modelfence.admin.detection import detection_router
 from modelfence.admin.forensics import forensics_router
 from modelfence.admin.policy import policy_router
 from modelfence.config import Config, TierConfig
-from modelfence.detect.runtime import DetectionRuntime
+from modelfence.detect.actions import Policy
+from modelfence.detect.cache import ActionCache
+from modelfence.detect.feeds import RedisStreamSink
+from modelfence.detect.process import DetectorProcess, redis_client
+from modelfence.detect.state import PinnedState, RedisState, SqlState, StateReader
 from modelfence.forensics.service import Forensics
 from modelfence.gateway.admission import Admission
 from modelfence.gateway.apis import Api, OIPApi, OpenAIApi
 from modelfence.gateway.auth import Authenticate, Fingerprinting
 from modelfence.gateway.boundary import ErrorBoundary
+from modelfence.gateway.detection import Enforce
 from modelfence.gateway.endpoints import (
     CatalogSource,
+    Dependency,
     MetricsEndpoint,
     ModelCatalog,
     OIPModelMetadata,
-    Probe,
     Readiness,
     healthz,
     upstream_probe,
@@ -43,19 +52,27 @@ from modelfence.gateway.request_policy import RequestPolicy
 from modelfence.gateway.router import Router
 from modelfence.gateway.routing import ModelAccess, PatternTable, allow_list
 from modelfence.gateway.source_mark import SourceMarking
+from modelfence.gateway.telemetry import EmitEvents
 from modelfence.gateway.upstream import AiohttpTransport, Transport
 from modelfence.gateway.watermark import OutputWatermark
 from modelfence.identity import (
     ApiKeyRecord,
+    AuthFailures,
+    FailureLimiter,
     Fingerprinter,
     KeyRegistry,
     SqlKeyStore,
     load_server_secret,
 )
 from modelfence.limits import LimitBackend, Quota, build_backend, quota_for
+from modelfence.operations import Operation
+from modelfence.periodic import Periodic
 from modelfence.policy import BudgetAccountant, NormalRisk, RiskOverrides, build_accountant
 from modelfence.store import create_tables, open_engine, transaction
 from modelfence.telemetry.metrics import Metrics
+from modelfence.telemetry.pipeline import EventPipeline, PipelineSettings, Sink
+from modelfence.telemetry.sinks import OtelSink, SqlSink
+from modelfence.throttled_log import ThrottledLog
 from modelfence.types import ASGIApp, Receive, Scope, Send
 from modelfence.watermark.channel import MarkIssuer
 from modelfence.watermark.keys import WatermarkKeyring
@@ -63,8 +80,7 @@ from modelfence.watermark.ledger import MarkLedger
 
 log = logging.getLogger("modelfence")
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-OIP_INFER = "/v2/models/{name}/infer"
+DETECTOR_START_SECONDS = 30.0
 
 
 @dataclass(slots=True)
@@ -78,9 +94,34 @@ class Services:
     session: aiohttp.ClientSession
     transports: dict[str, Transport]
     accountant: BudgetAccountant
-    detection: DetectionRuntime
+    detection: Detection
     keyring: WatermarkKeyring
     ledger: MarkLedger
+
+
+@dataclass(slots=True)
+class Detection:
+    """Telemetry out, verdicts in: what ``detection`` and ``telemetry`` open."""
+
+    state: SqlState
+    hash_key: bytes
+    pipeline: EventPipeline | None = None
+    redis: Redis | None = None  # detection.feed: redis (streams and shared actions)
+    detector: DetectorProcess | None = None  # detection.feed: process
+    supervisor: Periodic | None = None
+    actions: ActionCache | None = None  # None when detection is off
+
+    async def close(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.actions is not None:
+            await self.actions.stop()
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+        if self.detector is not None:
+            await asyncio.to_thread(self.detector.stop)
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def _stack(endpoint: ASGIApp, stages: list[Callable[[ASGIApp], ASGIApp]]) -> ASGIApp:
@@ -96,7 +137,10 @@ class ModelFenceApp:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.metrics = Metrics()
+        # Models configured by exact name are metric labels from the start.
+        self.metrics = Metrics(
+            models=PatternTable((m, True) for u in config.upstreams for m in u.models).exact_names
+        )
         self.services: Services | None = None
         # Detection replaces the inner source; operators pin levels through the admin API.
         self.risk = RiskOverrides(NormalRisk())
@@ -136,7 +180,11 @@ class ModelFenceApp:
             store, secret, on_refresh_error=lambda _exc: self.metrics.key_refresh_errors.inc()
         )
         await registry.start()
-        backend = build_backend(config.limits, on_fallback=self.metrics.backend_failure)
+        backend = build_backend(
+            config.limits,
+            on_fallback=self.metrics.backend_failure,
+            on_release=self.metrics.limit_release,
+        )
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
         )
@@ -151,11 +199,17 @@ class ModelFenceApp:
             )
             for u in config.upstreams
         }
-        detection = DetectionRuntime(config, engine, self.metrics, secret)
-        await detection.start()
+        detection = await self._open_detection(
+            engine, secret.derive("telemetry-prompt-hash", 32)
+        )
         if detection.actions is not None:
             self.risk.inner = detection.actions
-        ledger = MarkLedger(engine, per_client=config.watermark.labels.ledger_per_client)
+        ledger = MarkLedger(
+            engine,
+            per_client=config.watermark.labels.ledger_per_client,
+            on_error=self.metrics.task_error,
+            on_drop=self.metrics.ledger_drop,
+        )
         await ledger.start()
         self.services = Services(
             engine=engine,
@@ -164,7 +218,12 @@ class ModelFenceApp:
             backend=backend,
             session=session,
             transports=transports,
-            accountant=build_accountant(config.limits.backend, engine, config.policy.dp),
+            accountant=build_accountant(
+                config.limits.backend,
+                engine,
+                config.policy.dp,
+                redis_timeout_seconds=config.limits.redis_timeout_seconds,
+            ),
             detection=detection,
             keyring=WatermarkKeyring(secret, version=config.watermark.key_version),
             ledger=ledger,
@@ -175,13 +234,81 @@ class ModelFenceApp:
         services, self.services = self.services, None
         if services is None:
             return
-        await services.detection.stop()
+        await services.detection.close()
         await services.registry.stop()
         await services.backend.close()
         await services.accountant.close()
         await services.session.close()
         await services.ledger.stop()
         await services.engine.dispose()
+
+    async def _open_detection(self, engine: AsyncEngine, hash_key: bytes) -> Detection:
+        """The telemetry pipeline and its sinks, the detector feed, and the action cache."""
+        config, metrics = self.config, self.metrics
+        telemetry, settings = config.telemetry, config.detection
+        out = Detection(state=SqlState(engine), hash_key=hash_key)
+        if settings.enabled and settings.feed == "redis":
+            out.redis = redis_client(config)
+        if telemetry.enabled:
+            await self._open_telemetry(out, engine)
+        if settings.enabled:
+            reader: StateReader
+            if settings.shadow:
+                # Not even actions the detector stored before shadow mode: operator pins only.
+                log.warning("detection.shadow is on: only operator pins are enforced")
+                reader = PinnedState(out.state)
+            else:
+                reader = RedisState(out.redis) if out.redis is not None else out.state
+            out.actions = ActionCache(
+                reader, poll_seconds=settings.state_poll_seconds, on_error=metrics.task_error
+            )
+            await out.actions.start()
+        return out
+
+    async def _open_telemetry(self, out: Detection, engine: AsyncEngine) -> None:
+        """The event pipeline: the state database, OTel spans, and the detector feed."""
+        config, metrics = self.config, self.metrics
+        telemetry, settings = config.telemetry, config.detection
+        sinks: list[Sink] = [
+            SqlSink(
+                engine,
+                store_prompt_text=telemetry.store_prompt_text,
+                retention_days=telemetry.retention_days,
+            )
+        ]
+        if telemetry.otel_spans:
+            sinks.append(OtelSink())
+        if out.redis is not None:
+            sinks.append(RedisStreamSink(out.redis, settings.partitions))
+        elif settings.enabled:
+            out.detector = DetectorProcess(config, on_restart=metrics.detector_restarts.inc)
+            sinks.append(out.detector.sink())
+        out.pipeline = EventPipeline(
+            sinks,
+            settings=PipelineSettings(
+                queue_size=telemetry.queue_size,
+                queue_bytes=telemetry.queue_bytes,
+                batch_size=telemetry.batch_size,
+                buffer_events=telemetry.buffer_events,
+                buffer_bytes=telemetry.buffer_bytes,
+                retry_max_seconds=telemetry.retry_max_seconds,
+            ),
+            count=_EventCounts(metrics),
+            on_dropped=_alert_dropped,
+        )
+        if out.detector is not None:
+            out.detector.start()
+            # Serve once the detector runs (numpy and the embedder take a moment to load).
+            if not await asyncio.to_thread(out.detector.wait_ready, DETECTOR_START_SECONDS):
+                log.warning("the detector child is not running yet; serving without it")
+            out.supervisor = Periodic(
+                "detector-supervisor",
+                out.detector.supervise,
+                interval=1.0,
+                on_error=metrics.task_error,
+            )
+            out.supervisor.start()
+        await out.pipeline.start()
 
     def _build(self, services: Services) -> ASGIApp:
         config = self.config
@@ -194,8 +321,8 @@ class ModelFenceApp:
         )
         prices = PatternTable(config.prices.items())
         openai = OpenAIApi(config.limits.default_max_tokens)
-        apis: dict[str, Api] = {route: openai for route in OPENAI_ROUTES}
-        apis[OIP_INFER] = OIPApi()
+        apis: dict[Operation, Api] = {op: openai for op in Operation}
+        apis[Operation.OIP_INFER] = OIPApi()
         limits = config.limits
 
         def resolve_quota(tier: TierConfig, key: ApiKeyRecord) -> Quota:
@@ -206,21 +333,36 @@ class ModelFenceApp:
                 per_fingerprint=limits.per_fingerprint,
             )
 
-        def authenticated(endpoint: ASGIApp) -> ASGIApp:
-            return Authenticate(endpoint, keys=registry)
-
         fingerprinter = Fingerprinter.from_config(config)
+        api_failures, admin_failures = (
+            AuthFailures(
+                FailureLimiter(config.server.auth_failures_per_minute),
+                surface=surface,
+                source=fingerprinter.source,
+                on_event=metrics.auth_failure,
+            )
+            for surface in ("api", "admin")
+        )
+
+        def authenticated(endpoint: ASGIApp) -> ASGIApp:
+            return Authenticate(endpoint, keys=registry, failures=api_failures)
+
         lexical = config.watermark.lexical
         lexical_upstreams = marked_upstreams(lexical, [u.name for u in config.upstreams])
         text_marks = config.watermark.text
         marks = MarkIssuer(keyring, text_marks) if text_marks.enabled else None
+        pipeline, actions = detection.pipeline, detection.actions
         inference = _stack(
             Proxy(transports=transports, metrics=metrics),
             [
-                detection.emit_stage,
+                lambda app: app if pipeline is None else EmitEvents(
+                    app, emit=pipeline.emit, hash_key=detection.hash_key
+                ),
                 authenticated,
                 lambda app: Fingerprinting(app, fingerprinter=fingerprinter),
-                detection.enforce_stage,
+                lambda app: app if actions is None else Enforce(
+                    app, actions=actions, metrics=metrics
+                ),
                 lambda app: ReadRequest(
                     app, apis=apis, access=access, max_body_bytes=config.server.max_body_bytes
                 ),
@@ -248,17 +390,26 @@ class ModelFenceApp:
                 ) if lexical_upstreams else app,
             ],
         )
-        probes: dict[str, Probe] = {"store": self._store_probe, "limits": backend.ping}
+        # Readiness follows the fail mode: only "closed" needs the limit backend to serve.
+        dependencies = [
+            Dependency("store", self._store_probe),
+            Dependency("limits", backend.ping, required=limits.on_backend_error == "closed"),
+        ]
         for upstream in config.upstreams:
             path = "/v2/health/ready" if upstream.kind == "oip" else "/v1/models"
-            probes[f"upstream:{upstream.name}"] = upstream_probe(transports[upstream.name], path)
-        readiness = Readiness(probes)
+            probe = upstream_probe(transports[upstream.name], path)
+            dependencies.append(Dependency(f"upstream:{upstream.name}", probe, pool="upstreams"))
+        if services.detection.detector is not None:
+            # The gateway serves without its detector (and restarts it): degraded, not down.
+            detector = services.detection.detector
+            dependencies.append(Dependency("detector", detector.probe, required=False))
+        readiness = Readiness(dependencies)
         catalog = ModelCatalog(
             [CatalogSource(transports[u.name], u.kind, u.models) for u in config.upstreams],
             access=access,
         )
         routes: dict[tuple[str, str], ASGIApp] = {
-            ("POST", route): inference for route in (*OPENAI_ROUTES, OIP_INFER)
+            ("POST", op.route): inference for op in Operation
         }
         routes.update(
             {
@@ -277,10 +428,17 @@ class ModelFenceApp:
             store=services.store,
             admin_token=config.admin_token,
             tiers=limits.tiers,
+            failures=admin_failures,
             routers=[
                 policy_router(config.policy, limits.tiers, self.risk),
-                detection.admin_router(),
-                forensics_router(Forensics(services.engine, keyring, config.watermark)),
+                detection_router(
+                    detection.state,
+                    Policy(config.detection),
+                    shared=RedisState(detection.redis) if detection.redis is not None else None,
+                ),
+                forensics_router(
+                    Forensics(services.engine, keyring, config.watermark), config.forensics
+                ),
             ],
         )
         router = Router(routes, mounts={"/admin": admin})
@@ -290,6 +448,33 @@ class ModelFenceApp:
         assert self.services is not None
         async with transaction(self.services.engine) as conn:
             await conn.execute(text("SELECT 1"))
+
+
+class _EventCounts:
+    """The pipeline's ``count``: called per event, so label children are cached."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._children: dict[str, Any] = {}
+
+    def __call__(self, fate: str, n: int) -> None:
+        child = self._children.get(fate)
+        if child is None:
+            kind, _, sink = fate.partition(":")
+            if kind == "sink_error":
+                child = self.metrics.sink_errors.labels(sink)
+            else:
+                child = self.metrics.events.labels(kind)
+            self._children[fate] = child
+        child.inc(n)
+
+
+_drop_alerts = ThrottledLog(log, interval=10.0)
+
+
+def _alert_dropped(sink: str, n: int) -> None:
+    # Loss of telemetry is an operational alert: detection is blind for those events.
+    _drop_alerts.error("ALERT telemetry: %d events for sink %s were dropped", n, sink)
 
 
 def create_app(config: Config) -> ModelFenceApp:

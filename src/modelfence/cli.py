@@ -4,21 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Optional, TypeVar
+from copy import copy as clone
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from modelfence.config import Config, load_config
 from modelfence.errors import ConfigError, ModelFenceError
 from modelfence.forensics.cli import verify_app
 from modelfence.identity.base import KeyStore
 
+
+def _config_after_subcommand(ctx: Any, _param: Any, value: Path | None) -> Path | None:
+    if value is not None:
+        ctx.find_root().obj = value  # the one place commands read the config path from
+    return value
+
+
+class _ConfigAnywhere(TyperGroup):
+    """The root command: ``--config``/``-c`` also works after any subcommand.
+
+    ``modelfence serve --config x.yaml`` is how users of uvicorn and LiteLLM type it. The
+    root's own option is copied onto every command below it, where it sets the same value.
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        option = next(p for p in self.params if p.name == "config")
+        after = clone(option)
+        after.expose_value = False
+        after.callback = _config_after_subcommand
+        pending = list(self.commands.values())
+        while pending:
+            command = pending.pop()
+            if not any(p.name == "config" for p in command.params):
+                command.params.append(after)
+            if isinstance(command, TyperGroup):
+                pending.extend(command.commands.values())
+
+
 app = typer.Typer(
+    cls=_ConfigAnywhere,
     name="modelfence",
     help="Protect a model-inference API from extraction: keys, limits, detection, watermarks.",
     no_args_is_help=True,
@@ -34,7 +65,7 @@ console = Console()
 errors = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="config file (default: $MODELFENCE_CONFIG or ./modelfence.yaml)"),
 ]
 
@@ -61,26 +92,23 @@ def _setup_logging(level: str) -> None:
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Annotated[Optional[str], typer.Option(help="bind address (default: server.host)")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port (default: server.port)")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default: server.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: server.port)")] = None,
 ) -> None:
     """Run the gateway."""
-    import uvicorn
-
-    from modelfence.app import create_app
-
     config = _load(ctx)
+    from modelfence.app import create_app
+    from modelfence.gateway.server import run_gateway
+
     _setup_logging(config.log_level)
-    uvicorn.run(
-        create_app(config),
+    gateway = create_app(config)
+    run_gateway(
+        gateway,
+        config.server,
+        on_close=gateway.metrics.connection_closed,
         host=host or config.server.host,
         port=config.server.port if port is None else port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
         log_level=config.log_level,
-        timeout_graceful_shutdown=10,
     )
 
 
@@ -175,8 +203,8 @@ def calibrate(
 @app.command()
 def redteam(
     suite: Annotated[str, typer.Option(help="ci (about 8 minutes on 2 cores) or full (the baseline, about 25)")] = "ci",
-    scenario: Annotated[Optional[str], typer.Option(help="run only these scenarios (comma-separated names)")] = None,
-    gateway: Annotated[Optional[str], typer.Option(help="drive this gateway (admin token from $MODELFENCE_ADMIN_TOKEN) instead of starting a demo stack")] = None,
+    scenario: Annotated[str | None, typer.Option(help="run only these scenarios (comma-separated names)")] = None,
+    gateway: Annotated[str | None, typer.Option(help="drive this gateway (admin token from $MODELFENCE_ADMIN_TOKEN) instead of starting a demo stack")] = None,
     output: Annotated[Path, typer.Option(help="folder for results.json, report.md and plots")] = Path("redteam-results"),
     seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,
     defended: Annotated[bool, typer.Option(help="own stack with every defence on (detection calibrated on honest traffic, request policy, hardening) instead of the limits-only baseline")] = False,
@@ -282,10 +310,13 @@ def keys_mark_secret(ctx: typer.Context) -> None:
 
 
 @config_app.command("check")
-def config_check(path: Annotated[Optional[Path], typer.Argument(help="config file to check")] = None) -> None:
+def config_check(
+    ctx: typer.Context,
+    path: Annotated[Path | None, typer.Argument(help="config file to check (default: --config)")] = None,
+) -> None:
     """Validate a config file offline; exit 2 with the bad key on error."""
     try:
-        config = load_config(path)
+        config = load_config(path or ctx.find_root().obj)
     except ConfigError as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc

@@ -13,12 +13,21 @@ import ipaddress
 import os
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modelfence.errors import ConfigError
+from modelfence.forensics.config import ForensicsConfig
 from modelfence.policy.config import PolicyConfig
 from modelfence.watermark.config import WatermarkConfig
 
@@ -44,6 +53,20 @@ class ServerConfig(_Frozen):
     max_header_bytes: int = Field(16_384, ge=1024, description="larger request heads get 431")
     trusted_proxies: tuple[str, ...] = Field(
         (), description="CIDRs whose X-Forwarded-For is trusted to name the client address"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="a request head not complete by then: 408, connection closed"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a request body not complete by then: connection closed"
+    )
+    limit_concurrency: int = Field(
+        2048, ge=1, le=1_000_000, description="open connections and requests past this get 503"
+    )
+    backlog: int = Field(2048, ge=1, le=65_535, description="connections queued by the kernel")
+    auth_failures_per_minute: int = Field(
+        30, ge=1, le=100_000,
+        description="failed API key or admin token checks allowed per client address; then 429",
     )
 
     @field_validator("trusted_proxies")
@@ -74,16 +97,59 @@ class UpstreamConfig(_Frozen):
         return value.rstrip("/")
 
 
+# The largest limit each dimension accepts (null means unlimited). GCRA keeps its state as
+# epoch seconds with ~2.4e-7 s resolution: a request at 1e7 per minute still occupies 25
+# of those steps, a token at 1e9 per minute a quarter of one (requests cost hundreds).
+# Micro-dollars up to 1e15 stay exact in a double, in Python and in Redis Lua alike.
+MAX_REQUESTS_PER_MINUTE = 10_000_000
+MAX_TOKENS_PER_MINUTE = 1_000_000_000
+MAX_CONCURRENT_REQUESTS = 1_000_000
+MAX_USD_PER_DAY = 1_000_000_000
+
+
+def _bounded(maximum: int, unit: str) -> BeforeValidator:
+    """Accept a number in (0, maximum]; refuse text, true/false, NaN and infinities."""
+
+    def check(value: object) -> object:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            # ValueError, not TypeError: pydantic reports only the former as a bad value.
+            raise ValueError(f"must be a number of {unit}, not {type(value).__name__}")  # noqa: TRY004
+        if not 0 < value <= maximum:
+            raise ValueError(
+                f"must be greater than 0 and at most {maximum:,} {unit}; leave it out or null "
+                "for unlimited"
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+# Whole units: a fraction of a request or a token is refused (1.5), a whole float (60.0)
+# is taken as the integer it is. ``strict=False`` so the strict admin API takes 60.0 too.
+RequestsPerMinute = Annotated[
+    int, _bounded(MAX_REQUESTS_PER_MINUTE, "requests per minute"), Field(strict=False)
+]
+TokensPerMinute = Annotated[
+    int, _bounded(MAX_TOKENS_PER_MINUTE, "tokens per minute"), Field(strict=False)
+]
+ConcurrentRequests = Annotated[
+    int, _bounded(MAX_CONCURRENT_REQUESTS, "concurrent requests"), Field(strict=False)
+]
+UsdPerDay = Annotated[float, _bounded(MAX_USD_PER_DAY, "dollars per day"), Field(strict=False)]
+
+
 class TierConfig(_Frozen):
-    requests_per_minute: float | None = Field(60, gt=0)
-    tokens_per_minute: float | None = Field(100_000, gt=0)
-    concurrent_requests: int | None = Field(8, gt=0)
-    usd_per_day: float | None = Field(10.0, gt=0)
+    requests_per_minute: RequestsPerMinute | None = 60
+    tokens_per_minute: TokensPerMinute | None = 100_000
+    concurrent_requests: ConcurrentRequests | None = 8
+    usd_per_day: UsdPerDay | None = 10.0
     models: tuple[str, ...] = Field(("*",), description="model names or fnmatch patterns")
 
 
 class PerSourceLimit(_Frozen):
-    requests_per_minute: float | None = Field(None, gt=0)
+    requests_per_minute: RequestsPerMinute | None = None
 
 
 class LimitsConfig(_Frozen):
@@ -134,9 +200,17 @@ class TelemetryConfig(_Frozen):
 
     enabled: bool = True
     queue_size: int = Field(10_000, gt=0, description="events waiting; more are counted and dropped")
+    queue_bytes: int = Field(
+        64 * 2**20, gt=0, le=2**40,
+        description="bytes the waiting events may hold (prompts, inputs); more are counted and dropped",
+    )
     batch_size: int = Field(500, gt=0, description="most events per sink write")
     buffer_events: int = Field(
         100_000, gt=0, description="events held for a sink while it is down, then dropped"
+    )
+    buffer_bytes: int = Field(
+        256 * 2**20, gt=0, le=2**40,
+        description="bytes held for a sink while it is down, then events are dropped",
     )
     retry_max_seconds: float = Field(30.0, gt=0, description="longest wait between sink retries")
     retention_days: float | None = Field(30, gt=0, description="older events are deleted")
@@ -212,6 +286,7 @@ class Config(_Frozen):
     telemetry: TelemetryConfig = TelemetryConfig()
     detection: DetectionConfig = DetectionConfig()
     watermark: WatermarkConfig = WatermarkConfig()
+    forensics: ForensicsConfig = ForensicsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("store")

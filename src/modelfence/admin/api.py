@@ -16,17 +16,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 
 from modelfence import __version__
 from modelfence.admin.auth import RequireAdminToken
-from modelfence.admin.errors import EXCEPTION_HANDLERS
-from modelfence.admin.schemas import CreatedKey, CreateKey, ErrorResponse, Key, KeyList, Limits
+from modelfence.admin.errors import EXCEPTION_HANDLERS, error_responses
+from modelfence.admin.names import KeyId
+from modelfence.admin.schemas import CreatedKey, CreateKey, Key, KeyList, Limits
 from modelfence.identity.base import KeyStore
+from modelfence.identity.failures import AuthFailures
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,12 @@ def _admin(request: Request) -> _Admin:
     return admin
 
 
-def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
-
-
 AdminDep = Annotated[_Admin, Depends(_admin)]
-router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=_responses(401, 503))
+KeyIdPath = Annotated[KeyId, Path(description="the key's public id")]
+router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=error_responses(401, 503))
 
 
-@router.post("", status_code=201, responses=_responses(422))
+@router.post("", status_code=201, responses=error_responses(422))
 async def create_key(body: CreateKey, admin: AdminDep) -> CreatedKey:
     """Create an API key. The secret key is in this response only."""
     if body.tier not in admin.tiers:
@@ -80,22 +79,22 @@ async def list_keys(admin: AdminDep) -> KeyList:
     return KeyList(data=[Key.from_record(record) for record in await admin.store.list()])
 
 
-@router.get("/{key_id}", responses=_responses(404, 422))
-async def get_key(key_id: str, admin: AdminDep) -> Key:
+@router.get("/{key_id}", responses=error_responses(404, 422))
+async def get_key(key_id: KeyIdPath, admin: AdminDep) -> Key:
     return Key.from_record(await admin.store.get(key_id))
 
 
-@router.post("/{key_id}/revoke", responses=_responses(404, 422))
-@router.delete("/{key_id}", responses=_responses(404, 422))
-async def revoke_key(key_id: str, admin: AdminDep) -> Key:
+@router.post("/{key_id}/revoke", responses=error_responses(404, 422))
+@router.delete("/{key_id}", responses=error_responses(404, 422))
+async def revoke_key(key_id: KeyIdPath, admin: AdminDep) -> Key:
     """Revoke a key; every replica refuses it within seconds. Revoking again changes nothing."""
     record = await admin.store.revoke(key_id)
     log.info("admin: revoked key %s of client %r", record.key_id, record.client)
     return Key.from_record(record)
 
 
-@router.put("/{key_id}/limits", responses=_responses(404, 422))
-async def set_limits(key_id: str, body: Limits, admin: AdminDep) -> Key:
+@router.put("/{key_id}/limits", responses=error_responses(404, 422))
+async def set_limits(key_id: KeyIdPath, body: Limits, admin: AdminDep) -> Key:
     """Replace the key's limit overrides; fields left out fall back to the tier's limits."""
     record = await admin.store.set_overrides(key_id, body.to_overrides())
     log.info("admin: set limits of key %s: %s", key_id, body.model_dump(exclude_none=True))
@@ -107,12 +106,14 @@ def create_admin_app(
     store: KeyStore,
     admin_token: str | None,
     tiers: Collection[str],
+    failures: AuthFailures,
     routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The admin application; with ``admin_token`` None every route answers 503.
 
-    ``routers``: other layers' admin routes (e.g. ``admin.policy.policy_router``), mounted
-    behind the same token and error handlers.
+    ``failures`` counts, logs and limits wrong tokens per client address. ``routers``:
+    other layers' admin routes (e.g. ``admin.policy.policy_router``), mounted behind the
+    same token and error handlers.
     """
     app = FastAPI(
         title="ModelFence admin API",
@@ -120,6 +121,8 @@ def create_admin_app(
         openapi_url="/openapi.json",
         docs_url=None,
         redoc_url=None,
+        # A trailing slash is a 404 like any unknown path, not a redirect to another method.
+        redirect_slashes=False,
         # Declares the scheme in the OpenAPI document; RequireAdminToken does the checking.
         dependencies=[Depends(HTTPBearer(auto_error=False, description=_TOKEN_SOURCE))],
     )
@@ -131,6 +134,7 @@ def create_admin_app(
         RequireAdminToken,
         token=admin_token.encode() if admin_token else None,
         public_paths=[app.openapi_url or ""],
+        failures=failures,
     )
     for exc_class, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)

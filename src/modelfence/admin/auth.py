@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Collection
 
@@ -9,6 +10,7 @@ from starlette.datastructures import Headers
 
 from modelfence.admin.errors import gateway_error_response
 from modelfence.errors import AuthenticationError, GatewayError, ServiceUnavailable
+from modelfence.identity.failures import AuthFailures
 from modelfence.types import ASGIApp, Receive, Scope, Send
 
 
@@ -18,12 +20,25 @@ class RequireAdminToken:
     A middleware rather than a dependency: FastAPI reads and parses the body before
     dependencies run, so an anonymous caller could make it parse bodies and would get
     422s instead of 401s. The OpenAPI document stays public.
+
+    Tokens are compared as SHA-256 digests in constant time, so neither the content nor
+    the length of the token leaks through timing. A client address that keeps guessing is
+    refused (429) before its next guess is even compared, and every wrong token is counted
+    and logged with the address (``failures``).
     """
 
-    def __init__(self, app: ASGIApp, *, token: bytes | None, public_paths: Collection[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: bytes | None,
+        public_paths: Collection[str],
+        failures: AuthFailures,
+    ) -> None:
         self.app = app
-        self.token = token
+        self.token_digest = None if token is None else hashlib.sha256(token).digest()
         self.public_paths = frozenset(public_paths)
+        self.failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -35,7 +50,7 @@ class RequireAdminToken:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> GatewayError | None:
-        if self.token is None:
+        if self.token_digest is None:
             return ServiceUnavailable(
                 "The admin API is disabled: set `admin_token` in the config or the "
                 "MODELFENCE_ADMIN_TOKEN environment variable.",
@@ -50,8 +65,14 @@ class RequireAdminToken:
                 code="missing_admin_token",
                 headers=challenge,
             )
-        if not hmac.compare_digest(token.strip().encode(), self.token):
+        if (refusal := self.failures.check(scope)) is not None:
+            return refusal
+        source = self.failures.charge(scope)
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        if not hmac.compare_digest(digest, self.token_digest):
+            self.failures.failed(source, "incorrect admin token")
             return AuthenticationError(
                 "Incorrect admin token.", code="invalid_admin_token", headers=challenge
             )
+        self.failures.forgive(source)
         return None

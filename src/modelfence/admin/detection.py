@@ -13,17 +13,18 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 from sqlalchemy import delete, func, select
 
-from modelfence.admin.errors import gateway_error_response
-from modelfence.detect.actions import Policy
+from modelfence.admin.errors import error_responses
+from modelfence.admin.names import Name, Note
+from modelfence.detect.actions import Level, Policy
 from modelfence.detect.state import ClientRecord, RedisState, SqlState
-from modelfence.errors import NotFound
+from modelfence.errors import NotFound, ServiceUnavailable
 from modelfence.store import transaction
 from modelfence.store.schema import (
     client_risk,
@@ -36,45 +37,134 @@ from modelfence.store.schema import (
 log = logging.getLogger(__name__)
 
 OverrideAction = Literal["allow", "normal", "alert", "tighten", "degrade", "block", "clear"]
-_ClientName = Field(min_length=1, max_length=200)
+ClientPath = Annotated[Name, Path(description="the client's name")]
+
+
+class _Query(BaseModel):
+    # A misspelt query parameter is an error, not silently the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClientsQuery(_Query):
+    min_risk: float = Field(0.0, ge=0, le=1, description="only clients at least this risky")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class AlertsQuery(_Query):
+    limit: int = Field(100, ge=1, le=1000)
 
 
 class ActionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     action: OverrideAction = Field(description="allow | a level | clear (back to the detector)")
-    note: str = Field("", max_length=2000, description="why; kept in the audit log")
+    note: Note = Field("", description="why; kept in the audit log")
 
 
-def _client_json(record: ClientRecord) -> dict[str, Any]:
-    out = {k: getattr(record, k) for k in record.__dataclass_fields__}
-    out["updated_at"] = record.updated_at.isoformat()
-    out["action"] = {"level": record.action.level, "quota_share": record.action.quota_share}
-    return out
+class AppliedAction(BaseModel):
+    level: Level
+    quota_share: float = Field(description="the client's limits are multiplied by this")
 
 
-def _rows(rows: Any) -> list[dict[str, Any]]:
-    return [
-        {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
-        for row in rows
-    ]
+class ClientState(BaseModel):
+    """A client as the detector last published it."""
+
+    client: str
+    tier: str
+    entity: str | None
+    risk: float
+    level: Level
+    quota_share: float
+    reasons: list[dict[str, Any]] = Field(
+        description='[{"code", "text", "score"}], strongest first'
+    )
+    queries: int
+    shadow: bool
+    updated_at: datetime
+    action: AppliedAction = Field(description="what gateways apply (nothing in shadow mode)")
+
+    @classmethod
+    def of(cls, record: ClientRecord) -> ClientState:
+        fields = {k: getattr(record, k) for k in record.__dataclass_fields__}
+        action = record.action
+        return cls(
+            **fields, action=AppliedAction(level=action.level, quota_share=action.quota_share)
+        )
+
+
+class ClientList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClientState]
+
+
+class Usage(BaseModel):
+    requests: int
+    tokens_in: int
+    tokens_out: int
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    client: str
+    entity: str | None
+    previous: str
+    action: str
+    risk: float
+    source: str = Field(description="detector | admin")
+    shadow: bool
+    reasons: list[dict[str, Any]]
+
+
+class ClientDetail(BaseModel):
+    client: str
+    record: ClientState | None = Field(description="null until the detector has scored it")
+    override: str | None = Field(description="the operator's pin, if any")
+    usage_24h: Usage
+    audit: list[AuditEntry] = Field(description="the last 20 decisions, newest first")
+
+
+class EntityDetail(BaseModel):
+    entity: str
+    risk: float = Field(description="the riskiest member's risk")
+    members: list[ClientState]
+
+
+class Alert(BaseModel):
+    id: int
+    at: datetime
+    client: str
+    entity: str | None
+    level: str
+    risk: float
+    reasons: list[dict[str, Any]]
+    delivered: bool
+
+
+class AlertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Alert]
+
+
+class ActionResult(BaseModel):
+    client: str
+    override: OverrideAction | None = Field(description="the pin now in force; null if cleared")
+    level: Level
 
 
 def detection_router(
     state: SqlState, policy: Policy, *, shared: RedisState | None = None
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["detection"])
+    router = APIRouter(prefix="/v1", tags=["detection"], responses=error_responses(401, 422, 503))
     engine = state.engine
 
     @router.get("/clients")
-    async def list_clients(
-        min_risk: float = Query(0.0, ge=0, le=1), limit: int = Query(100, ge=1, le=1000)
-    ) -> dict[str, Any]:
+    async def list_clients(query: Annotated[ClientsQuery, Query()]) -> ClientList:
         """Clients the detector has scored, riskiest first."""
-        records = await state.list(min_risk=min_risk, limit=limit)
-        return {"object": "list", "data": [_client_json(r) for r in records]}
+        records = await state.list(min_risk=query.min_risk, limit=query.limit)
+        return ClientList(data=[ClientState.of(r) for r in records])
 
-    @router.get("/clients/{client}", response_model=None)
-    async def get_client(client: str) -> dict[str, Any] | JSONResponse:
+    @router.get("/clients/{client}", responses=error_responses(404))
+    async def get_client(client: ClientPath) -> ClientDetail:
         """One client: risk, level, reasons, entity, action, override, usage, audit trail."""
         record = await state.get(client)
         overrides = await state.overrides()
@@ -102,19 +192,19 @@ def detection_router(
                 .all()
             )
         if record is None and not usage[0] and client not in overrides:
-            return gateway_error_response(
-                NotFound(f"no client named {client!r} has been seen", code="client_not_found")
-            )
-        return {
-            "client": client,
-            "record": _client_json(record) if record else None,
-            "override": overrides.get(client),
-            "usage_24h": {"requests": usage[0], "tokens_in": usage[1], "tokens_out": usage[2]},
-            "audit": _rows(audit),
-        }
+            raise NotFound(f"no client named {client!r} has been seen", code="client_not_found")
+        return ClientDetail(
+            client=client,
+            record=ClientState.of(record) if record else None,
+            override=overrides.get(client),
+            usage_24h=Usage(requests=usage[0], tokens_in=usage[1], tokens_out=usage[2]),
+            audit=[AuditEntry.model_validate(dict(row)) for row in audit],
+        )
 
-    @router.get("/entities/{entity}", response_model=None)
-    async def get_entity(entity: str) -> dict[str, Any] | JSONResponse:
+    @router.get("/entities/{entity}", responses=error_responses(404))
+    async def get_entity(
+        entity: Annotated[Name, Path(description="an entity id, as a client record names it")],
+    ) -> EntityDetail:
         """Keys linked into one entity (shared fingerprints or networks) and their risk."""
         async with transaction(engine) as conn:
             rows = (
@@ -123,29 +213,29 @@ def detection_router(
                 .all()
             )
         if not rows:
-            return gateway_error_response(
-                NotFound(f"no entity {entity!r}", code="entity_not_found")
-            )
-        members = [_client_json(ClientRecord(**row)) for row in rows]
-        return {"entity": entity, "risk": max(m["risk"] for m in members), "members": members}
+            raise NotFound(f"no entity {entity!r}", code="entity_not_found")
+        members = [ClientState.of(ClientRecord(**row)) for row in rows]
+        return EntityDetail(entity=entity, risk=max(m.risk for m in members), members=members)
 
     @router.get("/alerts")
-    async def list_alerts(limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+    async def list_alerts(query: Annotated[AlertsQuery, Query()]) -> AlertList:
         """Most recent alerts first."""
         async with transaction(engine) as conn:
             rows = (
                 (
                     await conn.execute(
-                        select(detection_alerts).order_by(detection_alerts.c.id.desc()).limit(limit)
+                        select(detection_alerts)
+                        .order_by(detection_alerts.c.id.desc())
+                        .limit(query.limit)
                     )
                 )
                 .mappings()
                 .all()
             )
-        return {"object": "list", "data": _rows(rows)}
+        return AlertList(data=[Alert.model_validate(dict(row)) for row in rows])
 
     @router.post("/clients/{client}/action")
-    async def set_action(client: str, body: ActionRequest) -> dict[str, Any]:
+    async def set_action(client: ClientPath, body: ActionRequest) -> ActionResult:
         """Pin a client's action (or ``clear`` the pin); audited, applied at the next poll."""
         record = await state.get(client)
         previous = record.level if record else "normal"
@@ -182,8 +272,6 @@ def detection_router(
             updated_at=now,
         )
         await state.publish([published])
-        if shared is not None:
-            await shared.publish([published])
         await state.audit(
             client=client,
             entity=published.entity,
@@ -196,7 +284,17 @@ def detection_router(
                 {"code": "manual_override", "text": body.note or "set by an operator", "score": 1.0}
             ],
         )
+        if shared is not None:
+            try:
+                await shared.publish([published])
+            except RedisError as exc:
+                log.error("admin: action of client %r saved but not shared: %s", client, exc)
+                raise ServiceUnavailable(
+                    "The action is saved but could not be shared with the other replicas "
+                    "(Redis failed); send it again.",
+                    code="shared_state_unavailable",
+                ) from exc
         log.info("admin: detection action of client %r set to %s", client, body.action)
-        return {"client": client, "override": pinned, "level": level}
+        return ActionResult(client=client, override=pinned, level=level)
 
     return router

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
+from modelfence.admin.schemas import ErrorResponse
 from modelfence.errors import GatewayError, KeyNotFound, NotFound, ServiceUnavailable, StoreError
 
 log = logging.getLogger(__name__)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's error statuses: ``responses=error_responses(404)``."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 def error_response(
@@ -35,6 +43,11 @@ def gateway_error_response(exc: GatewayError) -> JSONResponse:
     )
 
 
+async def _on_gateway_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return gateway_error_response(exc)
+
+
 async def _on_store_error(_request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, KeyNotFound):
         return gateway_error_response(NotFound(str(exc), code="key_not_found"))
@@ -55,19 +68,34 @@ async def _on_invalid_request(_request: Request, exc: Exception) -> JSONResponse
         return error_response(422, message, type="invalid_request_error", code="invalid_json")
     # loc is ("body", "tier") or ("path", "key_id"); the first part is not a parameter.
     params = [".".join(str(part) for part in error["loc"][1:]) for error in errors]
+    reasons = [error["msg"].removeprefix("Value error, ") for error in errors]
     message = "; ".join(
-        f"{param}: {error['msg']}" if param else error["msg"]
-        for param, error in zip(params, errors)
+        f"{param}: {reason}" if param else reason for param, reason in zip(params, reasons)
     )
     return error_response(
         422, message, type="invalid_request_error", code="invalid_body", param=params[0] or None
     )
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
-    # Routing errors (unknown path, wrong method), raised before any route runs.
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own errors, raised before any route runs: unknown path, wrong method, and
+    # a body it cannot decode.
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        message = f"{request.method} is not allowed here; allowed: {allowed}"
+        return error_response(
+            405,
+            message,
+            type="invalid_request_error",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (not UTF-8): invalid JSON like any other.
+        message = "The body is not valid JSON: it is not UTF-8 text"
+        return error_response(422, message, type="invalid_request_error", code="invalid_json")
+    code = {404: "not_found"}.get(exc.status_code, "invalid_request")
     return error_response(
         exc.status_code,
         str(exc.detail),
@@ -77,7 +105,24 @@ async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves on this path; Starlette's own 405 names only the
+    first matching route's (GET and POST on one path are two routes)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    )
+
+
 EXCEPTION_HANDLERS = {
+    GatewayError: _on_gateway_error,
     StoreError: _on_store_error,
     RequestValidationError: _on_invalid_request,
     HTTPException: _on_http_error,

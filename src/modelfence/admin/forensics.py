@@ -1,37 +1,79 @@
 """Admin routes of forensics: ``POST /admin/v1/verify/text`` and ``/admin/v1/verify/model``.
 
-The same verdicts as ``modelfence verify`` (see :mod:`modelfence.forensics.service`); bad
-input answers 400 and an unreachable suspect 502, each with the reason.
+The same verdicts as ``modelfence verify`` (see :mod:`modelfence.forensics.service`). Bad
+input answers 400 or 422, a suspect URL the config does not list 403, an unreachable
+suspect 502, and a verification whose optional parts are not installed 501, each with the
+reason. Unlike the command line, ``verify/model`` queries only the suspects listed under
+``forensics.allowed_suspect_urls`` (see :mod:`modelfence.forensics.allowlist`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from modelfence.forensics.errors import SuspectUnreachable, VerifyError
+from modelfence.admin.errors import error_responses
+from modelfence.admin.names import Name
+from modelfence.errors import BadRequest, GatewayError, PermissionDenied, UpstreamError
+from modelfence.forensics.allowlist import SuspectAllowList, parse_url
+from modelfence.forensics.config import ForensicsConfig
+from modelfence.forensics.errors import (
+    MissingDependency,
+    SuspectNotAllowed,
+    SuspectUnreachable,
+    VerifyError,
+)
+from modelfence.forensics.model import ModelVerdict
 from modelfence.forensics.radioactivity import DEFAULT_PROBES
-from modelfence.forensics.service import ChatProbe, Forensics
+from modelfence.forensics.service import ChatProbe, Forensics, TextReport
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 1000
+MAX_TEXT = 200_000  # characters; far more than a verdict needs
+
+
+class NotInstalled(GatewayError):
+    status = 501
+    type = "server_error"
+    code = "missing_dependency"
+
+
+def _suspect_url(url: str) -> str:
+    try:
+        parse_url(url)
+    except VerifyError as exc:
+        raise ValueError(str(exc)) from exc
+    return url
 
 
 class TextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 class ModelRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: Annotated[str, Field(max_length=2000), AfterValidator(_suspect_url)] = Field(
+        description="base URL of the suspect API, listed in `forensics.allowed_suspect_urls`"
+    )
     kind: Literal["chat", "classifier", "embeddings"]
-    model: str | None = Field(None, description="model name at the suspect (default: the demo's)")
-    api_key: str | None = None
+    model: Name | None = Field(None, description="model name at the suspect (default: the demo's)")
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        pattern="^[\\x21-\\x7e]+$",
+        description="bearer key for the suspect",
+    )
     # kind "chat" only: the radioactivity probe.
-    prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)
-    client: str | None = Field(None, description="supervised: test only this client's keys")
+    prompts: list[Annotated[str, Field(max_length=10_000)]] | None = Field(
+        None, min_length=1, max_length=MAX_PROMPTS
+    )
+    client: Name | None = Field(None, description="supervised: test only this client's keys")
     max_tokens: int = Field(128, ge=1, le=1024, description="tokens asked per answer")
 
     def chat_probe(self) -> ChatProbe:
@@ -39,27 +81,41 @@ class ModelRequest(BaseModel):
         return ChatProbe(prompts, self.client, self.max_tokens)
 
 
-def forensics_router(forensics: Forensics) -> APIRouter:
-    router = APIRouter(prefix="/v1/verify", tags=["forensics"])
+def _translated(exc: VerifyError) -> GatewayError:
+    if isinstance(exc, MissingDependency):
+        log.error("admin: verification impossible on this install: %s", exc)
+        return NotInstalled(str(exc))
+    if isinstance(exc, SuspectNotAllowed):
+        return PermissionDenied(str(exc), code="suspect_not_allowed", param="url")
+    if isinstance(exc, SuspectUnreachable):
+        return UpstreamError(str(exc), code="suspect_unreachable")
+    return BadRequest(str(exc), code="verification_failed")
+
+
+def forensics_router(forensics: Forensics, config: ForensicsConfig) -> APIRouter:
+    router = APIRouter(
+        prefix="/v1/verify", tags=["forensics"], responses=error_responses(400, 401, 422, 501, 503)
+    )
+    suspects = SuspectAllowList(config.allowed_suspect_urls)
 
     @router.post("/text")
-    async def verify_text(body: TextRequest) -> dict[str, Any]:
+    async def verify_text(body: TextRequest) -> TextReport:
         """Is this text ours, which client, p-value and tokens scored (at-source marks), and
         the same for after-the-fact marks under ``after_the_fact``."""
         try:
             return await forensics.text(body.text)
         except VerifyError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            raise _translated(exc) from exc
 
-    @router.post("/model")
-    async def verify_model(body: ModelRequest) -> dict[str, Any]:
-        """Query a suspect model and test it for each client's marks."""
+    @router.post("/model", responses=error_responses(403, 502))
+    async def verify_model(body: ModelRequest) -> ModelVerdict:
+        """Query a suspect model (one the config allows) and test it for each client's marks."""
         try:
-            return await forensics.model(body.url, body.kind, body.model, body.api_key,
-                                         chat=body.chat_probe())
-        except SuspectUnreachable as exc:
-            raise HTTPException(502, str(exc)) from exc
+            suspects.check(body.url)
+            return await forensics.model(
+                body.url, body.kind, body.model, body.api_key, chat=body.chat_probe()
+            )
         except VerifyError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            raise _translated(exc) from exc
 
     return router

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from typing import Any
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict
 
-from modelfence.policy.config import PolicyConfig
+from modelfence.admin.errors import error_responses
+from modelfence.admin.names import Name
+from modelfence.policy.config import DPConfig, PolicyConfig, TierPolicy
 from modelfence.policy.risk import RiskLevel, RiskOverrides
 
 log = logging.getLogger(__name__)
+
+ClientPath = Annotated[Name, Path(description="the client's name")]
 
 
 class RiskPin(BaseModel):
@@ -32,32 +36,34 @@ class RiskPins(BaseModel):
     data: dict[str, RiskLevel]
 
 
+class PolicyView(BaseModel):
+    tiers: dict[str, TierPolicy]
+    dp: DPConfig
+
+
 def policy_router(
     policy: PolicyConfig, tiers: Collection[str], overrides: RiskOverrides
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["policy"])
+    router = APIRouter(prefix="/v1", tags=["policy"], responses=error_responses(401, 503))
 
     @router.get("/policy")
-    async def get_policy() -> dict[str, Any]:
+    async def get_policy() -> PolicyView:
         """The effective request rules and hardening profiles of every configured tier."""
-        return {
-            "tiers": {name: policy.for_tier(name).model_dump(mode="json") for name in tiers},
-            "dp": policy.dp.model_dump(mode="json"),
-        }
+        return PolicyView(tiers={name: policy.for_tier(name) for name in tiers}, dp=policy.dp)
 
     @router.get("/risk")
     async def list_pins() -> RiskPins:
         return RiskPins(data=overrides.pins())
 
-    @router.put("/risk/{client}")
-    async def pin(client: str, body: RiskPin) -> RiskPins:
+    @router.put("/risk/{client}", responses=error_responses(422))
+    async def pin(client: ClientPath, body: RiskPin) -> RiskPins:
         """Pin a client's risk level; it can raise what detection says, never lower it."""
         overrides.set(client, body.level)
         log.info("admin: pinned risk level of client %r to %s", client, body.level)
         return RiskPins(data={client: body.level})
 
-    @router.delete("/risk/{client}")
-    async def unpin(client: str) -> RiskPins:
+    @router.delete("/risk/{client}", responses=error_responses(422))
+    async def unpin(client: ClientPath) -> RiskPins:
         overrides.clear(client)
         log.info("admin: removed the risk pin of client %r", client)
         return RiskPins(data=overrides.pins())

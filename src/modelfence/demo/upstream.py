@@ -54,7 +54,6 @@ from starlette.routing import Route
 
 from modelfence import __version__
 from modelfence.demo import classifier as digits
-from modelfence.demo import embedder as minilm
 from modelfence.demo import llm as smollm
 from modelfence.errors import (
     BadRequest,
@@ -64,11 +63,12 @@ from modelfence.errors import (
     ServiceUnavailable,
 )
 from modelfence.gateway.responses import error_payload
+from modelfence.models import embedder as minilm
 
 if TYPE_CHECKING:
     from modelfence.demo.classifier import DigitsClassifier
-    from modelfence.demo.embedder import TextEmbedder
     from modelfence.demo.llm import LogitsProcessor, SamplingParams, SmolLM, StreamEvent
+    from modelfence.models.embedder import TextEmbedder
 
 logger = logging.getLogger(__name__)
 

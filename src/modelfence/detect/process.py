@@ -3,9 +3,10 @@
 Either way it runs outside the gateway's event loop (and outside its GIL) and executes
 the same :class:`~modelfence.detect.service.DetectorService`:
 
-- :class:`DetectorProcess` — the default on one machine. ``serve`` starts it at start-up;
-  events reach it through a bounded ``multiprocessing`` queue (the telemetry pipeline's
-  ``detector`` sink), verdicts go to the state database the gateway polls.
+- :class:`DetectorProcess` — the default on one machine. ``serve`` starts it at start-up
+  and restarts it if it dies; it exits when ``serve`` does. Events reach it through a
+  bounded ``multiprocessing`` queue (the telemetry pipeline's ``detector`` sink), verdicts
+  go to the state database the gateway polls.
 - :func:`run_worker` — ``modelfence detect --worker I --workers N`` with
   ``detection.feed: redis``; each worker owns a share of the Redis Stream partitions.
 """
@@ -15,8 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -29,6 +34,7 @@ from modelfence.detect.feeds import (
     RedisStreamFeed,
     worker_partitions,
 )
+from modelfence.errors import ModelFenceError
 from modelfence.store import create_tables, open_engine
 
 if TYPE_CHECKING:
@@ -37,6 +43,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelfence.detect")
 
 QUEUE_BATCHES = 200  # batches (of up to telemetry.batch_size events) waiting for the child
+MAX_RESTART_BACKOFF_SECONDS = 60.0  # between restarts of a child that dies at start-up
+REDIS_CONNECT_TIMEOUT = 2.0  # seconds; a dead Redis must not hang a poll or the detector
+REDIS_TIMEOUT = 10.0  # seconds per command; above the stream read's block time
+
+
+def redis_client(config: Config) -> Redis:
+    """Detection's Redis client (streams and shared state), with connect and read timeouts."""
+    return Redis.from_url(
+        redis_url(config),
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        socket_timeout=REDIS_TIMEOUT,
+        health_check_interval=30,
+    )
 
 
 def redis_url(config: Config) -> str:
@@ -66,8 +85,14 @@ def build_engine(config: Config) -> DetectionEngine:
     )
 
 
-async def run_service(config: Config, feed: EventFeed, *, shared: Redis | None = None) -> None:
-    """Run one detector on ``feed`` until it closes."""
+async def run_service(
+    config: Config,
+    feed: EventFeed,
+    *,
+    shared: Redis | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run one detector on ``feed`` until it closes; ``on_ready`` once it is reading."""
     from modelfence.detect.alerts import Alerter
     from modelfence.detect.service import DetectorService
     from modelfence.detect.state import RedisState, SqlState
@@ -90,33 +115,122 @@ async def run_service(config: Config, feed: EventFeed, *, shared: Redis | None =
             shadow=detection.shadow,
         )
         log.info("detector running (pid %d)", os.getpid())
+        if on_ready is not None:
+            on_ready()
         await service.run(feed)
     finally:
         await engine.dispose()
 
 
-def _child_main(config: Config, q: Any) -> None:
+def _exit_with_parent() -> None:
+    """End this process as soon as the gateway that started it is gone, even by SIGKILL."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        log.warning("the gateway (pid %s) is gone: detector exiting", parent.pid)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="modelfence-parent-watch", daemon=True).start()
+
+
+def _child_main(config: Config, q: Any, ready: Any) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_service(config, QueueFeed(q)))
+    _exit_with_parent()
+    asyncio.run(run_service(config, QueueFeed(q), on_ready=ready.set))
+
+
+class DetectorDied(ModelFenceError):
+    """The detector child had exited when the supervisor looked (it was restarted)."""
 
 
 class DetectorProcess:
-    """The detector as a child process of the gateway, fed through a bounded queue."""
+    """The detector as a supervised child process of the gateway, fed through a bounded queue.
 
-    def __init__(self, config: Config) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a running event loop
-        self.queue = context.Queue(QUEUE_BATCHES)
-        self.process = context.Process(
-            target=_child_main, args=(config, self.queue), name="modelfence-detector", daemon=True
+    The gateway runs :meth:`supervise` periodically (a :class:`~modelfence.periodic.Periodic`
+    loop): a dead child is replaced, with a fresh queue since the dead one may have held the
+    old queue's lock; batches still in the old queue are lost. A child that dies before its
+    detector ran (a crash at start-up) is restarted after 1, 2, 4 … up to
+    ``MAX_RESTART_BACKOFF_SECONDS``; one that had run is restarted at once. The child ends
+    itself when the gateway dies.
+    """
+
+    def __init__(self, config: Config, *, on_restart: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_restart = on_restart
+        self.restarts = 0
+        self._crashes = 0  # children in a row that died before their detector ran
+        self._restart_at = 0.0  # monotonic time before which a dead child stays dead
+        self._context = multiprocessing.get_context("spawn")  # no fork of a running event loop
+        self._sink = QueueSink(self._context.Queue(QUEUE_BATCHES))
+        self.process = self._new_process()
+
+    def _new_process(self) -> Any:
+        self._ready = self._context.Event()  # set by the child once its detector runs
+        return self._context.Process(
+            target=_child_main,
+            args=(self.config, self._sink.queue, self._ready),
+            name="modelfence-detector",
+            daemon=True,
         )
+
+    @property
+    def queue(self) -> Any:
+        return self._sink.queue
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process.is_alive())
 
     def start(self) -> None:
         self.process.start()
 
     def sink(self) -> QueueSink:
-        return QueueSink(self.queue)
+        """The telemetry sink into the child; it follows the child across restarts."""
+        return self._sink
+
+    async def supervise(self) -> None:
+        """Restart the child if it died; raises :class:`DetectorDied` when it did."""
+        if self.alive:
+            return
+        now = time.monotonic()
+        if self._ready.is_set():
+            self._crashes = 0  # it had run: restart at once
+        elif now < self._restart_at:
+            return  # it keeps dying at start-up: wait out the back-off
+        else:
+            self._crashes += 1
+            self._restart_at = now + min(MAX_RESTART_BACKOFF_SECONDS, 2.0 ** (self._crashes - 1))
+        exitcode = self.process.exitcode
+        old = self._sink.queue
+        self._sink.queue = self._context.Queue(QUEUE_BATCHES)
+        old.cancel_join_thread()  # nobody reads it any more: do not wait to flush it
+        old.close()
+        self.process = self._new_process()
+        self.process.start()
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart()
+        raise DetectorDied(f"the detector child exited with code {exitcode}; restarted it")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the child runs its detector (True), dies or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while self.alive and time.monotonic() < deadline:
+            if self._ready.wait(0.1):
+                return True
+        return False
+
+    async def probe(self) -> None:
+        """Readiness: raises unless the child is up and running its detector."""
+        if not self.alive:
+            raise DetectorDied("the detector child is not running")
+        if not self._ready.is_set():
+            raise DetectorDied("the detector child is starting")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Ask the child to finish its queue and exit; terminate it after ``timeout``."""
@@ -135,7 +249,7 @@ class DetectorProcess:
 
 async def run_worker(config: Config, worker: int, workers: int) -> None:
     """One ``modelfence detect`` worker consuming its partitions of the event streams."""
-    redis = Redis.from_url(redis_url(config))
+    redis = redis_client(config)
     partitions = worker_partitions(worker, workers, config.detection.partitions)
     log.info("detect worker %d/%d: partitions %s", worker, workers, partitions)
     try:

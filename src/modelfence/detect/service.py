@@ -4,12 +4,13 @@
 what a running detector must do with verdicts: publish changed ones to the shared state,
 write an audit row for every change of action, alert when a client climbs to ``alert``
 or above, and follow admin overrides. ``run`` loops over an
-:class:`~modelfence.detect.feeds.EventFeed` until it closes.
+:class:`~modelfence.detect.feeds.EventFeed` until it closes, surviving any error of the
+feed or the stores (:class:`~modelfence.periodic.Periodic`).
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -21,10 +22,8 @@ from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.feeds import EventFeed
 from modelfence.detect.risk import Reason
 from modelfence.detect.state import ClientRecord, RedisState, SqlState
-from modelfence.errors import ModelFenceError
+from modelfence.periodic import Done, Periodic, Sleep
 from modelfence.telemetry.events import RequestEvent
-
-log = logging.getLogger("modelfence.detect")
 
 RISK_STEP = 0.02  # smaller risk changes are not worth a database write
 OVERRIDE_REFRESH_SECONDS = 2.0
@@ -54,6 +53,7 @@ class DetectorService:
         *,
         shared: RedisState | None = None,
         shadow: bool = False,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -63,6 +63,8 @@ class DetectorService:
         self._published: dict[str, ClientRecord] = {}
         self._unpublished: dict[str, ClientRecord] = {}
         self._overrides_at = 0.0
+        self.loop: Periodic | None = None  # set by run(): its error counts
+        self._sleep = sleep  # the backoff's clock
 
     async def handle(self, events: Sequence[RequestEvent]) -> list[ClientRecord]:
         """Process one batch; returns the records that changed and were published."""
@@ -121,16 +123,23 @@ class DetectorService:
         self._published.update((r.client, r) for r in pending)
 
     async def run(self, feed: EventFeed, *, batch: int = 500, timeout: float = 0.5) -> None:
-        while True:
+        """Process ``feed`` until it closes; a failing read or publish is retried with backoff.
+
+        Records that could not be published are kept and go out with the next batch (or
+        the next idle poll); the engine already has the events.
+        """
+
+        async def step() -> None:
             events = await feed.read(batch, timeout)
             if events is None:
-                return
+                raise Done
             try:
                 if events:
                     await self.handle(events)
                 else:
-                    await self._publish([])  # retries what a store outage held back
-            except ModelFenceError as exc:
-                # The engine has the events; the records not published are retried.
-                log.error("publishing verdicts failed: %s", exc)
-            await feed.ack()
+                    await self._publish([])  # retries what an outage held back
+            finally:
+                await feed.ack()
+
+        self.loop = Periodic("detector", step, interval=0.0, sleep=self._sleep)
+        await self.loop.run(first_delay=0.0)

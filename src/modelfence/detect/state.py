@@ -2,13 +2,15 @@
 
 The detector (and the admin API, for overrides) *publish*; gateways *read* a snapshot of
 the non-normal clients every ``state_poll_seconds`` into an in-process
-:class:`~modelfence.gateway.detection.ActionCache`. Two stores, one interface:
+:class:`~modelfence.detect.cache.ActionCache`. Two stores, one interface:
 
 - :class:`SqlState` — the ``client_risk`` table of the state database. Always written,
   since the admin API reads it; on one machine (SQLite in WAL mode) it is also what the
   gateway reads.
 - :class:`RedisState` — one Redis hash of non-normal clients, for many replicas that
   should not all poll the database.
+
+In shadow mode gateways read :class:`PinnedState` instead: operator pins only.
 """
 
 from __future__ import annotations
@@ -145,6 +147,28 @@ class SqlState:
                     reasons=reasons,
                 )
             )
+
+
+class PinnedState:
+    """Shadow mode's reader: only the actions an operator pinned through the admin API.
+
+    Whatever the detector published earlier, before shadow mode was switched on, stays
+    unenforced; a pin is the operator's own decision and acts in every mode.
+    """
+
+    def __init__(self, state: SqlState) -> None:
+        self.state = state
+
+    async def actions(self) -> dict[str, Action]:
+        pins = detection_overrides.c
+        query = (
+            select(client_risk.c.client, client_risk.c.level, client_risk.c.quota_share)
+            .join(detection_overrides, pins.client == client_risk.c.client)
+            .where(pins.action != "allow", client_risk.c.level != "normal")
+        )
+        async with transaction(self.state.engine) as conn:
+            rows = (await conn.execute(query)).all()
+        return {row.client: Action(row.level, row.quota_share) for row in rows}
 
 
 class RedisState:

@@ -6,24 +6,27 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from modelfence.config import load_config
 from modelfence.errors import ConfigError, ModelFenceError
+from modelfence.forensics.model import ModelVerdict
 from modelfence.forensics.radioactivity import DEFAULT_PROBES
-from modelfence.forensics.service import ChatProbe, Forensics
+from modelfence.forensics.service import ChatProbe, Forensics, TextReport
+
+Report = TextReport | ModelVerdict
 
 verify_app = typer.Typer(help="Trace leaked text or a cloned model back to a client.")
 
 
-def _run(ctx: typer.Context, action: Callable[[Forensics], Awaitable[dict[str, Any]]]) -> None:
+def _run(ctx: typer.Context, action: Callable[[Forensics], Awaitable[Report]]) -> None:
     from modelfence.identity import load_server_secret
     from modelfence.store import create_tables, open_engine
     from modelfence.watermark.keys import WatermarkKeyring
 
-    async def run() -> dict[str, Any]:
+    async def run() -> Report:
         config = load_config(ctx.find_root().obj)
         engine = open_engine(config.store)
         try:
@@ -39,7 +42,7 @@ def _run(ctx: typer.Context, action: Callable[[Forensics], Awaitable[dict[str, A
     except (ConfigError, ModelFenceError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from exc
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json.dumps(report.as_dict(), indent=2))
 
 
 @verify_app.command("text")
@@ -65,7 +68,13 @@ def _read(path: str) -> str:
 @verify_app.command("model")
 def verify_model_command(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option(help="base URL of the suspect API")],
+    url: Annotated[
+        str,
+        typer.Option(
+            help="base URL of the suspect API (any URL: `forensics.allowed_suspect_urls` "
+            "limits only the admin API's verify/model)"
+        ),
+    ],
     kind: Annotated[str, typer.Option(help="chat | classifier | embeddings")],
     model: Annotated[
         str | None, typer.Option(help="model name at the suspect (default: the demo's)")

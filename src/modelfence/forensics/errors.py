@@ -11,3 +11,11 @@ class VerifyError(ModelFenceError):
 
 class SuspectUnreachable(VerifyError):
     """The suspect model's URL did not answer as the chosen kind of API."""
+
+
+class SuspectNotAllowed(VerifyError):
+    """The admin API may not query this suspect URL: the config does not list it."""
+
+
+class MissingDependency(VerifyError):
+    """A verification needs an optional part that is not installed; says what to install."""

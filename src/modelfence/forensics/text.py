@@ -48,7 +48,7 @@ def demo_tokenizer() -> Tokenize:
     """The demo LLM's tokenizer, read from its GGUF file (imports transformers: seconds)."""
     from transformers import AutoTokenizer
 
-    from modelfence.demo.llm import find_gguf
+    from modelfence.models.gguf import find_gguf
 
     gguf = find_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

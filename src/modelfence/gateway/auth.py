@@ -7,10 +7,15 @@ from typing import Protocol
 from modelfence.errors import AuthenticationError
 from modelfence.gateway.context import context_of
 from modelfence.identity.base import ApiKeyRecord, Fingerprint
+from modelfence.identity.failures import AuthFailures
 from modelfence.types import ASGIApp, Receive, Scope, Send
 
 
 class Authenticator(Protocol):
+    def cached(self, secret: str) -> ApiKeyRecord | None: ...
+
+    def lookup_pending(self, secret: str) -> bool: ...
+
     async def authenticate(self, secret: str) -> ApiKeyRecord | None: ...
 
 
@@ -29,9 +34,17 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class Authenticate:
-    def __init__(self, app: ASGIApp, *, keys: Authenticator) -> None:
+    """Resolves the bearer key; a client address that keeps presenting wrong keys gets 429.
+
+    Keys this replica already knows are served from memory whatever the address; any other
+    key is charged to the address before it is looked up, so a flood of random keys costs
+    at most ``failures``' allowance in store lookups per address.
+    """
+
+    def __init__(self, app: ASGIApp, *, keys: Authenticator, failures: AuthFailures) -> None:
         self.app = app
         self.keys = keys
+        self.failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         secret = bearer_token(scope)
@@ -40,13 +53,33 @@ class Authenticate:
                 "No API key provided: send it as 'Authorization: Bearer mf_...'.",
                 code="missing_api_key",
             )
-        record = await self.keys.authenticate(secret)
-        if record is None:
-            raise AuthenticationError("Incorrect API key provided.")
+        record = self.keys.cached(secret) or await self._look_up(scope, secret)
         if not record.active:
             raise AuthenticationError("This API key has been revoked.", code="revoked_api_key")
         context_of(scope).key = record
         await self.app(scope, receive, send)
+
+    async def _look_up(self, scope: Scope, secret: str) -> ApiKeyRecord:
+        if (refusal := self.failures.check(scope)) is not None:
+            raise refusal
+        if self.keys.lookup_pending(secret):
+            # Joins a lookup already charged: a burst carrying one new key costs one charge.
+            record = await self.keys.authenticate(secret)
+            if record is None:
+                self.failures.failed(self.failures.charge(scope), "unknown API key")
+                raise AuthenticationError("Incorrect API key provided.")
+            return record
+        source = self.failures.charge(scope)
+        try:
+            record = await self.keys.authenticate(secret)
+        except BaseException:
+            self.failures.forgive(source)  # the store failed (503) or the client left
+            raise
+        if record is None:
+            self.failures.failed(source, "unknown API key")
+            raise AuthenticationError("Incorrect API key provided.")
+        self.failures.forgive(source)
+        return record
 
 
 class Fingerprinting:

@@ -12,6 +12,7 @@ from typing import Any
 from modelfence.gateway.apis import ParsedRequest
 from modelfence.identity.base import ApiKeyRecord, Fingerprint
 from modelfence.limits.base import Decision
+from modelfence.operations import Operation
 from modelfence.types import Scope
 
 SCOPE_KEY = "modelfence"
@@ -37,10 +38,13 @@ class RequestContext:
     key: ApiKeyRecord | None = None
     # set by Fingerprinting
     fingerprint: Fingerprint | None = None
-    # set by ReadRequest
+    # set by ReadRequest: the client's request, exactly as sent; never changed afterwards
     raw_body: bytes = b""
     body: dict[str, Any] = field(default_factory=dict)
     parsed: ParsedRequest | None = None
+    # set by RequestPolicy and OutputHardening: fields to set (or OMIT) in the upstream body,
+    # merged once by the proxy (modelfence.policy.request_policy.upstream_payload)
+    upstream_overrides: dict[str, Any] = field(default_factory=dict)
     model: str = "-"
     upstream: str = ""
     # set by Enforce (detection verdicts); read by Admission and the hardening layer
@@ -54,6 +58,11 @@ class RequestContext:
     # set by the endpoint
     usage: Usage | None = None
     outcome: str = "ok"
+
+    @property
+    def operation(self) -> Operation | None:
+        """The inference operation of this route (None for health, metrics, listings)."""
+        return Operation.for_route(self.route)
 
     @property
     def tier(self) -> str:

@@ -1,73 +1,30 @@
-"""Detection on the request path: read the client's current action, never compute it.
+"""Detection on the request path: apply the client's current action, never compute it.
 
-:class:`ActionCache` holds the published non-normal actions in a dict, refreshed in the
-background every ``state_poll_seconds`` from the shared state (SQL or Redis); a request
-costs one dict lookup; it is also the policy layer's ``RiskSource`` for output hardening.
-:class:`Enforce` applies the action: ``block`` answers 403 with code ``client_blocked``;
-``tighten`` and above scale the client's limits (Admission reads ``ctx.quota_share``); ``degrade`` and above set ``ctx.degrade`` for output hardening.
-If the state cannot be read, the last snapshot stays in force (counted and logged).
+:class:`Enforce` reads the action from an :class:`ActionSource` (one dict lookup; the
+detection layer keeps it fresh) and applies it: ``block`` answers 403 with code
+``client_blocked``; ``tighten`` and above scale the client's limits (Admission reads
+``ctx.quota_share``); ``degrade`` and above set ``ctx.degrade`` for output hardening.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
+from typing import Protocol
 
-from modelfence.detect.actions import NORMAL, Action
-from modelfence.detect.state import StateReader
-from modelfence.errors import ModelFenceError, PermissionDenied
+from modelfence.detect.actions import Action
+from modelfence.errors import PermissionDenied
 from modelfence.gateway.context import context_of
-from modelfence.policy.risk import RiskLevel, level_for_action
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Receive, Scope, Send
 
-log = logging.getLogger("modelfence.detect")
 
-
-class ActionCache:
-    def __init__(self, reader: StateReader, *, poll_seconds: float) -> None:
-        if poll_seconds <= 0:
-            raise ValueError("poll_seconds must be > 0")
-        self.reader = reader
-        self.poll_seconds = poll_seconds
-        self.failures = 0
-        self._actions: dict[str, Action] = {}
-        self._task: asyncio.Task[None] | None = None
-
+class ActionSource(Protocol):
     def get(self, client: str) -> Action:
-        return self._actions.get(client, NORMAL)
-
-    def level_for(self, client: str) -> RiskLevel:
-        """The output-hardening level (the policy layer's ``RiskSource``)."""
-        return level_for_action(self.get(client).level)
-
-    async def refresh(self) -> None:
-        try:
-            self._actions = await self.reader.actions()
-        except (ModelFenceError, OSError) as exc:  # keep the last snapshot
-            self.failures += 1
-            log.warning("reading detection state failed, keeping the last: %s", exc)
-
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="detection-state")
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_seconds)
-            await self.refresh()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """The client's current action, from memory (called on every request)."""
+        ...
 
 
 class Enforce:
-    def __init__(self, app: ASGIApp, *, actions: ActionCache, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, actions: ActionSource, metrics: Metrics) -> None:
         self.app = app
         self.actions = actions
         self.metrics = metrics

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import orjson
 
 from modelfence.errors import ModelFenceError, UpstreamError
+from modelfence.gateway.apis import check_model_name
 from modelfence.gateway.context import context_of
 from modelfence.gateway.responses import send_bytes, send_json
 from modelfence.gateway.routing import ModelAccess
@@ -18,6 +22,8 @@ from modelfence.telemetry.metrics import Metrics
 from modelfence.types import Receive, Scope, Send
 
 Probe = Callable[[], Awaitable[None]]  # raises when the dependency is not usable
+
+log = logging.getLogger("modelfence.gateway")
 
 
 async def healthz(scope: Scope, receive: Receive, send: Send) -> None:
@@ -34,39 +40,82 @@ class MetricsEndpoint:
         )
 
 
-class Readiness:
-    """Probes every dependency at most once a second; 200 only when all answer."""
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """One thing readiness probes.
 
-    def __init__(self, probes: Mapping[str, Probe], *, timeout: float = 2.0) -> None:
-        self.probes = dict(probes)
+    ``required``: when it is down the replica is not ready; otherwise only degraded (a
+    limit backend whose outage the configured fail mode rides out). Dependencies sharing a
+    ``pool`` (the upstreams) count as down only when every one of them is: a replica that
+    can still serve some models stays in the load balancer.
+    """
+
+    name: str  # shown unauthenticated: a component name, never a host or port
+    probe: Probe
+    required: bool = True
+    pool: str | None = None
+
+
+class Readiness:
+    """Probes every dependency at most once a second.
+
+    200 ``ready`` when all answer, 200 ``degraded`` when only what the replica can do
+    without is down, 503 ``not ready`` otherwise. The body names components and their
+    states (``ok``, ``down``); why one is down goes to the log, once per change, since
+    this endpoint is unauthenticated.
+    """
+
+    def __init__(self, dependencies: Sequence[Dependency], *, timeout: float = 2.0) -> None:
+        self.dependencies = list(dependencies)
         self.timeout = timeout
-        self._cached: tuple[float, int, dict[str, str]] | None = None
+        self._cached: tuple[float, int, dict[str, Any]] | None = None
+        self._failing: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
-    async def _probe(self, probe: Probe) -> str:
+    async def _probe(self, dependency: Dependency) -> bool:
         try:
-            await asyncio.wait_for(probe(), self.timeout)
-        except asyncio.TimeoutError:
-            return f"no answer within {self.timeout:g}s"
+            await asyncio.wait_for(dependency.probe(), self.timeout)
+        except TimeoutError:
+            self._note(dependency.name, f"no answer within {self.timeout:g}s")
+            return False
         except (ModelFenceError, OSError) as exc:
-            return str(exc) or type(exc).__name__
-        return "ok"
+            self._note(dependency.name, str(exc) or type(exc).__name__)
+            return False
+        if self._failing.pop(dependency.name, None) is not None:
+            log.info("readiness: %s is back", dependency.name)
+        return True
 
-    async def check(self) -> tuple[int, dict[str, str]]:
+    def _note(self, name: str, reason: str) -> None:
+        if self._failing.get(name) != reason:
+            log.warning("readiness: %s is down: %s", name, reason)
+        self._failing[name] = reason
+
+    def _verdict(self, up: dict[str, bool]) -> tuple[int, str]:
+        pools: dict[str, bool] = {}
+        unready = False
+        for dep in self.dependencies:
+            if dep.pool is not None:
+                pools[dep.pool] = pools.get(dep.pool, False) or up[dep.name]
+            elif dep.required and not up[dep.name]:
+                unready = True
+        if unready or not all(pools.values()):
+            return 503, "not ready"
+        return 200, "ready" if all(up.values()) else "degraded"
+
+    async def check(self) -> tuple[int, dict[str, Any]]:
         async with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] > 1.0:
-                names = list(self.probes)
-                results = await asyncio.gather(*(self._probe(self.probes[n]) for n in names))
-                checks = dict(zip(names, results, strict=True))
-                status = 200 if all(r == "ok" for r in results) else 503
-                self._cached = (now, status, checks)
+                results = await asyncio.gather(*(self._probe(d) for d in self.dependencies))
+                up = {d.name: ok for d, ok in zip(self.dependencies, results, strict=True)}
+                status, state = self._verdict(up)
+                checks = {name: "ok" if ok else "down" for name, ok in up.items()}
+                self._cached = (now, status, {"status": state, "checks": checks})
             return self._cached[1], self._cached[2]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status, checks = await self.check()
-        await send_json(send, status, {"status": "ready" if status == 200 else "not ready",
-                                       "checks": checks})
+        status, body = await self.check()
+        await send_json(send, status, body)
 
 
 def upstream_probe(transport: Transport, path: str) -> Probe:
@@ -144,10 +193,11 @@ class OIPModelMetadata:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope)
-        name = ctx.path_model or ""
+        name = check_model_name(ctx.path_model or None)
         upstream = self.access.upstream_for(name, ctx.tier)
         ctx.model = name
-        response = await self.transports[upstream].send(UpstreamRequest("GET", scope["path"]))
+        path = "/v2/models/" + quote(name, safe="")  # never the client's path or query
+        response = await self.transports[upstream].send(UpstreamRequest("GET", path))
         try:
             body = await response.read()
         finally:

@@ -7,10 +7,10 @@ has its ``send`` wrapped: it gets the upstream's bytes exactly. Requests that ca
 what a profile protects (no logprobs asked for, embeddings) pass through as well.
 
 Where a profile removes logprobs (``text_only``) or alternatives (``top_logprobs``), the
-upstream is asked for no more than the client will get: only the bytes sent upstream
-change (``ctx.raw_body``; detection still sees what the client asked for), and the answer
-is hardened all the same, so it is right even when an upstream ignores the narrower
-request (or the proxy rebuilds a stream's request from the parsed body).
+upstream is asked for no more than the client will get: only the upstream body changes
+(``ctx.upstream_overrides``; detection still sees what the client asked for), for plain
+answers and streams alike, and the answer is hardened all the same, so it is right even
+when an upstream ignores the narrower request.
 
 With ``dp_noise`` the answer spends from the client's differential-privacy budget when it
 starts; a refused spend (or an accountant failure: this fails closed) turns the answer
@@ -23,23 +23,21 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
 from modelfence.errors import ModelFenceError
 from modelfence.gateway.context import RequestContext, context_of
 from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.operations import Operation
 from modelfence.policy.config import DPConfig, Hardening, PolicyConfig
 from modelfence.policy.dp import BudgetAccountant
 from modelfence.policy.llm_hardening import LogprobHardening
 from modelfence.policy.noise import default_rng
 from modelfence.policy.probs_hardening import RowHardening, harden_oip
-from modelfence.policy.request_policy import OIP_INFER, narrowed_request, wants_logprobs
+from modelfence.policy.request_policy import narrowed_request, upstream_payload, wants_logprobs
 from modelfence.policy.risk import RiskSource
 from modelfence.types import ASGIApp, Scope
 
 log = logging.getLogger("modelfence.policy")
-
-_LLM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +66,21 @@ class OutputHardening(ResponseRewriting[_Plan]):
 
     def plan(self, scope: Scope) -> _Plan | None:
         ctx = context_of(scope)
-        if ctx.key is None:
+        operation = ctx.operation
+        if ctx.key is None or operation is None:
             return None
         tier = self.policy.for_tier(ctx.tier)
         profile = tier.profile(self.risk.level_for(ctx.key.client))
-        if ctx.route == OIP_INFER:
+        if operation is Operation.OIP_INFER:
             allowed = tier.request.oip_outputs
             if profile.is_identity and allowed is None:
                 return None
             return _Plan(ctx.key.client, profile, True, allowed)
-        if ctx.route not in _LLM_ROUTES or profile.is_identity:
+        if not operation.generates_text or profile.is_identity:
             return None
-        if not wants_logprobs(ctx.route, ctx.body):
+        if not wants_logprobs(operation, ctx.body):
             return None
-        _narrow(ctx, profile)
+        _narrow(ctx, operation, profile)
         return _Plan(ctx.key.client, profile, False, None)
 
     async def transform_for(
@@ -131,14 +130,14 @@ class OutputHardening(ResponseRewriting[_Plan]):
             return False
 
 
-def _narrow(ctx: RequestContext, profile: Hardening) -> None:
+def _narrow(ctx: RequestContext, operation: Operation, profile: Hardening) -> None:
     """Ask the upstream for no more logprobs than the profile lets through.
 
     Not with DP noise: its alternatives are noised, re-sorted, then cut, so all of them count.
     """
+    asked = upstream_payload(ctx.body, ctx.upstream_overrides)  # after the request policy
     narrowed = narrowed_request(
-        ctx.route, ctx.body, text_only=profile.text_only,
+        operation, asked, text_only=profile.text_only,
         top_k=None if profile.dp_noise else profile.top_logprobs,
     )
-    if narrowed is not None:
-        ctx.raw_body = orjson.dumps(narrowed)
+    ctx.upstream_overrides.update(narrowed)

@@ -29,14 +29,12 @@ from modelfence.gateway.rewrite import (
     ResponseRewriting,
     SSERewriter,
 )
+from modelfence.operations import Operation
 from modelfence.types import ASGIApp, Headers, Scope
 from modelfence.watermark.config import LexicalConfig
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.lexical import LEXICAL_PURPOSE, LexicalMark, Rewriter
 from modelfence.watermark.lexicon import Lexicon, default_lexicon
-
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +141,14 @@ class LexicalWatermark(ResponseRewriting[_Plan]):
 
     def plan(self, scope: Scope) -> _Plan | None:
         ctx = context_of(scope)
-        if ctx.key is None or ctx.route not in (CHAT, COMPLETIONS):
+        operation = ctx.operation
+        if ctx.key is None or operation is None or not operation.generates_text:
             return None
         if ctx.upstream not in self.upstreams or _wants_json(ctx.body):
             return None
         seed = self.keyring.key(ctx.key.client).seed(LEXICAL_PURPOSE)
         mark = LexicalMark(self.lexicon, seed, max_change_share=self.config.max_change_share)
-        return _Plan(mark, ctx.route == CHAT)
+        return _Plan(mark, operation is Operation.CHAT)
 
     async def transform_for(self, scope: Scope, plan: _Plan, status: int) -> PayloadTransform | None:
         return ChoiceMarks(plan.mark, chat=plan.chat) if status == 200 else None

@@ -2,8 +2,11 @@
 
 Plain responses are relayed whole; streams chunk by chunk as they arrive, with
 ``X-Accel-Buffering: no`` so that proxies in front do not buffer them either. The client's
-own credentials never travel upstream. A client that disconnects mid-stream stops the
-upstream read at the next chunk, which ends the request and releases its lease.
+own credentials never travel upstream, nor its path or query string: the upstream path is
+built from the operation's route template and the validated model name, and the upstream
+body here, once, from the client's body and the stages' overrides. A client that
+disconnects mid-stream stops the upstream read at the next chunk, which ends the request
+and releases its lease.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from modelfence.gateway.apis import usage_from_response
 from modelfence.gateway.context import RequestContext, Usage, context_of
 from modelfence.gateway.streaming import SSETap
 from modelfence.gateway.upstream import Transport, UpstreamRequest, UpstreamResponse
+from modelfence.policy.request_policy import upstream_payload
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import Receive, Scope, Send
 
@@ -27,20 +31,20 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def upstream_body(ctx: RequestContext) -> bytes:
-    """The body to send upstream: the client's, plus include_usage on streams."""
+    """The body to send upstream: the client's with the stages' overrides, and
+    include_usage on streams (settlement needs the upstream's count)."""
     parsed = ctx.parsed
-    if parsed is None or not parsed.stream or parsed.wants_usage_chunk:
+    assert parsed is not None  # ReadRequest runs first
+    overrides = ctx.upstream_overrides
+    if parsed.stream and parsed.operation.generates_text and not parsed.wants_usage_chunk:
+        options = ctx.body.get("stream_options") or {}
+        overrides = {**overrides, "stream_options": {**options, "include_usage": True}}
+    if not overrides:
         return ctx.raw_body
-    if ctx.route not in _STREAM_ROUTES:
-        return ctx.raw_body
-    body = dict(ctx.body)
-    options = body.get("stream_options") or {}
-    body["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(body)
+    return orjson.dumps(upstream_payload(ctx.body, overrides))
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -56,9 +60,8 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope)
         transport = self.transports[ctx.upstream]
-        path = scope["path"]
-        if scope.get("query_string"):
-            path += "?" + scope["query_string"].decode("latin-1")
+        assert ctx.parsed is not None  # ReadRequest runs first
+        path = ctx.parsed.operation.upstream_path(ctx.parsed.model)
         request = UpstreamRequest("POST", path, upstream_body(ctx), headers=ctx.upstream_headers)
         response = await self._call(transport, request)
         try:

@@ -15,6 +15,7 @@ from modelfence.errors import BadRequest, PayloadTooLarge
 from modelfence.gateway.apis import Api
 from modelfence.gateway.context import context_of
 from modelfence.gateway.routing import ModelAccess
+from modelfence.operations import Operation
 from modelfence.types import ASGIApp, Receive, Scope, Send
 
 
@@ -52,23 +53,25 @@ class ReadRequest:
         self,
         app: ASGIApp,
         *,
-        apis: Mapping[str, Api],
+        apis: Mapping[Operation, Api],
         access: ModelAccess,
         max_body_bytes: int,
     ) -> None:
         self.app = app
-        self.apis = apis  # route template -> protocol
+        self.apis = apis
         self.access = access
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope)
+        operation = ctx.operation
+        assert operation is not None  # only inference routes are stacked on this stage
         raw = await read_body(scope, receive, self.max_body_bytes)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-        parsed = self.apis[ctx.route].parse(ctx.route, ctx.path_model, body)
+        parsed = self.apis[operation].parse(operation, ctx.path_model, body)
         ctx.upstream = self.access.upstream_for(parsed.model, ctx.tier)
         ctx.model = parsed.model  # only now: routable names keep the metrics label bounded
         ctx.body = body

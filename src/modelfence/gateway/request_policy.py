@@ -2,12 +2,10 @@
 
 Placed before :class:`~modelfence.gateway.admission.Admission` so a refused request costs
 the client no quota and the upstream nothing. A rule that neutralises rather than refuses
-(``strip_logprobs``) replaces the body the upstream will get.
+(``strip_logprobs``) adds overrides for the upstream body; the client's body stays as sent.
 """
 
 from __future__ import annotations
-
-import orjson
 
 from modelfence.gateway.context import context_of
 from modelfence.policy.config import PolicyConfig
@@ -22,9 +20,7 @@ class RequestPolicy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope)
+        assert ctx.parsed is not None  # ReadRequest runs first
         rules = self.policy.for_tier(ctx.tier).request
-        rewritten = apply_rules(rules, ctx.route, ctx.body)
-        if rewritten is not None:
-            ctx.body = rewritten
-            ctx.raw_body = orjson.dumps(rewritten)
+        ctx.upstream_overrides.update(apply_rules(rules, ctx.parsed.operation, ctx.body))
         await self.app(scope, receive, send)

@@ -1,7 +1,8 @@
 """Path dispatch: exact routes, the OIP model routes, and the admin mount.
 
 Sets ``ctx.route`` to the route *template* (a bounded metrics label) before anything else
-runs, and answers unknown paths and methods itself so nothing unknown reaches an upstream.
+runs, and answers unknown paths (404) and methods (405, with ``Allow``) itself so nothing
+unknown reaches an upstream.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def _oip_template(path: str) -> tuple[str, str] | None:
 class Router:
     def __init__(self, routes: Routes, *, mounts: Mapping[str, ASGIApp]) -> None:
         self.routes = dict(routes)
-        self.templates = {template for _, template in routes}
+        # template -> the Allow header of its 405s
+        self.allowed: dict[str, bytes] = {
+            template: ", ".join(sorted(m for m, t in routes if t == template)).encode()
+            for _, template in routes
+        }
         self.mounts = dict(mounts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,13 +54,17 @@ class Router:
                 return
         ctx = context_of(scope)
         template = path
-        if template not in self.templates:
+        if template not in self.allowed:
             oip = _oip_template(path)
-            if oip is None or oip[0] not in self.templates:
+            if oip is None or oip[0] not in self.allowed:
                 raise NotFound(f"unknown route {path}", code="unknown_route")
             template, ctx.path_model = oip
         ctx.route = template
-        app = self.routes.get((scope["method"], template))
-        if app is None:
-            raise MethodNotAllowed(f"{scope['method']} is not allowed on {template}")
-        await app(scope, receive, send)
+        endpoint = self.routes.get((scope["method"], template))
+        if endpoint is None:
+            allowed = self.allowed[template]
+            raise MethodNotAllowed(
+                f"{scope['method']} is not allowed on {template}; allowed: {allowed.decode()}",
+                headers=[(b"allow", allowed)],
+            )
+        await endpoint(scope, receive, send)

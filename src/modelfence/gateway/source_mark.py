@@ -14,8 +14,6 @@ from modelfence.gateway.context import context_of
 from modelfence.types import ASGIApp, Receive, Scope, Send
 from modelfence.watermark.channel import MARK_HEADER, MarkIssuer
 
-TEXT_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-
 
 class SourceMarking:
     def __init__(
@@ -27,7 +25,9 @@ class SourceMarking:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = context_of(scope)
-        if ctx.key is not None and ctx.route in TEXT_ROUTES and ctx.upstream not in self.hosted:
+        operation = ctx.operation
+        text = operation is not None and operation.generates_text
+        if ctx.key is not None and text and ctx.upstream not in self.hosted:
             mark = (MARK_HEADER, self.issuer.header(ctx.key.client))
             ctx.upstream_headers = (*ctx.upstream_headers, mark)
         await self.app(scope, receive, send)

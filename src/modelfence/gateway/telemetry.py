@@ -2,9 +2,11 @@
 
 :class:`EmitEvents` is the first inference stage: it notes the status (from the response
 or from the error on its way to the boundary) and, when the request ends, passes the
-pipeline a *closure* that builds the :class:`~modelfence.telemetry.events.RequestEvent`.
-The request pays for a ``put_nowait``; parsing the body into event fields, hashing the
-prompt and reading classifier outputs happen later, in the pipeline's task.
+pipeline an :class:`EventDraft`: the few values of the request its event needs, never the
+request context or its body (up to ``server.max_body_bytes`` each, thousands queued). The
+request pays for picking those out and a ``put_nowait``; hashing and normalising the
+prompt, flattening classifier inputs and reading classifier outputs happen later, when the
+pipeline's worker thread calls the draft.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import time
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,15 +23,19 @@ import orjson
 
 from modelfence.errors import GatewayError
 from modelfence.gateway.context import RequestContext, context_of
-from modelfence.telemetry.events import RequestEvent
+from modelfence.operations import Operation
+from modelfence.telemetry.events import EVENT_BYTES, RequestEvent
 from modelfence.telemetry.pipeline import EventSource
 from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
-OIP_INFER = "/v2/models/{name}/infer"
-EMBEDDINGS = "/v1/embeddings"
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
 MAX_INPUT_VALUES = 16_384  # 256 rows of 64 features
 MAX_INPUT_TEXTS = 256
+MAX_INPUT_TEXT_CHARS = 512
+# The prompt text an event carries: far more than the detector's embedder reads (256
+# tokens); hash and length are of the whole prompt.
+MAX_PROMPT_CHARS = 8192
+_PARSED_PER_RAW_BYTE = 4  # a parsed JSON tensor holds about this many bytes per raw byte
 
 
 def _text_of(content: Any) -> str:
@@ -37,20 +44,22 @@ def _text_of(content: Any) -> str:
         return content
     if isinstance(content, list):
         return "\n".join(
-            part.get("text", "")
+            part["text"]
             for part in content
             if isinstance(part, dict) and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
         )
     return ""
 
 
-def prompt_of(route: str, body: dict[str, Any]) -> tuple[str, int]:
+def prompt_of(operation: Operation | None, body: dict[str, Any]) -> tuple[str, int]:
     """(the text detection embeds, conversation turns): the last user turn for chats."""
-    if route == "/v1/chat/completions":
-        messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
-        users = [m for m in messages if m.get("role") == "user"]
-        return (_text_of(users[-1].get("content")) if users else ""), len(messages)
-    value = body.get("prompt") if route == "/v1/completions" else body.get("input")
+    if operation is Operation.CHAT:
+        messages = body.get("messages")
+        messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+        return (_text_of(user.get("content")) if user else ""), len(messages)
+    value = body.get("prompt") if operation is Operation.COMPLETIONS else body.get("input")
     if isinstance(value, list):
         value = next((v for v in value if isinstance(v, str)), "")
     return (value if isinstance(value, str) else ""), 0
@@ -62,20 +71,32 @@ def input_texts_of(body: dict[str, Any]) -> list[str] | None:
     value = body.get("input")
     if not isinstance(value, list):
         return None
-    texts = [v[:512] for v in value[:MAX_INPUT_TEXTS] if isinstance(v, str)]
+    texts = [v[:MAX_INPUT_TEXT_CHARS] for v in value[:MAX_INPUT_TEXTS] if isinstance(v, str)]
     return texts or None
 
 
-def input_rows_of(body: dict[str, Any]) -> list[list[float]] | None:
-    """The first OIP input tensor as rows of features (``shape [n, ...]``: n rows).
+def first_tensor(body: dict[str, Any]) -> tuple[Any, Any]:
+    """(data, shape) of an OIP request's first input tensor, without copying the data
+    beyond the first ``MAX_INPUT_VALUES`` entries."""
+    inputs = body.get("inputs")
+    tensor = inputs[0] if isinstance(inputs, list) and inputs else None
+    if not isinstance(tensor, dict):
+        return None, None
+    data = tensor.get("data")
+    if isinstance(data, list) and len(data) > MAX_INPUT_VALUES:
+        data = data[:MAX_INPUT_VALUES]
+    return data, tensor.get("shape")
+
+
+def input_rows_of(data: Any, shape: Any) -> list[list[float]] | None:
+    """An OIP input tensor (see :func:`first_tensor`) as rows of features (``shape [n, ...]``:
+    n rows).
 
     A batch is n queries to a detector, not one: an attacker sending 64 images per request
     must look like 64 queries. Rows past ``MAX_INPUT_VALUES`` values are not kept.
     """
-    inputs = body.get("inputs") or [{}]
-    tensor = inputs[0] if isinstance(inputs[0], dict) else {}
     flat: list[float] = []
-    stack = [tensor.get("data")]
+    stack = [data]
     while stack and len(flat) < MAX_INPUT_VALUES:
         item = stack.pop()
         if isinstance(item, list):
@@ -84,7 +105,7 @@ def input_rows_of(body: dict[str, Any]) -> list[list[float]] | None:
             flat.append(float(item))
     if not flat:
         return None
-    width = _row_width(tensor.get("shape")) or len(flat)
+    width = _row_width(shape) or len(flat)
     return [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)] or None
 
 
@@ -132,25 +153,57 @@ def prompt_hash(text: str, key: bytes) -> str:
     return hashlib.blake2b(normal.encode(), key=key, digest_size=16).hexdigest()
 
 
-def build_event(
+@dataclass(slots=True)
+class EventDraft:
+    """One finished request's event, less the costly fields; calling it fills them in.
+
+    Holds the event's plain fields and references to the few parts of the body the rest
+    is made from (the prompt, a slice of the input tensor, a capped classifier answer),
+    never the context or the body. ``nbytes`` is about what it keeps alive, for the
+    pipeline's byte bound.
+    """
+
+    event: RequestEvent
+    prompt: str
+    hash_key: bytes
+    tensor: tuple[Any, Any] | None = None  # OIP (data, shape), see first_tensor
+    output: list[bytes] | None = None  # OIP answer, when small enough to parse
+    nbytes: int = EVENT_BYTES
+
+    def __call__(self) -> RequestEvent:
+        event, text = self.event, self.prompt
+        if text:
+            event.prompt_hash = prompt_hash(text, self.hash_key)
+            event.prompt_len = len(text)
+            event.prompt_text = text[:MAX_PROMPT_CHARS]
+        if self.tensor is not None:
+            event.input_rows = input_rows_of(*self.tensor)
+        if self.output:
+            event.output_label, event.output_margins = classifier_output(b"".join(self.output))
+        return event
+
+
+def event_draft(
     ctx: RequestContext,
     status: int,
     arrival: float,
     latency: float,
     hash_key: bytes,
     output: list[bytes] | None,
-) -> RequestEvent:
-    """The event of one finished request (runs in the pipeline task, not the request)."""
+) -> EventDraft:
+    """The draft of one finished request's event: cheap lookups only (runs on the loop)."""
     assert ctx.key is not None
     body = ctx.body
-    text, turns = prompt_of(ctx.route, body)
+    operation = ctx.operation
+    text, turns = prompt_of(operation, body)
     fp = ctx.fingerprint
     usage = ctx.usage
-    label, margins = classifier_output(b"".join(output)) if output else (None, None)
     logprobs = body.get("logprobs")
     bias = body.get("logit_bias")
     decision = ctx.decision
-    return RequestEvent(
+    texts = input_texts_of(body) if operation is Operation.EMBEDDINGS else None
+    tensor = first_tensor(body) if operation is Operation.OIP_INFER else None
+    event = RequestEvent(
         ts=arrival,
         request_id=ctx.request_id,
         client=ctx.key.client,
@@ -171,14 +224,8 @@ def build_event(
         top_logprobs=_int(body.get("top_logprobs")) or 0,
         logit_bias_size=len(bias) if isinstance(bias, dict) else 0,
         stream=bool(ctx.parsed and ctx.parsed.stream),
-        prompt_hash=prompt_hash(text, hash_key) if text else "",
-        prompt_len=len(text),
         turns=turns,
-        prompt_text=text or None,
-        input_texts=input_texts_of(body) if ctx.route == EMBEDDINGS else None,
-        input_rows=input_rows_of(body) if ctx.route == OIP_INFER else None,
-        output_label=label,
-        output_margins=margins,
+        input_texts=texts,
         tokens_in=usage.prompt_tokens if usage else 0,
         tokens_out=usage.completion_tokens if usage else 0,
         latency_ms=latency * 1000.0,
@@ -187,6 +234,24 @@ def build_event(
         else ("denied" if status == 429 else "none"),
         risk_level=ctx.risk_level,
     )
+    nbytes = EVENT_BYTES + len(text) + sum(map(len, texts or ()))
+    if tensor is not None:
+        nbytes += _PARSED_PER_RAW_BYTE * len(ctx.raw_body)
+    if output:
+        nbytes += sum(map(len, output))
+    return EventDraft(event, text, hash_key, tensor, output, nbytes)
+
+
+def build_event(
+    ctx: RequestContext,
+    status: int,
+    arrival: float,
+    latency: float,
+    hash_key: bytes,
+    output: list[bytes] | None,
+) -> RequestEvent:
+    """The event of one finished request, built at once (what the pipeline does later)."""
+    return event_draft(ctx, status, arrival, latency, hash_key, output)()
 
 
 def _number(value: Any) -> float | None:
@@ -211,7 +276,7 @@ class EmitEvents:
         ctx = context_of(scope)
         arrival = time.time()
         status = 0
-        output: list[bytes] | None = [] if ctx.route == OIP_INFER else None
+        output: list[bytes] | None = [] if ctx.operation is Operation.OIP_INFER else None
         size = 0
 
         async def send_tracked(message: Message) -> None:
@@ -236,6 +301,15 @@ class EmitEvents:
             if ctx.key is not None:
                 latency = time.perf_counter() - ctx.started
                 captured = output if size <= MAX_CAPTURED_OUTPUT else None
-                self.emit(
-                    partial(build_event, ctx, status, arrival, latency, self.hash_key, captured)
-                )
+                try:
+                    draft: EventSource = event_draft(
+                        ctx, status, arrival, latency, self.hash_key, captured
+                    )
+                except Exception as exc:  # noqa: BLE001 - never fail the request for its event
+                    # Handed on as a builder that fails: the pipeline counts and logs it.
+                    draft = partial(_reraise, exc)
+                self.emit(draft)
+
+
+def _reraise(exc: Exception) -> RequestEvent:
+    raise exc

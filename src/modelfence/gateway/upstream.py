@@ -8,7 +8,6 @@ so no aiohttp exception ever reaches a client.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +33,7 @@ class UpstreamRequest:
     no header of the client's request is ever copied here, so none can be forged upstream."""
 
     method: str
-    path: str  # with query string, e.g. "/v1/chat/completions"
+    path: str  # built by the gateway, e.g. "/v1/chat/completions"; never the client's
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
@@ -78,13 +77,13 @@ class _AiohttpResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"upstream {self._upstream!r} broke off mid-response") from exc
 
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {self._upstream!r} timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self._upstream!r} broke off mid-response") from exc
@@ -127,7 +126,7 @@ class AiohttpTransport:
                 timeout=self._timeout,
                 allow_redirects=False,
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {self.name!r} is unreachable") from exc

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from modelfence.gateway.context import context_of
 from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.operations import Operation
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Scope
 from modelfence.watermark.adapters import (
@@ -39,8 +40,7 @@ from modelfence.watermark.keys import WatermarkKey, WatermarkKeyring
 from modelfence.watermark.labels import LabelMark, label_marks
 from modelfence.watermark.ledger import MarkedInput, MarkLedger
 
-OIP_INFER = "/v2/models/{name}/infer"
-EMBEDDINGS = "/v1/embeddings"
+MAX_MODELS_SEEN = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +91,19 @@ class OutputWatermark(ResponseRewriting[_Plan]):
         self.metrics = metrics
         self.embedding_marks = EmbeddingMarks(config) if config.embeddings.enabled else None
         # Class count per model, from its probability answers: what lets a labels-only
-        # answer be marked when watermark.labels.classes is not set.
+        # answer be marked when watermark.labels.classes is not set. Model names come from
+        # clients, so the first MAX_MODELS_SEEN are remembered and no more.
         self.classes_seen: dict[str, int] = {}
 
     def plan(self, scope: Scope) -> _Plan | None:
         ctx = context_of(scope)
         if ctx.key is None:
             return None
-        if ctx.route == OIP_INFER and self.config.labels.enabled and self.config.labels.rate > 0:
+        operation = ctx.operation
+        if operation is Operation.OIP_INFER and self.config.labels.enabled and self.config.labels.rate > 0:
             rows = oip_rows(ctx.body)
             return None if rows is None else _Plan(self.keyring.key(ctx.key.client), rows=rows)
-        if ctx.route == EMBEDDINGS and self.embedding_marks is not None:
+        if operation is Operation.EMBEDDINGS and self.embedding_marks is not None:
             texts = embedding_texts(ctx.body)
             if texts is None:
                 return None
@@ -134,12 +136,14 @@ class OutputWatermark(ResponseRewriting[_Plan]):
 
         def unmarked() -> None:
             if self.metrics is not None:
-                self.metrics.unmarked_rows.labels(model).inc()
+                self.metrics.unmarked_row(model)
 
         def transform(payload: Any) -> Any:
             assert plan.rows is not None
             seen = class_count(payload, len(plan.rows))
-            if seen is not None:
+            if seen is not None and (
+                model in self.classes_seen or len(self.classes_seen) < MAX_MODELS_SEEN
+            ):
                 self.classes_seen[model] = seen
             classes = labels.classes or self.classes_seen.get(model)
             return mark_oip(payload, plan.rows, marks, classes=classes, on_marked=record,

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import builtins
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
+
+from modelfence.config import (
+    MAX_CONCURRENT_REQUESTS,
+    MAX_REQUESTS_PER_MINUTE,
+    MAX_TOKENS_PER_MINUTE,
+    MAX_USD_PER_DAY,
+)
+
+log = logging.getLogger(__name__)
+
+# field -> (largest value, whole units?): the bounds config and the admin API enforce.
+_BOUNDS = {
+    "requests_per_minute": (MAX_REQUESTS_PER_MINUTE, True),
+    "tokens_per_minute": (MAX_TOKENS_PER_MINUTE, True),
+    "concurrent_requests": (MAX_CONCURRENT_REQUESTS, True),
+    "usd_per_day": (MAX_USD_PER_DAY, False),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +36,31 @@ class LimitOverrides:
     tokens_per_minute: float | None = None
     concurrent_requests: int | None = None
     usd_per_day: float | None = None
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any], key_id: str) -> LimitOverrides:
+        """Overrides as stored, brought within today's bounds; reading one never fails.
+
+        Earlier versions stored any number (``1e24``, ``0.5``): such a value is clamped
+        into range (whole units rounded down, at least 1) and logged, so one old row can
+        neither hang the limiter nor break listing every key.
+        """
+        kept: dict[str, float | int] = {}
+        for name, value in stored.items():
+            if name not in _BOUNDS or value is None:
+                continue
+            maximum, whole = _BOUNDS[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                log.warning("key %s: stored %s %r is not a number; the tier's applies",
+                            key_id, name, value)
+                continue
+            clamped = min(float(value), float(maximum))
+            clamped = max(1, math.floor(clamped)) if whole else max(clamped, 0.01)
+            if clamped != value:
+                log.warning("key %s: stored %s %r is out of range; %r applies",
+                            key_id, name, value, clamped)
+            kept[name] = clamped
+        return cls(**kept)
 
 
 @dataclass(frozen=True, slots=True)

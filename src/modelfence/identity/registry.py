@@ -17,7 +17,6 @@ by any process (another replica, the CLI) reach every replica within about a sec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from functools import partial
 from modelfence.identity.base import ApiKeyRecord, KeyStore
 from modelfence.identity.keys import looks_like_api_key
 from modelfence.identity.secret import ServerSecret
+from modelfence.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class KeyRegistry:
     """Authenticates API keys from a cache kept in step with a :class:`KeyStore`.
 
     ``clock`` (seconds since the epoch) drives the negative cache and the poll window;
+    unknown keys are remembered for ``negative_ttl`` seconds, at most ``negative_max_size``
+    of them (a new key is random, so nobody can have tried it before it was created);
     the poll window reaches ``overlap`` seconds back past the previous poll, so changes
     whose ``updated_at`` was stamped by a slightly slow clock, or committed late, are
     still seen. ``refresh_errors`` counts failed polls; ``on_refresh_error`` is called
@@ -73,7 +75,7 @@ class KeyRegistry:
         *,
         poll_interval: float = 0.5,
         overlap: float = 5.0,
-        negative_ttl: float = 1.0,
+        negative_ttl: float = 300.0,
         negative_max_size: int = 10_000,
         clock: Callable[[], float] = time.time,
         on_refresh_error: Callable[[Exception], None] | None = None,
@@ -89,8 +91,19 @@ class KeyRegistry:
         self._unknown = _ExpiringSet(negative_max_size, negative_ttl)
         self._lookups: dict[str, asyncio.Task[ApiKeyRecord | None]] = {}
         self._synced_at = clock()
-        self._task: asyncio.Task[None] | None = None
-        self.refresh_errors = 0
+        self._poller = Periodic(
+            "key-refresh", self.refresh, interval=poll_interval, on_error=self._refresh_failed
+        )
+
+    def cached(self, api_key: str) -> ApiKeyRecord | None:
+        """The record of ``api_key`` if this replica already knows it; never touches the store."""
+        if not looks_like_api_key(api_key):
+            return None
+        return self._by_hash.get(self._secret.hash_api_key(api_key))
+
+    def lookup_pending(self, api_key: str) -> bool:
+        """Whether a store lookup of ``api_key`` is already in flight (a caller would join it)."""
+        return looks_like_api_key(api_key) and self._secret.hash_api_key(api_key) in self._lookups
 
     async def authenticate(self, api_key: str) -> ApiKeyRecord | None:
         """The record of ``api_key`` (revoked ones included: check ``.active``), or None.
@@ -145,32 +158,17 @@ class KeyRegistry:
 
     async def start(self) -> None:
         """Start polling the store in the background (idempotent)."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._poll(), name="modelfence-key-refresh")
+        self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poller.stop()
 
-    async def _poll(self) -> None:
-        failures = 0  # in a row
-        while True:
-            await asyncio.sleep(self._poll_interval)
-            try:
-                await self.refresh()
-            # Any error, not only StoreError: if this loop died, revocations would silently
-            # stop reaching this replica.
-            except Exception as exc:  # noqa: BLE001
-                self.refresh_errors += 1
-                if self._on_refresh_error is not None:
-                    self._on_refresh_error(exc)
-                if failures == 0:
-                    log.warning("key store refresh failed, serving cached keys: %s", exc)
-                failures += 1
-            else:
-                if failures:
-                    log.warning("key store refresh recovered after %d failures", failures)
-                failures = 0
+    @property
+    def refresh_errors(self) -> int:
+        return self._poller.errors
+
+    def _refresh_failed(self, _task: str, exc: Exception) -> None:
+        # Any error, not only StoreError, is retried (with back-off) and counted: if the
+        # loop died, revocations would silently stop reaching this replica.
+        if self._on_refresh_error is not None:
+            self._on_refresh_error(exc)

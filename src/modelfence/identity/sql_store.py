@@ -146,5 +146,5 @@ def _record(row: Row[Any]) -> ApiKeyRecord:
         prefix=row.prefix,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
-        overrides=LimitOverrides(**row.overrides),
+        overrides=LimitOverrides.from_stored(row.overrides, row.key_id),
     )

@@ -1,6 +1,6 @@
 """Admission limits: GCRA rates, concurrency leases and daily dollar budgets.
 
->>> backend = build_backend(config.limits, on_fallback=lambda mode: None)
+>>> backend = build_backend(config.limits, on_fallback=print, on_release=print)
 >>> quota = quota_for(config.limits.tiers["default"], record.overrides)
 >>> decision = await backend.admit(AdmissionRequest(record.key_id, quota, tokens=1024))
 """
@@ -25,12 +25,14 @@ from modelfence.limits.base import (
 from modelfence.limits.guard import FallbackMode, GuardedBackend
 from modelfence.limits.memory import MemoryBackend
 from modelfence.limits.quota import Overrides, quota_for
+from modelfence.limits.releases import DeferredReleases, ReleaseEvent
 
 __all__ = [
     "BACKENDS",
     "AdmissionRequest",
     "Decision",
     "DecisionSource",
+    "DeferredReleases",
     "Dimension",
     "DimensionState",
     "FallbackMode",
@@ -40,6 +42,7 @@ __all__ = [
     "MemoryBackend",
     "Overrides",
     "Quota",
+    "ReleaseEvent",
     "backend_name",
     "build_backend",
     "quota_for",
@@ -66,8 +69,17 @@ def backend_name(config: LimitsConfig) -> str:
     return _SCHEMES[scheme]
 
 
-def build_backend(config: LimitsConfig, *, on_fallback: Callable[[str], None]) -> LimitBackend:
-    """The configured backend; a shared one is wrapped in the ``on_backend_error`` guard."""
+def build_backend(
+    config: LimitsConfig,
+    *,
+    on_fallback: Callable[[str], None],
+    on_release: Callable[[ReleaseEvent], None],
+) -> LimitBackend:
+    """The configured backend; a shared one is wrapped in the ``on_backend_error`` guard.
+
+    ``on_fallback(mode)`` is called per admission decided without it, ``on_release(event)``
+    per step of a release it failed at first (see :mod:`modelfence.limits.releases`).
+    """
     name = backend_name(config)
     module, _, attribute = BACKENDS[name].partition(":")
     factory: _Configurable = getattr(import_module(module), attribute)
@@ -79,4 +91,5 @@ def build_backend(config: LimitsConfig, *, on_fallback: Callable[[str], None]) -
         mode=config.on_backend_error,
         share=config.degraded_share,
         on_fallback=on_fallback,
+        on_release=on_release,
     )

@@ -8,6 +8,7 @@ through one Lua script call). Every backend implements :class:`LimitBackend`.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -48,9 +49,19 @@ class Quota:
         )
 
 
+def new_lease_id() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
-    """One request's claim: who, from where, and how much it reserves before running."""
+    """One request's claim: who, from where, and how much it reserves before running.
+
+    ``lease_id``, when the caller sets it (fresh for every call), names the lease before
+    the backend is asked, so an admission whose answer was lost (a timeout after the store
+    ran it) can still be undone by that id (:meth:`LimitBackend.abandon`). Left ``None``,
+    the backend picks one.
+    """
 
     key_id: str
     quota: Quota
@@ -58,6 +69,7 @@ class AdmissionRequest:
     usd: float = 0.0
     ip_prefix: str | None = None
     fingerprint: str | None = None
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,15 @@ class LimitBackend(Protocol):
 
     async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
         """Replace the reservation with real usage and release the concurrency lease."""
+        ...
+
+    async def abandon(self, request: AdmissionRequest) -> None:
+        """Undo an :meth:`admit` whose outcome is unknown (it failed after it may have run).
+
+        ``request`` is the one given to that call, with its ``lease_id`` set.
+        Frees the lease and refunds the reservation if the admission took effect, and
+        makes sure it cannot take effect later; does nothing if it never did.
+        """
         ...
 
     async def ping(self) -> None:

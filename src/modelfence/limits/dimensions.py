@@ -8,12 +8,18 @@ one Lua call); what is checked, against which subject, and how outcomes turn int
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from modelfence.limits.base import AdmissionRequest, Decision, Dimension, DimensionState, Lease
+from modelfence.limits.base import (
+    AdmissionRequest,
+    Decision,
+    Dimension,
+    DimensionState,
+    Lease,
+    new_lease_id,
+)
 from modelfence.limits.gcra import Rate
 
 PERIOD_SECONDS = 60.0  # quotas are per minute
@@ -61,6 +67,17 @@ def settle_check(lease: Lease, tokens_used: int) -> RateCheck | None:
     return RateCheck("tokens", "k", lease.key_id, Rate(limit, PERIOD_SECONDS), units)
 
 
+def lease_id_of(request: AdmissionRequest) -> str:
+    return new_lease_id() if request.lease_id is None else request.lease_id
+
+
+def abandoned_lease(request: AdmissionRequest, day: int) -> Lease:
+    """The lease ``request`` made if its admission took effect on UTC ``day``."""
+    if request.lease_id is None:
+        raise ValueError("only an admission whose lease_id the caller chose can be abandoned")
+    return Lease(request.key_id, request.lease_id, request.tokens, request.usd, request.quota, day)
+
+
 def micro_usd(usd: float) -> int:
     """Dollars as whole micro-dollars, so budgets add up without float drift."""
     return round(usd * MICROS_PER_USD)
@@ -72,10 +89,6 @@ def utc_day(now: float) -> int:
 
 def until_next_day(now: float) -> float:
     return (utc_day(now) + 1) * DAY_SECONDS - now
-
-
-def new_lease_id() -> str:
-    return secrets.token_hex(16)
 
 
 def decide(

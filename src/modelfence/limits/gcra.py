@@ -79,16 +79,20 @@ def _backlog(tat: float, now: float) -> float:
 
 
 def remaining(rate: Rate, tat: float, now: float) -> int:
-    """Whole units that :func:`admit` would accept at ``now`` in a single call."""
+    """Whole units that :func:`admit` would accept at ``now`` in a single call.
+
+    Closed form: the quotient, then one step either way where the division rounded
+    differently from the test admit() applies. No loop, so a rate too large for a float
+    to count in single units (past 2**53) costs no more than a small one.
+    """
     backlog = _backlog(tat, now)
     if not _fits(rate, backlog):
         return 0
     units = max(math.floor((rate.tolerance + SLACK_SECONDS - backlog) / rate.interval), 0)
-    # The division may round either way; settle it with the very test admit() applies.
-    while units > 0 and not _fits(rate, backlog + units * rate.interval):
-        units -= 1
-    while _fits(rate, backlog + (units + 1) * rate.interval):
-        units += 1
+    if units > 0 and not _fits(rate, backlog + units * rate.interval):
+        return units - 1
+    if _fits(rate, backlog + (units + 1) * rate.interval):
+        return units + 1
     return units
 
 

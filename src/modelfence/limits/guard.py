@@ -8,6 +8,11 @@ counts it in Prometheus) and logs a warning, at most one line per ``log_interval
 After a failure the primary is left alone for ``probe_interval_seconds``, so an unreachable
 Redis costs one timeout per interval rather than one per request; the next admission after
 that tries it again, and once it answers every admission goes back to it.
+
+Nothing the primary failed to release is forgotten: a failed settle, and a failed admission
+(which may have run before its answer was lost), are retried in the background by
+:class:`DeferredReleases` until the lease is freed and the reservation refunded, each step
+reported to ``on_release``.
 """
 
 from __future__ import annotations
@@ -19,34 +24,14 @@ from dataclasses import replace
 from typing import Literal
 
 from modelfence.errors import LimitBackendError
-from modelfence.limits.base import AdmissionRequest, Decision, Lease, LimitBackend
+from modelfence.limits.base import AdmissionRequest, Decision, Lease, LimitBackend, new_lease_id
 from modelfence.limits.memory import MemoryBackend
+from modelfence.limits.releases import DeferredReleases, ReleaseEvent
+from modelfence.throttled_log import ThrottledLog
 
 FallbackMode = Literal["open", "closed", "degraded"]
 
 logger = logging.getLogger(__name__)
-
-
-class _ThrottledLog:
-    """Warnings at most once per ``interval`` seconds, each saying how many were held back."""
-
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self._interval = interval
-        self._clock = clock
-        self._next = float("-inf")
-        self._held_back = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._clock()
-        if now < self._next:
-            self._held_back += 1
-            return
-        if self._held_back:
-            message += " (%d similar warnings held back)"
-            args += (self._held_back,)
-        logger.warning(message, *args)
-        self._held_back = 0
-        self._next = now + self._interval
 
 
 class GuardedBackend:
@@ -57,6 +42,7 @@ class GuardedBackend:
     ...     mode="degraded",
     ...     share=0.25,
     ...     on_fallback=lambda mode: fallbacks.labels(mode).inc(),
+    ...     on_release=lambda event: releases.labels(event).inc(),
     ... )
     """
 
@@ -67,7 +53,9 @@ class GuardedBackend:
         mode: FallbackMode,
         share: float,
         on_fallback: Callable[[str], None],
+        on_release: Callable[[ReleaseEvent], None],
         local: MemoryBackend | None = None,
+        releases: DeferredReleases | None = None,
         clock: Callable[[], float] = time.monotonic,
         probe_interval_seconds: float = 1.0,
         log_interval_seconds: float = 5.0,
@@ -81,22 +69,30 @@ class GuardedBackend:
         self._probe_interval = probe_interval_seconds
         self._primary_after = float("-inf")  # primary skipped until this clock reading
         self._last_error = ""
-        self._fallback_log = _ThrottledLog(log_interval_seconds, clock)
-        self._settle_log = _ThrottledLog(log_interval_seconds, clock)
-        self.settle_errors = 0  # settles the primary failed; their leases expire by TTL
+        self._fallback_log = ThrottledLog(logger, log_interval_seconds, clock)
+        self._settle_log = ThrottledLog(logger, log_interval_seconds, clock)
+        self.releases = DeferredReleases(on_event=on_release) if releases is None else releases
+        self.settle_errors = 0  # settles the primary failed at once; retried in the background
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         now = self._clock()
         if now >= self._primary_after:
+            # The lease id is fixed before asking, so a lost answer can still be undone.
+            claim = request if request.lease_id else replace(request, lease_id=new_lease_id())
             try:
-                return await self._primary.admit(request)
+                return await self._primary.admit(claim)
             except LimitBackendError as exc:
                 self._primary_after = now + self._probe_interval
                 self._last_error = str(exc)
+                self.releases.defer(
+                    lambda: self._primary.abandon(claim),
+                    "admit_failed",
+                    f"undoing of a lost admission of key {claim.key_id}",
+                )
         return await self._fall_back(request)
 
     async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
-        """Settle where the lease was made; a primary failure is counted, never raised."""
+        """Settle where the lease was made; a primary failure is retried later, never raised."""
         if self._local.holds(lease):
             await self._local.settle(lease, tokens_used, usd_used)
             return
@@ -104,12 +100,34 @@ class GuardedBackend:
             await self._primary.settle(lease, tokens_used, usd_used)
         except LimitBackendError as exc:
             self.settle_errors += 1
-            self._settle_log.warning("could not settle a lease of key %s: %s", lease.key_id, exc)
+            self._settle_log.warning(
+                "could not settle a lease of key %s (retrying in the background): %s",
+                lease.key_id,
+                exc,
+            )
+            self.releases.defer(
+                lambda: self._primary.settle(lease, tokens_used, usd_used),
+                "settle_failed",
+                f"settle of a lease of key {lease.key_id}",
+            )
+
+    async def abandon(self, request: AdmissionRequest) -> None:
+        """Undo it wherever it was admitted; a primary failure is retried later, never raised."""
+        await self._local.abandon(request)
+        try:
+            await self._primary.abandon(request)
+        except LimitBackendError:
+            self.releases.defer(
+                lambda: self._primary.abandon(request),
+                "admit_failed",
+                f"undoing of an admission of key {request.key_id}",
+            )
 
     async def ping(self) -> None:
         await self._primary.ping()
 
     async def close(self) -> None:
+        await self.releases.close()
         await self._primary.close()
         await self._local.close()
 

@@ -19,9 +19,10 @@ from modelfence.limits.dimensions import (
     LEASE_RETRY_SECONDS,
     RateCheck,
     Scope,
+    abandoned_lease,
     decide,
+    lease_id_of,
     micro_usd,
-    new_lease_id,
     rate_checks,
     settle_check,
     until_next_day,
@@ -102,7 +103,7 @@ class MemoryBackend:
 
         for check, verdict in zip(checks, verdicts, strict=True):
             self._tats[_slot(check)] = verdict.tat
-        lease = Lease(key_id, new_lease_id(), request.tokens, request.usd, quota, day)
+        lease = Lease(key_id, lease_id_of(request), request.tokens, request.usd, quota, day)
         held[lease.lease_id] = now + self._lease_ttl
         self._leases[key_id] = held
         if quota.usd_per_day is not None:
@@ -128,6 +129,11 @@ class MemoryBackend:
             if day == lease.day:  # after midnight the reservation belongs to a closed day
                 delta = micro_usd(usd_used) - micro_usd(lease.usd_reserved)
                 self._usd[lease.key_id] = (day, max(spent + delta, 0))
+
+    async def abandon(self, request: AdmissionRequest) -> None:
+        """Settle the lease to no usage if it was made; an admission here never half-fails."""
+        now = self._clock()
+        await self.settle(abandoned_lease(request, utc_day(now)), 0, 0.0)
 
     async def ping(self) -> None:
         """Always reachable."""

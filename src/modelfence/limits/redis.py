@@ -10,6 +10,7 @@ Keys (parts percent-escaped, so no two subjects share a name and none breaks a h
     mf:{k:<key id>}:requests | :tokens      GCRA TAT, PX = until the bucket is full again
     mf:{k:<key id>}:leases                  ZSET lease id -> expiry, PX = lease TTL
     mf:{k:<key id>}:usd                     HASH {day, spent micro-dollars}, EX = 2 days
+    mf:{k:<key id>}:abandoned:<lease id>    marker of an undone admission, PX = lease TTL
     mf:{ip:<prefix>}:ip_prefix              GCRA TAT of one client IP prefix
     mf:{fp:<digest>}:fingerprint            GCRA TAT of one client fingerprint
 
@@ -21,6 +22,8 @@ leave ``per_ip_prefix`` and ``per_fingerprint`` off (a known limitation).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
@@ -40,11 +43,13 @@ from modelfence.limits.base import AdmissionRequest, Decision, Dimension, Lease
 from modelfence.limits.dimensions import (
     DAY_SECONDS,
     LEASE_RETRY_SECONDS,
+    abandoned_lease,
     decide,
+    lease_id_of,
     micro_usd,
-    new_lease_id,
     rate_checks,
     settle_check,
+    utc_day,
 )
 from modelfence.limits.gcra import SLACK_SECONDS
 
@@ -121,10 +126,11 @@ class RedisBackend:
     async def admit(self, request: AdmissionRequest) -> Decision:
         quota, key_id = request.quota, request.key_id
         checks = rate_checks(request)
-        lease_id = new_lease_id()
+        lease_id = lease_id_of(request)
         keys = [
             self.key("k", key_id, "leases"),
             self.key("k", key_id, "usd"),
+            self._marker(key_id, lease_id),
             *(self.key(check.scope, check.subject, check.dimension) for check in checks),
         ]
         args: list[str | int | float] = [
@@ -140,7 +146,7 @@ class RedisBackend:
         for check in checks:
             args += [check.dimension, check.rate.interval, check.rate.tolerance, check.cost]
         allowed, denied, retry_after, day, *states = await self._run(self._admit, keys, args)
-        outcomes = [(int(states[i]), float(states[i + 1])) for i in range(0, len(states), 2)]
+        outcomes = [(int(float(states[i])), float(states[i + 1])) for i in range(0, len(states), 2)]
         if not allowed:
             return decide(checks, outcomes, [(cast(Dimension, denied), float(retry_after))])
         lease = Lease(key_id, lease_id, request.tokens, request.usd, quota, int(day))
@@ -148,18 +154,39 @@ class RedisBackend:
 
     async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
         """Apply real usage and free the slot; a settled or expired lease is ignored."""
-        keys = [self.key("k", lease.key_id, "leases"), self.key("k", lease.key_id, "usd")]
+        await self._release(lease, tokens_used, usd_used, marker_ms=0)
+
+    async def abandon(self, request: AdmissionRequest) -> None:
+        """Settle the lease to no usage if the admission ran; else mark it so it never does.
+
+        Safe to repeat, and safe whichever of this and a late admission Redis runs first.
+        """
+        lease = abandoned_lease(request, utc_day(time.time()))
+        await self._release(lease, 0, 0.0, marker_ms=math.ceil(self._lease_ttl * 1000))
+
+    async def _release(
+        self, lease: Lease, tokens_used: int, usd_used: float, *, marker_ms: int
+    ) -> None:
+        keys = [
+            self.key("k", lease.key_id, "leases"),
+            self.key("k", lease.key_id, "usd"),
+            self._marker(lease.key_id, lease.lease_id),
+        ]
         usd_delta = micro_usd(usd_used) - micro_usd(lease.usd_reserved)
         args: list[str | int | float] = [
             lease.lease_id,
             lease.day,
             "" if lease.quota.usd_per_day is None else usd_delta,
+            marker_ms,
         ]
         check = settle_check(lease, tokens_used)
         if check is not None:
             keys.append(self.key(check.scope, check.subject, check.dimension))
             args += [check.rate.interval, check.cost]
         await self._run(self._settle, keys, args)
+
+    def _marker(self, key_id: str, lease_id: str) -> str:
+        return self.key("k", key_id, f"abandoned:{quote(lease_id, safe='')}")
 
     async def ping(self) -> None:
         with _translated("PING"):

@@ -1,7 +1,9 @@
 """Request policy and output hardening: what a client may ask, and how exact the answer is.
 
+>>> from modelfence.operations import Operation
 >>> rules = PolicyConfig().for_tier("default").request
->>> apply_rules(rules, "/v1/chat/completions", {"logprobs": True, "top_logprobs": 3})  # passes
+>>> apply_rules(rules, Operation.CHAT, {"logprobs": True, "top_logprobs": 3})  # passes as is
+{}
 >>> harden_row([0.7, 0.2, 0.1], RowHardening(mode="labels_only"))
 [1.0, 0.0, 0.0]
 """

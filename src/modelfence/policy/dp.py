@@ -108,10 +108,22 @@ class RedisAccountant:
         self._spend = client.register_script(_script())
 
     @classmethod
-    def from_url(cls, url: str, *, budget: float, window_seconds: float) -> RedisAccountant:
+    def from_url(
+        cls, url: str, *, budget: float, window_seconds: float, timeout_seconds: float = 0.25
+    ) -> RedisAccountant:
+        """A client that gives up after ``timeout_seconds`` (connect and each reply).
+
+        A spend is on the request path: a stalled Redis costs it one timeout, then the
+        caller's fallback, never a hang.
+        """
         from redis.asyncio import Redis
 
-        client = Redis.from_url(url, decode_responses=True)
+        client = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+        )
         return cls(client, budget=budget, window_seconds=window_seconds)
 
     async def spend(self, client: str, epsilon: float) -> bool:
@@ -128,8 +140,15 @@ class RedisAccountant:
         await self._client.aclose()
 
 
-def build_accountant(backend: str, engine: AsyncEngine, dp: DPConfig) -> BudgetAccountant:
+def build_accountant(
+    backend: str, engine: AsyncEngine, dp: DPConfig, *, redis_timeout_seconds: float = 0.25
+) -> BudgetAccountant:
     """Redis when the limits live there (shared by replicas already), else the state database."""
     if backend.startswith(("redis://", "rediss://", "unix://")):
-        return RedisAccountant.from_url(backend, budget=dp.budget, window_seconds=dp.window_seconds)
+        return RedisAccountant.from_url(
+            backend,
+            budget=dp.budget,
+            window_seconds=dp.window_seconds,
+            timeout_seconds=redis_timeout_seconds,
+        )
     return SqlAccountant(engine, budget=dp.budget, window_seconds=dp.window_seconds)

@@ -6,44 +6,66 @@ al. 2024); wide ``top_logprobs``, many bias entries and large ``n`` multiply wha
 paid request reveals. :func:`apply_rules` checks one parsed body against a tier's
 :class:`~modelfence.policy.config.RequestRules`::
 
-    >>> apply_rules(RequestRules(), "/v1/chat/completions",
+    >>> apply_rules(RequestRules(), Operation.CHAT,
     ...             {"logprobs": True, "logit_bias": {"42": 5}})
     Traceback (most recent call last):
     BadRequest: 'logit_bias' cannot be combined with 'logprobs' on this tier ...
 
-It returns ``None`` when the body passes as it is, or the body to send upstream instead
-(``strip_logprobs``). The demo upstream cannot return the unbiased distribution's
-logprobs, so "neutralise" here means dropping the logprobs, never faking them.
+The client's body is never changed: a rule that neutralises (``strip_logprobs``) returns
+*overrides*, fields to set in (or, with :data:`OMIT`, drop from) the body sent upstream,
+merged once by the proxy (:func:`upstream_payload`). Detection still sees what the client
+asked. The demo upstream cannot return the unbiased distribution's logprobs, so
+"neutralise" here means dropping the logprobs, never faking them.
+
+Types are checked before these rules run (:mod:`modelfence.gateway.apis`), so a number
+here is a number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import enum
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from modelfence.errors import BadRequest
+from modelfence.operations import Operation
 from modelfence.policy.config import RequestRules
 
 CODE = "policy_violation"
-OIP_INFER = "/v2/models/{name}/infer"
-_CHAT = "/v1/chat/completions"
-_COMPLETIONS = "/v1/completions"
 _TOKEN_CAPS = ("max_tokens", "max_completion_tokens")
 _CHOICE_CAPS = ("n", "best_of")
+# Where each text operation asks for alternatives per token.
+_ALTERNATIVES = {Operation.CHAT: "top_logprobs", Operation.COMPLETIONS: "logprobs"}
+
+
+class Omit(enum.Enum):
+    """An override value: leave the field out of the upstream body."""
+
+    OMIT = "omit"
+
+
+OMIT = Omit.OMIT
+Overrides = dict[str, Any]  # field -> value for the upstream body (or OMIT)
+
+
+def upstream_payload(body: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The client's body with ``overrides`` applied (a new dict; ``body`` is not touched)."""
+    merged = {**body, **overrides}
+    return {k: v for k, v in merged.items() if v is not OMIT}
 
 
 def _violation(param: str, message: str) -> BadRequest:
     return BadRequest(f"{message} (request policy of this tier)", code=CODE, param=param)
 
 
-def _number(body: dict[str, Any], name: str) -> float | None:
+def _number(body: Mapping[str, Any], name: str) -> float | None:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None  # absent or malformed: the upstream's validation answers for the shape
     return value
 
 
-def _cap(body: dict[str, Any], names: Iterable[str], limit: float | None) -> None:
+def _cap(body: Mapping[str, Any], names: Iterable[str], limit: float | None) -> None:
     if limit is None:
         return
     for name in names:
@@ -52,11 +74,11 @@ def _cap(body: dict[str, Any], names: Iterable[str], limit: float | None) -> Non
             raise _violation(name, f"'{name}' is {value:g}; the most allowed is {limit:g}")
 
 
-def wants_logprobs(route: str, body: dict[str, Any]) -> bool:
+def wants_logprobs(operation: Operation, body: Mapping[str, Any]) -> bool:
     """Whether the answer will carry log-probabilities."""
-    if route == _CHAT:
+    if operation is Operation.CHAT:
         return bool(body.get("logprobs")) or bool(_number(body, "top_logprobs"))
-    if route == _COMPLETIONS:
+    if operation is Operation.COMPLETIONS:
         return body.get("logprobs") is not None
     return False
 
@@ -82,41 +104,41 @@ def _check_logit_bias(rules: RequestRules, bias: Any) -> None:
             )
 
 
-def without_logprobs(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+def without_logprobs(body: Mapping[str, Any]) -> Overrides:
+    """Overrides that drop every logprobs field the body has."""
+    return {k: OMIT for k in ("logprobs", "top_logprobs") if k in body}
 
 
 def narrowed_request(
-    route: str, body: dict[str, Any], *, text_only: bool, top_k: int | None
-) -> dict[str, Any] | None:
-    """The request to send upstream so it returns no more logprobs than the client may get,
-    or None when it already asks for no more.
+    operation: Operation, body: Mapping[str, Any], *, text_only: bool, top_k: int | None
+) -> Overrides:
+    """Overrides so the upstream returns no more logprobs than the client may get (empty
+    when the request already asks for no more).
 
     Only the upstream's work and the answer's size change: the hardened answer is the same
     (an upstream's top ``k`` alternatives are the first ``k`` of its top ``n``).
     """
     if text_only:
-        stripped = without_logprobs(body)
-        return stripped if len(stripped) < len(body) else None
-    name = {_CHAT: "top_logprobs", _COMPLETIONS: "logprobs"}.get(route)
+        return without_logprobs(body)
+    name = _ALTERNATIVES.get(operation)
     if name is None or top_k is None:
-        return None
+        return {}
     asked = body.get(name)
     if isinstance(asked, bool) or not isinstance(asked, int) or asked <= top_k:
-        return None
-    return {**body, name: top_k}
+        return {}
+    return {name: top_k}
 
 
-def _check_llm(rules: RequestRules, route: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    _cap(body, ("top_logprobs",) if route == _CHAT else ("logprobs",), rules.max_top_logprobs)
+def _check_llm(rules: RequestRules, operation: Operation, body: Mapping[str, Any]) -> Overrides:
+    _cap(body, (_ALTERNATIVES[operation],), rules.max_top_logprobs)
     _cap(body, _CHOICE_CAPS, rules.max_n)
     _cap(body, _TOKEN_CAPS, rules.max_tokens)
     if body.get("echo") is True and not rules.allow_echo:
         raise _violation("echo", "'echo' is not allowed; allowed values: false")
     bias = body.get("logit_bias")
     _check_logit_bias(rules, bias)
-    if not bias or not wants_logprobs(route, body):
-        return None
+    if not bias or not wants_logprobs(operation, body):
+        return {}
     if rules.logit_bias_with_logprobs == "forbid":
         raise _violation(
             "logit_bias",
@@ -124,10 +146,10 @@ def _check_llm(rules: RequestRules, route: str, body: dict[str, Any]) -> dict[st
         )
     if rules.logit_bias_with_logprobs == "strip_logprobs":
         return without_logprobs(body)
-    return None
+    return {}
 
 
-def _check_oip(rules: RequestRules, body: dict[str, Any]) -> None:
+def _check_oip(rules: RequestRules, body: Mapping[str, Any]) -> None:
     allowed = rules.oip_outputs
     outputs = body.get("outputs")
     if allowed is None or not isinstance(outputs, list):
@@ -140,10 +162,10 @@ def _check_oip(rules: RequestRules, body: dict[str, Any]) -> None:
             )
 
 
-def apply_rules(rules: RequestRules, route: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    """Raise :class:`BadRequest` on a violation; return a rewritten body, or None."""
-    if route in (_CHAT, _COMPLETIONS):
-        return _check_llm(rules, route, body)
-    if route == OIP_INFER:
+def apply_rules(rules: RequestRules, operation: Operation, body: Mapping[str, Any]) -> Overrides:
+    """Raise :class:`BadRequest` on a violation; return overrides for the upstream body."""
+    if operation.generates_text:
+        return _check_llm(rules, operation, body)
+    if operation is Operation.OIP_INFER:
         _check_oip(rules, body)
-    return None
+    return {}

@@ -24,10 +24,11 @@ from typing import Any
 import orjson
 
 from modelfence.gateway.context import RequestContext
-from modelfence.gateway.telemetry import OIP_INFER, build_event
+from modelfence.gateway.telemetry import build_event
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.identity.fingerprint import Fingerprinter, compute_fingerprint
 from modelfence.limits.gcra import Rate, admit
+from modelfence.operations import Operation
 from modelfence.redteam.traffic import DIGITS_INFER, ClientProfile, PlannedRequest
 from modelfence.telemetry.events import RequestEvent
 
@@ -58,7 +59,7 @@ def event_for(
     }
     oip = plan.route == DIGITS_INFER
     ctx = RequestContext(
-        route=OIP_INFER if oip else plan.route, started=0.0, request_id=request_id,
+        route=Operation.OIP_INFER.route if oip else plan.route, started=0.0, request_id=request_id,
         key=ApiKeyRecord(f"replay-{profile.name}", profile.name, profile.tier, "replay", _EPOCH),
         fingerprint=compute_fingerprint(scope, _FINGERPRINTER), raw_body=body,
         body=dict(plan.body), model=plan.model,

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from modelfence.errors import ConfigError, StoreError
@@ -34,6 +34,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Any constant works; it only has to be the same in every process creating the schema.
 _SCHEMA_LOCK_ID = 0x6D66_7363  # "mfsc"
 _WRITE_OPTION = "modelfence_write"
+# SQLSTATE classes of errors caused by the values themselves: 22 data exception (too long,
+# NUL byte, bad encoding), 23 integrity constraint violation.
+_VALUE_ERROR_CLASSES = frozenset({"22", "23"})
 
 
 def async_url(url: str) -> str:
@@ -95,6 +98,28 @@ async def transaction(
                 yield conn
     except (SQLAlchemyError, OSError) as exc:  # OSError: asyncpg cannot connect
         raise StoreError(f"state database failed: {_reason(exc)}") from exc
+
+
+def rejects_values(exc: BaseException) -> bool:
+    """Whether a failed statement failed because of the values it carried, not the database.
+
+    Such a statement fails the same way every time, so retrying it is pointless (and a
+    retry loop would stall on it forever); a connection or lock error is worth a retry.
+    Accepts the :class:`StoreError` raised by :func:`transaction` or the driver's error.
+    """
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    # Raised by the driver while converting a value (sqlite3: an int past 64 bits, a lone
+    # surrogate), before any SQL ran.
+    if isinstance(cause, (ValueError, TypeError, OverflowError)):
+        return True
+    if isinstance(cause, (DataError, IntegrityError)):
+        return True
+    if isinstance(cause, DBAPIError):
+        code = getattr(cause.orig, "sqlstate", None) or getattr(cause.orig, "pgcode", None)
+        return isinstance(code, str) and code[:2] in _VALUE_ERROR_CLASSES
+    # A StatementError that is not a DBAPIError: a value could not even be bound (a
+    # naive datetime, something JSON cannot encode).
+    return isinstance(cause, StatementError)
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,3 +63,20 @@ class RequestEvent:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(RequestEvent))
+
+
+EVENT_BYTES = 1024  # an event's fixed fields, roughly
+_FLOAT_BYTES = 32  # a float in a list: the object and its slot
+
+
+def approx_bytes(event: RequestEvent) -> int:
+    """Roughly the memory ``event`` holds, counting its variable-size parts: what the
+    pipeline's byte bounds add up (cheap: no walk over strings)."""
+    size = EVENT_BYTES + len(event.prompt_text or "")
+    if event.input_texts:
+        size += sum(map(len, event.input_texts)) + 64 * len(event.input_texts)
+    if event.input_rows:
+        size += sum(map(len, event.input_rows)) * _FLOAT_BYTES
+    if event.output_margins:
+        size += len(event.output_margins) * _FLOAT_BYTES
+    return size

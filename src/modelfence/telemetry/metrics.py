@@ -1,12 +1,18 @@
 """Prometheus metrics of the gateway.
 
-Labels are route, model, tier, outcome and the like — never a key, client or address, so
-cardinality stays bounded by configuration. Each :class:`Metrics` owns its registry, which
-lets several gateways live in one process (tests) without clashing. Label children are
-cached because ``labels()`` costs microseconds on every request otherwise.
+Labels are route, model, tier, outcome and the like — never a key, client or address.
+Some values still come from clients (a model name, a tier of an admin-made key), and every
+new value is a new series for the life of the process, so each label goes through a
+:class:`LabelCap`: models are labelled only when configured by exact name or once served
+successfully, and no label takes more than a few dozen values; the rest is ``other``.
+Each :class:`Metrics` owns its registry, which lets several gateways live in one process
+(tests) without clashing. Label children are cached because ``labels()`` costs
+microseconds on every request otherwise.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
@@ -16,10 +22,50 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )
 
+OTHER = "other"
+SPARE_LABEL_VALUES = 64  # distinct values a label takes beyond the known ones
+MAX_LABEL_CHARS = 128
+
+
+class LabelCap:
+    """One label's values, bounded: the ``known`` ones and the first ``spare`` others are
+    kept as they are, any further one (or an over-long one) becomes ``other``.
+
+    With ``learn=False`` a value is kept only once :meth:`learn` was called for it, which
+    lets a caller decide what deserves a series (a model the upstream served)::
+
+        tiers = LabelCap({"default"}, spare=1)
+        [tiers(t) for t in ("default", "gold", "x", "gold")]  # default, gold, other, gold
+    """
+
+    def __init__(
+        self, known: Iterable[str] = (), *, spare: int = SPARE_LABEL_VALUES, learn: bool = True
+    ) -> None:
+        self._values = {v for v in known if len(v) <= MAX_LABEL_CHARS}
+        self._limit = len(self._values) + spare
+        self._learn_on_sight = learn
+
+    def learn(self, value: str) -> None:
+        if len(self._values) < self._limit and len(value) <= MAX_LABEL_CHARS:
+            self._values.add(value)
+
+    def __call__(self, value: str) -> str:
+        if value in self._values:
+            return value
+        if self._learn_on_sight:
+            self.learn(value)
+            if value in self._values:
+                return value
+        return OTHER
+
 
 class Metrics:
-    def __init__(self) -> None:
+    """The gateway's metrics; ``models`` are the model names configured exactly (not by
+    pattern): those are labelled from the start, others once the gateway served them."""
+
+    def __init__(self, *, models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.models = LabelCap(models, learn=False)
         self.requests = Counter(
             "modelfence_requests",
             "Requests answered by the gateway.",
@@ -58,13 +104,37 @@ class Metrics:
         )
         self.settle_errors = Counter(
             "modelfence_settle_errors",
-            "Usage settlements that failed; the reservation stands instead of real usage.",
+            "Usage settlements that failed at first; they are retried in the background.",
+            registry=self.registry,
+        )
+        self.releases_deferred = Counter(
+            "modelfence_limit_releases_deferred",
+            "Lease releases the limit backend failed at first, queued for background retry: "
+            "settle_failed, or admit_failed (an admission whose answer was lost, undone).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.release_retries = Counter(
+            "modelfence_limit_release_retries",
+            "Background attempts at a deferred lease release.",
+            registry=self.registry,
+        )
+        self.releases_recovered = Counter(
+            "modelfence_limit_releases_recovered",
+            "Deferred lease releases that succeeded on a retry.",
+            registry=self.registry,
+        )
+        self.release_failures = Counter(
+            "modelfence_limit_release_failures",
+            "Deferred lease releases given up; the lease is held until limits.lease_ttl_seconds.",
             registry=self.registry,
         )
         self.events = Counter(
             "modelfence_telemetry_events",
-            "Request events by fate: emitted, written, dropped_queue_full (the queue was full), "
-            "dropped_sink (a sink stayed down past its buffer).",
+            "Request events by fate: emitted, written, dropped_queue_full / dropped_queue_bytes "
+            "(the queue held telemetry.queue_size events / queue_bytes bytes), dropped_sink (a "
+            "sink stayed down past its buffer), rejected (a sink refused the event's values; "
+            "the rest of its batch was written), dropped_build_error, dropped_shutdown.",
             ["fate"],
             registry=self.registry,
         )
@@ -88,19 +158,66 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "modelfence_connections_closed",
+            "Connections the server closed on a slow or oversized client: head or body not "
+            "complete within server.header_timeout_seconds / body_timeout_seconds, or "
+            "head_size (a request head over server.max_header_bytes).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "modelfence_auth_failures",
+            "Failed credential checks by surface (api: API keys, admin: the admin token) and "
+            "outcome: rejected (401), or refused (429 without checking: too many failures "
+            "from that client address, server.auth_failures_per_minute).",
+            ["surface", "outcome"],
+            registry=self.registry,
+        )
+        self.task_errors = Counter(
+            "modelfence_background_task_errors",
+            "Failed runs of a background loop: detection-state (reading published actions), "
+            "detector-supervisor (the detector child had died and was restarted), "
+            "watermark-ledger (a marked input not recorded). The loop backs off and retries.",
+            ["task"],
+            registry=self.registry,
+        )
+        self.ledger_dropped = Counter(
+            "modelfence_watermark_ledger_dropped",
+            "Marked classifier inputs not recorded in the watermark ledger (verification of a "
+            "suspect replays fewer of them): queue_full, write_failed, or shutdown (still "
+            "queued when the gateway stopped).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.detector_restarts = Counter(
+            "modelfence_detector_restarts",
+            "Times the gateway restarted its detector child process after it died.",
+            registry=self.registry,
+        )
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
+        # One cap per label of each metric; model labels share the model cap.
+        self._caps: dict[int, tuple[LabelCap, ...]] = {}
+        self._caps[id(self.requests)] = (LabelCap(), self.models, LabelCap(), LabelCap())
+        self._caps[id(self.unmarked_rows)] = (self.models,)
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
-        key = (id(metric), *labels)
+        caps = self._caps.get(id(metric))
+        if caps is None:
+            caps = self._caps[id(metric)] = tuple(LabelCap() for _ in labels)
+        # Cached by the capped values: a cache keyed by raw ones would grow without bound.
+        key = (id(metric), *(cap(value) for cap, value in zip(caps, labels, strict=True)))
         child = self._children.get(key)
         if child is None:
-            child = metric.labels(*labels)
+            child = metric.labels(*key[1:])
             self._children[key] = child
         return child
 
     def observe_request(
         self, route: str, model: str, tier: str, outcome: str, seconds: float
     ) -> None:
+        if outcome == "ok":  # served: a real model, not a name a client made up
+            self.models.learn(model)
         self._child(self.requests, route, model, tier, outcome).inc()  # type: ignore[attr-defined]
         self._child(self.latency, route, outcome).observe(seconds)  # type: ignore[attr-defined]
 
@@ -113,6 +230,36 @@ class Metrics:
 
     def backend_failure(self, mode: str) -> None:
         self._child(self.backend_failures, mode).inc()  # type: ignore[attr-defined]
+
+    def limit_release(self, event: str) -> None:
+        """One step of a deferred lease release (see ``modelfence.limits.releases``)."""
+        if event in ("settle_failed", "admit_failed"):
+            if event == "settle_failed":
+                self.settle_errors.inc()
+            self._child(self.releases_deferred, event).inc()  # type: ignore[attr-defined]
+        elif event == "retried":
+            self.release_retries.inc()
+        elif event == "released":
+            self.releases_recovered.inc()
+        else:
+            self.release_failures.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self._child(self.connections_closed, reason).inc()  # type: ignore[attr-defined]
+
+    def auth_failure(self, surface: str, outcome: str) -> None:
+        self._child(self.auth_failures, surface, outcome).inc()  # type: ignore[attr-defined]
+
+    def task_error(self, task: str, exc: Exception) -> None:
+        """``on_error`` of a :class:`~modelfence.periodic.Periodic` loop."""
+        self._child(self.task_errors, task).inc()  # type: ignore[attr-defined]
+
+    def ledger_drop(self, reason: str, n: int) -> None:
+        self._child(self.ledger_dropped, reason).inc(n)  # type: ignore[attr-defined]
+
+    def unmarked_row(self, model: str) -> None:
+        self.models.learn(model)  # only answers the upstream served (200) get here
+        self._child(self.unmarked_rows, model).inc()  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

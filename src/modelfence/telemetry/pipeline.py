@@ -1,13 +1,20 @@
 """The event pipeline: a bounded queue in front, one retrying lane per sink behind it.
 
 The gateway calls :meth:`EventPipeline.emit` once per request. It is a ``put_nowait`` on a
-bounded :class:`asyncio.Queue`, so a request never waits for telemetry; when the queue is
-full the event is dropped and counted (``dropped_queue_full``). A background task moves
-events from the queue into one :class:`_Lane` per sink. A lane writes in batches; when its
-sink fails, the batch stays and is retried with exponential back-off while new events
-buffer behind it, up to ``buffer_events``; past that new ones are dropped, counted
-(``dropped_sink``) and reported to ``on_dropped`` (which logs and alerts). Every event is
-thus written, or counted under exactly one dropped fate::
+bounded :class:`asyncio.Queue`, so a request never waits for telemetry; when the queue holds
+``queue_size`` events or ``queue_bytes`` bytes the event is dropped, counted
+(``dropped_queue_full``, ``dropped_queue_bytes``) and logged. The gateway emits a
+:class:`PendingEvent` (a slim snapshot of the request), which a worker thread turns into
+the event, so hashing and parsing run neither on the request path nor on the event loop.
+A background task moves events from the queue into one :class:`_Lane` per sink. A lane
+writes in batches; when its sink fails, the batch stays and is retried with exponential
+back-off while new events buffer behind it, up to ``buffer_events`` events and
+``buffer_bytes`` bytes; past that new ones are dropped, counted (``dropped_sink``) and
+reported to ``on_dropped`` (which logs and alerts). A sink that
+refuses a batch for its values (:class:`RejectedBatch`) would fail the same way forever, so
+the lane splits that batch until the events at fault are alone, writes the others, and
+counts and logs each refused one (``rejected``). Every event is thus written, or counted
+under exactly one dropped fate::
 
     pipeline = EventPipeline([SqlSink(engine)], settings=PipelineSettings())
     await pipeline.start()
@@ -25,16 +32,43 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from modelfence.telemetry.events import RequestEvent
+from modelfence.telemetry.events import RequestEvent, approx_bytes
+from modelfence.throttled_log import ThrottledLog
 
 log = logging.getLogger("modelfence.telemetry")
 
-# Building the event is deferred to the pipeline task: the request only pays for a closure.
-EventSource = RequestEvent | Callable[[], RequestEvent]
+CALLABLE_BYTES = 4096  # what a plain builder callable is assumed to hold
+DROP_LOG_SECONDS = 10.0  # queue drops are logged at most this often (with the count since)
+
+
+class PendingEvent(Protocol):
+    """What a finished request leaves behind: called (in a worker thread) it builds the
+    event. ``nbytes`` is roughly the memory it holds, for the queue's byte bound."""
+
+    nbytes: int
+
+    def __call__(self) -> RequestEvent: ...
+
+
+EventSource = RequestEvent | PendingEvent | Callable[[], RequestEvent]
+
+
+def size_of(item: EventSource) -> int:
+    if isinstance(item, RequestEvent):
+        return approx_bytes(item)
+    nbytes = getattr(item, "nbytes", CALLABLE_BYTES)
+    return nbytes if isinstance(nbytes, int) else CALLABLE_BYTES
+
+
+class RejectedBatch(Exception):
+    """Raised by a sink whose write failed because of some event's values (a number no
+    column holds, say): the same batch would fail again, so the lane isolates the culprits
+    instead of retrying it."""
 
 
 class Sink(Protocol):
-    """Where batches of events go. ``write`` raises on failure; the lane retries it."""
+    """Where batches of events go. ``write`` raises on failure; the lane retries it, or
+    splits it when the error is :class:`RejectedBatch`."""
 
     name: str
 
@@ -46,14 +80,18 @@ class Sink(Protocol):
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
     queue_size: int = 10_000
+    queue_bytes: int = 64 * 2**20
     batch_size: int = 500
     buffer_events: int = 100_000
+    buffer_bytes: int = 256 * 2**20
     retry_min_seconds: float = 0.1
     retry_max_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        if min(self.queue_size, self.batch_size, self.buffer_events) < 1:
-            raise ValueError("queue_size, batch_size and buffer_events must be >= 1")
+        sizes = (self.queue_size, self.queue_bytes, self.batch_size, self.buffer_events,
+                 self.buffer_bytes)
+        if min(sizes) < 1:
+            raise ValueError("queue and buffer sizes and batch_size must be >= 1")
         if not 0 < self.retry_min_seconds <= self.retry_max_seconds:
             raise ValueError("need 0 < retry_min_seconds <= retry_max_seconds")
 
@@ -72,18 +110,33 @@ class _Lane:
         self.count = count
         self.on_dropped = on_dropped
         self.buffer: deque[RequestEvent] = deque()
+        self.sizes: deque[int] = deque()  # approx_bytes of each buffered event
+        self.bytes = 0
         self.wakeup = asyncio.Event()
         self.failing = False
 
-    def put(self, events: list[RequestEvent]) -> None:
+    def put(self, events: list[RequestEvent], sizes: list[int]) -> None:
         # When full, the newest are refused: the oldest may be the batch being written.
-        room = self.settings.buffer_events - len(self.buffer)
-        self.buffer.extend(events[: max(room, 0)])
-        overflow = len(events) - max(room, 0)
+        overflow = 0
+        for event, size in zip(events, sizes, strict=True):
+            if (
+                len(self.buffer) >= self.settings.buffer_events
+                or self.bytes + size > self.settings.buffer_bytes
+            ):
+                overflow += 1
+                continue
+            self.buffer.append(event)
+            self.sizes.append(size)
+            self.bytes += size
         if overflow > 0:
             self.count("dropped_sink", overflow)
             self.on_dropped(self.sink.name, overflow)
         self.wakeup.set()
+
+    def _pop(self, n: int) -> None:
+        for _ in range(n):
+            self.buffer.popleft()
+            self.bytes -= self.sizes.popleft()
 
     async def run(self) -> None:
         delay = self.settings.retry_min_seconds
@@ -94,7 +147,7 @@ class _Lane:
                 continue
             batch = [self.buffer[i] for i in range(min(len(self.buffer), self.settings.batch_size))]
             try:
-                await self.sink.write(batch)
+                await self._write(batch)
             except Exception as exc:  # noqa: BLE001 - any sink failure: keep the batch, retry
                 self.count(f"sink_error:{self.sink.name}", 1)
                 if not self.failing:
@@ -107,9 +160,34 @@ class _Lane:
                 log.info("telemetry sink %s recovered", self.sink.name)
                 self.failing = False
             delay = self.settings.retry_min_seconds
-            for _ in range(len(batch)):
-                self.buffer.popleft()
-            self.count(f"written:{self.sink.name}", len(batch))
+
+    async def _write(self, events: list[RequestEvent]) -> None:
+        """Write ``events`` (the head of the buffer) and take them off the buffer.
+
+        On :class:`RejectedBatch` the halves are written in order, down to single events,
+        so what is done (written or rejected) is always a prefix of the buffer: any other
+        error on the way leaves exactly the rest for the retry.
+        """
+        try:
+            await self.sink.write(events)
+        except RejectedBatch as exc:
+            if len(events) > 1:
+                middle = len(events) // 2
+                await self._write(events[:middle])
+                await self._write(events[middle:])
+                return
+            self._reject(events[0], exc)
+        else:
+            self.count(f"written:{self.sink.name}", len(events))
+        self._pop(len(events))
+
+    def _reject(self, event: RequestEvent, exc: RejectedBatch) -> None:
+        self.count(f"rejected:{self.sink.name}", 1)
+        # Identifiers only: the reason may quote a value, never the prompt.
+        log.error(
+            "telemetry sink %s rejected event %s (client %.64r, model %.64r) and carries on: %.300s",
+            self.sink.name, event.request_id, event.client, event.model, exc,
+        )
 
 
 class EventPipeline:
@@ -127,9 +205,14 @@ class EventPipeline:
         self.stats: Counter[str] = Counter()
         self._extra_count = count
         self._on_dropped = on_dropped or _log_dropped
-        self._queue: asyncio.Queue[EventSource] = asyncio.Queue(self.settings.queue_size)
+        self._queue: asyncio.Queue[tuple[EventSource, int]] = asyncio.Queue(
+            self.settings.queue_size
+        )
+        self._queued_bytes = 0
+        self._building = 0  # taken off the queue, not yet in the lanes
         self._lanes = [_Lane(s, self.settings, self._count, self._on_dropped) for s in sinks]
         self._tasks: list[asyncio.Task[None]] = []
+        self._drop_log = ThrottledLog(log, interval=DROP_LOG_SECONDS)
 
     def _count(self, fate: str, n: int) -> None:
         self.stats[fate] += n
@@ -137,14 +220,29 @@ class EventPipeline:
             self._extra_count(fate, n)
 
     def emit(self, event: EventSource) -> bool:
-        """Hand one event over without waiting; False (and counted) when the queue is full."""
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self._count("dropped_queue_full", 1)
+        """Hand one event over without waiting; False (counted and logged) when the queue
+        is full, by count or by bytes."""
+        size = size_of(event)
+        if self._queued_bytes + size > self.settings.queue_bytes:
+            self._drop("dropped_queue_bytes")
             return False
+        try:
+            self._queue.put_nowait((event, size))
+        except asyncio.QueueFull:
+            self._drop("dropped_queue_full")
+            return False
+        self._queued_bytes += size
         self._count("emitted", 1)
         return True
+
+    def queued_bytes(self) -> int:
+        """Roughly the memory held by events waiting in the queue."""
+        return self._queued_bytes
+
+    def _drop(self, fate: str) -> None:
+        # Under a flood this runs per request: one log line per DROP_LOG_SECONDS.
+        self._count(fate, 1)
+        self._drop_log.error("telemetry queue full, events dropped (%s)", fate)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._drain(), name="telemetry-drain")]
@@ -162,24 +260,27 @@ class EventPipeline:
                     items.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            events = [self._materialise(item) for item in items]
+            # Until they reach the lanes they count as pending (and as lost if stopped now).
+            self._building = len(items)
+            self._queued_bytes -= sum(size for _, size in items)
+            sources = [item for item, _ in items]
+            del items
+            if all(isinstance(item, RequestEvent) for item in sources):
+                events = _build_all(sources)
+            else:  # hashing, normalising and parsing: off the event loop
+                events = await asyncio.to_thread(_build_all, sources)
             ready = [e for e in events if e is not None]
+            if len(ready) < len(events):
+                self._count("dropped_build_error", len(events) - len(ready))
+            sizes = [approx_bytes(e) for e in ready]
             for lane in self._lanes:
-                lane.put(ready)
-
-    def _materialise(self, item: EventSource) -> RequestEvent | None:
-        if isinstance(item, RequestEvent):
-            return item
-        try:
-            return item()
-        except Exception:  # a bug in an event builder must not stop the pipeline
-            log.exception("building a telemetry event failed")
-            self._count("dropped_build_error", 1)
-            return None
+                lane.put(ready, sizes)
+            self._building = 0
 
     def pending(self) -> int:
         """Events not yet written by every sink (queued or buffered)."""
-        return self._queue.qsize() + max((len(lane.buffer) for lane in self._lanes), default=0)
+        buffered = max((len(lane.buffer) for lane in self._lanes), default=0)
+        return self._queue.qsize() + self._building + buffered
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything emitted so far is written; False on timeout."""
@@ -198,13 +299,27 @@ class EventPipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        left = self._queue.qsize()
+        left = self._queue.qsize() + self._building
         for lane in self._lanes:
             lost = left + len(lane.buffer)
             if lost:
                 self._count("dropped_shutdown", lost)
                 self._on_dropped(lane.sink.name, lost)
             await lane.sink.close()
+
+
+def _build_all(items: list[EventSource]) -> list[RequestEvent | None]:
+    return [_materialise(item) for item in items]
+
+
+def _materialise(item: EventSource) -> RequestEvent | None:
+    if isinstance(item, RequestEvent):
+        return item
+    try:
+        return item()
+    except Exception:  # a bug in an event builder must not stop the pipeline
+        log.exception("building a telemetry event failed")
+        return None
 
 
 def _log_dropped(sink: str, n: int) -> None:

@@ -17,8 +17,9 @@ extra body fields, which the gateway forwards untouched:
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
 ``top_logprobs`` alternatives per token.
 
-``GET /_stats`` reports how many inference requests arrived and the ``x-modelfence-*``
-headers of the last one (what the gateway told the upstream); ``POST /_reset`` zeroes it.
+``GET /_stats`` reports how many inference requests arrived, and of the last one the
+``x-modelfence-*`` headers (what the gateway told the upstream), the raw path with its
+query string and the JSON body; ``POST /_reset`` zeroes it.
 
     python -m modelfence.testing.fake_upstream --port 9100
 """
@@ -63,13 +64,16 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests = 0
         self.gateway_headers: dict[str, str] = {}
+        self.last_path = ""
+        self.last_body: Any = None
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.requests += 1
         self.gateway_headers = {
             k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-modelfence-")
         }
-        body = orjson.loads(await request.read())
+        self.last_path = request.raw_path
+        body = self.last_body = orjson.loads(await request.read())
         if body.get("fake_delay"):
             await asyncio.sleep(float(body["fake_delay"]))
         return body  # type: ignore[no-any-return]
@@ -145,7 +149,8 @@ class FakeUpstream:
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        rows = int(body["inputs"][0]["shape"][0])
+        shape = body["inputs"][0]["shape"]
+        rows = int(shape[0]) if shape else 1
         row = body.get("fake_probabilities") or [0.1] * 10
         if body.get("fake_labels_only"):
             top = max(range(len(row)), key=row.__getitem__)
@@ -157,6 +162,7 @@ class FakeUpstream:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        self.last_path = request.raw_path
         return _json({"name": name, "platform": "fake",
                       "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
                       "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]})
@@ -165,11 +171,13 @@ class FakeUpstream:
         return web.Response(status=200)
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json({"requests": self.requests, "gateway_headers": self.gateway_headers})
+        return _json({"requests": self.requests, "gateway_headers": self.gateway_headers,
+                      "last_path": self.last_path, "last_body": self.last_body})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.requests = 0
         self.gateway_headers = {}
+        self.last_path, self.last_body = "", None
         return _json({"requests": 0})
 
 

@@ -35,7 +35,7 @@ _MIN_WORD_LENGTH = 4
 
 def candidate_words() -> list[str]:
     """The mid-frequency word pool triggers are drawn from (bundled MiniLM vocabulary)."""
-    text = files("modelfence.demo").joinpath("assets/minilm-vocab.txt").read_text("utf-8")
+    text = files("modelfence.models").joinpath("assets/minilm-vocab.txt").read_text("utf-8")
     lines = text.splitlines()[_VOCAB_BAND[0] : _VOCAB_BAND[1]]
     return [w for w in lines if w.isalpha() and w.isascii() and len(w) >= _MIN_WORD_LENGTH]
 

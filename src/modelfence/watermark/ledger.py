@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,11 +18,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from modelfence.errors import StoreError
+from modelfence.periodic import OnError, Periodic
 from modelfence.store import transaction
 from modelfence.store.schema import watermark_ledger
+from modelfence.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
+STOP_SECONDS = 5.0  # at shutdown, how long queued marks may take to be written
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +38,24 @@ class MarkedInput:
 
 
 class MarkLedger:
-    def __init__(self, engine: AsyncEngine, *, per_client: int, queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        per_client: int,
+        queue_size: int = 10_000,
+        on_error: OnError | None = None,
+        on_drop: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._per_client = per_client
         self._queue: asyncio.Queue[MarkedInput] = asyncio.Queue(queue_size)
-        self._task: asyncio.Task[None] | None = None
+        # A failed write backs off (the store is likely down) while new marks queue up.
+        self._writer = Periodic(
+            "watermark-ledger", self._write_next, interval=0.0, on_error=on_error
+        )
+        self._on_drop = on_drop
+        self._drop_log = ThrottledLog(log, interval=10.0)
         self.dropped = 0
 
     def record(self, mark: MarkedInput) -> None:
@@ -47,30 +63,41 @@ class MarkLedger:
         try:
             self._queue.put_nowait(mark)
         except asyncio.QueueFull:
-            self.dropped += 1
+            self._drop("queue_full", 1)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="watermark-ledger")
+        self._writer.start(first_delay=0.0)
 
     async def stop(self) -> None:
-        """Write what is queued, then stop the writer."""
-        if self._task is None:
-            return
-        await self._queue.join()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        """Write what is queued (for at most ``STOP_SECONDS``), then stop the writer.
 
-    async def _run(self) -> None:
-        while True:
-            mark = await self._queue.get()
+        With the store down every write backs off, so waiting for the whole queue could
+        hold shutdown for hours: what is left then is counted as dropped.
+        """
+        if self._writer.running:
             try:
-                await self.write(mark)
-            except StoreError as exc:
-                self.dropped += 1
-                log.warning("could not record a marked input for client %r: %s", mark.client, exc)
-            finally:
-                self._queue.task_done()
+                await asyncio.wait_for(self._queue.join(), STOP_SECONDS)
+            except TimeoutError:
+                pass
+        await self._writer.stop()
+        if (left := self._queue.qsize()) > 0:
+            self._drop("shutdown", left)
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped += n
+        if self._on_drop is not None:
+            self._on_drop(reason, n)
+        self._drop_log.warning("watermark ledger: %d marked inputs not recorded (%s)", n, reason)
+
+    async def _write_next(self) -> None:
+        mark = await self._queue.get()
+        try:
+            await self.write(mark)
+        except Exception:
+            self._drop("write_failed", 1)  # the writer logs and counts the error, backs off
+            raise
+        finally:
+            self._queue.task_done()
 
     async def write(self, mark: MarkedInput) -> bool:
         """Insert one row unless the client's quota is full or the input is known already."""

@@ -16,6 +16,7 @@ from typing import Literal
 from modelfence.detect.detectors.base import share
 from modelfence.detect.features import View
 from modelfence.detect.reference import Reference
+from modelfence.operations import Operation
 from modelfence.telemetry.events import RequestEvent
 
 MIN_QUERIES = 20
@@ -24,7 +25,7 @@ _COT = re.compile(
     r"think (carefully|through)|chain[- ]of[- ]thought",
     re.IGNORECASE,
 )
-_CHAT = frozenset({"/v1/chat/completions", "/v1/completions"})
+_CHAT = frozenset(op.route for op in Operation if op.generates_text)
 
 
 def _saturated(e: RequestEvent) -> bool:

@@ -3,13 +3,15 @@
 --
 -- KEYS[1]   lease ZSET (member: lease id, score: expiry)
 -- KEYS[2]   dollars HASH {day = UTC day number, spent = micro-dollars}
--- KEYS[3..] one GCRA TAT string per rate dimension, in ARGV order
+-- KEYS[3]   abandon marker of this lease id (set by settle.lua when the caller gave up)
+-- KEYS[4..] one GCRA TAT string per rate dimension, in ARGV order
 -- ARGV      slack s, lease id, lease TTL s, max leases (-1: none), budget µ$ (-1: none),
 --           cost µ$, retry s for a full lease set, seconds per day,
 --           then per rate dimension: name, interval s, tolerance s, cost units
 -- Returns   {allowed 0|1, denied dimension or '', retry_after, day,
 --            then per rate dimension: remaining units, reset s}
--- Fractions travel as strings: Redis truncates Lua numbers in replies to integers.
+-- Numbers travel as strings: Redis truncates Lua numbers in replies to integers, and one
+-- past 2^63 (a limit beyond the configured maxima) would not survive that at all.
 
 local slack = tonumber(ARGV[1])
 local lease_id, lease_ttl = ARGV[2], tonumber(ARGV[3])
@@ -29,16 +31,18 @@ local function fits(backlog, tolerance)
   return backlog <= tolerance + slack
 end
 
+-- Closed form, as gcra.remaining: the quotient, then one step where the division rounded
+-- differently from fits(). Never a loop: past 2^53 units + 1 == units.
 local function remaining(backlog, interval, tolerance)
   if not fits(backlog, tolerance) then
     return 0
   end
   local units = math.max(math.floor((tolerance + slack - backlog) / interval), 0)
-  while units > 0 and not fits(backlog + units * interval, tolerance) do
-    units = units - 1
+  if units > 0 and not fits(backlog + units * interval, tolerance) then
+    return units - 1
   end
-  while fits(backlog + (units + 1) * interval, tolerance) do
-    units = units + 1
+  if fits(backlog + (units + 1) * interval, tolerance) then
+    return units + 1
   end
   return units
 end
@@ -51,8 +55,14 @@ local function deny(dimension, after)
   end
 end
 
+-- The caller timed out waiting for this very call and has already undone it: a late run
+-- (e.g. queued behind a stall) must take nothing. Nobody reads this answer.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  deny('backend', 0)
+end
+
 local rates = {}
-for i = 1, #KEYS - 2 do
+for i = 1, #KEYS - 3 do
   local at = first_rate + (i - 1) * 4
   local rate = {
     name = ARGV[at],
@@ -60,7 +70,7 @@ for i = 1, #KEYS - 2 do
     tolerance = tonumber(ARGV[at + 2]),
     cost = tonumber(ARGV[at + 3]),
   }
-  local tat = tonumber(redis.call('GET', KEYS[i + 2])) or now
+  local tat = tonumber(redis.call('GET', KEYS[i + 3])) or now
   rate.backlog = math.max(tat - now, 0)
   rate.after = rate.backlog + rate.cost * rate.interval
   if not fits(rate.after, rate.tolerance) then
@@ -96,7 +106,7 @@ if denied == '' then
     rate.backlog = rate.after
     if rate.after > 0 then
       -- The key outlives its TAT by under a millisecond: an absent key is a full bucket.
-      redis.call('SET', KEYS[i + 2], num(now + rate.after), 'PX', math.ceil(rate.after * 1000))
+      redis.call('SET', KEYS[i + 3], num(now + rate.after), 'PX', math.ceil(rate.after * 1000))
     end
   end
   redis.call('ZADD', KEYS[1], num(now + lease_ttl), lease_id)
@@ -109,7 +119,7 @@ end
 
 local result = {denied == '' and 1 or 0, denied, num(retry_after), day}
 for _, rate in ipairs(rates) do
-  table.insert(result, remaining(rate.backlog, rate.interval, rate.tolerance))
+  table.insert(result, num(remaining(rate.backlog, rate.interval, rate.tolerance)))
   table.insert(result, num(rate.backlog))
 end
 return result

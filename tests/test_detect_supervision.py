@@ -1,0 +1,129 @@
+"""The detector child's supervision (end to end in ``test_faults_detector``), and shadow
+mode, which enforces no verdict, not even one stored before it was switched on; only
+operator pins."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from modelfence.config import parse_config
+from modelfence.detect.process import DetectorDied, DetectorProcess
+from modelfence.detect.state import ClientRecord, SqlState
+from modelfence.store import create_tables, open_engine
+from modelfence.testing.processes import http_json
+
+from .conftest import GatewayFactory
+
+DETECTION = {"detection": {"embedder": "hashing", "state_poll_seconds": 0.2}}
+
+
+async def wait_until_ready(detector: DetectorProcess) -> None:
+    for _ in range(300):
+        try:
+            await detector.probe()
+            return
+        except DetectorDied:
+            await asyncio.sleep(0.1)
+    await detector.probe()
+
+
+async def test_the_supervisor_replaces_a_dead_child_and_the_probe_reports_it(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {"store": f"sqlite:///{tmp_path / 'state.db'}", "detection": {"embedder": "hashing"}}
+    )
+    restarts: list[int] = []
+    detector = DetectorProcess(config, on_restart=lambda: restarts.append(1))
+    detector.start()
+    try:
+        await wait_until_ready(detector)
+        await detector.supervise()  # alive: nothing to do
+        detector.process.kill()
+        detector.process.join(10)
+        with pytest.raises(DetectorDied):
+            await detector.probe()
+        with pytest.raises(DetectorDied, match="restarted"):
+            await detector.supervise()
+        with pytest.raises(DetectorDied, match="starting|not running"):
+            await detector.probe()  # spawned, but not yet running its detector
+        await wait_until_ready(detector)
+        assert restarts == [1] and detector.restarts == 1
+        await detector.sink().write([])  # the sink feeds the new child's queue
+        assert detector.sink().queue is detector.queue
+    finally:
+        await asyncio.to_thread(detector.stop)
+
+
+async def test_a_child_that_dies_at_start_up_is_restarted_with_back_off(tmp_path: Path) -> None:
+    config = parse_config(
+        {"store": f"sqlite:///{tmp_path / 'state.db'}", "detection": {"embedder": "hashing"}}
+    )
+    detector = DetectorProcess(config)
+
+    def crash() -> None:  # dies before its detector ran (spawning alone takes longer)
+        detector.process.kill()
+        detector.process.join(10)
+
+    detector.start()
+    try:
+        crash()
+        with pytest.raises(DetectorDied, match="restarted"):
+            await detector.supervise()  # the first crash is restarted at once
+        crash()
+        await detector.supervise()  # within the 1 s back-off: left dead
+        assert detector.restarts == 1 and not detector.alive
+        await asyncio.sleep(1.1)
+        with pytest.raises(DetectorDied, match="restarted"):
+            await detector.supervise()
+        assert detector.restarts == 2
+        crash()
+        await asyncio.sleep(1.1)
+        await detector.supervise()  # the back-off doubled to 2 s
+        assert detector.restarts == 2
+    finally:
+        await asyncio.to_thread(detector.stop)
+
+
+async def _store_block(store: str, client: str) -> None:
+    engine = open_engine(store)
+    try:
+        await create_tables(engine)
+        await SqlState(engine).publish([ClientRecord(
+            client=client, tier="default", entity=None, risk=0.99, level="block",
+            quota_share=0.1, reasons=[], queries=500, shadow=False, updated_at=datetime.now(UTC),
+        )])
+    finally:
+        await engine.dispose()
+
+
+def test_shadow_mode_enforces_no_stored_verdict_but_operator_pins(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    asyncio.run(_store_block(f"sqlite:///{tmp_path / 'state.db'}", "thief"))
+    gateway = start_gateway(detection={**DETECTION["detection"], "shadow": True})
+    keys = {client: gateway.create_key(client) for client in ("thief", "pinned")}
+    status, _ = http_json(
+        "POST", gateway.url + "/admin/v1/clients/pinned/action", {"action": "block"},
+        token=gateway.admin_token,
+    )
+    assert status == 200
+
+    def chat(client: str) -> int:
+        status, _ = http_json(
+            "POST", gateway.url + "/v1/chat/completions",
+            {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]},
+            token=keys[client],
+        )
+        return status
+
+    deadline = time.monotonic() + 10
+    while chat("pinned") != 403 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert chat("pinned") == 403  # the state is read: the pin acts
+    assert chat("thief") == 200  # the detector's earlier block does not
