@@ -279,8 +279,8 @@ def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
 
     from modelfence.config import Config
 
-    big = {"requests_per_minute": 1e9, "tokens_per_minute": 1e12,
-           "concurrent_requests": 1_000_000, "usd_per_day": 1e12}
+    big = {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
+           "concurrent_requests": 1_000_000, "usd_per_day": 1e9}  # the largest allowed
     config = {
         "server": {"host": "127.0.0.1", "port": port},
         "upstreams": [{"name": "fake", "url": upstream, "kind": "openai", "models": ["*"]}],

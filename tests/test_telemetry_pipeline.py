@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from modelfence.store import create_tables, transaction
@@ -16,7 +14,7 @@ from modelfence.telemetry.events import RequestEvent
 from modelfence.telemetry.pipeline import EventPipeline, PipelineSettings
 from modelfence.telemetry.sinks import SqlSink, event_row
 
-from .test_store_database import scratch_engine
+from .test_store_database import scratch_engine, store_url  # noqa: F401  (fixture)
 
 FAST = PipelineSettings(
     queue_size=1000,
@@ -148,18 +146,8 @@ def test_prompt_text_is_stored_only_when_configured() -> None:
     assert "input_rows" not in row["detail"] and "output_margins" not in row["detail"]
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def test_sql_sink_writes_batches_and_applies_retention(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    url = (
-        f"sqlite:///{tmp_path / 'state.db'}"
-        if backend == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    async with scratch_engine(url) as engine:
+async def test_sql_sink_writes_batches_and_applies_retention(store_url: str) -> None:  # noqa: F811
+    async with scratch_engine(store_url) as engine:
         await create_tables(engine)
         now = time.time()
         sink = SqlSink(engine, retention_days=1, clock=lambda: now)
@@ -177,19 +165,9 @@ async def test_sql_sink_writes_batches_and_applies_retention(
             ).scalar() == 2
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def test_odd_text_values_are_cleaned_not_retried_forever(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+async def test_odd_text_values_are_cleaned_not_retried_forever(store_url: str) -> None:  # noqa: F811
     # A model name with a NUL byte or past VARCHAR(200) once stalled the lane for good.
-    url = (
-        f"sqlite:///{tmp_path / 'state.db'}"
-        if backend == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    async with scratch_engine(url) as engine:
+    async with scratch_engine(store_url) as engine:
         await create_tables(engine)
         pipeline = EventPipeline([SqlSink(engine)], settings=FAST)
         await pipeline.start()
@@ -205,18 +183,8 @@ async def test_odd_text_values_are_cleaned_not_retried_forever(
         assert pipeline.stats["written:store"] == 6 and pipeline.stats["sink_error:store"] == 0
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-async def test_a_poison_event_is_isolated_counted_and_the_rest_written(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    url = (
-        f"sqlite:///{tmp_path / 'state.db'}"
-        if backend == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    async with scratch_engine(url) as engine:
+async def test_a_poison_event_is_isolated_counted_and_the_rest_written(store_url: str) -> None:  # noqa: F811
+    async with scratch_engine(store_url) as engine:
         await create_tables(engine)
         rejected: list[tuple[str, int]] = []
         pipeline = EventPipeline(

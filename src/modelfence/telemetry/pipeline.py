@@ -38,6 +38,7 @@ from modelfence.throttled_log import ThrottledLog
 log = logging.getLogger("modelfence.telemetry")
 
 CALLABLE_BYTES = 4096  # what a plain builder callable is assumed to hold
+BUILD_LINGER_SECONDS = 0.05  # events wait at most this long to be built together
 DROP_LOG_SECONDS = 10.0  # queue drops are logged at most this often (with the count since)
 
 
@@ -254,6 +255,10 @@ class EventPipeline:
     async def _drain(self) -> None:
         while True:
             items = [await self._queue.get()]
+            if self._queue.qsize() < self.settings.batch_size:
+                # Linger so that one hop to the build thread serves many requests: at light
+                # load every event would otherwise be a batch (and a thread hop) of its own.
+                await asyncio.sleep(BUILD_LINGER_SECONDS)
             # Collect what else is waiting, then give writers a full batch at a time.
             while len(items) < self.settings.batch_size:
                 try:
