@@ -255,6 +255,7 @@ class EventPipeline:
     async def _drain(self) -> None:
         while True:
             items = [await self._queue.get()]
+            self._building = 1  # pending (and counted if stopped) while it lingers
             if self._queue.qsize() < self.settings.batch_size:
                 # Linger so that one hop to the build thread serves many requests: at light
                 # load every event would otherwise be a batch (and a thread hop) of its own.
