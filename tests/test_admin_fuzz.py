@@ -18,8 +18,8 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 
-from .conftest import ADMIN_TOKEN, PROFILE, base_config
-from .test_admin_names import private_database
+from .conftest import ADMIN_TOKEN, PROFILE
+from .test_admin_names import private_gateway
 
 pytestmark = pytest.mark.postgres
 
@@ -39,18 +39,16 @@ def admin_gateway(
     postgres_url: str, tmp_path_factory: pytest.TempPathFactory, fake_upstream: ServiceProcess
 ) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    with private_database(postgres_url) as store:
-        config = {**base_config(fake_upstream.url, workdir), "store": store}
-        with GatewayProcess(config, workdir, name="fuzz") as gateway:
-            # The first verify/text loads the tokenizer (seconds); not what is being tested.
-            http_json(
-                "POST",
-                gateway.url + "/admin/v1/verify/text",
-                {"text": "warm up"},
-                token=ADMIN_TOKEN,
-                timeout=120,
-            )
-            yield gateway
+    with private_gateway(postgres_url, workdir, fake_upstream, "fuzz") as gateway:
+        # The first verify/text loads the tokenizer (seconds); not what is being tested.
+        http_json(
+            "POST",
+            gateway.url + "/admin/v1/verify/text",
+            {"text": "warm up"},
+            token=ADMIN_TOKEN,
+            timeout=120,
+        )
+        yield gateway
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -75,15 +76,24 @@ def private_database(postgres_url: str) -> Iterator[str]:
         asyncio.run(execute(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
+@contextmanager
+def private_gateway(
+    postgres_url: str, workdir: Path, upstream: ServiceProcess, name: str
+) -> Iterator[GatewayProcess]:
+    """A gateway on the fake upstream whose store is a :func:`private_database`."""
+    with private_database(postgres_url) as store:
+        config = {**base_config(upstream.url, workdir), "store": store}
+        with GatewayProcess(config, workdir, name=name) as proc:
+            yield proc
+
+
 @pytest.fixture(scope="module")
 def gateway(
     postgres_url: str, tmp_path_factory: pytest.TempPathFactory, fake_upstream: ServiceProcess
 ) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("names")
-    with private_database(postgres_url) as store:
-        config = {**base_config(fake_upstream.url, workdir), "store": store}
-        with GatewayProcess(config, workdir, name="names") as proc:
-            yield proc
+    with private_gateway(postgres_url, workdir, fake_upstream, "names") as proc:
+        yield proc
 
 
 def assert_rejected(status: int, body: Any, param: str) -> None:
