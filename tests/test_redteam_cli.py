@@ -36,6 +36,8 @@ def test_redteam_drives_a_running_gateway_with_the_admin_token_from_the_environm
         (["--suite", "huge"], "unknown suite"),
         (["--scenario", "nope"], "unknown scenario"),
         (["--gateway", "http://127.0.0.1:9"], "admin token"),
+        (["--scenario", "adaptive", "--defended"], "run them without --gateway and --defended"),
+        (["--scenario", "benign,hydra", "--gateway", "http://127.0.0.1:9"], "hydra model the example"),
     ],
 )
 def test_redteam_refuses_bad_arguments(args: list[str], message: str) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ from modelfence.redteam.attacks import llm, logits
 from modelfence.redteam.detection import NOT_AVAILABLE
 from modelfence.redteam.replay import event_for
 from modelfence.redteam.stack import MAX_LOGPROBS, own_stack
-from modelfence.redteam.traffic import make_profile
+from modelfence.redteam.populations.week import HonestWeek
+from modelfence.redteam.prompts import load_evaluation_documents, load_evaluation_prompts
+from modelfence.redteam.thieves import Budget, HydraThief, Knowledge, PacedThief
+from modelfence.redteam.traffic import ClientProfile, PlannedRequest, make_profile
 from modelfence.telemetry.sinks import event_row
 from modelfence.testing.processes import ServiceProcess, free_port, modelfence_command
 
@@ -104,12 +108,53 @@ def test_replay_and_live_record_the_same_event_fields(tmp_path: Path, wide_upstr
     plans += logits.LogitProbe(corpus.all()[:1], "bias", 19, positions=2).plans(thief.name, 0.01, rng)
     profiles.append(thief)
 
+    _assert_live_matches_replay(tmp_path, wide_upstream, plans, profiles)
+
+
+def _shortened(plan: PlannedRequest, at: float) -> PlannedRequest:
+    """``plan`` at ``at``, generating at most two tokens (the demo LLM runs on a CPU)."""
+    body = dict(plan.body)
+    if "messages" in body:
+        body["max_tokens"] = 2
+    return replace(plan, at=at, body=body)
+
+
+def test_v2_customers_and_thieves_record_the_same_event_fields_live(
+    tmp_path: Path, wide_upstream: ServiceProcess,
+) -> None:
+    """The v2 population's request shapes (tools, system frames, nested image tensors,
+    permuted header orders) reach a live gateway as replay models them."""
+    week = HonestWeek(counts={"agent": 1, "student": 1, "embed": 1, "bulk-score": 1, "nat": 2}, days=1.0, seed=3)
+    honest, profiles = week.generate(load_evaluation_prompts(), load_evaluation_documents(), week.customers())
+    firsts: dict[str, list[PlannedRequest]] = {}
+    for plan in honest:
+        firsts.setdefault(plan.client, [])
+        if len(firsts[plan.client]) < 2:
+            firsts[plan.client].append(plan)
+    thieves = [PacedThief("chat", Knowledge(), Budget(days=1.0), seed=3),
+               HydraThief("classifier", accounts=3, seed=3, days=1.0)]
+    for thief in thieves:
+        profiles += thief.accounts()
+        for plan in thief.plans():
+            firsts.setdefault(plan.client, [])
+            if len(firsts[plan.client]) < 2:
+                firsts[plan.client].append(plan)
+    plans = [_shortened(plan, 60.0 * i + j) for i, chunk in enumerate(firsts.values()) for j, plan in enumerate(chunk)]
+    assert {p.header_order for p in profiles} != {0}  # thieves vary their header order
+    pro = {"limits": {"tiers": {"pro": {"requests_per_minute": 600}}}}  # the bulk customer's tier
+    _assert_live_matches_replay(tmp_path, wide_upstream, plans, profiles, pro)
+
+
+def _assert_live_matches_replay(
+    tmp_path: Path, upstream: ServiceProcess, plans: list[PlannedRequest], profiles: list[ClientProfile],
+    overrides: dict[str, Any] | None = None,
+) -> None:
     async def send(url: str, token: str) -> None:
         async with LiveGateway(url, token) as gateway:
             await gateway.register(profiles)
             await run_plan(gateway, plans, VirtualClock(compression=7200.0))
 
-    with own_stack(tmp_path, wide_upstream.url) as gateway:
+    with own_stack(tmp_path, upstream.url, overrides) as gateway:
         asyncio.run(send(gateway.url, gateway.admin_token))
         secret = load_server_secret(gateway.config["secret"], tmp_path / "unused.secret")
     stored = _stored_events(tmp_path / "redteam.db")
@@ -118,6 +163,10 @@ def test_replay_and_live_record_the_same_event_fields(tmp_path: Path, wide_upstr
     replayed = [event_row(event_for(p, by_name[p.client], ts=p.at, request_id="r", hash_key=key),
                           store_prompt_text=False) for p in plans]
     assert len(stored) == len(plans) > 5
+    # The demo model has no tool calling: the upstream answers 400 to a request with tools,
+    # which the gateway records like any other; everything else is answered.
+    with_tools = {p.client for p in plans if "tools" in p.body}
+    assert all(row["status"] == (400 if row["client"] in with_tools else 200) for row in stored)
 
     def per_client(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}

@@ -59,11 +59,17 @@ class ScenarioResult:
 
 @dataclass
 class Context:
-    gateway: LiveGateway
+    live: LiveGateway | None  # None when every scenario of the run is replayed
     suite: Suite
     seed: int
     prices: Mapping[str, Price]
     _subnet: int = 1000
+
+    @property
+    def gateway(self) -> LiveGateway:
+        if self.live is None:
+            raise RuntimeError("this run has no live gateway: replay-only scenarios were chosen")
+        return self.live
 
     @cached_property
     def corpus(self) -> PromptCorpus:

@@ -14,10 +14,10 @@ JBDA) choose each query from the last answer and are measured live only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def _pool_rows(rng: np.random.Generator, shuffle: bool) -> np.ndarray:
     return rows[rng.permutation(len(rows))] if shuffle else rows
 
 
-def _batches(client: str, rows: np.ndarray, rng: np.random.Generator, rate: float = 1.0) -> list[PlannedRequest]:
+def digit_batches(client: str, rows: np.ndarray, rng: np.random.Generator, rate: float = 1.0) -> list[PlannedRequest]:
     chunks = [rows[i : i + ROWS_PER_REQUEST] for i in range(0, len(rows), ROWS_PER_REQUEST)]
     times = SteadyTiming(rate).arrivals(rng, horizon=10 * len(chunks) / rate)
     return [PlannedRequest(at, client, DIGITS_INFER, digits_body(chunk), "extraction")
@@ -86,11 +86,11 @@ def _batches(client: str, rows: np.ndarray, rng: np.random.Generator, rate: floa
 
 
 def _knockoff(client: str, corpus: PromptCorpus, rng: np.random.Generator) -> list[PlannedRequest]:
-    return _batches(client, _pool_rows(rng, shuffle=True), rng)
+    return digit_batches(client, _pool_rows(rng, shuffle=True), rng)
 
 
 def _copycat(client: str, corpus: PromptCorpus, rng: np.random.Generator) -> list[PlannedRequest]:
-    return _batches(client, _pool_rows(rng, shuffle=False), rng)
+    return digit_batches(client, _pool_rows(rng, shuffle=False), rng)
 
 
 def _low_and_slow(client: str, corpus: PromptCorpus, rng: np.random.Generator) -> list[PlannedRequest]:
@@ -157,15 +157,23 @@ def _shifted(plans: Sequence[PlannedRequest], start: float) -> list[PlannedReque
 
 
 @cache  # the victim is the same for every replay of a run
-def _victim() -> DigitsClassifier:
+def victim_classifier() -> DigitsClassifier:
     from modelfence.demo.classifier import DigitsClassifier
 
     return DigitsClassifier.train(seed=0)
 
 
+def shows_margins(body: Mapping[str, Any]) -> bool:
+    """Whether a live gateway would record output margins for this OIP request: only an
+    answer with probabilities has them (a labels-only answer, asked for or degraded to,
+    records none)."""
+    outputs = body.get("outputs")
+    return not outputs or any(o.get("name") == "probabilities" for o in outputs)
+
+
 def answer_classifier(events: Sequence[RequestEvent]) -> None:
     """Fill in each classifier event's per-row margins from the real digits model."""
-    model = _victim()
+    model = victim_classifier()
     digits = [e for e in events if e.input_rows]
     if not digits:
         return

@@ -80,7 +80,11 @@ def markdown(results: Sequence[ScenarioResult], meta: dict[str, Any], images: di
             flagged_share = "detection not available" if b.flagged_share is None else f"{b.flagged_share:.2%}"
             lines += [(f"Benign: {b.clients} clients; throttled {b.throttled_share:.1%}, blocked {b.blocked_share:.1%}, "
                        f"flagged {flagged_share}; latency p50 {b.latency_p50_ms:.0f} ms, p95 {b.latency_p95_ms:.0f} ms."), ""]
-        details = {k: v for k, v in r.details.items() if k != "detection"}
+        if "markdown" in r.details:  # a scenario that renders its own tables
+            lines += [str(r.details["markdown"]), ""]
+        details = {k: v for k, v in r.details.items() if k not in ("detection", "markdown")}
+        if "markdown" in r.details:
+            details = {k: details[k] for k in ("seed", "events", "plans", "seconds") if k in details}
         if details:
             lines += ["Details: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in details.items()), ""]
         if r.name in images:

@@ -17,6 +17,7 @@ import numpy as np
 from modelfence.redteam import detection
 from modelfence.redteam.attacks import classifier, distribution, embeddings, llm, logits
 from modelfence.redteam.context import Context, ScenarioResult, finish, point, sent_by
+from modelfence.redteam.evaluation import Kind, evaluate
 from modelfence.redteam.metrics import benign_outcome, dollar_cost
 from modelfence.redteam.replay import LimitsBaseline, replay
 from modelfence.redteam.runner import run_plan
@@ -247,6 +248,18 @@ async def replay_detection(ctx: Context) -> ScenarioResult:
     return result
 
 
+def _contest(kind: Kind, description: str) -> ScenarioFn:
+    async def scenario(ctx: Context) -> ScenarioResult:
+        started = time.perf_counter()
+        details = await asyncio.to_thread(evaluate, kind, ctx.suite.v2, seed=ctx.seed, rng=ctx.rng)
+        result = ScenarioResult(kind, description, "theft_reduction")
+        result.details = details
+        result.seconds = round(time.perf_counter() - started, 1)
+        return result
+
+    return scenario
+
+
 SCENARIOS: dict[str, ScenarioFn] = {
     "benign": benign,
     "knockoff-random-probs": _classifier_scenario("knockoff-random", False, "ART KnockoffNets, random sampling, probabilities"),
@@ -265,7 +278,15 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "key-rotation": key_rotation,
     "replay-scale": replay_scale,
     "replay-detection": replay_detection,
+    "adaptive": _contest("adaptive", "a week of honest customers (v2) with the adaptive thief library, "
+                         "undefended and defended: what each thief got, what honest customers met"),
+    "hydra": _contest("hydra", "a week of honest customers (v2) with hydra campaigns of 100 to 10,000 "
+                      "accounts at ~26 requests a day each, undefended and defended"),
 }
+# Scenarios that model the gateway instead of calling one: a run of only these starts no stack.
+REPLAY_ONLY = frozenset({"replay-scale", "replay-detection", "adaptive", "hydra"})
+# The v2 yardstick (a week of customers, both sides): run when named, not by default.
+OPT_IN = frozenset({"adaptive", "hydra"})
 
 
 async def run_suite(ctx: Context, names: Sequence[str], on_done: Callable[[ScenarioResult], None] | None = None) -> list[ScenarioResult]:

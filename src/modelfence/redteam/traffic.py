@@ -8,6 +8,7 @@ comparable request for request.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class ClientProfile:
     extra_headers: tuple[tuple[str, str], ...] = ()
     tier: str = "default"
     campaign: str = ""
+    segment: str = ""  # honest population v2: which kind of customer (see populations/week.py)
+    # Which order the headers between host and content-length go in (0: the usual one);
+    # a careful thief varies it so that its accounts share no fingerprint.
+    header_order: int = 0
 
     @property
     def actor(self) -> str:
@@ -63,21 +68,33 @@ class ClientProfile:
         exactly this list (no client-library defaults) and replay hands the very same
         list to the gateway's own event builder.
         """
-        return [
-            ("host", host),
+        middle = [
             ("user-agent", self.user_agent),
             ("accept", "application/json"),
             ("content-type", "application/json"),
             ("authorization", f"Bearer {api_key}"),
             ("x-forwarded-for", self.ip),
             *self.extra_headers,
-            ("content-length", str(len(body))),
         ]
+        if self.header_order:
+            middle = _permuted(middle, self.header_order)
+        return [("host", host), *middle, ("content-length", str(len(body)))]
+
+
+def _permuted(items: list[tuple[str, str]], index: int) -> list[tuple[str, str]]:
+    """The ``index``-th permutation of ``items`` (lexicographic by position, modulo the
+    number of permutations; 0 leaves them as they are)."""
+    pool, out = list(items), []
+    index %= math.factorial(len(pool))
+    for left in range(len(pool), 0, -1):
+        position, index = divmod(index, math.factorial(left - 1))
+        out.append(pool.pop(position))
+    return out
 
 
 def make_profile(
     rng: np.random.Generator, name: str, role: str, *, subnet: int, host: int | None = None,
-    tier: str = "default", campaign: str = "",
+    tier: str = "default", campaign: str = "", segment: str = "",
 ) -> ClientProfile:
     """A profile with a random client library and an address in ``10.<a>.<b>.0/24``.
 
@@ -86,7 +103,7 @@ def make_profile(
     agent, extra = CLIENT_LIBRARIES[int(rng.integers(len(CLIENT_LIBRARIES)))]
     host = int(rng.integers(1, 255)) if host is None else host
     ip = f"10.{(subnet // 256) % 256}.{subnet % 256}.{host}"
-    return ClientProfile(name, role, agent, ip, extra, tier, campaign)
+    return ClientProfile(name, role, agent, ip, extra, tier, campaign, segment)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ FOLLOW_UPS = (
 
 
 @cache  # every classifier user samples from the same bundled set
-def _digits() -> tuple[np.ndarray, np.ndarray]:
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -130,7 +130,7 @@ class BenignPopulation:
     def _digits_user(
         self, profile: ClientProfile, corpus: PromptCorpus, rng: np.random.Generator, horizon: float
     ) -> list[PlannedRequest]:
-        x, y = _digits()
+        x, y = digit_images()
         weights = rng.dirichlet(np.full(10, 0.8))  # each customer sees its own class mix
         p = weights[y] / weights[y].sum()
         plans = []
@@ -142,7 +142,7 @@ class BenignPopulation:
     def _camera(
         self, profile: ClientProfile, corpus: PromptCorpus, rng: np.random.Generator, horizon: float
     ) -> list[PlannedRequest]:
-        x, _ = _digits()
+        x, _ = digit_images()
         plans: list[PlannedRequest] = []
         current = x[int(rng.integers(len(x)))]
         for at in SteadyTiming(self.heavy_rate).arrivals(rng, horizon):

@@ -1,0 +1,285 @@
+"""Replay with feedback: an honest population and a set of thieves through the gateway's
+limits and detection, on event time, with every refusal reported back to the thief.
+
+Plain replay (``replay.py``) feeds events to a consumer and nothing answers back; a thief
+that rotates its key after a block, or an honest job that meets a 429, needs the
+gateway's answer. ``Contest`` plays the gateway's admission decisions in time order:
+
+1. detection's current action for the client (``block`` answers 403; ``tighten`` and
+   above scale the limits; ``degrade`` degrades the answer), as ``gateway/detection.py``;
+2. the real in-process limit backend (``limits/memory.py``) with the deployment's tiers,
+   prices and the real request parsers' token estimates, on the events' own clock;
+3. the events, refused ones included (a live gateway records those too), go to the real
+   ``DetectionEngine`` every ``WINDOW`` (2 s) of event time, and its verdicts become the
+   actions for the requests after that (a live detector publishes within a second or two).
+
+Undefended means limits only (``engine=None``). Outputs are not generated: a request's
+tokens are its reservation (prompt estimate + ``max_tokens``), which is what the gateway
+charges before the answer exists. The outcome per honest client is the set of frictions it
+met; per thief, what it got: its answered extraction requests in order, with the accounts
+it had used by then, and what it spent.
+
+    contest = Contest(config, engine)
+    result = contest.run(plans, profiles, thieves)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from modelfence.config import Config
+from modelfence.detect.actions import NORMAL, Action, rank
+from modelfence.detect.engine import DetectionEngine, Verdict
+from modelfence.limits.base import AdmissionRequest
+from modelfence.limits.memory import MemoryBackend
+from modelfence.limits.quota import quota_for
+from modelfence.redteam.replay import event_for
+from modelfence.redteam.replay_attacks import answer_classifier, shows_margins
+from modelfence.redteam.tariff import Tariff
+from modelfence.redteam.thieves.base import DAY, Thief
+from modelfence.redteam.traffic import DIGITS_INFER, ClientProfile, PlannedRequest
+from modelfence.telemetry.events import RequestEvent
+
+START_TS = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+WINDOW = 2.0  # event seconds between detector batches: a live detector publishes within a second or two
+ANSWERED, THROTTLED, BLOCKED = 200, 429, 403
+# Frictions an honest client can meet (probation caps do not exist in this version).
+FRICTIONS = ("refused", "degraded", "blocked", "tightened")
+
+
+@dataclass
+class CampaignOutcome:
+    """What one thief got and spent in one run."""
+
+    name: str
+    requests: int = 0
+    answered: list[tuple[PlannedRequest, int]] = field(default_factory=list)  # extraction, senders by then
+    cover_answered: int = 0
+    throttled: int = 0
+    blocked: int = 0
+    degraded: int = 0
+    usd: float = 0.0
+    accounts_created: int = 0  # initial accounts plus rotations (what Budget.accounts bounds)
+    senders: set[str] = field(default_factory=set)  # identities that sent at least one request
+    accounts_flagged: int = 0
+    units_before_first_flag: int | None = None  # extraction units answered before any account's alert
+
+
+@dataclass
+class ContestResult:
+    defended: bool
+    campaigns: dict[str, CampaignOutcome]
+    honest: dict[str, set[str]]  # client -> frictions met (empty: none)
+    honest_flagged: set[str] = field(default_factory=set)  # raised to alert or above at some point
+    reasons: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # client -> (worst level, reason codes)
+    events: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Slot:
+    """One account position of a thief: the identity in use and whether it still sends."""
+
+    thief: Thief
+    outcome: CampaignOutcome
+    identity: ClientProfile
+    siblings: list[_Slot]  # every slot of the same thief (a spent budget stops them all)
+    burnt: int = 0
+    alive: bool = True
+
+
+def _felt(plan: PlannedRequest) -> bool:
+    """Whether degrading changes this request's answer: degrade serves text only and
+    labels only, so only a request for logprobs or classifier probabilities notices."""
+    if plan.route == DIGITS_INFER:
+        return shows_margins(plan.body)
+    return bool(plan.body.get("logprobs") or plan.body.get("top_logprobs"))
+
+
+class Contest:
+    """The gateway's decisions for a replayed population (see module docstring)."""
+
+    def __init__(self, config: Config, engine: DetectionEngine | None, *, window: float = WINDOW) -> None:
+        self.config = config
+        self.engine = engine
+        self.window = window
+        self.now = START_TS
+        self.limits = MemoryBackend(clock=lambda: self.now)
+        self.actions: dict[str, Action] = {}
+        self.tariff = Tariff(config)
+        self._flagged: set[str] = set()
+        self._owner: dict[str, _Slot] = {}  # identity in use -> its slot
+        self._worst: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def run(
+        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief]
+    ) -> ContestResult:
+        return asyncio.run(self._run(plans, profiles, thieves))
+
+    async def _run(
+        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief]
+    ) -> ContestResult:
+        started = time.perf_counter()
+        honest_profiles = {p.name: p for p in profiles}
+        result = ContestResult(self.engine is not None, {t.name: CampaignOutcome(t.name) for t in thieves},
+                               {name: set() for name in honest_profiles})
+        slots: dict[str, _Slot] = {}  # initial account name -> slot
+        queue: list[tuple[float, int, PlannedRequest, str]] = []  # (at, order, plan, slot key)
+        order = 0
+        for thief in thieves:
+            outcome = result.campaigns[thief.name]
+            siblings: list[_Slot] = []
+            for profile in thief.accounts():
+                slots[profile.name] = self._owner[profile.name] = _Slot(thief, outcome, profile, siblings)
+                siblings.append(slots[profile.name])
+            outcome.accounts_created = len(siblings)
+            for plan in thief.plans():
+                queue.append((plan.at, order, plan, plan.client))
+                order += 1
+        heapq.heapify(queue)
+        if self.engine is not None:
+            self.engine.listener = self._note_flag
+        honest = sorted(plans, key=lambda p: p.at)
+        next_honest, horizon = 0, 0.0
+        while next_honest < len(honest) or queue:
+            first = min(honest[next_honest].at if next_honest < len(honest) else float("inf"),
+                        queue[0][0] if queue else float("inf"))
+            horizon = max(horizon, first) + self.window  # quiet stretches are skipped
+            due: list[tuple[float, PlannedRequest, ClientProfile, _Slot | None]] = []
+            while next_honest < len(honest) and honest[next_honest].at < horizon:
+                plan = honest[next_honest]
+                due.append((plan.at, plan, honest_profiles[plan.client], None))
+                next_honest += 1
+            while queue and queue[0][0] < horizon:
+                at, _, plan, key = heapq.heappop(queue)
+                due.append((at, plan, slots[key].identity, slots[key]))
+            due.sort(key=lambda d: d[0])
+            events: list[RequestEvent] = []
+            with_margins: list[RequestEvent] = []
+            for at, plan, profile, sender in due:
+                if sender is not None and not sender.alive:
+                    continue  # stopped earlier in this window (blocked, out of accounts or dollars)
+                if sender is not None:
+                    profile = sender.identity  # rotated earlier in this window
+                self.now = START_TS + at
+                event = event_for(plan, profile, ts=self.now, request_id=f"contest-{result.events:09d}")
+                result.events += 1
+                status, degraded, usd = await self._admit(plan, profile, event)
+                event.status = status
+                events.append(event)
+                if status == ANSWERED and event.input_rows and shows_margins(plan.body) and not degraded:
+                    with_margins.append(event)
+                degraded = degraded and _felt(plan)
+                if sender is None:
+                    self._note_honest(result.honest[profile.name], status, degraded, profile.name)
+                else:
+                    order = self._note_thief(sender, plan, at, status, degraded, usd, queue, order, horizon)
+            if self.engine is not None and events:
+                answer_classifier(with_margins)
+                for verdict in self.engine.process(events):
+                    self.actions[verdict.client] = verdict.action
+        result.honest_flagged = self._flagged - set(self._owner)
+        result.reasons = self._worst
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # -- the gateway's decision ---------------------------------------------------------
+
+    async def _admit(self, plan: PlannedRequest, profile: ClientProfile, event: RequestEvent) -> tuple[int, bool, float]:
+        """(status, degraded, dollars charged) for one request, as the gateway decides it."""
+        action = self.actions.get(profile.name, NORMAL)
+        event.risk_level = action.level
+        if action.blocks:
+            event.limit_decision = "blocked"
+            return BLOCKED, False, 0.0
+        tokens, usd = self.tariff.charge(plan)
+        tier = self.config.limits.tiers.get(profile.tier) or self.config.limits.tiers["default"]
+        quota = quota_for(tier, per_ip_prefix=self.config.limits.per_ip_prefix,
+                          per_fingerprint=self.config.limits.per_fingerprint)
+        if action.quota_share < 1.0:
+            quota = quota.scaled(action.quota_share)
+        decision = await self.limits.admit(AdmissionRequest(
+            key_id=profile.name, quota=quota, tokens=tokens, usd=usd,
+            ip_prefix=event.ip_prefix or None, fingerprint=event.fingerprint or None,
+        ))
+        if not decision.allowed:
+            event.limit_decision = f"denied:{decision.denied_by}"
+            return THROTTLED, False, 0.0
+        assert decision.lease is not None
+        await self.limits.settle(decision.lease, tokens, usd)  # the whole reservation is used
+        return ANSWERED, action.degrades, usd
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _note_honest(self, met: set[str], status: int, degraded: bool, client: str) -> None:
+        if status == THROTTLED:
+            met.add("refused")
+        elif status == BLOCKED:
+            met.add("blocked")
+        if degraded:
+            met.add("degraded")
+        if self.actions.get(client, NORMAL).quota_share < 1.0:
+            met.add("tightened")
+
+    def _note_thief(
+        self, slot: _Slot, plan: PlannedRequest, at: float, status: int, degraded: bool, usd: float,
+        queue: list[tuple[float, int, PlannedRequest, str]], order: int, horizon: float,
+    ) -> int:
+        """Count the answer; on a refusal ask the thief what it does (retry, rotate, stop)."""
+        outcome = slot.outcome
+        outcome.requests += 1
+        outcome.senders.add(slot.identity.name)
+        if status == ANSWERED:
+            outcome.usd += usd
+            outcome.degraded += degraded
+            if plan.purpose == "extraction":
+                outcome.answered.append((plan, len(outcome.senders)))
+            else:
+                outcome.cover_answered += 1
+            if outcome.usd >= slot.thief.budget.usd:
+                for sibling in slot.siblings:
+                    sibling.alive = False
+            return order
+        if status == THROTTLED:
+            outcome.throttled += 1
+        else:
+            outcome.blocked += 1
+        reaction = slot.thief.react(plan, status, at)
+        if reaction.rotate:
+            if outcome.accounts_created >= slot.thief.budget.accounts:
+                slot.alive = False
+                return order
+            slot.burnt += 1
+            slot.identity = slot.thief.fresh_account(plan.client, slot.burnt)
+            self._owner[slot.identity.name] = slot
+            outcome.accounts_created += 1
+        elif status == BLOCKED and reaction.retry_at is None:
+            slot.alive = False  # a blocked account that gives up sends nothing more
+        # A retry past the campaign's days is not sent (a 429 that can never pass, e.g. a
+        # request larger than a tightened quota, would otherwise be retried for ever).
+        if reaction.retry_at is not None and reaction.retry_at < slot.thief.budget.days * DAY:
+            heapq.heappush(queue, (max(reaction.retry_at, horizon), order, plan, plan.client))
+            order += 1
+        return order
+
+    def _note_flag(self, verdict: Verdict) -> None:
+        """Each client's worst level and why; the first alert on any of a thief's accounts:
+        what it held by then."""
+        if rank(verdict.level) < rank("alert"):
+            return
+        worst = self._worst.get(verdict.client)
+        if worst is None or rank(verdict.level) > rank(worst[0]):
+            self._worst[verdict.client] = (verdict.level, tuple(r.code for r in verdict.reasons))
+        if verdict.client in self._flagged:
+            return
+        self._flagged.add(verdict.client)
+        slot = self._owner.get(verdict.client)
+        if slot is None:
+            return
+        slot.outcome.accounts_flagged += 1
+        if slot.outcome.units_before_first_flag is None:
+            slot.outcome.units_before_first_flag = sum(p.units for p, _ in slot.outcome.answered)
