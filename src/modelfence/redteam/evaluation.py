@@ -254,6 +254,14 @@ def markdown_tables(kind: Kind, attacks: Sequence[Mapping[str, Any]], honest: Ma
         if u["share"] is None:
             continue
         lines.append(f"| {group} | {u['represents']:,} ({u['sampled']:,}) | {_interval(u)} | {_interval(d)} |")
+    lines += ["", "By segment, defended, with the detector's leading reason at each client's worst level:", "",
+              "| segment | replayed | undefended | defended | worst level: leading reason (clients) |",
+              "|---|---:|---:|---:|---|"]
+    defended = honest["defended"]
+    for segment, share in defended["by_segment"].items():
+        why = sorted(defended["why"].get(segment, {}).items(), key=lambda kv: -kv[1])
+        lines.append(f"| {segment} | {share['sampled']:,} | {_interval(honest['undefended']['by_segment'][segment])} "
+                     f"| {_interval(share)} | {', '.join(f'{k} ({n})' for k, n in why) or '–'} |")
     return "\n".join(lines)
 
 

@@ -33,8 +33,8 @@ class Scale:
     embedding_texts: int = 1536
     chat_prompts: int = 300
     days: float = 7.0
-    one_batch_accounts: tuple[int, ...] = (32,)
-    rotation_accounts: tuple[int, ...] = (10,)
+    one_batch_accounts: tuple[int, ...] = (8, 32)
+    rotation_accounts: tuple[int, ...] = (3, 10)
     hydra_accounts: tuple[int, ...] = (100, 1000, 10000)
     hydra_requests_per_day: float = 26.0
     hydra_chat_prompts: int = 3000
