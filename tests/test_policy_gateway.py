@@ -58,10 +58,11 @@ def gateway(
 ) -> Iterator[GatewayProcess]:
     workdir = tmp_path_factory.mktemp("policy")
     config = _merge(base_config(fake_upstream.url, workdir), {
-        "limits": {"tiers": {"strip": {}, "labels": {}}},
+        "limits": {"tiers": {"strip": {}, "labels": {}, "small-batches": {}}},
         "policy": {"tiers": {
             "strip": {"request": {"logit_bias_with_logprobs": "strip_logprobs"}},
             "labels": {"request": {"oip_outputs": ["label"]}},
+            "small-batches": {"request": {"max_inputs": 4}},
         }},
     })
     with GatewayProcess(config, workdir) as proc:
@@ -100,6 +101,25 @@ def test_oip_output_controls(gateway: GatewayProcess) -> None:
     assert status == 400 and orjson.loads(body)["error"]["param"] == "outputs"
     status, body = post(gateway.url, INFER, key, infer())
     assert status == 200 and orjson.loads(body)["outputs"] == []  # probabilities withheld
+
+
+def test_a_batch_over_the_tiers_cap_is_refused_before_anything_is_answered(
+    gateway: GatewayProcess, fake_upstream: ServiceProcess
+) -> None:
+    key = gateway.create_key("batcher", tier="small-batches")
+    before = upstream_requests(fake_upstream)
+    rows = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [5, 64], "data": [0.0] * 320}],
+            "fake_probabilities": ROW}
+    status, body = post(gateway.url, INFER, key, rows)
+    error = orjson.loads(body)["error"]
+    assert status == 400 and error["code"] == "policy_violation" and error["param"] == "inputs"
+    assert "5 rows" in error["message"] and "most allowed in one request is 4" in error["message"]
+    texts = {"model": "fake-embed", "input": ["a", "b", "c", "d", "e"]}
+    status, body = post(gateway.url, "/v1/embeddings", key, texts)
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "input"
+    assert upstream_requests(fake_upstream) == before
+    status, _ = post(gateway.url, INFER, key, infer())  # two rows: within the cap
+    assert status == 200
 
 
 def test_normal_risk_answers_are_byte_identical(

@@ -166,3 +166,17 @@ async def test_the_policy_stage_keeps_the_client_body_and_the_proxy_merges_once(
     sent = orjson.loads(seen[0])
     assert "logprobs" not in sent and "top_logprobs" not in sent
     assert sent["stream_options"] == {"include_usage": True} and sent["logit_bias"] == {"1": 5}
+
+
+def test_max_inputs_caps_rows_texts_and_prompts_per_request() -> None:
+    rules = RequestRules(max_inputs=4)
+    for operation, param, unit in ((OIP_INFER, "inputs", "rows"), (Operation.EMBEDDINGS, "input", "texts"),
+                                   (COMPLETIONS, "prompt", "prompts")):
+        with pytest.raises(BadRequest) as caught:
+            apply_rules(rules, operation, {}, inputs=5)
+        assert caught.value.code == "policy_violation" and caught.value.param == param
+        assert f"carries 5 {unit}" in caught.value.message
+        assert apply_rules(rules, operation, {}, inputs=4) == {}
+    assert apply_rules(rules, CHAT, {"messages": []}, inputs=1) == {}
+    assert apply_rules(RequestRules(), OIP_INFER, {}, inputs=10**6) == {}  # no cap unless configured
+

@@ -45,7 +45,7 @@ CI_SELECTION = "knockoff-random-probs,harvest-broad,embedding-theft,low-and-slow
 # Request-side fields: what the client sent and who it looked like (not the outcome).
 COMPARED = ("client", "tier", "route", "model", "ip_prefix", "fingerprint", "prompt_hash", "prompt_len")
 COMPARED_DETAIL = ("client_library", "user_agent", "temperature", "top_p", "max_tokens", "n", "logprobs",
-                   "top_logprobs", "logit_bias_size", "stream", "turns")
+                   "top_logprobs", "logit_bias_size", "stream", "turns", "input_count")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
+from modelfence.detect.features import query_count
 from modelfence.errors import PermissionDenied
+from modelfence.gateway.apis import ParsedRequest
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.telemetry import (
     MAX_PROMPT_CHARS,
@@ -131,6 +133,17 @@ def test_a_classifier_batch_is_one_row_per_input() -> None:
     assert input_rows_of(*first_tensor(nested)) == [[1.0, 2.0, 3.0, 4.0]]
     assert input_rows_of(*first_tensor({"inputs": [{"name": "x", "data": "nope"}]})) is None
     assert first_tensor({"inputs": {"x": 1}}) == (None, None)
+
+
+def test_an_event_counts_every_input_beyond_the_vectors_it_keeps() -> None:
+    rows = 300  # more than the 256 rows of vectors an event keeps
+    body = {"inputs": [{"name": "x", "shape": [rows, 64], "datatype": "FP32", "data": [0.5] * (rows * 64)}]}
+    ctx = RequestContext(route=Operation.OIP_INFER.route, started=0.0, request_id="r", key=KEY,
+                         body=body, raw_body=orjson.dumps(body), model="digits",
+                         parsed=ParsedRequest(Operation.OIP_INFER, "digits", prompt_tokens=rows, inputs=rows))
+    event = build_event(ctx, 200, 1.0, 0.01, HASH_KEY, None)
+    assert len(event.input_rows or []) == 256 and event.input_count == rows
+    assert query_count(event) == rows  # detection and budgets count all of them
 
 
 def test_an_embeddings_batch_is_one_query_per_text() -> None:

@@ -32,8 +32,9 @@ def space_of(event: RequestEvent) -> str | None:
 
 
 def query_count(event: RequestEvent) -> int:
-    """Queries in one request: rows of a classifier batch, texts of an embeddings batch."""
-    return len(event.input_rows or event.input_texts or ()) or 1
+    """Queries in one request: rows of a classifier batch, texts of an embeddings batch,
+    all of them (the event keeps the vectors of only the first few hundred)."""
+    return event.input_count or len(event.input_rows or event.input_texts or ()) or 1
 
 
 @dataclass(slots=True)

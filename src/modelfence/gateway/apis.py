@@ -36,6 +36,7 @@ class ParsedRequest:
     stream: bool = False
     prompt_tokens: int = 0  # estimate
     max_output_tokens: int = 0  # what the request may generate at most (0: not a generator)
+    inputs: int = 1  # classifier rows, embedding texts or completion prompts it carries
     wants_usage_chunk: bool = False  # the client asked for stream_options.include_usage
 
 
@@ -183,9 +184,9 @@ class OpenAIApi:
         body = _object(body)
         model = check_model_name(body.get("model"))
         if operation is Operation.EMBEDDINGS:
-            tokens, _ = _texts(body, "input")
+            tokens, texts = _texts(body, "input")
             _int(body, "dimensions", minimum=1)
-            return ParsedRequest(operation, model, prompt_tokens=tokens)
+            return ParsedRequest(operation, model, prompt_tokens=tokens, inputs=texts)
         stream = _bool(body, "stream")
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -218,6 +219,7 @@ class OpenAIApi:
             prompt_tokens=prompt,
             max_output_tokens=(limit or self._default_max_tokens) * choices * prompts,
             wants_usage_chunk=wants_usage,
+            inputs=prompts,
         )
 
 
@@ -288,7 +290,7 @@ class OIPApi:
         # (64 images are 64), so token limits and per-token prices bound and bill images,
         # not requests.
         rows = max(_tensor_rows(i, tensor) for i, tensor in enumerate(inputs))
-        return ParsedRequest(operation, model, prompt_tokens=max(rows, 1))
+        return ParsedRequest(operation, model, prompt_tokens=max(rows, 1), inputs=max(rows, 1))
 
 
 def usage_from_response(payload: Any) -> tuple[int, int] | None:

@@ -22,5 +22,7 @@ class RequestPolicy:
         ctx = context_of(scope)
         assert ctx.parsed is not None  # ReadRequest runs first
         rules = self.policy.for_tier(ctx.tier).request
-        ctx.upstream_overrides.update(apply_rules(rules, ctx.parsed.operation, ctx.body))
+        ctx.upstream_overrides.update(
+            apply_rules(rules, ctx.parsed.operation, ctx.body, inputs=ctx.parsed.inputs)
+        )
         await self.app(scope, receive, send)

@@ -226,6 +226,7 @@ def event_draft(
         stream=bool(ctx.parsed and ctx.parsed.stream),
         turns=turns,
         input_texts=texts,
+        input_count=ctx.parsed.inputs if ctx.parsed else 0,
         tokens_in=usage.prompt_tokens if usage else 0,
         tokens_out=usage.completion_tokens if usage else 0,
         latency_ms=latency * 1000.0,

@@ -45,6 +45,10 @@ class RequestRules(_Frozen):
     max_logit_bias_entries: int | None = Field(300, ge=0)
     max_logit_bias_magnitude: float | None = Field(100.0, ge=0)
     max_n: int | None = Field(None, ge=1)
+    max_inputs: int | None = Field(
+        None, ge=1, description="cap on inputs per request: classifier rows, embedding texts, "
+        "completion prompts (one huge batch is refused before anything is answered)",
+    )
     max_tokens: int | None = Field(None, ge=1, description="cap on max_tokens and friends")
     allow_echo: bool = True
     oip_outputs: tuple[str, ...] | None = Field(

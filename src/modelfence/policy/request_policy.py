@@ -162,8 +162,29 @@ def _check_oip(rules: RequestRules, body: Mapping[str, Any]) -> None:
             )
 
 
-def apply_rules(rules: RequestRules, operation: Operation, body: Mapping[str, Any]) -> Overrides:
-    """Raise :class:`BadRequest` on a violation; return overrides for the upstream body."""
+# Where each operation carries its inputs, and what one of them is called.
+_INPUTS = {Operation.OIP_INFER: ("inputs", "rows"), Operation.EMBEDDINGS: ("input", "texts"),
+           Operation.COMPLETIONS: ("prompt", "prompts")}
+
+
+def _check_inputs(rules: RequestRules, operation: Operation, inputs: int) -> None:
+    limit = rules.max_inputs
+    if limit is None or inputs <= limit or operation not in _INPUTS:
+        return
+    param, unit = _INPUTS[operation]
+    raise _violation(
+        param, f"'{param}' carries {inputs} {unit}; the most allowed in one request is {limit}"
+    )
+
+
+def apply_rules(
+    rules: RequestRules, operation: Operation, body: Mapping[str, Any], *, inputs: int = 1
+) -> Overrides:
+    """Raise :class:`BadRequest` on a violation; return overrides for the upstream body.
+
+    ``inputs`` is the request's batch size as the parser counted it (rows, texts, prompts).
+    """
+    _check_inputs(rules, operation, inputs)
     if operation.generates_text:
         return _check_llm(rules, operation, body)
     if operation is Operation.OIP_INFER:

@@ -65,6 +65,7 @@ def event_for(
         body=dict(plan.body), model=plan.model,
     )
     event = build_event(ctx, 200, ts, 0.0, hash_key, None)
+    event.input_count = plan.units  # as the gateway's parser counts them
     event.limit_decision = "allowed"
     event.extra = {"purpose": plan.purpose}
     return event

@@ -45,6 +45,7 @@ class RequestEvent:
     prompt_text: str | None = None  # last user turn / input text; stored only if configured
     input_texts: list[str] | None = None  # embeddings: every input text (capped); never stored
     input_rows: list[list[float]] | None = None  # classifier inputs (OIP): one feature row per input
+    input_count: int = 0  # every input it carried (rows, texts, prompts), past the caps above
     # the output, summarised
     output_label: int | None = None  # classifier: predicted class of the first row
     output_margins: list[float] | None = None  # classifier: top-1 minus top-2, per row
