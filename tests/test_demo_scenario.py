@@ -19,4 +19,5 @@ def test_demo_runs_and_reports(tmp_path: object) -> None:
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert "summary" in out and "limit decisions" in out
     assert "who was flagged" in out and "thief" in out
+    assert "newcomer (a new, unverified account): This account is on probation" in out
     assert "demo finished" in out

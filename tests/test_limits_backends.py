@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,8 +28,10 @@ from modelfence.limits import (
     build_backend,
     quota_for,
 )
-from modelfence.limits.dimensions import DAY_SECONDS, LEASE_RETRY_SECONDS
+from modelfence.limits.base import AccountUsage, Allowance
+from modelfence.limits.dimensions import DAY_SECONDS, LEASE_RETRY_SECONDS, until_next_day, utc_day
 from modelfence.limits.redis import RedisBackend
+from modelfence.testing.processes import free_port
 from tests.services import ensure_redis
 
 
@@ -210,6 +213,120 @@ async def test_concurrent_admissions_admit_exactly_the_limit(backend: LimitBacke
     assert sum(d.allowed for d in decisions) == 50
 
 
+# --- account allowances -------------------------------------------------------------------
+
+
+def on_account(
+    allowance: Allowance, account: str, key_id: str | None = None, **claim: Any
+) -> AdmissionRequest:
+    return ask(Quota(allowance=allowance), key_id, account=account, **claim)
+
+
+async def test_rows_allowance_denies_past_the_day(backend: LimitBackend) -> None:
+    account, allowance = new_id(), Allowance(rows_per_day=10)
+    first, second, third = await admit_all(
+        backend, [on_account(allowance, account, rows=4, tokens=7)] * 3
+    )
+    assert first.allowed and first.lease is not None
+    assert first.account == AccountUsage(4, 4, 7, 7)  # no 30-day limit: only today is read
+    assert (first.lease.account, first.lease.rows_reserved) == (account, 4)
+    assert first.lease.day == utc_day(time.time())
+    assert second.account == AccountUsage(8, 8, 14, 14)
+    assert third.denied_by == "account_rows" and third.lease is None
+    assert third.retry_after == pytest.approx(until_next_day(time.time()), abs=5)
+    assert third.account == AccountUsage(8, 8, 14, 14)  # as found: nothing charged
+    assert (await backend.admit(on_account(allowance, account, rows=2))).allowed
+
+
+async def test_allowance_is_shared_by_the_keys_of_an_account(backend: LimitBackend) -> None:
+    account, allowance = new_id(), Allowance(rows_per_day=10, tokens_per_day=1000)
+    first = await backend.admit(on_account(allowance, account, rows=6))
+    denied = await backend.admit(on_account(allowance, account, rows=6))  # another key id
+    fits = await backend.admit(on_account(allowance, account, rows=4))
+    other = await backend.admit(on_account(allowance, new_id(), rows=6))  # another account
+    assert first.allowed and fits.allowed and other.allowed
+    assert denied.denied_by == "account_rows"
+    assert fits.account is not None and fits.account.rows_today == 10
+
+
+@pytest.mark.parametrize(
+    "allowance, claim, dimension",
+    [
+        (Allowance(rows_per_day=10), {"rows": 11}, "account_rows"),
+        (Allowance(rows_per_30_days=10), {"rows": 11}, "account_rows"),
+        (Allowance(tokens_per_day=100), {"tokens": 101}, "account_tokens"),
+        (Allowance(tokens_per_30_days=100), {"tokens": 101}, "account_tokens"),
+    ],
+)
+async def test_claim_above_the_allowance_never_fits(
+    backend: LimitBackend, allowance: Allowance, claim: dict[str, Any], dimension: str
+) -> None:
+    decision = await backend.admit(on_account(allowance, new_id(), **claim))
+    assert decision.denied_by == dimension and decision.retry_after == math.inf
+    assert decision.account == AccountUsage(0, 0, 0, 0)
+
+
+async def test_token_allowance_is_settled_to_real_usage(backend: LimitBackend) -> None:
+    account, allowance = new_id(), Allowance(tokens_per_day=1000, tokens_per_30_days=5000)
+    first = await backend.admit(on_account(allowance, account, tokens=600))
+    denied = await backend.admit(on_account(allowance, account, tokens=600))
+    assert first.lease is not None and denied.denied_by == "account_tokens"
+    await backend.settle(first.lease, tokens_used=100, usd_used=0.0)
+    fits = await backend.admit(on_account(allowance, account, tokens=600))
+    assert fits.allowed and fits.lease is not None
+    assert fits.account == AccountUsage(2, 2, 700, 700)  # rows stay charged on settle
+    await backend.settle(fits.lease, tokens_used=900, usd_used=0.0)  # more than reserved
+    await backend.settle(fits.lease, tokens_used=0, usd_used=0.0)  # settled already: ignored
+    over = await backend.admit(on_account(allowance, account, tokens=1))
+    assert over.denied_by == "account_tokens" and over.account == AccountUsage(2, 2, 1000, 1000)
+
+
+async def test_abandon_refunds_the_allowance(backend: LimitBackend) -> None:
+    account, allowance = new_id(), Allowance(rows_per_day=10, tokens_per_day=1000)
+    claim = on_account(allowance, account, rows=8, tokens=900, lease_id=new_id())
+    taken = await backend.admit(claim)
+    assert taken.allowed and taken.account == AccountUsage(8, 8, 900, 900)
+    await backend.abandon(claim)
+    await backend.abandon(claim)  # undone already: refunds nothing more
+    after = await backend.admit(on_account(allowance, account, rows=10, tokens=1000))
+    assert after.allowed and after.account == AccountUsage(10, 10, 1000, 1000)
+
+
+@pytest.mark.parametrize(
+    "quota, account",
+    [
+        (Quota(allowance=Allowance(rows_per_day=1)), None),  # no account named
+        (Quota(), "acme"),  # no allowance
+        (Quota(allowance=Allowance()), "acme"),  # an allowance that limits nothing
+    ],
+)
+async def test_without_an_allowance_nothing_changes(
+    backend: LimitBackend, quota: Quota, account: str | None
+) -> None:
+    decisions = await admit_all(backend, [ask(quota, account=account, rows=5)] * 3)
+    assert all(d.allowed and d.account is None for d in decisions)
+    leases = [d.lease for d in decisions]
+    assert all(lease and lease.account is None and lease.rows_reserved == 0 for lease in leases)
+
+
+async def test_denial_by_another_dimension_charges_no_allowance(backend: LimitBackend) -> None:
+    account, allowance = new_id(), Allowance(rows_per_day=10, rows_per_30_days=100)
+    quota = Quota(requests_per_minute=1, allowance=allowance)
+    key_id = new_id()
+    first, denied = await admit_all(backend, [ask(quota, key_id, account=account, rows=5)] * 2)
+    assert first.allowed and denied.denied_by == "requests"
+    assert denied.account == AccountUsage(5, 5, 0, 0)
+    # Had the denied claim taken its rows, this one would not fit.
+    fits = await backend.admit(ask(quota, account=account, rows=5))
+    assert fits.allowed and fits.account == AccountUsage(10, 10, 0, 0)
+    # Nor does a denial by the allowance take a request from the other dimensions.
+    fresh, rated = new_id(), Quota(requests_per_minute=2, allowance=allowance)
+    over = await backend.admit(ask(rated, fresh, account=account))
+    assert over.denied_by == "account_rows"
+    assert over.requests is not None and over.requests.remaining == 2
+    assert (await backend.admit(ask(Quota(requests_per_minute=2), fresh))).allowed
+
+
 # --- memory only: the clock is injected -------------------------------------------------
 
 
@@ -257,6 +374,51 @@ async def test_memory_forgets_idle_state() -> None:
     assert len(backend) == 1  # only the lease just taken
 
 
+async def test_memory_allowance_spans_thirty_days() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, lease_ttl_seconds=60)
+    account, allowance = new_id(), Allowance(rows_per_day=5, rows_per_30_days=10)
+    first_day = utc_day(clock.now)
+    assert (await backend.admit(on_account(allowance, account, rows=5))).allowed
+    clock.now += 3 * DAY_SECONDS
+    assert (await backend.admit(on_account(allowance, account, rows=1))).allowed
+    clock.now += 7 * DAY_SECONDS
+    today = await backend.admit(on_account(allowance, account, rows=3))
+    assert today.account == AccountUsage(3, 9, 0, 0)
+    denied = await backend.admit(on_account(allowance, account, rows=2))
+    # Over the day's 5 until midnight, over the 30 days' 10 until the first day leaves.
+    assert denied.denied_by == "account_rows"
+    assert denied.retry_after == (first_day + 30) * DAY_SECONDS - clock.now
+    assert denied.account == AccountUsage(3, 9, 0, 0)
+    clock.now += denied.retry_after - 1
+    assert (await backend.admit(on_account(allowance, account, rows=2))).denied_by == "account_rows"
+    clock.now += 1
+    assert (await backend.admit(on_account(allowance, account, rows=2))).account == AccountUsage(
+        2, 6, 0, 0
+    )
+
+
+async def test_memory_forgets_accounts_after_the_window() -> None:
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock, lease_ttl_seconds=40 * DAY_SECONDS)
+    allowance = Allowance(tokens_per_30_days=10**6)
+    leases = []
+    for _ in range(10):
+        decision = await backend.admit(on_account(allowance, new_id(), new_id(), tokens=5))
+        leases.append(decision.lease)
+    assert len(backend) == 10 * 2  # a lease and an account each
+    clock.now += 29 * DAY_SECONDS
+    await backend.admit(ask(Quota()))
+    assert len(backend) == 10 * 2 + 1  # the first day is still in the window
+    clock.now += DAY_SECONDS
+    await backend.admit(ask(Quota()))
+    assert len(backend) == 10 + 2  # the accounts are gone; leases live 40 days
+    for lease in leases:
+        assert lease is not None
+        await backend.settle(lease, tokens_used=500, usd_used=0.0)  # its day has left
+    assert len(backend) == 2
+
+
 # --- Redis only ---------------------------------------------------------------------------
 
 
@@ -286,6 +448,86 @@ async def test_redis_every_key_expires() -> None:
     assert all(0 < ttl <= 2 * DAY_SECONDS * 1000 for ttl in ttls), dict(
         zip(keys, ttls, strict=True)
     )
+
+
+@pytest.mark.redis
+async def test_redis_allowance_is_shared_by_replicas() -> None:
+    replicas = [RedisBackend.from_url(ensure_redis(), timeout_seconds=5.0) for _ in range(2)]
+    account, allowance = new_id(), Allowance(rows_per_day=10)
+    decisions = [
+        await replica.admit(on_account(allowance, account, rows=4))
+        for replica in replicas + replicas
+    ]
+    for replica in replicas:
+        await replica.close()
+    assert [d.allowed for d in decisions] == [True, True, False, False]
+    assert decisions[1].account == AccountUsage(8, 8, 0, 0)
+    assert decisions[-1].denied_by == "account_rows"
+
+
+@pytest.mark.redis
+async def test_redis_allowance_counts_earlier_days() -> None:
+    client = Redis.from_url(ensure_redis(), decode_responses=True)
+    backend = RedisBackend(client)
+    account = new_id()
+    seconds, micros = await client.time()
+    today = utc_day(seconds + micros / 1e6)
+    await client.hset(backend.key("a", account, "allowance"), f"r:{today - 5}", 8)
+    allowance = Allowance(rows_per_day=100, rows_per_30_days=10)
+    denied = await backend.admit(on_account(allowance, account, rows=3))
+    fits = await backend.admit(on_account(allowance, account, rows=2))
+    seconds, micros = await client.time()
+    await client.aclose()
+    assert denied.denied_by == "account_rows" and denied.account == AccountUsage(0, 8, 0, 0)
+    assert denied.retry_after == pytest.approx(
+        (today - 5 + 30) * DAY_SECONDS - (seconds + micros / 1e6), abs=5
+    )
+    assert fits.allowed and fits.account == AccountUsage(2, 10, 0, 0)
+
+
+@pytest.mark.redis
+async def test_redis_account_key_expires_and_drops_old_days() -> None:
+    client = Redis.from_url(ensure_redis(), decode_responses=True)
+    backend = RedisBackend(client)
+    account = new_id()
+    key = backend.key("a", account, "allowance")
+    assert key == f"mf:{{a:{account}}}:allowance"
+    seconds, _ = await client.time()
+    today = utc_day(seconds)
+    old = [f"{kind}:{day}" for day in range(today - 100, today - 60) for kind in "rt"]
+    recent = [f"r:{day}" for day in range(today - 29, today)]
+    await client.hset(key, items=[part for field in old + recent for part in (field, 1)])
+    decision = await backend.admit(on_account(Allowance(rows_per_30_days=100), account, rows=1))
+    fields, ttl = await client.hkeys(key), await client.ttl(key)
+    await client.aclose()
+    assert decision.account == AccountUsage(1, 30, 0, 0)
+    assert sorted(fields) == sorted([*recent, f"r:{today}", f"t:{today}"])
+    assert 30 * DAY_SECONDS < ttl <= 31 * DAY_SECONDS
+
+
+async def test_degraded_mode_scales_the_allowance_and_releases_locally() -> None:
+    guarded = GuardedBackend(
+        RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0"),  # nothing listens
+        mode="degraded",
+        share=0.5,
+        on_fallback=lambda mode: None,
+        on_release=lambda event: None,
+    )
+    account, allowance = new_id(), Allowance(rows_per_day=10)  # 5 on this replica
+    claim = on_account(allowance, account, rows=3, lease_id=new_id())
+    taken = await guarded.admit(claim)
+    assert taken.source == "degraded" and taken.lease is not None
+    assert taken.lease.account == account
+    assert (await guarded.admit(on_account(allowance, account, rows=3))).denied_by == (
+        "account_rows"
+    )
+    await guarded.abandon(claim)  # the primary's part is retried in the background
+    refilled = await guarded.admit(on_account(allowance, account, rows=5))
+    assert refilled.allowed and refilled.account == AccountUsage(5, 5, 0, 0)
+    assert refilled.lease is not None
+    await guarded.settle(refilled.lease, tokens_used=0, usd_used=0.0)  # rows stay charged
+    assert (await guarded.admit(on_account(allowance, account))).denied_by == "account_rows"
+    await guarded.close()
 
 
 # --- configuration ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from modelfence.admin.accounts import accounts_router
 from modelfence.admin.api import create_admin_app
 from modelfence.admin.detection import detection_router
 from modelfence.admin.forensics import forensics_router
@@ -64,6 +65,7 @@ from modelfence.identity import (
     SqlKeyStore,
     load_server_secret,
 )
+from modelfence.identity.trust import TrustPolicy
 from modelfence.limits import LimitBackend, Quota, build_backend, quota_for
 from modelfence.operations import Operation
 from modelfence.periodic import Periodic
@@ -175,7 +177,12 @@ class ModelFenceApp:
         engine = open_engine(config.store)
         await create_tables(engine)
         secret = load_server_secret(config.secret, config.secret_file)
-        store = SqlKeyStore(engine, secret)
+        store = SqlKeyStore(
+            engine,
+            secret,
+            ipv4_prefix=config.fingerprint.ipv4_prefix,
+            ipv6_prefix=config.fingerprint.ipv6_prefix,
+        )
         registry = KeyRegistry(
             store, secret, on_refresh_error=lambda _exc: self.metrics.key_refresh_errors.inc()
         )
@@ -333,6 +340,7 @@ class ModelFenceApp:
                 per_fingerprint=limits.per_fingerprint,
             )
 
+        trust = TrustPolicy(config.accounts, registry)
         fingerprinter = Fingerprinter.from_config(config)
         api_failures, admin_failures = (
             AuthFailures(
@@ -374,6 +382,7 @@ class ModelFenceApp:
                     resolve_quota=resolve_quota,
                     prices=prices,
                     metrics=metrics,
+                    trust=trust,
                 ),
                 lambda app: app if marks is None else SourceMarking(
                     app, issuer=marks, hosted=lexical_upstreams
@@ -430,6 +439,7 @@ class ModelFenceApp:
             tiers=limits.tiers,
             failures=admin_failures,
             routers=[
+                accounts_router(services.store, trust),
                 policy_router(config.policy, limits.tiers, self.risk),
                 detection_router(
                     detection.state,

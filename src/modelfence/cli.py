@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from copy import copy as clone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,7 +18,7 @@ from typer.core import TyperGroup
 from modelfence.config import Config, load_config
 from modelfence.errors import ConfigError, ModelFenceError
 from modelfence.forensics.cli import verify_app
-from modelfence.identity.base import KeyStore
+from modelfence.identity.base import ApiKeyRecord, KeyStore
 
 
 def _config_after_subcommand(ctx: Any, _param: Any, value: Path | None) -> Path | None:
@@ -242,7 +243,14 @@ def _with_store(config: Config, action: Callable[[KeyStore], Awaitable[T]]) -> T
         try:
             await create_tables(engine)
             secret = load_server_secret(config.secret, config.secret_file)
-            return await action(SqlKeyStore(engine, secret))
+            prefixes = config.fingerprint
+            store = SqlKeyStore(
+                engine,
+                secret,
+                ipv4_prefix=prefixes.ipv4_prefix,
+                ipv6_prefix=prefixes.ipv6_prefix,
+            )
+            return await action(store)
         finally:
             await engine.dispose()
 
@@ -258,14 +266,65 @@ def keys_create(
     ctx: typer.Context,
     client: Annotated[str, typer.Option(help="the client (customer) this key belongs to")],
     tier: Annotated[str, typer.Option(help="limits tier from the config")] = "default",
+    account: Annotated[
+        str | None, typer.Option(help="the account (organisation) the key belongs to")
+    ] = None,
+    organisation: Annotated[str | None, typer.Option(help="verified organisation")] = None,
+    payment: Annotated[
+        str | None, typer.Option(help="payment instrument fingerprint from the processor")
+    ] = None,
+    signup_address: Annotated[
+        str | None, typer.Option(help="IP address the account signed up from")
+    ] = None,
+    email_domain: Annotated[str | None, typer.Option(help="e-mail domain (or address)")] = None,
+    created_at: Annotated[
+        datetime | None,
+        typer.Option(help="account sign-up time, UTC (default: now)", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    ] = None,
+    verified: Annotated[
+        bool | None, typer.Option("--verified/--unverified", help="organisation verified")
+    ] = None,
+    paid_usd: Annotated[float | None, typer.Option(help="paid to date, in dollars")] = None,
 ) -> None:
-    """Create a key. The key itself is printed once, as the last line."""
+    """Create a key, optionally in an account with its sign-up metadata (stored hashed).
+
+    The key itself is printed once, as the last line.
+    """
+    from modelfence.identity.accounts import InvalidMetadata
+    from modelfence.identity.base import AccountMetadata
+
     config = _load(ctx)
     if tier not in config.limits.tiers:
         errors.print(f"[red]error:[/red] unknown tier {tier!r}; configured: {', '.join(config.limits.tiers)}")
         raise typer.Exit(2)
-    record, secret = _with_store(config, lambda store: store.create(client, tier))
-    console.print(f"created {record.key_id} for client {record.client!r} (tier {record.tier})", highlight=False)
+    metadata = AccountMetadata(
+        organisation=organisation,
+        payment=payment,
+        signup_address=signup_address,
+        email_domain=email_domain,
+        created_at=None if created_at is None else created_at.replace(tzinfo=UTC),
+        verified=verified,
+        paid_usd=paid_usd,
+    )
+    if account is None and metadata != AccountMetadata():
+        errors.print("[red]error:[/red] account metadata needs --account", highlight=False)
+        raise typer.Exit(2)
+
+    async def create(store: KeyStore) -> tuple[ApiKeyRecord, str]:
+        if account is not None and metadata != AccountMetadata():
+            await store.put_account(account, metadata)
+        return await store.create(client, tier, account)
+
+    try:
+        record, secret = _with_store(config, create)
+    except InvalidMetadata as exc:
+        errors.print(f"[red]error:[/red] --{exc.field.replace('_', '-')}: {exc.reason}", highlight=False)
+        raise typer.Exit(2) from exc
+    where = "" if record.account is None else f", account {record.account!r}"
+    console.print(
+        f"created {record.key_id} for client {record.client!r} (tier {record.tier}{where})",
+        highlight=False,
+    )
     console.print("store the key now; it cannot be shown again:", highlight=False)
     print(secret)
 
@@ -275,10 +334,13 @@ def keys_list(ctx: typer.Context) -> None:
     """List keys (ids and prefixes only; secrets are never stored)."""
     config = _load(ctx)
     records = _with_store(config, lambda store: store.list())
-    table = Table("key id", "client", "tier", "prefix", "created", "status")
+    table = Table("key id", "client", "account", "tier", "prefix", "created", "status")
     for r in records:
         status = "active" if r.active else f"revoked {r.revoked_at:%Y-%m-%d %H:%M}"
-        table.add_row(r.key_id, r.client, r.tier, r.prefix + "…", f"{r.created_at:%Y-%m-%d %H:%M}", status)
+        table.add_row(
+            r.key_id, r.client, r.account or "-", r.tier, r.prefix + "…",
+            f"{r.created_at:%Y-%m-%d %H:%M}", status,
+        )
     console.print(table)
 
 

@@ -184,6 +184,65 @@ class LimitsConfig(_Frozen):
         return value
 
 
+MAX_ALLOWANCE = 10**15  # rows or tokens over a day or 30 days; beyond it, leave the field unset
+
+AllowanceUnits = Annotated[int, Field(ge=1, le=MAX_ALLOWANCE, strict=True)]
+
+
+class AllowanceConfig(_Frozen):
+    """An account's budget over UTC days, across all its keys; a field left unset is unlimited.
+
+    Rows are inputs: classifier rows, embedding texts, completion prompts.
+    """
+
+    rows_per_day: AllowanceUnits | None = None
+    rows_per_30_days: AllowanceUnits | None = None
+    tokens_per_day: AllowanceUnits | None = None
+    tokens_per_30_days: AllowanceUnits | None = None
+
+
+TrustLevelName = Literal["probation", "standard", "trusted"]
+DemoteAt = Literal["alert", "tighten", "degrade", "block"]
+
+
+def _default_allowances() -> dict[TrustLevelName, AllowanceConfig]:
+    return {
+        "probation": AllowanceConfig(
+            rows_per_day=300, rows_per_30_days=3_000, tokens_per_day=300_000
+        ),
+        "standard": AllowanceConfig(),
+        "trusted": AllowanceConfig(),
+    }
+
+
+class AccountsConfig(_Frozen):
+    """Trust per account (organisation), and the allowance each trust level gets.
+
+    An account is on ``probation`` while it is younger than ``probation_days``, unless the
+    operator verified its organisation or it has paid ``probation_paid_usd``; it becomes
+    ``trusted`` once older than ``trusted_days`` and verified or paid ``trusted_paid_usd``;
+    in between it is ``standard``. Risk lowers trust: a detection level of ``alert`` or
+    above caps an account at ``standard``, ``demote_at`` or above puts it on probation.
+    Keys without an account are the operator's own issue and are ``standard``.
+    """
+
+    probation_days: float = Field(7.0, ge=0, le=3650)
+    probation_paid_usd: float = Field(20.0, ge=0)
+    trusted_days: float = Field(90.0, ge=0, le=3650)
+    trusted_paid_usd: float = Field(500.0, ge=0)
+    demote_at: DemoteAt = "tighten"
+    allowances: dict[TrustLevelName, AllowanceConfig] = Field(default_factory=_default_allowances)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AccountsConfig:
+        if self.trusted_days < self.probation_days:
+            raise ValueError("trusted_days must be at least probation_days")
+        return self
+
+    def allowance(self, level: TrustLevelName) -> AllowanceConfig:
+        return self.allowances.get(level) or AllowanceConfig()
+
+
 class PriceConfig(_Frozen):
     input_per_1k_tokens: float = Field(0.0, ge=0)
     output_per_1k_tokens: float = Field(0.0, ge=0)
@@ -280,6 +339,7 @@ class Config(_Frozen):
     )
     admin_token: str | None = Field(None, min_length=16, repr=False)
     limits: LimitsConfig = LimitsConfig()
+    accounts: AccountsConfig = AccountsConfig()
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     fingerprint: FingerprintConfig = FingerprintConfig()
     policy: PolicyConfig = PolicyConfig()

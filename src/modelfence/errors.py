@@ -3,7 +3,8 @@
     ModelFenceError
     ├── ConfigError               bad configuration; the message names the key path
     ├── StoreError                the state database failed or is unreachable
-    │   └── KeyNotFound           no API key with that id
+    │   ├── KeyNotFound           no API key with that id
+    │   └── AccountNotFound       no account with that id
     ├── LimitBackendError         the shared limit backend (Redis) failed
     └── GatewayError              anything the gateway answers with an HTTP error
         ├── BadRequest            400 invalid_request_error
@@ -38,6 +39,10 @@ class StoreError(ModelFenceError):
 
 class KeyNotFound(StoreError):
     """No API key with the given id exists."""
+
+
+class AccountNotFound(StoreError):
+    """No account with the given id exists."""
 
 
 class LimitBackendError(ModelFenceError):

@@ -6,7 +6,8 @@ A FastAPI application that ``app.py`` mounts at ``/admin``::
         store=store, admin_token=config.admin_token, tiers=config.limits.tiers,
     ))
 
-Once mounted: ``POST|GET /admin/v1/keys``, ``GET|DELETE /admin/v1/keys/{key_id}``,
+Once mounted: ``POST|GET /admin/v1/keys`` (a key may name its ``account`` and that
+account's ``metadata``), ``GET|DELETE /admin/v1/keys/{key_id}``,
 ``POST /admin/v1/keys/{key_id}/revoke``, ``PUT /admin/v1/keys/{key_id}/limits``, and the
 OpenAPI document at ``/admin/openapi.json``. Errors are OpenAI-style JSON.
 """
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPBearer
 
 from modelfence import __version__
 from modelfence.admin.auth import RequireAdminToken
-from modelfence.admin.errors import EXCEPTION_HANDLERS, error_responses
+from modelfence.admin.errors import EXCEPTION_HANDLERS, error_responses, invalid_field
 from modelfence.admin.names import KeyId
 from modelfence.admin.schemas import CreatedKey, CreateKey, Key, KeyList, Limits
+from modelfence.identity.accounts import InvalidMetadata
 from modelfence.identity.base import KeyStore
 from modelfence.identity.failures import AuthFailures
 
@@ -56,19 +57,21 @@ async def create_key(body: CreateKey, admin: AdminDep) -> CreatedKey:
     """Create an API key. The secret key is in this response only."""
     if body.tier not in admin.tiers:
         allowed = ", ".join(sorted(admin.tiers))
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("body", "tier"),
-                    "msg": f"unknown tier {body.tier!r}; allowed: {allowed}",
-                    "input": body.tier,
-                }
-            ]
-        )
-    record, api_key = await admin.store.create(body.client, body.tier)
+        raise invalid_field(("tier",), f"unknown tier {body.tier!r}; allowed: {allowed}")
+    if body.metadata is not None:
+        if body.account is None:
+            raise invalid_field(("metadata",), "metadata describes an account: name `account`")
+        try:
+            await admin.store.put_account(body.account, body.metadata.to_metadata())
+        except InvalidMetadata as exc:
+            raise invalid_field(("metadata", exc.field), exc.reason) from exc
+    record, api_key = await admin.store.create(body.client, body.tier, body.account)
     log.info(
-        "admin: created key %s for client %r, tier %s", record.key_id, record.client, record.tier
+        "admin: created key %s for client %r, tier %s, account %r",
+        record.key_id,
+        record.client,
+        record.tier,
+        record.account,
     )
     return CreatedKey.from_record(record, api_key=api_key)
 

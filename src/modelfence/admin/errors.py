@@ -13,7 +13,14 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from modelfence.admin.schemas import ErrorResponse
-from modelfence.errors import GatewayError, KeyNotFound, NotFound, ServiceUnavailable, StoreError
+from modelfence.errors import (
+    AccountNotFound,
+    GatewayError,
+    KeyNotFound,
+    NotFound,
+    ServiceUnavailable,
+    StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +58,20 @@ async def _on_gateway_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _on_store_error(_request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, KeyNotFound):
         return gateway_error_response(NotFound(str(exc), code="key_not_found"))
+    if isinstance(exc, AccountNotFound):
+        return gateway_error_response(NotFound(str(exc), code="account_not_found"))
     log.error("admin: key store failed: %s", exc)
     return gateway_error_response(
         ServiceUnavailable(
             "The key store is unavailable; try again later.", code="store_unavailable"
         )
+    )
+
+
+def invalid_field(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    """A 422 naming the body field at ``loc``, like pydantic's own validation errors."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", *loc), "msg": message, "input": None}]
     )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from modelfence.admin.names import Name
 from modelfence.config import ConcurrentRequests, RequestsPerMinute, TokensPerMinute, UsdPerDay
-from modelfence.identity.base import ApiKeyRecord, LimitOverrides
+from modelfence.identity.accounts import MAX_PAID_USD, MAX_TRAIT_LENGTH
+from modelfence.identity.base import AccountMetadata, ApiKeyRecord, LimitOverrides
 
 
 class _Body(BaseModel):
@@ -30,9 +31,47 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class AccountFields(_Body):
+    """What the operator's sign-up and billing systems know of an account.
+
+    The four traits are stored only as keyed hashes (accounts sharing one are linked by
+    detection); a field left out keeps its stored value.
+    """
+
+    organisation: str | None = Field(
+        None, min_length=1, max_length=MAX_TRAIT_LENGTH, description="verified organisation"
+    )
+    payment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TRAIT_LENGTH,
+        description="the payment instrument's fingerprint from the payment processor",
+    )
+    signup_address: str | None = Field(
+        None, min_length=2, max_length=64, description="IP address the account signed up from"
+    )
+    email_domain: str | None = Field(
+        None, min_length=1, max_length=MAX_TRAIT_LENGTH, description="or a whole address"
+    )
+    created_at: AwareDatetime | None = Field(
+        None, strict=False, description="sign-up time (default: when first registered here)"
+    )
+    verified: bool | None = Field(None, description="the organisation has been verified")
+    paid_usd: float | None = Field(None, ge=0, le=MAX_PAID_USD, description="paid to date")
+
+    def to_metadata(self) -> AccountMetadata:
+        return AccountMetadata(**self.model_dump())
+
+
 class CreateKey(_Body):
     client: Name = Field(description="who the key belongs to")
     tier: str = Field("default", min_length=1, description="a tier name from the config")
+    account: Name | None = Field(
+        None, description="the account (organisation) the key belongs to; registered if new"
+    )
+    metadata: AccountFields | None = Field(
+        None, description="the account's sign-up and billing metadata (needs `account`)"
+    )
 
 
 class Limits(_Body):
@@ -63,6 +102,7 @@ class Key(BaseModel):
     revoked_at: datetime | None
     active: bool
     limits: Limits
+    account: str | None = None
 
     @classmethod
     def from_record(cls, record: ApiKeyRecord, **extra: object) -> Self:
@@ -76,6 +116,7 @@ class Key(BaseModel):
                 "revoked_at": record.revoked_at,
                 "active": record.active,
                 "limits": Limits.from_overrides(record.overrides),
+                "account": record.account,
                 **extra,
             }
         )

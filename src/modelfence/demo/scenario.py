@@ -55,6 +55,7 @@ class Session:
     first_refusal: int | None = None  # request number of the first 403
     kept_text: list[str] = field(default_factory=list)  # answers the actor walks away with
     kept_labels: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (images, labels)
+    refusals: dict[str, str] = field(default_factory=dict)  # first message per refusal code
 
     @property
     def headers(self) -> dict[str, str]:
@@ -74,6 +75,7 @@ class Session:
         except (openai.APIStatusError, HTTPFailed) as exc:
             self.statuses[exc.status_code] += 1
             self.last = f"{what}: {exc.status_code} {exc.code}"
+            self.refusals.setdefault(str(exc.code), _message(exc))
             if exc.status_code == 403 and self.first_refusal is None:
                 self.first_refusal = self.requests
             return None
@@ -95,6 +97,7 @@ class Actor:
     steps: Sequence[Step]
     address: str  # where the actor's requests come from
     api_key: str | None = None  # a fixed (bad) key instead of a created one
+    account: str | None = None  # the account its key belongs to (registered as new)
 
 
 def chat(question: str, *, stream: bool = False) -> Step:
@@ -162,6 +165,14 @@ class HTTPFailed(Exception):
         self.status_code = status_code
         error = body.get("error") if isinstance(body, dict) else None
         self.code = error.get("code") if isinstance(error, dict) else None
+        self.message = error.get("message", "") if isinstance(error, dict) else str(body)
+
+
+def _message(exc: openai.APIStatusError | HTTPFailed) -> str:
+    if isinstance(exc, HTTPFailed):
+        return exc.message
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return str(body.get("message", exc.message))
 
 
 def _digits() -> np.ndarray:
@@ -235,6 +246,8 @@ ACTORS: list[Actor] = [
           address="203.0.113.60"),
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),
+    Actor("newcomer", "default", "new account, batches", [classify(300 + 32 * i, 32) for i in range(4)],
+          address="198.51.100.140", account="newco"),
     Actor("mallory", "default", "made-up key", [chat("hello")], address="192.0.2.99",
           api_key="mf_" + "x" * 43),
     Actor("thief", "default", "extraction sweep", [probe(i) for i in range(90)],
@@ -280,6 +293,9 @@ def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
                 },
             },
         },
+        # A new account's first days: 80 rows (images, texts, prompts) a day, not the default 300,
+        # so that the newcomer meets its allowance within the demo.
+        "accounts": {"allowances": {"probation": {"rows_per_day": 80}}},
         "prices": {
             CHAT_MODEL: {"input_per_1k_tokens": 0.0005, "output_per_1k_tokens": 0.0015},
             EMBED_MODEL: {"input_per_1k_tokens": 0.0001},
@@ -416,7 +432,9 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
                 console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)\n")
                 sessions = {
                     a.name: Session(
-                        gateway.url, a.api_key or gateway.create_key(a.name, a.tier), a.address
+                        gateway.url,
+                        a.api_key or gateway.create_key(a.name, a.tier, account=a.account),
+                        a.address,
                     )
                     for a in actors
                 }
@@ -439,10 +457,14 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
             "limit decisions: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))
         )
         flagged = _detections(console, scored.get("data", []), sessions)
+        probation = sessions["newcomer"].refusals.get("probation_limit")
+        console.print(f"newcomer (a new, unverified account): {probation or 'never limited'}\n",
+                      highlight=False)
         console.print(forensics)
         ok = (
             sessions["alice"].statuses[200] == len(actors[0].steps)
             and sessions["trial-user"].statuses[429] > 0
+            and probation is not None
             and "thief" in flagged
             and not flagged & {"alice", "bob"}
             and named == {"leak": "carol", "clone": "copycat"}

@@ -13,19 +13,29 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Protocol
 
 from modelfence.config import PriceConfig, TierConfig
 from modelfence.errors import PermissionDenied, RateLimited, ServiceUnavailable
 from modelfence.gateway.context import RequestContext, Usage, context_of
 from modelfence.gateway.routing import PatternTable
 from modelfence.identity.base import ApiKeyRecord
-from modelfence.limits.base import AdmissionRequest, Decision, LimitBackend, Quota
+from modelfence.identity.trust import Standing
+from modelfence.limits.base import AdmissionRequest, Allowance, Decision, LimitBackend, Quota
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 log = logging.getLogger("modelfence.limits")
 
 QuotaResolver = Callable[[TierConfig, ApiKeyRecord], Quota]
+
+
+class TrustSource(Protocol):
+    def standing(self, key: ApiKeyRecord, risk_level: str = "normal") -> Standing:
+        """The key's account's trust level and allowance, from memory (every request)."""
+        ...
+
 
 _DIMENSION_WORDS = {
     "requests": "requests per minute",
@@ -34,7 +44,10 @@ _DIMENSION_WORDS = {
     "usd": "dollars per day",
     "ip_prefix": "requests per minute from this network",
     "fingerprint": "requests per minute from this client fingerprint",
+    "account_rows": "rows (inputs × choices)",
+    "account_tokens": "tokens",
 }
+_ACCOUNT_DIMENSIONS = {"account_rows": "rows", "account_tokens": "tokens"}
 
 
 def cost(price: PriceConfig | None, prompt_tokens: int, completion_tokens: int) -> float:
@@ -61,6 +74,67 @@ def rate_headers(decision: Decision) -> Headers:
     return headers
 
 
+def _retry_headers(wait: float) -> Headers:
+    return [
+        (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
+        (b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
+    ]
+
+
+def _windows(allowance: Allowance, measure: str) -> str:
+    day = getattr(allowance, f"{measure}_per_day")
+    month = getattr(allowance, f"{measure}_per_30_days")
+    parts = [f"{day:,} {measure} a day"] if day is not None else []
+    if month is not None:
+        parts.append(f"{month:,} over 30 days")
+    return " and ".join(parts)
+
+
+def _account_denial(
+    decision: Decision, standing: Standing, allowance: Allowance, headers: Headers
+) -> RateLimited:
+    """429 ``probation_limit`` (or ``account_budget``): the allowance, the use, when it widens."""
+    measure = _ACCOUNT_DIMENSIONS[decision.denied_by or "account_rows"]
+    usage = decision.account
+    used = ""
+    if usage is not None:
+        today, month = (
+            (usage.rows_today, usage.rows_30_days)
+            if measure == "rows"
+            else (usage.tokens_today, usage.tokens_30_days)
+        )
+        has_month = getattr(allowance, f"{measure}_per_30_days") is not None
+        used = f" Used: {today:,} today" + (f", {month:,} over 30 days." if has_month else ".")
+    limits = _windows(allowance, measure)
+    if standing.level == "probation":
+        code = "probation_limit"
+        if standing.widens_at is not None:
+            widens = (
+                f" The allowance widens on {standing.widens_at:%Y-%m-%d %H:%M} UTC, or sooner "
+                "once the organisation is verified or the account has paid."
+            )
+        else:
+            widens = " The allowance widens when the account's risk clears."
+        head = f"This account is on probation ({standing.reason}): it may use {limits}."
+    else:
+        code, widens = "account_budget", ""
+        head = f"This account ({standing.level}) has reached its allowance of {limits}."
+    trust = [(b"x-modelfence-trust", standing.level.encode())]
+    if math.isinf(decision.retry_after):
+        return RateLimited(
+            f"{head} This request alone needs more {measure} than that; send fewer inputs "
+            f"per request.{widens}",
+            code=code,
+            headers=[*headers, *trust],
+        )
+    wait = max(decision.retry_after, 0.001)
+    return RateLimited(
+        f"{head}{used} Retry in {wait / 3600:.1f} h.{widens}",
+        code=code,
+        headers=[*headers, *trust, *_retry_headers(wait)],
+    )
+
+
 def _denial(decision: Decision, ctx: RequestContext, headers: Headers) -> RateLimited:
     what = _DIMENSION_WORDS.get(decision.denied_by or "", "limit")
     if math.isinf(decision.retry_after):
@@ -71,14 +145,10 @@ def _denial(decision: Decision, ctx: RequestContext, headers: Headers) -> RateLi
             headers=headers,
         )
     wait = max(decision.retry_after, 0.001)
-    retry = [
-        (b"retry-after", str(max(math.ceil(wait), 1)).encode()),
-        (b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
-    ]
     return RateLimited(
         f"Rate limit reached for {what} on key {ctx.key.key_id if ctx.key else '-'} "
         f"(tier {ctx.tier}); retry in {wait:.2f}s.",
-        headers=[*headers, *retry],
+        headers=[*headers, *_retry_headers(wait)],
     )
 
 
@@ -92,6 +162,7 @@ class Admission:
         resolve_quota: QuotaResolver,
         prices: PatternTable[PriceConfig],
         metrics: Metrics,
+        trust: TrustSource,
     ) -> None:
         self.app = app
         self.backend = backend
@@ -99,23 +170,24 @@ class Admission:
         self.resolve_quota = resolve_quota
         self.prices = prices
         self.metrics = metrics
-        self._quotas: dict[str, tuple[ApiKeyRecord, Quota]] = {}
+        self.trust = trust
+        self._quotas: dict[str, tuple[ApiKeyRecord, Allowance | None, Quota]] = {}
         self._settling: set[asyncio.Task[None]] = set()
 
-    def _quota(self, key: ApiKeyRecord) -> Quota:
+    def _quota(self, key: ApiKeyRecord, allowance: Allowance | None) -> Quota:
         cached = self._quotas.get(key.key_id)
-        if cached is not None and cached[0] is key:
-            return cached[1]
+        if cached is not None and cached[0] is key and cached[1] is allowance:
+            return cached[2]
         tier = self.tiers.get(key.tier)
         if tier is None:
             raise PermissionDenied(
                 f"this key's tier {key.tier!r} is not configured; ask the operator",
                 code="unknown_tier",
             )
-        quota = self.resolve_quota(tier, key)
+        quota = replace(self.resolve_quota(tier, key), allowance=allowance)
         if len(self._quotas) > 100_000:
             self._quotas.clear()
-        self._quotas[key.key_id] = (key, quota)
+        self._quotas[key.key_id] = (key, allowance, quota)
         return quota
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,7 +196,9 @@ class Admission:
         price = self.prices.get(ctx.model)
         parsed = ctx.parsed
         fingerprint = ctx.fingerprint
-        quota = self._quota(ctx.key)
+        standing = self.trust.standing(ctx.key, ctx.risk_level)
+        ctx.trust = standing.level
+        quota = self._quota(ctx.key, standing.allowance)
         if ctx.quota_share < 1.0:  # tightened by detection
             quota = quota.scaled(ctx.quota_share)
         decision = await self.backend.admit(
@@ -135,6 +209,8 @@ class Admission:
                 usd=cost(price, parsed.prompt_tokens, parsed.max_output_tokens),
                 ip_prefix=fingerprint.ip_prefix if fingerprint else None,
                 fingerprint=fingerprint.digest if fingerprint else None,
+                account=ctx.key.account,
+                rows=parsed.answers,
             )
         )
         self.metrics.observe_decision(
@@ -149,6 +225,9 @@ class Admission:
                     code="limit_backend_unavailable",
                     headers=[(b"retry-after", b"1")],
                 )
+            if decision.denied_by in _ACCOUNT_DIMENSIONS and quota.allowance is not None:
+                self.metrics.allowance_denials.labels(standing.level).inc()
+                raise _account_denial(decision, standing, quota.allowance, headers)
             raise _denial(decision, ctx, headers)
         ctx.decision = decision
 

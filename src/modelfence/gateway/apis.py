@@ -37,7 +37,14 @@ class ParsedRequest:
     prompt_tokens: int = 0  # estimate
     max_output_tokens: int = 0  # what the request may generate at most (0: not a generator)
     inputs: int = 1  # classifier rows, embedding texts or completion prompts it carries
+    choices: int = 1  # answers generated per prompt (max of n and best_of)
     wants_usage_chunk: bool = False  # the client asked for stream_options.include_usage
+
+
+    @property
+    def answers(self) -> int:
+        """What the client gets back, in an account allowance's rows: inputs × choices."""
+        return self.inputs * self.choices
 
 
 class Api(Protocol):
@@ -220,6 +227,7 @@ class OpenAIApi:
             max_output_tokens=(limit or self._default_max_tokens) * choices * prompts,
             wants_usage_chunk=wants_usage,
             inputs=prompts,
+            choices=choices,
         )
 
 

@@ -74,10 +74,44 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None = None
     overrides: LimitOverrides = field(default_factory=LimitOverrides)
+    account: str | None = None  # the account (organisation) the key belongs to, if any
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+TRAITS = ("organisation", "payment", "signup_network", "email_domain")
+"""Account metadata kept as keyed hashes: equal values link accounts, none can be read back."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountMetadata:
+    """What the operator's sign-up and billing systems know of an account, in plain text.
+
+    Given to :meth:`KeyStore.put_account`; a field left ``None`` keeps its stored value.
+    The four traits are hashed before they are stored (``signup_address`` as its network
+    prefix), so the database never holds them in the clear.
+    """
+
+    organisation: str | None = None  # the verified organisation's name, if verified
+    payment: str | None = None  # the payment instrument's fingerprint from the processor
+    signup_address: str | None = None  # the IP address the account signed up from
+    email_domain: str | None = None  # or a whole address: only its domain is kept
+    created_at: datetime | None = None  # sign-up time; default: when first registered here
+    verified: bool | None = None  # the operator verified the organisation
+    paid_usd: float | None = None  # paid spend to date
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account as stored: trust inputs in the clear, metadata only as keyed hashes."""
+
+    account_id: str
+    created_at: datetime
+    verified: bool = False
+    paid_usd: float = 0.0
+    traits: Mapping[str, str] = field(default_factory=dict)  # TRAITS name -> keyed hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +129,23 @@ class Fingerprint:
 class KeyStore(Protocol):
     """Durable key storage (SQLite or PostgreSQL). Secrets never pass through it."""
 
-    async def create(self, client: str, tier: str) -> tuple[ApiKeyRecord, str]:
-        """Create a key; return its record and the secret key, which is shown once."""
+    async def create(
+        self, client: str, tier: str, account: str | None = None
+    ) -> tuple[ApiKeyRecord, str]:
+        """Create a key; return its record and the secret key, which is shown once.
+
+        ``account`` must exist (:meth:`put_account`) or is registered bare, as of now.
+        """
+        ...
+
+    async def put_account(self, account_id: str, metadata: AccountMetadata) -> AccountRecord:
+        """Register the account or update it; fields of ``metadata`` left None are kept."""
+        ...
+
+    async def get_account(self, account_id: str) -> AccountRecord: ...
+
+    async def accounts_changed_since(self, since: datetime) -> builtins.list[AccountRecord]:
+        """Accounts registered or updated at or after ``since`` (for replica caches)."""
         ...
 
     async def list(self) -> builtins.list[ApiKeyRecord]: ...

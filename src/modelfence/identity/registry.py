@@ -12,6 +12,7 @@ the first time costs one store lookup, shared by concurrent requests carrying it
 keys are remembered briefly, so a flood of bad keys cannot hammer the database. A
 background task polls :meth:`KeyStore.changed_since` so that revocations and overrides made
 by any process (another replica, the CLI) reach every replica within about a second.
+The accounts of cached keys are cached and refreshed the same way (:meth:`account`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 
-from modelfence.identity.base import ApiKeyRecord, KeyStore
+from modelfence.errors import AccountNotFound
+from modelfence.identity.base import AccountRecord, ApiKeyRecord, KeyStore
 from modelfence.identity.keys import looks_like_api_key
 from modelfence.identity.secret import ServerSecret
 from modelfence.periodic import Periodic
@@ -88,6 +90,7 @@ class KeyRegistry:
         self._on_refresh_error = on_refresh_error
         self._by_hash: dict[str, ApiKeyRecord] = {}
         self._hash_by_id: dict[str, str] = {}
+        self._accounts: dict[str, AccountRecord] = {}
         self._unknown = _ExpiringSet(negative_max_size, negative_ttl)
         self._lookups: dict[str, asyncio.Task[ApiKeyRecord | None]] = {}
         self._synced_at = clock()
@@ -100,6 +103,10 @@ class KeyRegistry:
         if not looks_like_api_key(api_key):
             return None
         return self._by_hash.get(self._secret.hash_api_key(api_key))
+
+    def account(self, account_id: str) -> AccountRecord | None:
+        """The account of a cached key, from memory (the identity layer's ``AccountLookup``)."""
+        return self._accounts.get(account_id)
 
     def lookup_pending(self, api_key: str) -> bool:
         """Whether a store lookup of ``api_key`` is already in flight (a caller would join it)."""
@@ -139,9 +146,19 @@ class KeyRegistry:
         if record is None:
             self._unknown.add(key_hash, self._clock())
         else:
+            await self._load_account(record)
             self._by_hash[key_hash] = record
             self._hash_by_id[record.key_id] = key_hash
         return record
+
+    async def _load_account(self, record: ApiKeyRecord) -> None:
+        if record.account is None or record.account in self._accounts:
+            return
+        try:
+            self._accounts[record.account] = await self._store.get_account(record.account)
+        except AccountNotFound:  # a key created before its account row: judged as new
+            log.warning("key %s names account %r, which is not registered",
+                        record.key_id, record.account)
 
     async def refresh(self) -> None:
         """Apply changes made anywhere since the last refresh to the cached records.
@@ -153,7 +170,11 @@ class KeyRegistry:
         for record in await self._store.changed_since(since):
             key_hash = self._hash_by_id.get(record.key_id)
             if key_hash is not None:  # keys nobody used here are looked up when first used
+                await self._load_account(record)
                 self._by_hash[key_hash] = record
+        for account in await self._store.accounts_changed_since(since):
+            if account.account_id in self._accounts:
+                self._accounts[account.account_id] = account
         self._synced_at = started
 
     async def start(self) -> None:

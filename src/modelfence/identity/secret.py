@@ -34,13 +34,14 @@ class ServerSecret:
     64
     """
 
-    __slots__ = ("_api_key_hmac", "_material")
+    __slots__ = ("_api_key_hmac", "_material", "_trait_hmac")
 
     def __init__(self, material: bytes) -> None:
         if len(material) < MIN_SECRET_LENGTH:
             raise ConfigError(f"secret: must be at least {MIN_SECRET_LENGTH} bytes long")
         self._material = material
         self._api_key_hmac = self.derive("api-key-hash")
+        self._trait_hmac = self.derive("account-trait-hash")
 
     def __repr__(self) -> str:
         return "ServerSecret(***)"
@@ -59,6 +60,15 @@ class ServerSecret:
         a microsecond), so the gateway can hash every request's key.
         """
         return hmac.digest(self._api_key_hmac, api_key.encode(), "sha256").hex()
+
+    def hash_trait(self, name: str, value: str) -> str:
+        """HMAC-SHA256 of one account trait, 32 hex digits: equal values link accounts.
+
+        The trait's name is part of the message, so a payment fingerprint and an e-mail
+        domain that happen to be the same text do not hash alike.
+        """
+        message = f"{name}\x00{value}".encode()
+        return hmac.digest(self._trait_hmac, message, "sha256").hex()[:32]
 
 
 def load_server_secret(secret: str | None, secret_file: str | Path) -> ServerSecret:

@@ -11,12 +11,13 @@ from typing import Any
 from sqlalchemy import Row, Select, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from modelfence.errors import KeyNotFound
-from modelfence.identity.base import ApiKeyRecord, LimitOverrides
+from modelfence.errors import AccountNotFound, KeyNotFound
+from modelfence.identity.accounts import hashed_traits
+from modelfence.identity.base import AccountMetadata, AccountRecord, ApiKeyRecord, LimitOverrides
 from modelfence.identity.keys import display_prefix, new_api_key, new_key_id
 from modelfence.identity.secret import ServerSecret
 from modelfence.store.database import transaction
-from modelfence.store.schema import api_keys
+from modelfence.store.schema import accounts, api_keys
 
 _RECORD_COLUMNS = (
     api_keys.c.key_id,
@@ -26,6 +27,7 @@ _RECORD_COLUMNS = (
     api_keys.c.created_at,
     api_keys.c.revoked_at,
     api_keys.c.overrides,
+    api_keys.c.account,
 )
 
 
@@ -39,7 +41,9 @@ class SqlKeyStore:
     Keys are stored as their keyed hash only. Every change stamps ``updated_at`` with
     ``clock()``, which is what :meth:`changed_since` and the replicas' caches rely on.
     Tier names are not checked here: the admin API and the CLI check them against the
-    config. Database failures raise :class:`~modelfence.errors.StoreError`.
+    config. Database failures raise :class:`~modelfence.errors.StoreError`; metadata the
+    store refuses raises :class:`~modelfence.identity.accounts.InvalidMetadata`. A
+    sign-up address is hashed as its network: ``ipv4_prefix`` / ``ipv6_prefix`` bits.
     """
 
     def __init__(
@@ -48,12 +52,17 @@ class SqlKeyStore:
         secret: ServerSecret,
         *,
         clock: Callable[[], datetime] = _utc_now,
+        ipv4_prefix: int = 24,
+        ipv6_prefix: int = 64,
     ) -> None:
         self._engine = engine
         self._secret = secret
         self._clock = clock
+        self._prefixes = {"ipv4_prefix": ipv4_prefix, "ipv6_prefix": ipv6_prefix}
 
-    async def create(self, client: str, tier: str) -> tuple[ApiKeyRecord, str]:
+    async def create(
+        self, client: str, tier: str, account: str | None = None
+    ) -> tuple[ApiKeyRecord, str]:
         api_key = new_api_key()
         now = self._clock()
         record = ApiKeyRecord(
@@ -62,8 +71,11 @@ class SqlKeyStore:
             tier=tier,
             prefix=display_prefix(api_key),
             created_at=now,
+            account=account,
         )
         async with transaction(self._engine, write=True) as conn:
+            if account is not None:
+                await self._upsert_account(conn, account, AccountMetadata(), {}, now)
             await conn.execute(
                 api_keys.insert().values(
                     key_id=record.key_id,
@@ -74,9 +86,65 @@ class SqlKeyStore:
                     created_at=now,
                     updated_at=now,
                     overrides={},
+                    account=account,
                 )
             )
         return record, api_key
+
+    async def put_account(self, account_id: str, metadata: AccountMetadata) -> AccountRecord:
+        traits = hashed_traits(metadata, self._secret, **self._prefixes)
+        async with transaction(self._engine, write=True) as conn:
+            await self._upsert_account(conn, account_id, metadata, traits, self._clock())
+            return await _fetch_account(conn, account_id)
+
+    async def get_account(self, account_id: str) -> AccountRecord:
+        async with transaction(self._engine) as conn:
+            return await _fetch_account(conn, account_id)
+
+    async def accounts_changed_since(self, since: datetime) -> builtins.list[AccountRecord]:
+        async with transaction(self._engine) as conn:
+            result = await conn.execute(
+                select(accounts).where(accounts.c.updated_at >= since).order_by(
+                    accounts.c.updated_at
+                )
+            )
+            return [_account(row) for row in result]
+
+    @staticmethod
+    async def _upsert_account(
+        conn: AsyncConnection,
+        account_id: str,
+        metadata: AccountMetadata,
+        traits: dict[str, str],
+        now: datetime,
+    ) -> None:
+        # Read, then insert or update, inside one write transaction: SQLite's write lock
+        # and PostgreSQL's row lock (FOR UPDATE) serialise concurrent registrations.
+        query = select(accounts).where(accounts.c.account_id == account_id)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        changes: dict[str, Any] = {"updated_at": now}
+        if metadata.created_at is not None:
+            changes["created_at"] = metadata.created_at
+        if metadata.verified is not None:
+            changes["verified"] = metadata.verified
+        if metadata.paid_usd is not None:
+            changes["paid_usd"] = metadata.paid_usd
+        if row is None:
+            await conn.execute(
+                accounts.insert().values(
+                    account_id=account_id,
+                    **{"created_at": now, "verified": False, "paid_usd": 0.0, **changes},
+                    traits=traits,
+                )
+            )
+        elif len(changes) > 1 or traits:
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.account_id == account_id)
+                .values(**changes, traits={**row.traits, **traits})
+            )
 
     async def list(self) -> builtins.list[ApiKeyRecord]:
         """Every key, oldest first."""
@@ -138,6 +206,24 @@ async def _fetch(conn: AsyncConnection, key_id: str) -> ApiKeyRecord:
     return _record(row)
 
 
+async def _fetch_account(conn: AsyncConnection, account_id: str) -> AccountRecord:
+    query = select(accounts).where(accounts.c.account_id == account_id)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise AccountNotFound(f"no account with id {account_id!r}")
+    return _account(row)
+
+
+def _account(row: Row[Any]) -> AccountRecord:
+    return AccountRecord(
+        account_id=row.account_id,
+        created_at=row.created_at,
+        verified=row.verified,
+        paid_usd=row.paid_usd,
+        traits=dict(row.traits),
+    )
+
+
 def _record(row: Row[Any]) -> ApiKeyRecord:
     return ApiKeyRecord(
         key_id=row.key_id,
@@ -147,4 +233,5 @@ def _record(row: Row[Any]) -> ApiKeyRecord:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         overrides=LimitOverrides.from_stored(row.overrides, row.key_id),
+        account=row.account,
     )

@@ -8,14 +8,68 @@ through one Lua script call). Every backend implements :class:`LimitBackend`.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Dimension = Literal[
-    "requests", "tokens", "concurrency", "usd", "ip_prefix", "fingerprint", "backend"
+    "requests",
+    "tokens",
+    "concurrency",
+    "usd",
+    "ip_prefix",
+    "fingerprint",
+    "account_rows",
+    "account_tokens",
+    "backend",
 ]
 DecisionSource = Literal["backend", "fail_open", "fail_closed", "degraded"]
+
+
+ALLOWANCE_WINDOW_DAYS = 30  # the long window of an account allowance, in UTC days
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """An account's budget over UTC days, shared by all its keys; ``None`` = unlimited.
+
+    Rows are inputs (classifier rows, embedding texts, prompts), reserved in full at
+    admission, so one large batch cannot be answered before it is counted. Tokens are
+    reserved as for the per-minute rate and settled to real usage. The long window is
+    rolling (the last :data:`ALLOWANCE_WINDOW_DAYS` days, today included): no calendar
+    reset lets a thief spend two months' budget across one midnight.
+    """
+
+    rows_per_day: int | None = None
+    rows_per_30_days: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_30_days: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return any(
+            value is not None
+            for value in (
+                self.rows_per_day,
+                self.rows_per_30_days,
+                self.tokens_per_day,
+                self.tokens_per_30_days,
+            )
+        )
+
+    def scaled(self, share: float) -> Allowance:
+        """The share one replica may spend alone (degraded mode), at least one unit."""
+
+        def part(value: int | None) -> int | None:
+            return None if value is None else max(math.floor(value * share), 1)
+
+        return Allowance(
+            rows_per_day=part(self.rows_per_day),
+            rows_per_30_days=part(self.rows_per_30_days),
+            tokens_per_day=part(self.tokens_per_day),
+            tokens_per_30_days=part(self.tokens_per_30_days),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +85,7 @@ class Quota:
     usd_per_day: float | None = None
     ip_prefix_requests_per_minute: float | None = None
     fingerprint_requests_per_minute: float | None = None
+    allowance: Allowance | None = None  # the account's, when the request names one
 
     def scaled(self, share: float) -> Quota:
         """The share of this quota one replica may spend on its own (degraded mode)."""
@@ -46,6 +101,7 @@ class Quota:
             usd_per_day=None if self.usd_per_day is None else self.usd_per_day * share,
             ip_prefix_requests_per_minute=part(self.ip_prefix_requests_per_minute),
             fingerprint_requests_per_minute=part(self.fingerprint_requests_per_minute),
+            allowance=None if self.allowance is None else self.allowance.scaled(share),
         )
 
 
@@ -60,7 +116,8 @@ class AdmissionRequest:
     ``lease_id``, when the caller sets it (fresh for every call), names the lease before
     the backend is asked, so an admission whose answer was lost (a timeout after the store
     ran it) can still be undone by that id (:meth:`LimitBackend.abandon`). Left ``None``,
-    the backend picks one.
+    the backend picks one. ``account`` and ``rows`` charge ``quota.allowance`` (checked only
+    when both the account and the allowance are set).
     """
 
     key_id: str
@@ -70,6 +127,8 @@ class AdmissionRequest:
     ip_prefix: str | None = None
     fingerprint: str | None = None
     lease_id: str | None = None
+    account: str | None = None
+    rows: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +141,16 @@ class DimensionState:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountUsage:
+    """An account's allowance use after the decision (after charging if allowed)."""
+
+    rows_today: int
+    rows_30_days: int
+    tokens_today: int
+    tokens_30_days: int
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """What :meth:`LimitBackend.settle` needs to adjust reservations and free concurrency."""
 
@@ -90,7 +159,9 @@ class Lease:
     tokens_reserved: int
     usd_reserved: float
     quota: Quota
-    day: int  # UTC day number the dollars were reserved against
+    day: int  # UTC day number the dollars (and the account's rows, tokens) were charged to
+    account: str | None = None  # set when the account's allowance was charged
+    rows_reserved: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +173,7 @@ class Decision:
     requests: DimensionState | None = None
     tokens: DimensionState | None = None
     lease: Lease | None = None
+    account: AccountUsage | None = None  # when an allowance was checked
 
 
 class LimitBackend(Protocol):

@@ -8,11 +8,14 @@ one Lua call); what is checked, against which subject, and how outcomes turn int
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 from modelfence.limits.base import (
+    ALLOWANCE_WINDOW_DAYS,
+    AccountUsage,
     AdmissionRequest,
     Decision,
     Dimension,
@@ -23,12 +26,13 @@ from modelfence.limits.base import (
 from modelfence.limits.gcra import Rate
 
 PERIOD_SECONDS = 60.0  # quotas are per minute
-DAY_SECONDS = 86_400  # dollar budgets are per UTC day
+DAY_SECONDS = 86_400  # dollar budgets and account allowances count UTC days
 LEASE_RETRY_SECONDS = 1.0  # a concurrency slot frees when a request ends: no better guess
 MICROS_PER_USD = 1_000_000
 
 Scope = Literal["k", "ip", "fp"]  # API key, client IP prefix, client fingerprint
 RateDimension = Literal["requests", "tokens", "ip_prefix", "fingerprint"]
+AllowanceDimension = Literal["account_rows", "account_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,71 @@ def rate_checks(request: AdmissionRequest) -> list[RateCheck]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class AllowanceCheck:
+    """One window of an account allowance, the last ``days`` UTC days with today, and the
+    units the request charges to it."""
+
+    dimension: AllowanceDimension
+    days: int
+    limit: int
+    cost: int
+
+
+def allowance_checks(request: AdmissionRequest) -> list[AllowanceCheck]:
+    """The allowance windows this request must fit into; none unless it names an account
+    whose allowance limits something (then rows and tokens are charged, limited or not)."""
+    allowance = request.quota.allowance
+    if request.account is None or allowance is None:
+        return []
+    wanted: list[tuple[AllowanceDimension, int, int | None, int]] = [
+        ("account_rows", 1, allowance.rows_per_day, request.rows),
+        ("account_rows", ALLOWANCE_WINDOW_DAYS, allowance.rows_per_30_days, request.rows),
+        ("account_tokens", 1, allowance.tokens_per_day, request.tokens),
+        ("account_tokens", ALLOWANCE_WINDOW_DAYS, allowance.tokens_per_30_days, request.tokens),
+    ]
+    return [
+        AllowanceCheck(dimension, days, limit, cost)
+        for dimension, days, limit, cost in wanted
+        if limit is not None
+    ]
+
+
+def allowance_span(checks: Sequence[AllowanceCheck]) -> int:
+    """Days of counters to read: the longest window (only today when no window is long)."""
+    return max((check.days for check in checks), default=1)
+
+
+def window_start(today: int) -> int:
+    """The oldest UTC day still inside an allowance's long window."""
+    return today - ALLOWANCE_WINDOW_DAYS + 1
+
+
+def allowance_wait(check: AllowanceCheck, used: Sequence[int], today: int, now: float) -> float:
+    """Seconds until ``check.cost`` fits its window if nothing more is used (0: fits now).
+
+    ``used`` holds the counter of each day of the window, oldest first, today last. The
+    window drops day ``d`` at the start of day ``d + check.days``; ``math.inf`` when the
+    request alone is over the limit, so the caller answers "request too large".
+    """
+    if check.cost > check.limit:
+        return math.inf
+    excess = sum(used) + check.cost - check.limit
+    if excess <= 0:
+        return 0.0
+    first = today - len(used) + 1
+    freed_on = next(
+        day for day, freed in zip(range(first, today + 1), accumulate(used)) if freed >= excess
+    )
+    return (freed_on + check.days) * DAY_SECONDS - now
+
+
+def account_usage(rows: Sequence[int], tokens: Sequence[int]) -> AccountUsage:
+    """Usage from the daily counters read, today last: :func:`allowance_span` days, so
+    without a 30-day limit the 30-day figures are today's alone (no more is read)."""
+    return AccountUsage(rows[-1], sum(rows), tokens[-1], sum(tokens))
+
+
 def settle_check(lease: Lease, tokens_used: int) -> RateCheck | None:
     """The tokens bucket a settle adjusts, ``cost`` being the units to charge (< 0: refund)."""
     limit = lease.quota.tokens_per_minute
@@ -71,11 +140,26 @@ def lease_id_of(request: AdmissionRequest) -> str:
     return new_lease_id() if request.lease_id is None else request.lease_id
 
 
+def lease_for(request: AdmissionRequest, lease_id: str, day: int) -> Lease:
+    """The lease an admission of ``request`` on UTC ``day`` makes."""
+    charged = bool(allowance_checks(request))
+    return Lease(
+        request.key_id,
+        lease_id,
+        request.tokens,
+        request.usd,
+        request.quota,
+        day,
+        account=request.account if charged else None,
+        rows_reserved=request.rows if charged else 0,
+    )
+
+
 def abandoned_lease(request: AdmissionRequest, day: int) -> Lease:
     """The lease ``request`` made if its admission took effect on UTC ``day``."""
     if request.lease_id is None:
         raise ValueError("only an admission whose lease_id the caller chose can be abandoned")
-    return Lease(request.key_id, request.lease_id, request.tokens, request.usd, request.quota, day)
+    return lease_for(request, request.lease_id, day)
 
 
 def micro_usd(usd: float) -> int:
@@ -96,12 +180,14 @@ def decide(
     outcomes: Iterable[tuple[int, float]],
     denials: list[tuple[Dimension, float]],
     lease: Lease | None = None,
+    account: AccountUsage | None = None,
 ) -> Decision:
     """The :class:`Decision` for these checks; ``lease`` is the one made if all passed.
 
-    ``outcomes`` holds ``(remaining, reset_seconds)`` per check: after consuming if
-    allowed, as found if not. When several dimensions deny, the one that takes longest to
-    clear is reported, since the request needs all of them.
+    ``outcomes`` holds ``(remaining, reset_seconds)`` per check and ``account`` the
+    allowance use, when checked: after consuming if allowed, as found if not. When several
+    dimensions deny, the one that takes longest to clear is reported, since the request
+    needs all of them.
     """
     states = {
         check.dimension: DimensionState(math.floor(check.rate.capacity), remaining, reset)
@@ -109,8 +195,13 @@ def decide(
     }
     requests, tokens = states.get("requests"), states.get("tokens")
     if not denials:
-        return Decision(True, lease=lease, requests=requests, tokens=tokens)
+        return Decision(True, lease=lease, requests=requests, tokens=tokens, account=account)
     denied_by, retry_after = max(denials, key=lambda denial: denial[1])
     return Decision(
-        False, denied_by=denied_by, retry_after=retry_after, requests=requests, tokens=tokens
+        False,
+        denied_by=denied_by,
+        retry_after=retry_after,
+        requests=requests,
+        tokens=tokens,
+        account=account,
     )

@@ -3,7 +3,8 @@
 Each admission is decided in one synchronous step (no ``await`` inside), so concurrent
 requests on the event loop can never interleave between check and consume. State that
 equals "full bucket / nothing held" is dropped by a periodic sweep, so memory is bounded by
-the subjects seen in the last minute (rates) or lease TTL (concurrency) or day (dollars).
+the subjects seen in the last minute (rates) or lease TTL (concurrency) or day (dollars) or
+allowance window (accounts).
 """
 
 from __future__ import annotations
@@ -14,22 +15,29 @@ from collections.abc import Callable
 
 from modelfence.config import LimitsConfig
 from modelfence.limits import gcra
-from modelfence.limits.base import AdmissionRequest, Decision, Dimension, Lease
+from modelfence.limits.base import AccountUsage, AdmissionRequest, Decision, Dimension, Lease
 from modelfence.limits.dimensions import (
     LEASE_RETRY_SECONDS,
     RateCheck,
     Scope,
     abandoned_lease,
+    account_usage,
+    allowance_checks,
+    allowance_span,
+    allowance_wait,
     decide,
+    lease_for,
     lease_id_of,
     micro_usd,
     rate_checks,
     settle_check,
     until_next_day,
     utc_day,
+    window_start,
 )
 
 Slot = tuple[Scope, str, str]  # (scope, subject, dimension): one GCRA bucket
+Counters = tuple[int, int]  # an account's (rows, tokens) of one UTC day
 
 
 def _slot(check: RateCheck) -> Slot:
@@ -53,14 +61,15 @@ class MemoryBackend:
         self._tats: dict[Slot, float] = {}
         self._leases: dict[str, dict[str, float]] = {}  # key id -> lease id -> expiry
         self._usd: dict[str, tuple[int, int]] = {}  # key id -> (UTC day, micro-dollars spent)
+        self._accounts: dict[str, dict[int, Counters]] = {}  # account -> UTC day -> counters
 
     @classmethod
     def from_config(cls, config: LimitsConfig) -> MemoryBackend:
         return cls(lease_ttl_seconds=config.lease_ttl_seconds)
 
     def __len__(self) -> int:
-        """State entries held (buckets, keys with leases, dollar counters)."""
-        return len(self._tats) + len(self._leases) + len(self._usd)
+        """State entries held (buckets, keys with leases, dollar counters, accounts)."""
+        return len(self._tats) + len(self._leases) + len(self._usd) + len(self._accounts)
 
     def holds(self, lease: Lease) -> bool:
         """Whether ``lease`` was made here and is neither settled nor swept."""
@@ -93,26 +102,53 @@ class MemoryBackend:
                 denials.append(("usd", math.inf))
             elif spent + usd_cost > budget:
                 denials.append(("usd", until_next_day(now)))
+        windows = allowance_checks(request)
+        account = request.account if windows else None
+        rows, tokens = self._account_counters(account, day, allowance_span(windows))
+        for window in windows:
+            used = rows if window.dimension == "account_rows" else tokens
+            wait = allowance_wait(window, used[-window.days :], day, now)
+            if wait > 0:
+                denials.append((window.dimension, wait))
 
         if denials:
             outcomes = [
                 (gcra.remaining(check.rate, tat, now), gcra.reset_seconds(tat, now))
                 for check, tat in zip(checks, found, strict=True)
             ]
-            return decide(checks, outcomes, denials)
+            return decide(checks, outcomes, denials, account=self._usage(account, rows, tokens))
 
         for check, verdict in zip(checks, verdicts, strict=True):
             self._tats[_slot(check)] = verdict.tat
-        lease = Lease(key_id, lease_id_of(request), request.tokens, request.usd, quota, day)
+        lease = lease_for(request, lease_id_of(request), day)
         held[lease.lease_id] = now + self._lease_ttl
         self._leases[key_id] = held
         if quota.usd_per_day is not None:
             self._usd[key_id] = (day, spent + usd_cost)
+        if account is not None:
+            rows[-1] += request.rows
+            tokens[-1] += request.tokens
+            self._accounts.setdefault(account, {})[day] = (rows[-1], tokens[-1])
         outcomes = [(verdict.remaining, verdict.reset_seconds) for verdict in verdicts]
-        return decide(checks, outcomes, [], lease)
+        return decide(checks, outcomes, [], lease, self._usage(account, rows, tokens))
 
     async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
         """Apply real usage and free the slot; a settled or expired lease is ignored."""
+        self._release(lease, tokens_used, usd_used, lease.rows_reserved)
+
+    async def abandon(self, request: AdmissionRequest) -> None:
+        """Settle the lease to no usage, rows included, if it was made; an admission here
+        never half-fails."""
+        now = self._clock()
+        self._release(abandoned_lease(request, utc_day(now)), 0, 0.0, 0)
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def _release(self, lease: Lease, tokens_used: int, usd_used: float, rows_used: int) -> None:
         now = self._clock()
         held = self._leases.get(lease.key_id, {})
         expiry = held.pop(lease.lease_id, None)
@@ -129,17 +165,26 @@ class MemoryBackend:
             if day == lease.day:  # after midnight the reservation belongs to a closed day
                 delta = micro_usd(usd_used) - micro_usd(lease.usd_reserved)
                 self._usd[lease.key_id] = (day, max(spent + delta, 0))
+        # A day that has left the window counts no more: adjusting it would change nothing.
+        if lease.account is not None and lease.day >= window_start(utc_day(now)):
+            days = self._accounts.setdefault(lease.account, {})
+            rows, tokens = days.get(lease.day, (0, 0))
+            days[lease.day] = (
+                max(rows + rows_used - lease.rows_reserved, 0),
+                max(tokens + tokens_used - lease.tokens_reserved, 0),
+            )
 
-    async def abandon(self, request: AdmissionRequest) -> None:
-        """Settle the lease to no usage if it was made; an admission here never half-fails."""
-        now = self._clock()
-        await self.settle(abandoned_lease(request, utc_day(now)), 0, 0.0)
+    def _account_counters(
+        self, account: str | None, today: int, span: int
+    ) -> tuple[list[int], list[int]]:
+        """Rows and tokens of the ``span`` days up to ``today``, oldest first (none: zeros)."""
+        days = {} if account is None else self._accounts.get(account, {})
+        counters = [days.get(day, (0, 0)) for day in range(today - span + 1, today + 1)]
+        return [rows for rows, _ in counters], [tokens for _, tokens in counters]
 
-    async def ping(self) -> None:
-        """Always reachable."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
+    @staticmethod
+    def _usage(account: str | None, rows: list[int], tokens: list[int]) -> AccountUsage | None:
+        return None if account is None else account_usage(rows, tokens)
 
     def _spent(self, key_id: str, day: int) -> int:
         stored_day, spent = self._usd.get(key_id, (day, 0))
@@ -157,3 +202,9 @@ class MemoryBackend:
             if (live := {lid: exp for lid, exp in held.items() if exp > now})
         }
         self._usd = {key_id: used for key_id, used in self._usd.items() if used[0] == today}
+        oldest = window_start(today)
+        self._accounts = {
+            account: recent
+            for account, days in self._accounts.items()
+            if (recent := {day: used for day, used in days.items() if day >= oldest})
+        }

@@ -13,11 +13,15 @@ Keys (parts percent-escaped, so no two subjects share a name and none breaks a h
     mf:{k:<key id>}:abandoned:<lease id>    marker of an undone admission, PX = lease TTL
     mf:{ip:<prefix>}:ip_prefix              GCRA TAT of one client IP prefix
     mf:{fp:<digest>}:fingerprint            GCRA TAT of one client fingerprint
+    mf:{a:<account>}:allowance              HASH r:<day> = rows, t:<day> = tokens of one
+                                            account, EX = 31 days from the last write
 
-Every key expires by itself; nothing here scans. On Redis Cluster all keys of one API key
-share a slot through the ``{k:...}`` tag, but the IP-prefix and fingerprint keys carry their
-own tags: a script touching them and the key's keys fails with ``CROSSSLOT``. On a cluster,
-leave ``per_ip_prefix`` and ``per_fingerprint`` off (a known limitation).
+Every key expires by itself. The only scan is an account's own fields, once it holds more
+than 64 (the window needs 60): days that have left the window are dropped then. On Redis
+Cluster all keys of one API key share a slot through the ``{k:...}`` tag, but the IP-prefix,
+fingerprint and account keys carry their own tags: a script touching them and the key's keys
+fails with ``CROSSSLOT``. On a cluster, leave ``per_ip_prefix`` and ``per_fingerprint`` off
+and give no account an allowance (a known limitation).
 """
 
 from __future__ import annotations
@@ -39,12 +43,21 @@ from redis.exceptions import RedisError
 
 from modelfence.config import LimitsConfig
 from modelfence.errors import LimitBackendError
-from modelfence.limits.base import AdmissionRequest, Decision, Dimension, Lease
+from modelfence.limits.base import (
+    ALLOWANCE_WINDOW_DAYS,
+    AccountUsage,
+    AdmissionRequest,
+    Decision,
+    Dimension,
+    Lease,
+)
 from modelfence.limits.dimensions import (
     DAY_SECONDS,
     LEASE_RETRY_SECONDS,
     abandoned_lease,
+    allowance_checks,
     decide,
+    lease_for,
     lease_id_of,
     micro_usd,
     rate_checks,
@@ -54,6 +67,8 @@ from modelfence.limits.dimensions import (
 from modelfence.limits.gcra import SLACK_SECONDS
 
 NO_LIMIT = -1  # how the scripts are told a dimension is unlimited
+ACCOUNT_TTL_SECONDS = (ALLOWANCE_WINDOW_DAYS + 1) * DAY_SECONDS  # outlives the window
+ACCOUNT_MAX_FIELDS = 64  # two per day in the window, and a few days' slack before pruning
 
 
 def _script(name: str) -> str:
@@ -126,6 +141,8 @@ class RedisBackend:
     async def admit(self, request: AdmissionRequest) -> Decision:
         quota, key_id = request.quota, request.key_id
         checks = rate_checks(request)
+        windows = allowance_checks(request)
+        account = request.account if windows else None
         lease_id = lease_id_of(request)
         keys = [
             self.key("k", key_id, "leases"),
@@ -133,6 +150,8 @@ class RedisBackend:
             self._marker(key_id, lease_id),
             *(self.key(check.scope, check.subject, check.dimension) for check in checks),
         ]
+        if account is not None:
+            keys.append(self._account(account))
         args: list[str | int | float] = [
             SLACK_SECONDS,
             lease_id,
@@ -142,30 +161,42 @@ class RedisBackend:
             micro_usd(request.usd),
             LEASE_RETRY_SECONDS,
             DAY_SECONDS,
+            len(windows),
+            request.rows,
+            request.tokens,
+            ALLOWANCE_WINDOW_DAYS,
+            ACCOUNT_TTL_SECONDS,
+            ACCOUNT_MAX_FIELDS,
         ]
         for check in checks:
             args += [check.dimension, check.rate.interval, check.rate.tolerance, check.cost]
-        allowed, denied, retry_after, day, *states = await self._run(self._admit, keys, args)
+        for window in windows:
+            args += [window.dimension, window.days, window.limit]
+        allowed, denied, retry_after, day, *rest = await self._run(self._admit, keys, args)
+        usage = None if account is None else AccountUsage(*(int(float(n)) for n in rest[:4]))
+        states = rest[4:]
         outcomes = [(int(float(states[i])), float(states[i + 1])) for i in range(0, len(states), 2)]
         if not allowed:
-            return decide(checks, outcomes, [(cast(Dimension, denied), float(retry_after))])
-        lease = Lease(key_id, lease_id, request.tokens, request.usd, quota, int(day))
-        return decide(checks, outcomes, [], lease)
+            denial = (cast(Dimension, denied), float(retry_after))
+            return decide(checks, outcomes, [denial], account=usage)
+        lease = lease_for(request, lease_id, int(day))
+        return decide(checks, outcomes, [], lease, usage)
 
     async def settle(self, lease: Lease, tokens_used: int, usd_used: float) -> None:
         """Apply real usage and free the slot; a settled or expired lease is ignored."""
-        await self._release(lease, tokens_used, usd_used, marker_ms=0)
+        await self._release(lease, tokens_used, usd_used, lease.rows_reserved, marker_ms=0)
 
     async def abandon(self, request: AdmissionRequest) -> None:
-        """Settle the lease to no usage if the admission ran; else mark it so it never does.
+        """Settle the lease to no usage, rows included, if the admission ran; else mark it
+        so it never does.
 
         Safe to repeat, and safe whichever of this and a late admission Redis runs first.
         """
         lease = abandoned_lease(request, utc_day(time.time()))
-        await self._release(lease, 0, 0.0, marker_ms=math.ceil(self._lease_ttl * 1000))
+        await self._release(lease, 0, 0.0, 0, marker_ms=math.ceil(self._lease_ttl * 1000))
 
     async def _release(
-        self, lease: Lease, tokens_used: int, usd_used: float, *, marker_ms: int
+        self, lease: Lease, tokens_used: int, usd_used: float, rows_used: int, *, marker_ms: int
     ) -> None:
         keys = [
             self.key("k", lease.key_id, "leases"),
@@ -180,13 +211,24 @@ class RedisBackend:
             marker_ms,
         ]
         check = settle_check(lease, tokens_used)
-        if check is not None:
+        if check is None:
+            args += ["", 0]
+        else:
             keys.append(self.key(check.scope, check.subject, check.dimension))
             args += [check.rate.interval, check.cost]
+        if lease.account is None:
+            args += ["", 0]
+        else:
+            keys.append(self._account(lease.account))
+            args += [rows_used - lease.rows_reserved, tokens_used - lease.tokens_reserved]
+        args += [ALLOWANCE_WINDOW_DAYS, DAY_SECONDS, ACCOUNT_TTL_SECONDS]
         await self._run(self._settle, keys, args)
 
     def _marker(self, key_id: str, lease_id: str) -> str:
         return self.key("k", key_id, f"abandoned:{quote(lease_id, safe='')}")
+
+    def _account(self, account: str) -> str:
+        return self.key("a", account, "allowance")
 
     async def ping(self) -> None:
         with _translated("PING"):

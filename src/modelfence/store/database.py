@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -129,8 +129,10 @@ def _reason(exc: BaseException) -> str:
 
 
 async def create_tables(engine: AsyncEngine) -> None:
-    """Create the tables and indexes of :data:`metadata` that are missing.
+    """Create the tables, columns and indexes of :data:`metadata` that are missing.
 
+    Columns added to a table after its first release are nullable, so a database made by
+    an earlier version is brought up to date in place (``ALTER TABLE ... ADD COLUMN``).
     Safe when several processes start at once: creations are serialised (SQLite's write
     lock, a PostgreSQL advisory lock held until commit) and DDL is transactional on both,
     so each process after the first finds the tables in place.
@@ -138,4 +140,27 @@ async def create_tables(engine: AsyncEngine) -> None:
     async with transaction(engine, write=True) as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        await conn.run_sync(_add_missing_columns)
         await conn.run_sync(metadata.create_all)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    inspector = inspect(conn)
+    existing_tables = set(inspector.get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue  # create_all makes it whole
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        added = [column for column in table.columns if column.name not in present]
+        for column in added:
+            if not column.nullable:
+                raise StoreError(
+                    f"table {table.name} lacks column {column.name}, which cannot be added "
+                    "in place (not nullable)"
+                )
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+        names = {column.name for column in added}
+        for index in table.indexes:
+            if names & {column.name for column in index.columns}:
+                index.create(conn)

@@ -74,7 +74,25 @@ api_keys = Table(
     Column("revoked_at", UtcDateTime, nullable=True),
     # LimitOverrides fields that are set; absent means "use the tier's value".
     Column("overrides", JSON, nullable=False),
+    # The account (organisation) the key belongs to; added after the first release, so
+    # nullable: create_tables adds it to databases made before.
+    Column("account", String(200), nullable=True),
     Index(None, "key_hash", unique=True),
+    Index(None, "updated_at"),
+    Index(None, "account"),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(200), primary_key=True),
+    # Sign-up time as the operator's systems report it; trust grows with age from here.
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("verified", Boolean, nullable=False),
+    Column("paid_usd", Float, nullable=False),
+    # Trait name -> keyed hash (organisation, payment, signup_network, email_domain).
+    Column("traits", JSON, nullable=False),
     Index(None, "updated_at"),
 )
 

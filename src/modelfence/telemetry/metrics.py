@@ -150,6 +150,13 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.allowance_denials = Counter(
+            "modelfence_account_allowance_denials",
+            "Requests refused because the account's allowance was spent, by trust level "
+            "(probation: code probation_limit; others: account_budget).",
+            ["trust"],
+            registry=self.registry,
+        )
         self.unmarked_rows = Counter(
             "modelfence_watermark_unmarked_rows",
             "Classifier rows chosen for a label mark that went out unmarked: a labels-only "

@@ -157,10 +157,21 @@ class GatewayProcess(ServiceProcess):
             env={"PYTHONUNBUFFERED": "1"},
         )
 
-    def create_key(self, client: str, tier: str = "default") -> str:
+    def create_key(
+        self,
+        client: str,
+        tier: str = "default",
+        *,
+        account: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        request: dict[str, Any] = {"client": client, "tier": tier}
+        if account is not None:
+            request["account"] = account
+        if metadata is not None:
+            request["metadata"] = metadata
         status, body = http_json(
-            "POST", self.url + "/admin/v1/keys", {"client": client, "tier": tier},
-            token=self.admin_token,
+            "POST", self.url + "/admin/v1/keys", request, token=self.admin_token
         )
         if status != 201:
             raise RuntimeError(f"creating a key failed: {status} {body}")

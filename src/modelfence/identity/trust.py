@@ -1,0 +1,121 @@
+"""Trust per account: probation for newcomers, wider allowances with age, payment, verification.
+
+A thief's identities are cheap only while a new account can buy as much as an old one.
+Here a new, unverified, unpaid account is on probation, with a small daily allowance (see
+``accounts.allowances`` in the config) that widens when the account ages past
+``probation_days``, pays, or is verified; risk found by detection takes trust away again.
+The level is computed on the request path from the cached account record: a dictionary
+lookup and some date arithmetic, cached per account for a minute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from modelfence.config import AccountsConfig, AllowanceConfig, TrustLevelName
+from modelfence.identity.base import AccountRecord, ApiKeyRecord
+from modelfence.limits.base import Allowance
+
+# Detection's action levels, mildest first (``detect.actions.LEVELS``, kept as text here).
+_RISK_ORDER = ("normal", "alert", "tighten", "degrade", "block")
+_CACHE_SECONDS = 60.0
+_CACHE_MAX = 100_000
+
+
+class AccountLookup(Protocol):
+    def account(self, account_id: str) -> AccountRecord | None:
+        """The cached record of the account, if this replica knows it (never blocks)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """An account's trust level now, why, and the allowance that goes with it."""
+
+    level: TrustLevelName
+    reason: str
+    allowance: Allowance | None  # None: unlimited
+    widens_at: datetime | None = None  # when probation ends by age alone, if it will
+
+
+def _allowance(config: AllowanceConfig) -> Allowance | None:
+    allowance = Allowance(
+        rows_per_day=config.rows_per_day,
+        rows_per_30_days=config.rows_per_30_days,
+        tokens_per_day=config.tokens_per_day,
+        tokens_per_30_days=config.tokens_per_30_days,
+    )
+    return allowance if allowance.limited else None
+
+
+def _risk_rank(level: str) -> int:
+    return _RISK_ORDER.index(level) if level in _RISK_ORDER else 0
+
+
+class TrustPolicy:
+    """Computes :class:`Standing` from an account record, the config and the risk level.
+
+    ``clock`` returns seconds since the epoch (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        config: AccountsConfig,
+        accounts: AccountLookup,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._accounts = accounts
+        self._clock = clock
+        self._allowances = {
+            level: _allowance(config.allowance(level))
+            for level in ("probation", "standard", "trusted")
+        }
+        self._cache: dict[tuple[str, str], tuple[AccountRecord, float, Standing]] = {}
+
+    def standing(self, key: ApiKeyRecord, risk_level: str = "normal") -> Standing:
+        """The key's account's standing; keys without an account are ``standard``."""
+        if key.account is None:
+            return Standing("standard", "key without an account", self._allowances["standard"])
+        record = self._accounts.account(key.account)
+        if record is None:  # not yet read by this replica: judged as a bare new account
+            record = AccountRecord(key.account, created_at=key.created_at)
+        now = self._clock()
+        cached = self._cache.get((key.account, risk_level))
+        if cached is not None and cached[0] is record and cached[1] > now:
+            return cached[2]
+        standing = self.assess(record, risk_level, now)
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[(key.account, risk_level)] = (record, now + _CACHE_SECONDS, standing)
+        return standing
+
+    def assess(self, record: AccountRecord, risk_level: str, now: float) -> Standing:
+        config = self._config
+        days = (now - record.created_at.timestamp()) / 86_400
+        risk = _risk_rank(risk_level)
+        if risk >= _risk_rank(config.demote_at):
+            return self._standing("probation", f"detection level {risk_level}")
+        unvouched = not record.verified and record.paid_usd < config.probation_paid_usd
+        if unvouched and days < config.probation_days:
+            widens = record.created_at + timedelta(days=config.probation_days)
+            reason = (
+                f"new account ({days:.1f} of {config.probation_days:g} days), unverified, unpaid"
+            )
+            return self._standing("probation", reason, widens.astimezone(UTC))
+        vouched = record.verified or record.paid_usd >= config.trusted_paid_usd
+        if vouched and days >= config.trusted_days and risk == 0:
+            return self._standing("trusted", "verified or paid, with history")
+        if risk > 0:
+            return self._standing("standard", f"detection level {risk_level}")
+        return self._standing("standard", "established account")
+
+    def _standing(
+        self, level: TrustLevelName, reason: str, widens_at: datetime | None = None
+    ) -> Standing:
+        return Standing(level, reason, self._allowances[level], widens_at)
