@@ -23,7 +23,7 @@ from modelfence.store import create_tables
 from .test_admin_api import AUTH, SECRET, TIERS, TOKEN, error_of
 from .test_auth_failures import admin_failures
 from .test_detect_service import service
-from .test_detect_streams import harvester
+from .test_detect_streams import benign_chat, harvester
 from .test_store_database import scratch_engine
 
 ROUTES = [
@@ -146,3 +146,78 @@ async def test_a_client_never_seen_can_be_blocked_ahead(
     assert (await SqlState(engine).actions())["mallory"].blocks
     detail = (await client.get("/admin/v1/clients/mallory", headers=AUTH)).json()
     assert detail["override"] == "block"
+
+
+async def test_a_link_cut_through_the_admin_api_stays_cut(
+    client: httpx.AsyncClient, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("modelfence.detect.service.OVERRIDE_REFRESH_SECONDS", 0.0)
+    machine = {"fingerprint": "one-machine", "ip_prefix": "198.51.100.0/24"}
+    detector = service(engine, [])
+
+    async def traffic(start: float) -> None:
+        events = sorted(
+            benign_chat("office", 40, seed=3, start=start, **machine)
+            + harvester("thief", 60, seed=1, start=start + 5, **machine),
+            key=lambda e: e.ts,
+        )
+        for i in range(0, len(events), 20):
+            await detector.handle(events[i : i + 20])
+
+    await traffic(0.0)
+    office = (await client.get("/admin/v1/clients/office", headers=AUTH)).json()["record"]
+    thief = (await client.get("/admin/v1/clients/thief", headers=AUTH)).json()["record"]
+    assert office["entity"] == thief["entity"] is not None
+    link = next(link for link in office["links"] if link["other"] == "thief")
+    assert link["kinds"] == ["fingerprint", "ip_prefix"] and link["weight"] > 0.9
+    assert not link["cut"]
+
+    cut = await client.put(
+        "/admin/v1/clients/office/links/thief/cut", headers=AUTH, json={"note": "our own QA"}
+    )
+    assert cut.status_code == 200 and cut.json() == {"client": "office", "other": "thief", "cut": True}
+    await traffic(1000.0)
+    detector = service(engine, [])  # a restarted detector reads the cut too
+    await traffic(2000.0)
+    office = (await client.get("/admin/v1/clients/office", headers=AUTH)).json()
+    thief = (await client.get("/admin/v1/clients/thief", headers=AUTH)).json()["record"]
+    assert office["record"]["entity"] is None and thief["entity"] is None  # each on its own
+    assert thief["level"] == "block" and office["record"]["level"] == "normal"
+    assert next(link for link in office["record"]["links"] if link["other"] == "thief")["cut"]
+    assert office["audit"][0]["action"] == "cut_link"
+    assert "our own QA" in office["audit"][0]["reasons"][0]["text"]
+
+    restored = await client.delete("/admin/v1/clients/thief/links/office/cut", headers=AUTH)
+    assert restored.json()["cut"] is False
+    await traffic(3000.0)
+    office = (await client.get("/admin/v1/clients/office", headers=AUTH)).json()["record"]
+    thief = (await client.get("/admin/v1/clients/thief", headers=AUTH)).json()["record"]
+    assert office["entity"] == thief["entity"] is not None
+    same = await client.put("/admin/v1/clients/office/links/office/cut", headers=AUTH, json={})
+    assert same.status_code == 422 and error_of(same)["param"] == "other"
+
+
+async def test_accounts_sharing_a_payment_instrument_are_one_entity(engine: AsyncEngine) -> None:
+    from modelfence.identity.base import AccountMetadata
+
+    store = SqlKeyStore(engine, SECRET)
+    for account in ("acct-a", "acct-b"):
+        await store.put_account(account, AccountMetadata(payment="card-9911"))
+    await store.put_account("acct-c", AccountMetadata(payment="card-0000"))
+    detector = service(engine, [])
+    events = sorted(
+        harvester("a-key", 30, seed=1, account="acct-a", ip_prefix="10.1.0.0/24", fingerprint="a")
+        + harvester("b-key", 30, seed=2, start=1000, account="acct-b", ip_prefix="10.2.0.0/24",
+                    fingerprint="b")
+        + harvester("c-key", 30, seed=3, start=2000, account="acct-c", ip_prefix="10.3.0.0/24",
+                    fingerprint="c"),
+        key=lambda e: e.ts,
+    )
+    for i in range(0, len(events), 10):
+        await detector.handle(events[i : i + 10])
+    state = SqlState(engine)
+    a, b, c = [await state.get(name) for name in ("a-key", "b-key", "c-key")]
+    assert a is not None and b is not None and c is not None
+    assert a.entity is not None and a.entity == b.entity and c.entity != a.entity
+    assert a.links is not None and a.links[0]["other"] == "b-key"
+    assert a.links[0]["kinds"] == ["payment"]

@@ -213,3 +213,42 @@ def test_a_client_evicted_later_in_the_same_batch_has_no_verdict() -> None:
     early = benign_chat("early", 1, seed=1)
     late = benign_chat("late", 1, seed=2, start=7 * 3600.0)
     assert [v.client for v in engine.process(early + late)] == ["late"]
+
+
+class Always:
+    """A detector that always finds ``code`` far beyond its line (a stand-in for any of them)."""
+
+    direction = 1
+    default_threshold = 1.0
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def statistic(self, view: object, reference: object) -> float:
+        return 10.0
+
+    def describe(self, value: float, threshold: float) -> str:
+        return f"{self.code} {value} > {threshold}"
+
+
+def test_timing_and_volume_alone_tighten_an_established_client_but_never_block_it() -> None:
+    habits = DetectionEngine(CONFIG, detectors=[Always("machine_timing"), Always("volume_vs_tier")])
+    verdict = replay(habits, benign_chat("stream", 60, seed=5))["stream"]
+    assert verdict.risk > 0.9 and verdict.level == "tighten"
+    assert {r.code for r in verdict.reasons} == {"machine_timing", "volume_vs_tier"}
+    extraction = DetectionEngine(CONFIG, detectors=[Always("machine_timing"), Always("mmd_shift")])
+    assert replay(extraction, benign_chat("thief", 60, seed=5))["thief"].level == "block"
+    eager = DetectionConfig(evaluate_every=1)
+    young = DetectionEngine(eager, detectors=[Always("around_the_clock")])
+    assert replay(young, benign_chat("new", 15, seed=5))["new"].level == "block"  # no history yet
+
+
+def test_a_members_habits_are_not_inherited_by_its_entity() -> None:
+    engine = DetectionEngine(CONFIG, detectors=[Always("volume_vs_tier")])
+    shared = {"ip_prefix": "198.51.100.0/24", "fingerprint": "same-machine"}
+    busy = benign_chat("busy", 60, seed=3, **shared)
+    newcomer = benign_chat("newcomer", 10, seed=4, start=busy[-1].ts + 100, **shared)
+    verdicts = replay(engine, busy + newcomer)
+    assert verdicts["busy"].level == "tighten"
+    assert verdicts["newcomer"].entity == verdicts["busy"].entity
+    assert verdicts["newcomer"].entity_risk == 0.0

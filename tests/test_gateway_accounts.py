@@ -112,6 +112,8 @@ def test_the_admin_api_shows_trust_and_verification_widens_it_at_once(
         ({"client": "x", "account": "a", "metadata": {"paid_usd": "5"}}, "metadata.paid_usd"),
         ({"client": "x", "account": "a", "metadata": {"created_at": "2030-01-01T00:00:00"}},
          "metadata.created_at"),
+        ({"client": "x", "account": "a", "metadata": {"created_at": 1767225600}},
+         "metadata.created_at"),
         ({"client": "x", "account": "\x00"}, "account"),
     ],
 )
@@ -142,3 +144,27 @@ def test_the_allowance_is_shared_by_replicas_through_redis(
     status, _, body = embed(replicas[1], keys[1], 6)
     assert status == 429 and body["error"]["code"] == "probation_limit"
     assert embed(replicas[1], keys[1], 4)[0] == 200
+
+
+def test_probation_answers_are_graded(gateway: GatewayProcess) -> None:
+    """Probation gets the tier's `elevated` hardening profile: one alternative per token."""
+    body = {
+        "model": "fake-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
+
+    def alternatives(key: str) -> set[int]:
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions", json=body,
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200
+        content = response.json()["choices"][0]["logprobs"]["content"]
+        return {len(token["top_logprobs"]) for token in content}
+
+    assert alternatives(gateway.create_key("new", account=account_id())) == {1}
+    verified = gateway.create_key("old", account=account_id(), metadata={"verified": True})
+    assert alternatives(verified) == {5}

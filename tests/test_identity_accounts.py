@@ -203,9 +203,10 @@ def test_trust_grows_with_history_and_falls_with_risk() -> None:
     assert trust.standing(key("acct")).level == "trusted"
     assert trust.standing(key("acct")).allowance is None  # trusted: unlimited here
     assert trust.standing(key("acct"), "alert").level == "standard"
-    demoted = trust.standing(key("acct"), "tighten")
+    assert trust.standing(key("acct"), "tighten").level == "standard"  # timing, volume: no more
+    demoted = trust.standing(key("acct"), "degrade")
     assert demoted.level == "probation" and demoted.widens_at is None
-    assert "detection level tighten" in demoted.reason
+    assert "detection level degrade" in demoted.reason
 
 
 def test_keys_without_an_account_and_unknown_accounts() -> None:

@@ -70,6 +70,7 @@ from modelfence.limits import LimitBackend, Quota, build_backend, quota_for
 from modelfence.operations import Operation
 from modelfence.periodic import Periodic
 from modelfence.policy import BudgetAccountant, NormalRisk, RiskOverrides, build_accountant
+from modelfence.policy.risk import RiskLevel
 from modelfence.store import create_tables, open_engine, transaction
 from modelfence.telemetry.metrics import Metrics
 from modelfence.telemetry.pipeline import EventPipeline, PipelineSettings, Sink
@@ -388,7 +389,11 @@ class ModelFenceApp:
                     app, issuer=marks, hosted=lexical_upstreams
                 ),
                 lambda app: OutputHardening(
-                    app, policy=config.policy, risk=self.risk, accountant=services.accountant
+                    app,
+                    policy=config.policy,
+                    risk=self.risk,
+                    accountant=services.accountant,
+                    trust_levels={"probation": RiskLevel(config.accounts.probation_answers)},
                 ),
                 lambda app: OutputWatermark(
                     app, config=config.watermark, keyring=keyring, ledger=services.ledger,

@@ -222,7 +222,8 @@ class AccountsConfig(_Frozen):
     operator verified its organisation or it has paid ``probation_paid_usd``; it becomes
     ``trusted`` once older than ``trusted_days`` and verified or paid ``trusted_paid_usd``;
     in between it is ``standard``. Risk lowers trust: a detection level of ``alert`` or
-    above caps an account at ``standard``, ``demote_at`` or above puts it on probation.
+    above caps an account at ``standard``, ``demote_at`` or above (``degrade``: a level
+    only extraction evidence reaches, never timing or volume alone) puts it on probation.
     Keys without an account are the operator's own issue and are ``standard``.
     """
 
@@ -230,7 +231,10 @@ class AccountsConfig(_Frozen):
     probation_paid_usd: float = Field(20.0, ge=0)
     trusted_days: float = Field(90.0, ge=0, le=3650)
     trusted_paid_usd: float = Field(500.0, ge=0)
-    demote_at: DemoteAt = "tighten"
+    demote_at: DemoteAt = "degrade"
+    probation_answers: Literal["normal", "elevated", "high"] = Field(
+        "elevated", description="the hardening profile (policy.tiers) probation gets at least"
+    )
     allowances: dict[TrustLevelName, AllowanceConfig] = Field(default_factory=_default_allowances)
 
     @model_validator(mode="after")
@@ -313,6 +317,9 @@ class DetectionConfig(_Frozen):
     half_life_hours: float = Field(24.0, gt=0, description="risk of a quiet client halves")
     idle_evict_hours: float = Field(
         6.0, gt=0, description="forget an idle client's recent queries (its risk is kept)"
+    )
+    link_half_life_hours: float = Field(
+        24.0, gt=0, description="links by fingerprint, network or lockstep halve in weight"
     )
     state_poll_seconds: float = Field(1.0, gt=0)
     webhook_url: str | None = Field(None, description="Slack-compatible incoming webhook")

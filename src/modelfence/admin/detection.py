@@ -5,7 +5,9 @@ level, reasons, entity, current action, override, recent usage and audit trail),
 ``GET /admin/v1/entities/{entity}``, ``GET /admin/v1/alerts`` and
 ``POST /admin/v1/clients/{client}/action`` to pin a client (``allow``, a level, or
 ``clear`` to hand it back to the detector). Overrides take effect on every replica at
-its next state poll and are written to the audit log.
+its next state poll and are written to the audit log. A client's record lists its
+strongest links (kinds and weights); ``PUT|DELETE /admin/v1/clients/{client}/links/{other}/cut``
+cuts one (the two are never one entity again) or restores it, audited too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, select
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OverrideAction = Literal["allow", "normal", "alert", "tighten", "degrade", "block", "clear"]
 ClientPath = Annotated[Name, Path(description="the client's name")]
+OtherPath = Annotated[Name, Path(description="the other client's name")]
 
 
 class _Query(BaseModel):
@@ -80,6 +84,11 @@ class ClientState(BaseModel):
     queries: int
     shadow: bool
     updated_at: datetime
+    links: list[dict[str, Any]] | None = Field(
+        None,
+        description='[{"other", "kinds", "weight", "cut"}]: the strongest evidence that this '
+        "client and another are one actor (a weight of 0.5 or more joins them, unless cut)",
+    )
     action: AppliedAction = Field(description="what gateways apply (nothing in shadow mode)")
 
     @classmethod
@@ -149,6 +158,18 @@ class ActionResult(BaseModel):
     client: str
     override: OverrideAction | None = Field(description="the pin now in force; null if cleared")
     level: Level
+
+
+class CutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: Note = Field("", description="why; kept in the audit log")
+
+
+class CutResult(BaseModel):
+    client: str
+    other: str
+    cut: bool = Field(description="true: never one entity again, until restored")
 
 
 def detection_router(
@@ -296,5 +317,39 @@ def detection_router(
                 ) from exc
         log.info("admin: detection action of client %r set to %s", client, body.action)
         return ActionResult(client=client, override=pinned, level=level)
+
+    async def _cut(client: str, other: str, cut: bool, note: str) -> CutResult:
+        if client == other:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("path", "other"), "input": other,
+                  "msg": "a client cannot be cut from itself"}]
+            )
+        await state.set_cut(client, other, cut=cut, note=note)
+        record = await state.get(client)
+        await state.audit(
+            client=client,
+            entity=record.entity if record else None,
+            previous=record.level if record else "normal",
+            action="cut_link" if cut else "restore_link",
+            risk=record.risk if record else 0.0,
+            source="admin",
+            shadow=False,
+            reasons=[{"code": "cut_link" if cut else "restore_link",
+                      "text": f"link with {other}: {note or 'by an operator'}", "score": 1.0}],
+        )
+        log.info("admin: link %r - %r %s", client, other, "cut" if cut else "restored")
+        return CutResult(client=client, other=other, cut=cut)
+
+    @router.put("/clients/{client}/links/{other}/cut")
+    async def cut_link(client: ClientPath, other: OtherPath, body: CutRequest) -> CutResult:
+        """Cut the link between two clients: the detector never puts them in one entity again
+        (whatever evidence links them) until the cut is removed; audited, applied within
+        seconds."""
+        return await _cut(client, other, True, body.note)
+
+    @router.delete("/clients/{client}/links/{other}/cut")
+    async def restore_link(client: ClientPath, other: OtherPath) -> CutResult:
+        """Remove a cut: the evidence decides again."""
+        return await _cut(client, other, False, "")
 
     return router

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from modelfence.admin.names import Name
 from modelfence.config import ConcurrentRequests, RequestsPerMinute, TokensPerMinute, UsdPerDay
@@ -58,6 +58,14 @@ class AccountFields(_Body):
     )
     verified: bool | None = Field(None, description="the organisation has been verified")
     paid_usd: float | None = Field(None, ge=0, le=MAX_PAID_USD, description="paid to date")
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _iso_text(cls, value: object) -> object:
+        # Non-strict only to parse ISO 8601 text; a number is not a time here.
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be an ISO 8601 time with a time zone, e.g. 2026-01-31T12:00:00Z")
+        return value
 
     def to_metadata(self) -> AccountMetadata:
         return AccountMetadata(**self.model_dump())

@@ -74,6 +74,17 @@ class _Entity:
 # entity's action. Younger keys (a botnet's, typically) do.
 ESTABLISHED_QUERIES = 20
 OWN_EVIDENCE = 0.05
+# Habits: how much and when a client sends, not what. Honest 24/7 streams, nightly jobs and
+# busy agents show them as plainly as thieves do, so they alone may tighten an established
+# client (and lower its account's trust) but never degrade or block it, and an entity's
+# risk made of them alone is never inherited by its members.
+HABITS = frozenset({"machine_timing", "around_the_clock", "volume_vs_tier"})
+HABIT_CEILING: Level = "tighten"
+
+
+def _habits_only(risk: RiskState) -> bool:
+    """Whether every reason behind ``risk`` is a habit (and there is at least one)."""
+    return bool(risk.reasons) and risk.reasons.keys() <= HABITS
 
 
 class DetectionEngine:
@@ -98,7 +109,7 @@ class DetectionEngine:
         self.clients: dict[str, ClientState] = {}
         self.risks: dict[str, RiskState] = {}
         self.entities: dict[str, _Entity] = {}
-        self.linker = Linker()
+        self.linker = Linker(half_life=config.link_half_life_hours * 3600.0)
         self._half_life = config.half_life_hours * 3600.0
         self._population_at = float("-inf")
         self._linked_at = float("-inf")
@@ -212,8 +223,9 @@ class DetectionEngine:
         state.risk.update(signals, now)
         # One member caught is evidence against the whole entity: its risk is never below
         # its riskiest member's own (which young members then inherit; see _implicated).
+        # A member's habits are its own: they are not evidence against the others.
         riskiest = max((self.risks[m] for m in members if m in self.risks), key=lambda r: r.cusum)
-        if riskiest.cusum > state.risk.cusum:
+        if riskiest.cusum > state.risk.cusum and not _habits_only(riskiest):
             state.risk.cusum = riskiest.cusum
             state.risk.reasons = {**state.risk.reasons, **riskiest.reasons}
         return [m for m in members if m in self.clients]
@@ -239,7 +251,8 @@ class DetectionEngine:
     def _link_lockstep(self, now: float) -> None:
         activities = (activity_of(s, now, self.reference) for s in self.clients.values())
         for a, b in lockstep_pairs(act for act in activities if act is not None):
-            self.linker.link(a, b)
+            self.linker.link(a, b, now)
+        self.linker.rebuild(now)
 
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not
@@ -260,12 +273,21 @@ class DetectionEngine:
         entity = self.entities.get(entity_id)
         members = len(entity.members) if entity else 1
         entity_risk = entity.risk.risk if entity else 0.0
-        if entity is not None and not self._implicated(state, own):
+        if entity is not None and (
+            not self._implicated(state, own) or _habits_only(entity.risk)
+        ):
             entity_risk = 0.0
         driver = entity.risk if entity and entity_risk > own.risk else own
         risk = max(own.risk, entity_risk)
         override = self.overrides.get(client)
         level = self.policy.decide(client, risk, state.tier, override)
+        if (
+            override is None
+            and rank(level) > rank(HABIT_CEILING)
+            and _habits_only(driver)
+            and state.total >= ESTABLISHED_QUERIES
+        ):
+            level = HABIT_CEILING
         by_entity = driver is not own and rank(level) >= rank("tighten") and override is None
         action = self.policy.action(level, state.tier, members=members if by_entity else 1)
         reasons = tuple(driver.top_reasons())

@@ -1,60 +1,252 @@
-"""Cross-client linking: keys that share a machine or a network form one entity.
-
-(Keys that act in lockstep are joined too, by the engine, from ``coactivity.py``.)
+"""Cross-client linking: weighted evidence that keys are one actor, which fades, and can be cut.
 
 A botnet spreads an extraction over many keys, each under its limits and each looking
-benign; pooled, their queries show the pattern (coverage, sweeps, timing). Keys are
-joined (union-find) when they share a client fingerprint (address prefix, user agent and
-header order) or an IP prefix; the entity's id is stable for a given set of links (its
-smallest member's hash), and the engine evaluates an entity's pooled queries like a client's.
+benign; pooled, their queries show the pattern (coverage, sweeps, timing). Evidence that
+two keys are one actor, by kind and weight:
+
+| kind | weight | fades | source |
+|---|---:|---|---|
+| ``account`` | 1.0 | no | the keys belong to one account |
+| ``payment``, ``organisation`` | 1.0 | no | their accounts share a payment instrument or a verified organisation (hashed, from the store) |
+| ``fingerprint`` | 0.8 | yes | one client fingerprint (address prefix, user agent, header order) |
+| ``lockstep`` | 0.8 | yes | busy in the same moments on the same kind of queries (``coactivity.py``) |
+| ``ip_prefix`` | 0.6 | yes | one network prefix |
+| ``signup_network`` | 0.4 | no | their accounts signed up from one network |
+| ``email_domain`` | 0.3 | no | their accounts share an e-mail domain |
+
+Fading evidence halves every ``half_life`` seconds after it was last seen; facts about the
+accounts do not fade. Keys are joined into one entity only by a link of at least ``JOIN``
+(0.5): a sign-up network or an e-mail domain alone, or a network shared a day ago, never
+joins two keys; they are shown to operators with each link's kinds and weight. A pair an
+operator cut (``cuts``) is never put in one entity, whatever else links them. Entities are
+joined as evidence arrives and rebuilt from the evidence kept (:meth:`Linker.rebuild`),
+which is where faded links come apart and new cuts apply. An entity's id is stable for a
+given set of members (its smallest member's hash).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from modelfence.telemetry.events import RequestEvent
 
+WEIGHTS: dict[str, float] = {
+    "account": 1.0,
+    "payment": 1.0,
+    "organisation": 1.0,
+    "fingerprint": 0.8,
+    "lockstep": 0.8,
+    "ip_prefix": 0.6,
+    "signup_network": 0.4,
+    "email_domain": 0.3,
+}
+FADING = frozenset({"fingerprint", "lockstep", "ip_prefix"})
+TRAIT_KINDS = ("payment", "organisation", "signup_network", "email_domain")
+JOIN = 0.5
+MAX_SHOWN = 20  # links listed per client for operators
+_CROWD = 1_000  # a hub this large (a public e-mail domain, a big NAT) is not listed pairwise
 
-class Linker:
-    def __init__(self) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """Evidence that ``client`` and ``other`` are one actor, as operators see it."""
+
+    other: str
+    kinds: tuple[str, ...]
+    weight: float  # noisy-or of the kinds' current weights
+    cut: bool = False
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a < b else (b, a)
+
+
+class _Components:
+    """Union-find that refuses a merge putting a cut pair into one component."""
+
+    def __init__(self, cuts: Mapping[str, set[str]]) -> None:
         self._parent: dict[str, str] = {}
-        self._owner: dict[str, str] = {}  # "fp:<digest>" / "ip:<prefix>" -> first client seen
-        self._groups: dict[str, set[str]] = {}  # root -> members
+        self._members: dict[str, set[str]] = {}
+        self._barred: dict[str, set[str]] = {}  # root -> clients its members were cut from
+        self._cuts = cuts
 
-    def _find(self, client: str) -> str:
+    def find(self, client: str) -> str:
         if client not in self._parent:
             self._parent[client] = client
-            self._groups[client] = {client}
+            self._members[client] = {client}
+            self._barred[client] = set(self._cuts.get(client, ()))
         root = client
         while root != self._parent[root]:
             root = self._parent[root]
-        node = client
-        while self._parent[node] != root:  # path compression
-            self._parent[node], node = root, self._parent[node]
+        while self._parent[client] != root:  # path compression
+            self._parent[client], client = root, self._parent[client]
         return root
 
-    def link(self, a: str, b: str) -> None:
-        """Join two clients' entities (behavioural evidence, see ``coactivity.py``)."""
-        self._union(a, b)
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb or self._barred[ra] & self._members[rb]:
+            return
+        root, child = min(ra, rb), max(ra, rb)
+        self._parent[child] = root
+        self._members[root] |= self._members.pop(child)
+        self._barred[root] |= self._barred.pop(child)
 
-    def _union(self, a: str, b: str) -> None:
-        ra, rb = self._find(a), self._find(b)
-        if ra != rb:
-            root, child = min(ra, rb), max(ra, rb)
-            self._parent[child] = root
-            self._groups[root] |= self._groups.pop(child)
+    def members(self, client: str) -> set[str]:
+        return self._members[self.find(client)]
+
+    def clients(self) -> list[str]:
+        return list(self._parent)
+
+
+class Linker:
+    """The evidence kept, and the entities it makes (see the module docstring)."""
+
+    def __init__(self, *, half_life: float = 24 * 3600.0) -> None:
+        self.half_life = half_life
+        self._hubs: dict[str, dict[str, float]] = {}  # "kind:value" -> client -> last seen
+        self._hubs_of: dict[str, set[str]] = {}  # client -> its hubs (the index of the above)
+        self._pairs: dict[tuple[str, str], float] = {}  # lockstep pair -> last seen
+        self._accounts: dict[str, set[str]] = {}  # account -> its clients
+        self._traits: dict[str, dict[str, str]] = {}  # account -> trait kind -> keyed hash
+        self._cuts: dict[str, set[str]] = {}
+        self._now = 0.0
+        self._components = _Components(self._cuts)
+
+    # -- evidence --------------------------------------------------------------
 
     def observe(self, event: RequestEvent) -> None:
-        self._find(event.client)
-        for link in (f"fp:{event.fingerprint}", f"ip:{event.ip_prefix}"):
-            if link.endswith(":"):
+        """Record what this request says about its client, and join what it links now."""
+        client, ts = event.client, event.ts
+        self._now = max(self._now, ts)
+        self._components.find(client)
+        hubs = [("fingerprint", event.fingerprint), ("ip_prefix", event.ip_prefix)]
+        if event.account:
+            self._accounts.setdefault(event.account, set()).add(client)
+            hubs.append(("account", event.account))
+            hubs += list(self._traits.get(event.account, {}).items())
+        for kind, value in hubs:
+            if value:
+                self._touch(kind, value, client, ts)
+
+    def link(self, a: str, b: str, ts: float) -> None:
+        """Behavioural evidence that ``a`` and ``b`` act as one (``coactivity.py``)."""
+        self._pairs[_pair(a, b)] = max(ts, self._pairs.get(_pair(a, b), ts))
+        self._now = max(self._now, ts)
+        if a not in self._cuts.get(b, ()):
+            self._components.union(a, b)
+
+    def set_traits(self, account: str, traits: Mapping[str, str]) -> None:
+        """The account's hashed metadata (from the store); applies to its keys from now."""
+        kept = {kind: value for kind, value in traits.items() if kind in TRAIT_KINDS}
+        old = self._traits.get(account, {})
+        for kind, value in old.items():
+            if kept.get(kind) != value:
+                key = f"{kind}:{value}"
+                hub = self._hubs.get(key, {})
+                for client in self._accounts.get(account, ()):
+                    hub.pop(client, None)
+                    self._hubs_of.get(client, set()).discard(key)
+        self._traits[account] = kept
+        for client in self._accounts.get(account, ()):
+            for kind, value in kept.items():
+                self._touch(kind, value, client, self._now)
+
+    def set_cuts(self, pairs: Iterable[tuple[str, str]]) -> bool:
+        """Replace the operator's cuts; True when they changed (then :meth:`rebuild`)."""
+        cuts: dict[str, set[str]] = {}
+        for a, b in pairs:
+            cuts.setdefault(a, set()).add(b)
+            cuts.setdefault(b, set()).add(a)
+        if cuts == self._cuts:
+            return False
+        self._cuts.clear()
+        self._cuts.update(cuts)
+        return True
+
+    def _touch(self, kind: str, value: str, client: str, ts: float) -> None:
+        # Members are kept in the order last seen: the latest other one is the freshest link.
+        key = f"{kind}:{value}"
+        hub = self._hubs.setdefault(key, {})
+        self._hubs_of.setdefault(client, set()).add(key)
+        seen = max(ts, hub.pop(client, ts))
+        latest = next(reversed(hub), None)
+        hub[client] = seen
+        if latest is not None and self.weight(kind, min(hub[latest], seen), ts) >= JOIN:
+            self._components.union(latest, client)
+
+    # -- entities --------------------------------------------------------------
+
+    def weight(self, kind: str, last_seen: float, now: float) -> float:
+        if kind not in FADING:
+            return WEIGHTS[kind]
+        fade: float = 0.5 ** (max(now - last_seen, 0.0) / self.half_life)
+        return WEIGHTS[kind] * fade
+
+    def rebuild(self, now: float) -> None:
+        """Entities anew from the evidence kept at ``now``: faded links drop, cuts apply.
+
+        Evidence faded below any use (under a tenth of its weight) is forgotten, so memory
+        follows the links that still matter.
+        """
+        self._now = max(self._now, now)
+        components = _Components(self._cuts)
+        for key, members in list(self._hubs.items()):
+            kind = key.partition(":")[0]
+            floor = 0.1 * WEIGHTS[kind]
+            live = {c: t for c, t in members.items() if self.weight(kind, t, now) >= floor}
+            for client in members.keys() - live.keys():
+                self._hubs_of[client].discard(key)
+            if not live:
+                del self._hubs[key]
                 continue
-            owner = self._owner.setdefault(link, event.client)
-            self._union(owner, event.client)
+            self._hubs[key] = live
+            if WEIGHTS[kind] < JOIN:
+                continue
+            joined = [c for c, t in live.items() if self.weight(kind, t, now) >= JOIN]
+            for client in joined:
+                components.union(joined[0], client)
+        for pair, last in list(self._pairs.items()):
+            current = self.weight("lockstep", last, now)
+            if current < 0.1 * WEIGHTS["lockstep"]:
+                del self._pairs[pair]
+            elif current >= JOIN:
+                components.union(*pair)
+        for client in self._components.clients():  # clients seen keep a component
+            components.find(client)
+        self._components = components
 
     def members(self, client: str) -> list[str]:
-        return sorted(self._groups[self._find(client)])
+        return sorted(self._components.members(client))
 
     def entity_of(self, client: str) -> str:
-        return "ent_" + hashlib.sha256(self._find(client).encode()).hexdigest()[:12]
+        root = min(self._components.members(client))
+        return "ent_" + hashlib.sha256(root.encode()).hexdigest()[:12]
+
+    def links_of(self, client: str, now: float) -> list[Link]:
+        """The strongest links of ``client`` (at most ``MAX_SHOWN``), with their kinds."""
+        kinds: dict[str, dict[str, float]] = {}
+        for key in self._hubs_of.get(client, ()):
+            seen = self._hubs[key]
+            if len(seen) > _CROWD:
+                continue
+            kind = key.partition(":")[0]
+            for other, t in seen.items():
+                if other != client:
+                    mine = self.weight(kind, min(t, seen[client]), now)
+                    found = kinds.setdefault(other, {})
+                    found[kind] = max(found.get(kind, 0.0), mine)
+        for (a, b), t in self._pairs.items():
+            if client in (a, b):
+                other = b if a == client else a
+                kinds.setdefault(other, {})["lockstep"] = self.weight("lockstep", t, now)
+        cut = self._cuts.get(client, set())
+        links = []
+        for other, weights in kinds.items():
+            miss = 1.0
+            for value in weights.values():
+                miss *= 1.0 - value
+            links.append(Link(other, tuple(sorted(weights)), round(1.0 - miss, 3), other in cut))
+        links.sort(key=lambda link: (-link.weight, link.other))
+        return links[:MAX_SHOWN]

@@ -14,22 +14,26 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from modelfence.detect.actions import rank
 from modelfence.detect.alerts import Alerter
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.feeds import EventFeed
+from modelfence.detect.linking import Link
 from modelfence.detect.risk import Reason
 from modelfence.detect.state import ClientRecord, RedisState, SqlState
 from modelfence.periodic import Done, Periodic, Sleep
 from modelfence.telemetry.events import RequestEvent
 
 RISK_STEP = 0.02  # smaller risk changes are not worth a database write
-OVERRIDE_REFRESH_SECONDS = 2.0
+OVERRIDE_REFRESH_SECONDS = 2.0  # overrides, cuts and account metadata are read this often
+TRAITS_OVERLAP = timedelta(seconds=5)  # changes stamped by a slow clock are still read
 
 
-def record_of(verdict: Verdict, *, shadow: bool) -> ClientRecord:
+def record_of(
+    verdict: Verdict, *, shadow: bool, links: Sequence[Link] | None = None
+) -> ClientRecord:
     return ClientRecord(
         client=verdict.client,
         tier=verdict.tier,
@@ -41,6 +45,7 @@ def record_of(verdict: Verdict, *, shadow: bool) -> ClientRecord:
         queries=verdict.queries,
         shadow=shadow,
         updated_at=datetime.now(UTC),
+        links=None if links is None else [asdict(link) for link in links],
     )
 
 
@@ -63,6 +68,7 @@ class DetectorService:
         self._published: dict[str, ClientRecord] = {}
         self._unpublished: dict[str, ClientRecord] = {}
         self._overrides_at = 0.0
+        self._traits_since = datetime.fromtimestamp(0, UTC)
         self.loop: Periodic | None = None  # set by run(): its error counts
         self._sleep = sleep  # the backoff's clock
 
@@ -70,7 +76,7 @@ class DetectorService:
         """Process one batch; returns the records that changed and were published."""
         now = time.monotonic()
         if now - self._overrides_at >= OVERRIDE_REFRESH_SECONDS:
-            self.engine.overrides = await self.state.overrides()
+            await self._refresh_operator_state(events)
             self._overrides_at = now
         await self._resume({e.client for e in events} - self._published.keys())
         changed = []
@@ -81,7 +87,10 @@ class DetectorService:
                 before is None
                 or before.level != record.level
                 or abs(before.risk - record.risk) >= RISK_STEP
+                or before.entity != record.entity
             ):
+                links = self.engine.linker.links_of(verdict.client, verdict.ts)
+                record = record_of(verdict, shadow=self.shadow, links=links)
                 changed.append((before, record, verdict.ts))
         await self._publish([record for _, record, _ in changed])
         for before, record, ts in changed:
@@ -100,6 +109,17 @@ class DetectorService:
                 if rank(record.level) >= rank("alert") and rank(record.level) > rank(previous):
                     await self.alerter.alert(record, ts)
         return [record for _, record, _ in changed]
+
+    async def _refresh_operator_state(self, events: Sequence[RequestEvent]) -> None:
+        """Overrides, cut links and account metadata, as operators and sign-ups left them."""
+        self.engine.overrides = await self.state.overrides()
+        linker = self.engine.linker
+        if linker.set_cuts(await self.state.cuts()) and events:
+            linker.rebuild(max(e.ts for e in events))
+        read_at = datetime.now(UTC)
+        for account, traits in (await self.state.account_traits(self._traits_since)).items():
+            linker.set_traits(account, traits)
+        self._traits_since = read_at - TRAITS_OVERLAP
 
     async def _resume(self, clients: set[str]) -> None:
         """Seed clients this process has not seen yet with their published risk."""

@@ -22,13 +22,19 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.detect.actions import Action, Level
 from modelfence.store import transaction
-from modelfence.store.schema import client_risk, detection_audit, detection_overrides
+from modelfence.store.schema import (
+    accounts,
+    client_risk,
+    detection_audit,
+    detection_link_cuts,
+    detection_overrides,
+)
 
 ACTIONS_KEY = "modelfence:detect:actions"
 
@@ -47,6 +53,7 @@ class ClientRecord:
     queries: int
     shadow: bool
     updated_at: datetime
+    links: list[dict[str, Any]] | None = None  # [{"other", "kinds", "weight", "cut"}]
 
     @property
     def action(self) -> Action:
@@ -120,6 +127,36 @@ class SqlState:
         async with transaction(self.engine) as conn:
             rows = (await conn.execute(select(detection_overrides))).all()
         return {row.client: row.action for row in rows}
+
+    async def cuts(self) -> builtins.list[tuple[str, str]]:
+        """Pairs of clients an operator cut apart (never one entity)."""
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(select(detection_link_cuts))).all()
+        return [(row.client, row.other) for row in rows]
+
+    async def set_cut(self, a: str, b: str, *, cut: bool, note: str = "") -> None:
+        """Cut the link between ``a`` and ``b`` (or restore it); repeating changes nothing."""
+        first, second = sorted((a, b))
+        table = detection_link_cuts.c
+        async with transaction(self.engine, write=True) as conn:
+            await conn.execute(
+                delete(detection_link_cuts).where(table.client == first, table.other == second)
+            )
+            if cut:
+                await conn.execute(
+                    detection_link_cuts.insert().values(
+                        client=first, other=second, note=note, at=datetime.now(UTC)
+                    )
+                )
+
+    async def account_traits(self, since: datetime) -> dict[str, dict[str, str]]:
+        """Hashed metadata of the accounts registered or changed at or after ``since``."""
+        query = select(accounts.c.account_id, accounts.c.traits).where(
+            accounts.c.updated_at >= since
+        )
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(query)).all()
+        return {row.account_id: dict(row.traits) for row in rows}
 
     async def audit(
         self,

@@ -1,7 +1,9 @@
 """Output hardening stage: rewrite answers by the client's tier and current risk level.
 
 The level is read from a :class:`~modelfence.policy.risk.RiskSource` on every request, so
-a change (from detection or an operator pin) applies to the very next request. A client
+a change (from detection or an operator pin) applies to the very next request; an account's
+trust level may raise it (``trust_levels``: probation answers are graded, e.g. rounded,
+top-1 logprobs, OOD-aware probabilities). A client
 whose profile is the identity — every normal-risk client with the default policy — never
 has its ``send`` wrapped: it gets the upstream's bytes exactly. Requests that cannot leak
 what a profile protects (no logprobs asked for, embeddings) pass through as well.
@@ -20,6 +22,7 @@ into text only (LLM) or labels only (classifier).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +37,7 @@ from modelfence.policy.llm_hardening import LogprobHardening
 from modelfence.policy.noise import default_rng
 from modelfence.policy.probs_hardening import RowHardening, harden_oip
 from modelfence.policy.request_policy import narrowed_request, upstream_payload, wants_logprobs
-from modelfence.policy.risk import RiskSource
+from modelfence.policy.risk import RiskLevel, RiskSource, stronger
 from modelfence.types import ASGIApp, Scope
 
 log = logging.getLogger("modelfence.policy")
@@ -56,11 +59,13 @@ class OutputHardening(ResponseRewriting[_Plan]):
         policy: PolicyConfig,
         risk: RiskSource,
         accountant: BudgetAccountant,
+        trust_levels: Mapping[str, RiskLevel] | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__(app)
         self.policy = policy
         self.risk = risk
+        self.trust_levels = trust_levels or {}  # account trust -> its least hardening
         self.accountant = accountant
         self.rng = rng or default_rng()
 
@@ -70,7 +75,9 @@ class OutputHardening(ResponseRewriting[_Plan]):
         if ctx.key is None or operation is None:
             return None
         tier = self.policy.for_tier(ctx.tier)
-        profile = tier.profile(self.risk.level_for(ctx.key.client))
+        level = self.risk.level_for(ctx.key.client)
+        floor = self.trust_levels.get(ctx.trust)
+        profile = tier.profile(level if floor is None else stronger(level, floor))
         if operation is Operation.OIP_INFER:
             allowed = tier.request.oip_outputs
             if profile.is_identity and allowed is None:

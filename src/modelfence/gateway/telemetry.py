@@ -212,6 +212,8 @@ def event_draft(
         route=ctx.route,
         model=ctx.model,
         status=status,
+        account=ctx.key.account or "",
+        trust=ctx.trust,
         ip_prefix=fp.ip_prefix if fp else "",
         fingerprint=fp.digest if fp else "",
         client_library=fp.client_library if fp else "",

@@ -42,6 +42,11 @@ def level_for_action(action: str) -> RiskLevel:
 _ORDER = {RiskLevel.NORMAL: 0, RiskLevel.ELEVATED: 1, RiskLevel.HIGH: 2}
 
 
+def stronger(a: RiskLevel, b: RiskLevel) -> RiskLevel:
+    """The level with the stronger hardening profile of the two."""
+    return b if _ORDER[b] > _ORDER[a] else a
+
+
 class RiskSource(Protocol):
     def level_for(self, client: str) -> RiskLevel: ...
 
@@ -73,6 +78,4 @@ class RiskOverrides:
     def level_for(self, client: str) -> RiskLevel:
         found = self.inner.level_for(client)
         pinned = self._pins.get(client)
-        if pinned is None or _ORDER[pinned] <= _ORDER[found]:
-            return found
-        return pinned
+        return found if pinned is None else stronger(found, pinned)

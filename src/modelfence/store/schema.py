@@ -140,6 +140,9 @@ client_risk = Table(
     Column("queries", Integer, nullable=False),
     Column("shadow", Boolean, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # [{"other", "kinds", "weight", "cut"}]: the client's strongest links, for operators.
+    # Added after the first release: nullable, so create_tables adds it in place.
+    Column("links", JSON, nullable=True),
     Index(None, "updated_at"),
 )
 
@@ -150,6 +153,16 @@ detection_overrides = Table(
     Column("action", String(16), nullable=False),  # allow | normal | alert | tighten | ... | block
     Column("note", Text, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+)
+
+detection_link_cuts = Table(
+    "detection_link_cuts",
+    metadata,
+    # An operator's word that two clients are not one actor: never one entity again.
+    Column("client", String(200), primary_key=True),  # the smaller name of the pair
+    Column("other", String(200), primary_key=True),
+    Column("note", Text, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
 )
 
 detection_audit = Table(

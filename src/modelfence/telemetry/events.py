@@ -25,6 +25,8 @@ class RequestEvent:
     model: str
     status: int
     # who it looks like
+    account: str = ""  # the key's account (organisation), if it has one
+    trust: str = ""  # the account's trust level when the request arrived
     ip_prefix: str = ""
     fingerprint: str = ""  # Fingerprint.digest
     client_library: str = ""

@@ -1,0 +1,77 @@
+"""Links between keys: weighted by kind, fading when not seen again, joined only when strong,
+and never across a pair an operator cut."""
+
+from __future__ import annotations
+
+from modelfence.detect.linking import Linker
+from modelfence.telemetry.events import RequestEvent
+
+HOUR = 3600.0
+
+
+def seen(client: str, ts: float = 0.0, **fields: str) -> RequestEvent:
+    return RequestEvent(ts, "r", client, "key", "default", "/v1/chat/completions", "m", 200,
+                        **fields)
+
+
+def entities(linker: Linker, *clients: str) -> list[tuple[str, ...]]:
+    return sorted({tuple(linker.members(c)) for c in clients})
+
+
+def test_a_shared_network_joins_keys_while_it_is_fresh_and_fades_apart() -> None:
+    linker = Linker(half_life=24 * HOUR)
+    linker.observe(seen("a", ip_prefix="198.51.100.0/24"))
+    linker.observe(seen("b", ip_prefix="198.51.100.0/24"))
+    assert linker.members("a") == ["a", "b"]
+    linker.rebuild(2 * HOUR)  # 0.6 x 0.5^(2/24) = 0.57: still joined
+    assert linker.members("a") == ["a", "b"]
+    linker.rebuild(12 * HOUR)  # 0.6 x 0.5^(12/24) = 0.42: a weak link now
+    assert linker.members("a") == ["a"] and linker.members("b") == ["b"]
+    [link] = linker.links_of("a", 12 * HOUR)
+    assert (link.other, link.kinds, link.weight) == ("b", ("ip_prefix",), 0.424)
+
+
+def test_account_facts_do_not_fade_and_weak_traits_never_join_alone() -> None:
+    linker = Linker(half_life=HOUR)
+    for client, account in (("k1", "acct-1"), ("k2", "acct-1"), ("k3", "acct-2"), ("k4", "acct-3")):
+        linker.observe(seen(client, account=account))
+    linker.set_traits("acct-2", {"payment": "card-hash", "email_domain": "d"})
+    linker.set_traits("acct-3", {"payment": "card-hash", "email_domain": "d"})
+    linker.set_traits("acct-1", {"email_domain": "d", "signup_network": "n"})
+    linker.rebuild(1_000 * HOUR)
+    assert entities(linker, "k1", "k2", "k3", "k4") == [("k1", "k2"), ("k3", "k4")]
+    kinds = {link.other: link.kinds for link in linker.links_of("k3", 1_000 * HOUR)}
+    assert kinds == {"k4": ("email_domain", "payment"), "k1": ("email_domain",),
+                     "k2": ("email_domain",)}
+    linker.set_traits("acct-3", {"payment": "another-card"})  # the account changed its card
+    linker.rebuild(1_000 * HOUR)
+    assert linker.members("k3") == ["k3"]
+
+
+def test_a_cut_pair_is_never_in_one_entity_even_through_a_third_key() -> None:
+    linker = Linker()
+    for client in ("a", "c", "b"):
+        linker.observe(seen(client, fingerprint="same-machine"))
+    assert linker.members("a") == ["a", "b", "c"]
+    assert linker.set_cuts([("a", "b")]) and not linker.set_cuts([("b", "a")])
+    linker.rebuild(1.0)
+    assert "b" not in linker.members("a") and len(linker.members("c")) == 2
+    linker.observe(seen("b", ts=2.0, fingerprint="same-machine"))  # new evidence: still cut
+    linker.link("a", "b", 2.0)
+    assert "b" not in linker.members("a")
+    assert next(link for link in linker.links_of("a", 2.0) if link.other == "b").cut
+    assert linker.set_cuts([])
+    linker.rebuild(3.0)
+    assert linker.members("a") == ["a", "b", "c"]
+
+
+def test_lockstep_links_fade_like_other_behaviour() -> None:
+    linker = Linker(half_life=HOUR)
+    linker.observe(seen("x"))
+    linker.observe(seen("y"))
+    linker.link("x", "y", 0.0)
+    assert linker.members("x") == ["x", "y"]
+    linker.rebuild(2 * HOUR)
+    assert linker.members("x") == ["x"]
+    linker.rebuild(10 * HOUR)  # faded below a tenth of its weight: forgotten
+    assert linker.links_of("x", 10 * HOUR) == []
