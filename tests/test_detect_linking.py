@@ -75,3 +75,19 @@ def test_lockstep_links_fade_like_other_behaviour() -> None:
     assert linker.members("x") == ["x"]
     linker.rebuild(10 * HOUR)  # faded below a tenth of its weight: forgotten
     assert linker.links_of("x", 10 * HOUR) == []
+
+
+def test_accounts_on_probation_sharing_an_uncommon_frame_are_joined() -> None:
+    linker = Linker()
+    for i in range(3):  # a campaign's new accounts, one frame, distinct everything else
+        linker.observe(seen(f"bot{i}", frame_hash="harvest-frame", trust="probation",
+                            ip_prefix=f"10.{i}.0.0/24"))
+    linker.observe(seen("old-customer", frame_hash="harvest-frame", trust="standard"))
+    assert linker.members("bot0") == ["bot0", "bot1", "bot2"]  # the customer is not joined
+    for i in range(3):  # a frame every kind of client uses is no evidence
+        linker.observe(seen(f"user{i}", frame_hash="what is the", trust="standard"))
+    linker.observe(seen("newbie1", frame_hash="what is the", trust="probation"))
+    linker.observe(seen("newbie2", frame_hash="what is the", trust="probation"))
+    linker.rebuild(1.0)
+    assert linker.members("newbie1") == ["newbie1"]
+    assert linker.members("bot1") == ["bot0", "bot1", "bot2"] and linker.on_probation("bot1")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelfence.config import DetectionConfig
-from modelfence.detect.actions import Action
+from modelfence.detect.actions import Action, rank
 from modelfence.detect.calibration import calibrate
 from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine
@@ -21,7 +21,7 @@ from modelfence.redteam.replay import replay_events
 from modelfence.redteam.replay_detection import START_TS, by_client
 from modelfence.redteam.tariff import example_config
 from modelfence.redteam.thieves import NaiveThief, RotatingThief
-from modelfence.redteam.thieves.base import Budget
+from modelfence.redteam.thieves.base import DAY, Budget
 from modelfence.redteam.traffic import (
     CHAT,
     DIGITS_INFER,
@@ -32,6 +32,7 @@ from modelfence.redteam.traffic import (
 )
 
 CONFIG = example_config()
+PROBATION_ROWS = CONFIG.accounts.allowance("probation").rows_per_day
 
 
 def _honest(name: str, times: list[float], tier: str = "default") -> tuple[list[PlannedRequest], ClientProfile]:
@@ -163,7 +164,8 @@ def test_detection_cuts_a_machine_speed_thief_short_and_spares_honest_customers(
     assert bought[False] == 2_000  # limits alone never stop it
     assert bought[True] < 1_000
     caught = outcomes[True].campaigns["naive/classifier"]
-    assert caught.accounts_flagged == 1 and caught.blocked > 0
+    assert caught.accounts_flagged == 1
+    assert rank(outcomes[True].reasons["naive/classifier/0"][0]) >= rank("tighten")
     assert caught.units_before_first_flag is not None and caught.units_before_first_flag <= bought[True]
     assert not any(outcomes[False].honest.values())
     assert sum(bool(met - {"tightened"}) for met in outcomes[True].honest.values()) <= 1
@@ -172,3 +174,74 @@ def test_detection_cuts_a_machine_speed_thief_short_and_spares_honest_customers(
 def test_budget_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="accounts >= 1"):
         Budget(accounts=0)
+
+
+# -- accounts and probation ------------------------------------------------------------
+
+
+def _unwatched(*clients: str) -> DetectionEngine:
+    """A defended run's detector that never acts on ``clients``: only trust and limits bind them."""
+    return DetectionEngine(CONFIG.detection.model_copy(update={"allow_list": clients}), embedder=HashingEmbedder())
+
+
+def _scorer(name: str, subnet: int, batches: int, signed_up: float | None = None,
+            paid_usd: float = 0.0) -> tuple[list[PlannedRequest], ClientProfile]:
+    """An honest client scoring ``batches`` batches of 64 digits, one every two minutes."""
+    body = digits_body(np.asarray(digit_images()[0][:64]))
+    profile = ClientProfile(name, "benign", "python-httpx/0.27.0", f"10.32.{subnet}.7", segment="classify",
+                            signed_up=signed_up, paid_usd=paid_usd)
+    return [PlannedRequest(3_600.0 + 120.0 * i, name, DIGITS_INFER, body) for i in range(batches)], profile
+
+
+def _bought(thief: NaiveThief, engine: DetectionEngine | None) -> int:
+    outcome = Contest(CONFIG, engine).run([], [], [thief]).campaigns[thief.name]
+    return sum(p.units for p, _ in outcome.answered)
+
+
+def test_probation_caps_a_new_thief_account_at_its_daily_rows_when_defended() -> None:
+    def thief() -> NaiveThief:
+        return NaiveThief("classifier", seed=9, target=2_000, days=1.0)  # 2,000 images within an hour
+
+    account = thief().accounts()[0].name
+    assert _bought(thief(), None) == 2_000  # undefended: limits alone, no trust levels
+    defended = _bought(thief(), _unwatched(account))
+    assert PROBATION_ROWS is not None and 0 < defended <= PROBATION_ROWS
+
+
+def test_an_aged_thief_account_leaves_probation() -> None:
+    thief = NaiveThief("classifier", seed=9, target=2_000, days=1.0)
+    thief.budget = replace(thief.budget, aged_days=8.0)
+    assert _bought(thief, _unwatched(thief.accounts()[0].name)) == 2_000
+
+
+def test_a_capped_thief_retries_when_the_next_day_opens_not_every_minute() -> None:
+    thief = NaiveThief("classifier", seed=9, target=2_000, days=3.0)
+    outcome = Contest(CONFIG, _unwatched(thief.accounts()[0].name)).run([], [], [thief]).campaigns[thief.name]
+    bought = sum(p.units for p, _ in outcome.answered)
+    assert PROBATION_ROWS is not None and 2 * PROBATION_ROWS < bought <= 3 * PROBATION_ROWS  # one cap a day
+    assert outcome.requests < 200  # retries a minute apart would be thousands a day
+
+
+def test_probation_frictions_fall_on_newcomers_not_on_established_accounts() -> None:
+    batches = 20  # 1,280 images in under an hour
+    plans, profiles = [], []
+    for name, subnet, signed_up, paid in (("established", 1, -100 * DAY, 0.0), ("newcomer", 2, None, 0.0),
+                                          ("joined-yesterday", 3, -DAY, 0.0), ("paid", 4, 0.0, 25.0)):
+        more, profile = _scorer(name, subnet, batches, signed_up, paid)
+        plans += more
+        profiles.append(profile)
+    names = [p.name for p in profiles]
+    defended = Contest(CONFIG, _unwatched(*names)).run(plans, profiles, [])
+    assert defended.honest["established"] == set() and defended.honest["paid"] == set()
+    for newcomer in ("newcomer", "joined-yesterday"):
+        assert defended.honest[newcomer] == {"refused", "probation"}
+    assert not any(Contest(CONFIG, None).run(plans, profiles, []).honest.values())
+
+
+def test_a_week_old_account_that_detection_demotes_meets_probation_after_its_first_week() -> None:
+    plans, profile = _scorer("demoted", 5, 3, -30 * DAY)
+    contest = Contest(CONFIG, DetectionEngine(CONFIG.detection, embedder=HashingEmbedder()))
+    contest.actions["demoted"] = Action("degrade", quota_share=0.25)  # 75 probation rows a day
+    plans = [replace(p, at=i * 0.5) for i, p in enumerate(plans)]  # all before the detector's first batch
+    met = contest.run(plans, [profile], []).honest["demoted"]
+    assert {"refused", "probation", "probation_after_week"} <= met and "account_budget" not in met

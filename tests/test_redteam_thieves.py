@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
@@ -278,6 +279,22 @@ def test_rotating_thief_rotates_on_every_refusal_until_its_accounts_are_spent() 
     # Machine speed, as the v1 thief: a 64-image request a second.
     gaps = np.diff([p.at for p in thief.plans()])
     assert np.median(gaps) < 2.0
+
+
+def test_aged_accounts_signed_up_before_the_campaign_and_rotated_ones_sign_up_fresh() -> None:
+    fresh = HydraThief("embeddings", 5, seed=4, target=100)
+    assert {p.signed_up for p in fresh.accounts()} == {None}  # new accounts: they sign up when they first send
+    aged = HydraThief("embeddings", 5, seed=4, target=100)
+    aged.budget = replace(aged.budget, aged_days=8.0)
+    profiles = aged.accounts()
+    assert {p.signed_up for p in profiles} == {-8 * DAY}
+    assert [replace(p, signed_up=None) for p in profiles] == fresh.accounts()  # the same identities
+    rotating = RotatingThief("classifier", 3, seed=2)
+    rotating.budget = replace(rotating.budget, aged_days=30.0)
+    (first,) = rotating.accounts()
+    assert first.signed_up == -30 * DAY and rotating.fresh_account(first.name, 1).signed_up is None
+    with pytest.raises(ValueError, match="aged_days >= 0"):
+        Budget(aged_days=-1.0)
 
 
 # -- hydra ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter, defaultdict
 from itertools import pairwise
@@ -18,6 +19,7 @@ from modelfence.redteam.populations.week import (
     SEGMENT,
     SEGMENTS,
     STUDENT_TEMPLATES,
+    VERIFIED,
     Customer,
     HonestWeek,
     stratified_sample,
@@ -38,6 +40,7 @@ Generated = tuple[list[PlannedRequest], dict[str, ClientProfile]]
 WEEK = HonestWeek(COUNTS, days=DAYS, launch_day=1, seed=11)
 TOLERANCE = 0.1
 SCRIPTED = ("bulk-embed", "launch")  # their rates are checked per night and per day below
+PLANS_DIGEST = "7d3b0ffa637798be"
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +251,52 @@ def test_a_sample_gets_exactly_the_plans_of_the_full_week(customers: list[Custom
 
     assert sorted(map(key, sub_plans)) == sorted(key(p) for p in plans if p.client in names)
     assert all(profiles[p.name] == p for p in sub_profiles)
+
+
+def test_profiles_carry_each_customers_account_drawn_from_its_own_stream(customers: list[Customer],
+                                                                          generated: Generated) -> None:
+    _, profiles = generated
+    again = HonestWeek(COUNTS, days=DAYS, launch_day=1, seed=11)
+    for customer in customers:
+        account = WEEK.account(customer)
+        profile = profiles[customer.name]
+        assert (profile.signed_up, profile.paid_usd, profile.verified) == account == again.account(customer)
+        if customer.joined > 0:
+            assert account.signed_up == customer.joined  # a newcomer signs up when it joins
+        else:
+            assert -730 * DAY <= account.signed_up < 0
+    other = HonestWeek(COUNTS, days=DAYS, launch_day=1, seed=12)
+    assert all(WEEK.account(c).signed_up != other.account(c).signed_up for c in customers if c.joined == 0)
+
+
+def test_accounts_sign_up_pay_and_verify_in_the_stated_shares() -> None:
+    week = HonestWeek({"light": 3_000, "agent": 900, "university": 300, "heavy": 100, "nat": 50, "stream": 40},
+                      seed=2)
+    accounts = [(c, week.account(c)) for c in week.customers()]
+    from_start = [a for c, a in accounts if c.joined == 0 and c.segment not in VERIFIED]
+    recent = [a for a in from_start if a.signed_up >= -7 * DAY]
+    assert abs(len(recent) / len(from_start) - 0.05) < 0.015
+    assert all(-7 * DAY <= a.signed_up < 0 for a in recent)
+    unverified = [a for c, a in accounts if c.segment not in VERIFIED]
+    paying = [a for a in unverified if a.paid_usd > 0]
+    assert abs(len(paying) / len(unverified) - 0.35) < 0.03
+    assert all(20 <= a.paid_usd <= 200 for a in paying) and not any(a.verified for a in unverified)
+    assert {c.segment for c, _ in accounts if c.segment in VERIFIED} == {"heavy", "nat", "stream"}
+    assert all(a.verified and 500 <= a.paid_usd <= 5_000 for c, a in accounts if c.segment in VERIFIED)
+
+
+def test_account_draws_change_no_plan() -> None:
+    """The digest of a small week's plans and profiles (account fields aside) as they were
+    generated before customers had accounts."""
+    week = HonestWeek({s.name: 1 for s in SEGMENTS}, days=1.5, launch_day=1, seed=7)
+    plans, profiles = week.generate(load_evaluation_prompts(), load_evaluation_documents(), week.customers())
+    digest = hashlib.sha256()
+    for p in plans:
+        digest.update(orjson.dumps([round(p.at, 6), p.client, p.route, p.body, p.turns], default=float))
+    for f in profiles:
+        digest.update(orjson.dumps([f.name, f.role, f.user_agent, f.ip, f.extra_headers, f.tier, f.segment,
+                                    f.header_order]))
+    assert (len(plans), digest.hexdigest()[:16]) == (11_574, PLANS_DIGEST)
 
 
 def test_the_evaluation_corpus_shares_no_text_with_calibration(texts: tuple[tuple[str, ...], tuple[str, ...]]) -> None:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from modelfence.redteam import run_redteam
+from modelfence.redteam.contest import FRICTIONS
 from modelfence.redteam.evaluation import weighted_share
 from modelfence.redteam.populations.week import GROUPS
 from modelfence.redteam.suites import SUITES
@@ -66,6 +67,16 @@ def test_honest_friction_is_reported_per_group_with_intervals(adaptive: dict) ->
             low, high = share["interval"]
             assert low <= share["share"] <= high
     assert "| 24/7 |" in adaptive["report"] and "theft reduction" in adaptive["report"]
+
+
+def test_probation_is_measured_on_defended_runs_only(adaptive: dict) -> None:
+    honest = adaptive["scenarios"][0]["details"]["honest"]
+    for side in ("undefended", "defended"):
+        assert set(honest[side]["by_kind"]) == {*FRICTIONS, "flagged"}
+    for kind in ("probation", "probation_after_week", "account_budget"):
+        assert honest["undefended"]["by_kind"][kind]["share"] == 0  # no trust levels without defences
+    assert "met a probation cap (defended)" in adaptive["report"]
+    assert "after their first week" in adaptive["report"]
 
 
 def test_weighted_share_uses_the_effective_sample_size() -> None:

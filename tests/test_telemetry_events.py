@@ -225,3 +225,22 @@ async def test_events_are_built_off_the_event_loop_and_unchanged() -> None:
     (event,) = sink.events
     assert event.prompt_hash == expected.prompt_hash and event.prompt_len == 2**19 + 1
     assert event.prompt_text == ("x" * 2**19 + "1")[:MAX_PROMPT_CHARS] and event.turns == 3
+
+
+def test_a_chats_frame_is_its_system_messages_else_the_user_turns_opening() -> None:
+    from modelfence.gateway.telemetry import frame_of
+    from modelfence.operations import Operation
+
+    def chat(*messages: tuple[str, str]) -> dict[str, object]:
+        return {"messages": [{"role": role, "content": text} for role, text in messages]}
+
+    framed = [
+        frame_of(Operation.CHAT, chat(("system", "Explain step by step."), ("user", task)))
+        for task in ("Why is the sky blue?", "How do tides work?")
+    ]
+    assert framed[0] == framed[1] == "system\x00Explain step by step."
+    assert frame_of(Operation.CHAT, chat(("user", "What is  the capital of Peru?"))) == (
+        "user\x00What is the"
+    )
+    assert frame_of(Operation.CHAT, chat(("system", " "), ("user", ""))) == ""
+    assert frame_of(Operation.EMBEDDINGS, {"input": ["x"]}) == ""

@@ -261,10 +261,14 @@ class DetectionEngine:
         state.reasons = {r.code: r for r in reasons}
         self.risks[client] = state
 
-    @staticmethod
-    def _implicated(state: ClientState, own: RiskState) -> bool:
-        """Whether the entity's risk applies to this member (see ``ESTABLISHED_QUERIES``)."""
-        return state.total < ESTABLISHED_QUERIES or own.risk > OWN_EVIDENCE
+    def _implicated(self, state: ClientState, own: RiskState) -> bool:
+        """Whether the entity's risk applies to this member (see ``ESTABLISHED_QUERIES``):
+        an account on probation has no history to vouch for it, however many queries."""
+        return (
+            state.total < ESTABLISHED_QUERIES
+            or own.risk > OWN_EVIDENCE
+            or self.linker.on_probation(state.client)
+        )
 
     def verdict(self, client: str) -> Verdict:
         state = self.clients[client]

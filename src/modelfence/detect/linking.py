@@ -11,6 +11,7 @@ two keys are one actor, by kind and weight:
 | ``fingerprint`` | 0.8 | yes | one client fingerprint (address prefix, user agent, header order) |
 | ``lockstep`` | 0.8 | yes | busy in the same moments on the same kind of queries (``coactivity.py``) |
 | ``ip_prefix`` | 0.6 | yes | one network prefix |
+| ``frame`` | 0.6 | yes | accounts on probation sending one prompt frame (system messages and the user turn's opening words) that fewer than ``FRAME_COMMON`` other clients use |
 | ``signup_network`` | 0.4 | no | their accounts signed up from one network |
 | ``email_domain`` | 0.3 | no | their accounts share an e-mail domain |
 
@@ -39,10 +40,14 @@ WEIGHTS: dict[str, float] = {
     "fingerprint": 0.8,
     "lockstep": 0.8,
     "ip_prefix": 0.6,
+    "frame": 0.6,
     "signup_network": 0.4,
     "email_domain": 0.3,
 }
-FADING = frozenset({"fingerprint", "lockstep", "ip_prefix"})
+FADING = frozenset({"fingerprint", "lockstep", "ip_prefix", "frame"})
+# A frame used by this many clients that are not on probation is a common one (a popular
+# system prompt, "What is the ..."): sharing it says nothing about who the senders are.
+FRAME_COMMON = 3
 TRAIT_KINDS = ("payment", "organisation", "signup_network", "email_domain")
 JOIN = 0.5
 MAX_SHOWN = 20  # links listed per client for operators
@@ -111,6 +116,8 @@ class Linker:
         self._accounts: dict[str, set[str]] = {}  # account -> its clients
         self._traits: dict[str, dict[str, str]] = {}  # account -> trait kind -> keyed hash
         self._cuts: dict[str, set[str]] = {}
+        self._probation: set[str] = set()  # clients whose account was on probation when last seen
+        self._frame_users: dict[str, set[str]] = {}  # frame hub -> its users off probation (capped)
         self._now = 0.0
         self._components = _Components(self._cuts)
 
@@ -121,7 +128,15 @@ class Linker:
         client, ts = event.client, event.ts
         self._now = max(self._now, ts)
         self._components.find(client)
-        hubs = [("fingerprint", event.fingerprint), ("ip_prefix", event.ip_prefix)]
+        if event.trust == "probation":
+            self._probation.add(client)
+        else:
+            self._probation.discard(client)
+        hubs = [
+            ("fingerprint", event.fingerprint),
+            ("ip_prefix", event.ip_prefix),
+            ("frame", event.frame_hash),
+        ]
         if event.account:
             self._accounts.setdefault(event.account, set()).add(client)
             hubs.append(("account", event.account))
@@ -173,8 +188,32 @@ class Linker:
         seen = max(ts, hub.pop(client, ts))
         latest = next(reversed(hub), None)
         hub[client] = seen
+        if kind == "frame":
+            latest = self._frame_partner(key, hub, client)
         if latest is not None and self.weight(kind, min(hub[latest], seen), ts) >= JOIN:
             self._components.union(latest, client)
+
+    def _frame_partner(self, key: str, hub: dict[str, float], client: str) -> str | None:
+        """The latest other user on probation of a frame still uncommon, if ``client`` is on
+        probation too (see ``FRAME_COMMON``)."""
+        if client not in self._probation:
+            users = self._frame_users.setdefault(key, set())
+            if len(users) < FRAME_COMMON:
+                users.add(client)
+            return None
+        if len(self._frame_users.get(key, ())) >= FRAME_COMMON:
+            return None
+        return next((c for c in reversed(hub) if c != client and c in self._probation), None)
+
+    def _joined(self, key: str, kind: str, live: dict[str, float], now: float) -> list[str]:
+        """The members of one hub a rebuild joins: those whose link is still strong."""
+        if WEIGHTS[kind] < JOIN:
+            return []
+        if kind == "frame":
+            if len(self._frame_users.get(key, ())) >= FRAME_COMMON:
+                return []
+            live = {c: t for c, t in live.items() if c in self._probation}
+        return [c for c, t in live.items() if self.weight(kind, t, now) >= JOIN]
 
     # -- entities --------------------------------------------------------------
 
@@ -200,11 +239,10 @@ class Linker:
                 self._hubs_of[client].discard(key)
             if not live:
                 del self._hubs[key]
+                self._frame_users.pop(key, None)
                 continue
             self._hubs[key] = live
-            if WEIGHTS[kind] < JOIN:
-                continue
-            joined = [c for c, t in live.items() if self.weight(kind, t, now) >= JOIN]
+            joined = self._joined(key, kind, live, now)
             for client in joined:
                 components.union(joined[0], client)
         for pair, last in list(self._pairs.items()):
@@ -216,6 +254,10 @@ class Linker:
         for client in self._components.clients():  # clients seen keep a component
             components.find(client)
         self._components = components
+
+    def on_probation(self, client: str) -> bool:
+        """Whether the client's account was on probation when it was last seen."""
+        return client in self._probation
 
     def members(self, client: str) -> list[str]:
         return sorted(self._components.members(client))

@@ -65,6 +65,36 @@ def prompt_of(operation: Operation | None, body: dict[str, Any]) -> tuple[str, i
     return (value if isinstance(value, str) else ""), 0
 
 
+FRAME_WORDS = 3  # opening words of the user turn that make a frame when there is no system message
+_FRAME_CHARS = 4096  # of the system messages: a frame is recognised by its opening
+
+
+def frame_of(operation: Operation | None, body: dict[str, Any]) -> str:
+    """A chat's frame: its system (and developer) messages, else the user turn's first words.
+
+    A campaign of many accounts usually sends its instructions in one frame ("Explain step
+    by step, showing your reasoning...") around different tasks; honest customers' frames
+    are their own or common to many. Empty for other routes.
+    """
+    if operation is not Operation.CHAT:
+        return ""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return ""
+    system, user = [], ""
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        if message.get("role") in ("system", "developer"):
+            system.append(_text_of(message.get("content")))
+        elif message.get("role") == "user":
+            user = _text_of(message.get("content"))
+    if any(part.strip() for part in system):
+        return "system\x00" + "\n".join(system)[:_FRAME_CHARS]
+    opening = " ".join(user[:200].split()[:FRAME_WORDS])
+    return "user\x00" + opening if opening else ""
+
+
 def input_texts_of(body: dict[str, Any]) -> list[str] | None:
     """Every text of an embeddings request (first ``MAX_INPUT_TEXTS``, cut to 512 characters):
     a batch of 16 texts is 16 queries to a detector."""
@@ -169,6 +199,7 @@ class EventDraft:
     tensor: tuple[Any, Any] | None = None  # OIP (data, shape), see first_tensor
     output: list[bytes] | None = None  # OIP answer, when small enough to parse
     nbytes: int = EVENT_BYTES
+    frame: str = ""  # see frame_of
 
     def __call__(self) -> RequestEvent:
         event, text = self.event, self.prompt
@@ -176,6 +207,8 @@ class EventDraft:
             event.prompt_hash = prompt_hash(text, self.hash_key)
             event.prompt_len = len(text)
             event.prompt_text = text[:MAX_PROMPT_CHARS]
+        if self.frame:
+            event.frame_hash = prompt_hash(self.frame, self.hash_key)
         if self.tensor is not None:
             event.input_rows = input_rows_of(*self.tensor)
         if self.output:
@@ -242,7 +275,8 @@ def event_draft(
         nbytes += _PARSED_PER_RAW_BYTE * len(ctx.raw_body)
     if output:
         nbytes += sum(map(len, output))
-    return EventDraft(event, text, hash_key, tensor, output, nbytes)
+    frame = frame_of(operation, body)
+    return EventDraft(event, text, hash_key, tensor, output, nbytes + len(frame), frame)
 
 
 def build_event(

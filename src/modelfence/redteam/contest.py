@@ -7,17 +7,26 @@ gateway's answer. ``Contest`` plays the gateway's admission decisions in time or
 
 1. detection's current action for the client (``block`` answers 403; ``tighten`` and
    above scale the limits; ``degrade`` degrades the answer), as ``gateway/detection.py``;
-2. the real in-process limit backend (``limits/memory.py``) with the deployment's tiers,
+2. when defended, the account's trust (``identity/trust.py``: each client is its own
+   account, signed up at ``ClientProfile.signed_up`` or else at its first request, so a
+   thief's fresh account starts on probation, as does one detection demoted) and the
+   allowance of that level, charged with the request's inputs, as ``gateway/admission.py``;
+3. the real in-process limit backend (``limits/memory.py``) with the deployment's tiers,
    prices and the real request parsers' token estimates, on the events' own clock;
-3. the events, refused ones included (a live gateway records those too), go to the real
+4. the events, refused ones included (a live gateway records those too), go to the real
    ``DetectionEngine`` every ``WINDOW`` (2 s) of event time, and its verdicts become the
    actions for the requests after that (a live detector publishes within a second or two).
 
-Undefended means limits only (``engine=None``). Outputs are not generated: a request's
-tokens are its reservation (prompt estimate + ``max_tokens``), which is what the gateway
-charges before the answer exists. The outcome per honest client is the set of frictions it
-met; per thief, what it got: its answered extraction requests in order, with the accounts
-it had used by then, and what it spent.
+A thief's retry of a request its account's allowance refused is sent once the allowance
+has room for it (the 429's Retry-After, the next UTC day for a daily cap), and never when
+the request is larger than the whole allowance: earlier tries could only be refused again,
+and a minute apart they would be most of a run's events.
+
+Undefended means limits only (``engine=None``): no detection, no trust levels. Outputs are
+not generated: a request's tokens are its reservation (prompt estimate + ``max_tokens``),
+which is what the gateway charges before the answer exists. The outcome per honest client
+is the set of frictions it met; per thief, what it got: its answered extraction requests in
+order, with the accounts it had used by then, and what it spent.
 
     contest = Contest(config, engine)
     result = contest.run(plans, profiles, thieves)
@@ -29,11 +38,15 @@ import asyncio
 import heapq
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 from modelfence.config import Config
 from modelfence.detect.actions import NORMAL, Action, rank
 from modelfence.detect.engine import DetectionEngine, Verdict
+from modelfence.identity.base import AccountRecord
+from modelfence.identity.trust import Standing, TrustPolicy
 from modelfence.limits.base import AdmissionRequest
 from modelfence.limits.memory import MemoryBackend
 from modelfence.limits.quota import quota_for
@@ -47,8 +60,13 @@ from modelfence.telemetry.events import RequestEvent
 START_TS = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 WINDOW = 2.0  # event seconds between detector batches: a live detector publishes within a second or two
 ANSWERED, THROTTLED, BLOCKED = 200, 429, 403
-# Frictions an honest client can meet (probation caps do not exist in this version).
-FRICTIONS = ("refused", "degraded", "blocked", "tightened")
+# Frictions an honest client can meet. "refused" is any 429; "probation" and
+# "account_budget" a 429 from the account's allowance, on probation or at another level;
+# "probation_after_week" one on probation at least ``probation_days`` after signing up
+# (only detection's demotion puts such an account there).
+FRICTIONS = ("refused", "degraded", "blocked", "tightened", "probation", "probation_after_week",
+             "account_budget")
+ACCOUNT_DENIALS = ("account_rows", "account_tokens")
 
 
 @dataclass
@@ -92,6 +110,18 @@ class _Slot:
     alive: bool = True
 
 
+class _Answer(NamedTuple):
+    """The gateway's answer to one request, as the bookkeeping needs it."""
+
+    status: int
+    degraded: bool = False  # and the client notices (``_felt``)
+    usd: float = 0.0  # dollars charged
+    # A refusal by the account's allowance: its honest frictions, and when (virtual seconds)
+    # the allowance has room for the request (inf: not at the account's present level).
+    capped: tuple[str, ...] = ()
+    room_at: float = 0.0
+
+
 def _felt(plan: PlannedRequest) -> bool:
     """Whether degrading changes this request's answer: degrade serves text only and
     labels only, so only a request for logprobs or classifier probabilities notices."""
@@ -114,6 +144,12 @@ class Contest:
         self._flagged: set[str] = set()
         self._owner: dict[str, _Slot] = {}  # identity in use -> its slot
         self._worst: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._accounts: dict[str, AccountRecord] = {}  # client -> its account, once it sent
+        self.trust = TrustPolicy(config.accounts, self, clock=lambda: self.now)
+
+    def account(self, account_id: str) -> AccountRecord | None:
+        """The account of the client ``account_id`` once it has sent (the trust lookup)."""
+        return self._accounts.get(account_id)
 
     def run(
         self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief]
@@ -168,16 +204,16 @@ class Contest:
                 self.now = START_TS + at
                 event = event_for(plan, profile, ts=self.now, request_id=f"contest-{result.events:09d}")
                 result.events += 1
-                status, degraded, usd = await self._admit(plan, profile, event)
-                event.status = status
+                answer = await self._admit(plan, profile, event)
+                event.status = answer.status
                 events.append(event)
-                if status == ANSWERED and event.input_rows and shows_margins(plan.body) and not degraded:
+                margins = event.input_rows and shows_margins(plan.body) and not answer.degraded
+                if answer.status == ANSWERED and margins:
                     with_margins.append(event)
-                degraded = degraded and _felt(plan)
                 if sender is None:
-                    self._note_honest(result.honest[profile.name], status, degraded, profile.name)
+                    self._note_honest(result.honest[profile.name], answer, profile.name)
                 else:
-                    order = self._note_thief(sender, plan, at, status, degraded, usd, queue, order, horizon)
+                    order = self._note_thief(sender, plan, at, answer, queue, order, horizon)
             if self.engine is not None and events:
                 answer_classifier(with_margins)
                 for verdict in self.engine.process(events):
@@ -189,53 +225,88 @@ class Contest:
 
     # -- the gateway's decision ---------------------------------------------------------
 
-    async def _admit(self, plan: PlannedRequest, profile: ClientProfile, event: RequestEvent) -> tuple[int, bool, float]:
-        """(status, degraded, dollars charged) for one request, as the gateway decides it."""
+    async def _admit(
+        self, plan: PlannedRequest, profile: ClientProfile, event: RequestEvent
+    ) -> _Answer:
+        """The gateway's answer to one request."""
         action = self.actions.get(profile.name, NORMAL)
         event.risk_level = action.level
+        record = self._record(profile) if self.engine is not None else None
+        standing = None if record is None else self.trust.assess(record, action.level, self.now)
+        if record is not None and standing is not None:  # as the gateway's event says it
+            event.account, event.trust = record.account_id, standing.level
         if action.blocks:
             event.limit_decision = "blocked"
-            return BLOCKED, False, 0.0
+            return _Answer(BLOCKED)
         tokens, usd = self.tariff.charge(plan)
         tier = self.config.limits.tiers.get(profile.tier) or self.config.limits.tiers["default"]
         quota = quota_for(tier, per_ip_prefix=self.config.limits.per_ip_prefix,
                           per_fingerprint=self.config.limits.per_fingerprint)
+        if standing is not None:
+            quota = replace(quota, allowance=standing.allowance)
         if action.quota_share < 1.0:
             quota = quota.scaled(action.quota_share)
         decision = await self.limits.admit(AdmissionRequest(
             key_id=profile.name, quota=quota, tokens=tokens, usd=usd,
             ip_prefix=event.ip_prefix or None, fingerprint=event.fingerprint or None,
+            account=None if record is None else record.account_id, rows=plan.units,
         ))
         if not decision.allowed:
             event.limit_decision = f"denied:{decision.denied_by}"
-            return THROTTLED, False, 0.0
+            if decision.denied_by in ACCOUNT_DENIALS and record and standing:
+                # Added to the event clock first, so a wait to midnight ends exactly there.
+                room_at = self.now + decision.retry_after - START_TS
+                return _Answer(THROTTLED, capped=self._capped(record, standing), room_at=room_at)
+            return _Answer(THROTTLED)
         assert decision.lease is not None
         await self.limits.settle(decision.lease, tokens, usd)  # the whole reservation is used
-        return ANSWERED, action.degrades, usd
+        return _Answer(ANSWERED, action.degrades and _felt(plan), usd)
+
+    def _record(self, profile: ClientProfile) -> AccountRecord:
+        """The client's account, signed up at ``profile.signed_up`` or else now (its first
+        request)."""
+        record = self._accounts.get(profile.name)
+        if record is None:
+            signed_up = self.now if profile.signed_up is None else START_TS + profile.signed_up
+            record = self._accounts[profile.name] = AccountRecord(
+                profile.name, datetime.fromtimestamp(signed_up, UTC), verified=profile.verified,
+                paid_usd=profile.paid_usd)
+        return record
+
+    def _capped(self, record: AccountRecord, standing: Standing) -> tuple[str, ...]:
+        """The honest frictions of a refusal by the account's allowance."""
+        if standing.level != "probation":
+            return ("account_budget",)
+        days = (self.now - record.created_at.timestamp()) / DAY
+        if days >= self.config.accounts.probation_days:
+            return ("probation", "probation_after_week")
+        return ("probation",)
 
     # -- bookkeeping ----------------------------------------------------------------
 
-    def _note_honest(self, met: set[str], status: int, degraded: bool, client: str) -> None:
-        if status == THROTTLED:
+    def _note_honest(self, met: set[str], answer: _Answer, client: str) -> None:
+        if answer.status == THROTTLED:
             met.add("refused")
-        elif status == BLOCKED:
+            met.update(answer.capped)
+        elif answer.status == BLOCKED:
             met.add("blocked")
-        if degraded:
+        if answer.degraded:
             met.add("degraded")
         if self.actions.get(client, NORMAL).quota_share < 1.0:
             met.add("tightened")
 
     def _note_thief(
-        self, slot: _Slot, plan: PlannedRequest, at: float, status: int, degraded: bool, usd: float,
+        self, slot: _Slot, plan: PlannedRequest, at: float, answer: _Answer,
         queue: list[tuple[float, int, PlannedRequest, str]], order: int, horizon: float,
     ) -> int:
         """Count the answer; on a refusal ask the thief what it does (retry, rotate, stop)."""
         outcome = slot.outcome
         outcome.requests += 1
         outcome.senders.add(slot.identity.name)
+        status = answer.status
         if status == ANSWERED:
-            outcome.usd += usd
-            outcome.degraded += degraded
+            outcome.usd += answer.usd
+            outcome.degraded += answer.degraded
             if plan.purpose == "extraction":
                 outcome.answered.append((plan, len(outcome.senders)))
             else:
@@ -259,10 +330,13 @@ class Contest:
             outcome.accounts_created += 1
         elif status == BLOCKED and reaction.retry_at is None:
             slot.alive = False  # a blocked account that gives up sends nothing more
+        retry_at = reaction.retry_at
+        if retry_at is not None and answer.capped and not reaction.rotate:
+            retry_at = max(retry_at, answer.room_at)  # the same account: see the module docstring
         # A retry past the campaign's days is not sent (a 429 that can never pass, e.g. a
         # request larger than a tightened quota, would otherwise be retried for ever).
-        if reaction.retry_at is not None and reaction.retry_at < slot.thief.budget.days * DAY:
-            heapq.heappush(queue, (max(reaction.retry_at, horizon), order, plan, plan.client))
+        if retry_at is not None and retry_at < slot.thief.budget.days * DAY:
+            heapq.heappush(queue, (max(retry_at, horizon), order, plan, plan.client))
             order += 1
         return order
 

@@ -245,8 +245,8 @@ def markdown_tables(kind: Kind, attacks: Sequence[Mapping[str, Any]], honest: Ma
             f"{_needed(row['needed_for_95']['defended'])} "
             f"| {d['accounts_flagged']:,} of {d['accounts_used']:,} |")
     lines += ["", (f"**Honest friction ({kind})** — share of honest clients that ever met a refusal, a degraded "
-                   "answer or a block over the week (no probation caps exist yet); weighted sample, 95% Wilson "
-                   "interval."),
+                   "answer or a block over the week (probation caps apply to defended runs only; their 429s are "
+                   "refusals); weighted sample, 95% Wilson interval."),
               "", "| group | clients represented (replayed) | undefended | defended |", "|---|---:|---:|---:|"]
     for group in (*GROUPS, "all"):
         u = honest["undefended"]["any_friction"][group]
@@ -254,6 +254,10 @@ def markdown_tables(kind: Kind, attacks: Sequence[Mapping[str, Any]], honest: Ma
         if u["share"] is None:
             continue
         lines.append(f"| {group} | {u['represents']:,} ({u['sampled']:,}) | {_interval(u)} | {_interval(d)} |")
+    kinds = honest["defended"]["by_kind"]
+    lines += ["", f"Honest clients that met a probation cap (defended): {_interval(kinds['probation'])}.",
+              "", ("Honest clients that met one after their first week (put back on probation by detection): "
+                   f"{_interval(kinds['probation_after_week'])}.")]
     lines += ["", "By segment, defended, with the detector's leading reason at each client's worst level:", "",
               "| segment | replayed | undefended | defended | worst level: leading reason (clients) |",
               "|---|---:|---:|---:|---|"]

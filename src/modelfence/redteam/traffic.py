@@ -42,7 +42,9 @@ class ClientProfile:
     """One simulated account: its gateway client name, fingerprint and role.
 
     ``campaign`` groups the identities of one actor (a Sybil botnet's keys, a rotating
-    attacker's successive accounts) so outcomes can be summed per actor.
+    attacker's successive accounts) so outcomes can be summed per actor. ``signed_up``,
+    ``paid_usd`` and ``verified`` are what the account's trust level is judged on
+    (``identity/trust.py``): a new, unpaid, unverified account is on probation.
     """
 
     name: str
@@ -56,6 +58,11 @@ class ClientProfile:
     # Which order the headers between host and content-length go in (0: the usual one);
     # a careful thief varies it so that its accounts share no fingerprint.
     header_order: int = 0
+    # Virtual seconds from the window's start when the account signed up (negative: before
+    # it); None: at its first request, as a thief's fresh account does.
+    signed_up: float | None = None
+    paid_usd: float = 0.0
+    verified: bool = False
 
     @property
     def actor(self) -> str:

@@ -28,6 +28,14 @@ customers every day), and ~10% leave at a uniform time after they joined. The ot
 all week. Rates are per day a customer is present; human timing is ``HumanTiming`` scaled to
 the rate, restricted to the segment's working hours.
 
+Accounts (what probation judges): a customer who joins during the week signs up when it
+joins; of those there from the start, 5% signed up in the 7 days before the week (uniform),
+the rest between two years and a week before it (uniform). The pro-tier segments (launch,
+heavy, bulk-embed, bulk-score, stream, summariser) and the nat enterprise are verified and
+have paid $500-5,000; of light, agent, student, embed, classify and university customers
+35% have paid $20-200 and the rest nothing, none verified. These draws have their own
+random stream, so they change no plan.
+
 Offline limits, stated so nobody mistakes them for behaviour: there are ~600 distinct
 documents, so each bulk embedder's corpus is 50,000 entries drawn with repetition (its own
 draw) from them, and the same corpus is re-embedded every night; summarisers see documents
@@ -47,10 +55,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,6 +92,16 @@ JITTER = 0.3  # bulk jobs' gaps: uniform within ±30%
 STREAM_GAP = 20.0
 SUMMARY_GAP = 60.0
 LAUNCH_FACTOR = 20
+ARRIVALS, ACCOUNT = 1, 2  # the seed-sequence tails of a customer's arrival and account draws
+VERIFIED = ("launch", "heavy", "bulk-embed", "bulk-score", "stream", "summariser", "nat")
+VERIFIED_PAID = (500.0, 5_000.0)  # dollars paid to date, uniform
+PAYING_SHARE = 0.35  # of the other segments' customers
+PAYING_PAID = (20.0, 200.0)
+# Days before the week a customer there from the start signed up, uniform from the first
+# to the second: recently for 5% of them, else up to two years before.
+RECENT_SIGNUP_SHARE = 0.05
+RECENT_SIGNUP = (7.0, 0.0)
+EARLIER_SIGNUP = (730.0, 7.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +253,14 @@ class Customer:
     left: float
 
 
+class Account(NamedTuple):
+    """What a customer's trust is judged on, as ``ClientProfile`` carries it."""
+
+    signed_up: float  # virtual seconds; negative: before the week
+    paid_usd: float
+    verified: bool
+
+
 Build = Callable[[Customer, np.random.Generator, float], list[PlannedRequest]]
 
 
@@ -301,7 +327,7 @@ class HonestWeek:
                 joined, left = 0.0, self.horizon
                 if segment.churns:
                     late, join_at, churn, leave_at = np.random.default_rng(
-                        [self.seed, _NUMBER[segment.name], index, 1]).random(4)
+                        [self.seed, _NUMBER[segment.name], index, ARRIVALS]).random(4)
                     if late < 0.3 and self.horizon > DAY:
                         joined = DAY + join_at * (self.horizon - DAY)
                     if churn < 0.1:
@@ -309,6 +335,22 @@ class HonestWeek:
                 out.append(Customer(f"honest-{segment.name}-{index}", segment.name, segment.group, index,
                                     joined, left))
         return out
+
+    def account(self, customer: Customer) -> Account:
+        """The customer's account (see the module docstring)."""
+        recent, when, pays, amount = np.random.default_rng(
+            [self.seed, _NUMBER[customer.segment], customer.index, ACCOUNT]).random(4)
+        if customer.joined > 0:
+            signed_up = float(customer.joined)
+        else:
+            days = RECENT_SIGNUP if recent < RECENT_SIGNUP_SHARE else EARLIER_SIGNUP
+            signed_up = -DAY * _between(days, when)
+        verified = customer.segment in VERIFIED
+        if verified:
+            paid = _between(VERIFIED_PAID, amount)
+        else:
+            paid = _between(PAYING_PAID, amount) if pays < PAYING_SHARE else 0.0
+        return Account(signed_up, round(paid, 2), verified)
 
     def generate(
         self, corpus: PromptCorpus, documents: Sequence[str], customers: Sequence[Customer]
@@ -320,10 +362,18 @@ class HonestWeek:
         for customer in customers:
             rng = np.random.default_rng([self.seed, _NUMBER[customer.segment], customer.index])
             profile = builder.profile(customer, rng)
-            profiles.append(profile)
+            account = self.account(customer)
+            profiles.append(replace(profile, signed_up=account.signed_up, paid_usd=account.paid_usd,
+                                    verified=account.verified))
             plans.extend(builder.plans(customer, rng))
         plans.sort(key=attrgetter("at"))
         return plans, profiles
+
+
+def _between(bounds: tuple[float, float], share: float) -> float:
+    """The point ``share`` of the way from the first bound to the second."""
+    start, end = bounds
+    return float(start + share * (end - start))
 
 
 def stratified_sample(

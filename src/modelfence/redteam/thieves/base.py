@@ -33,15 +33,19 @@ HELD_OUT_TEXTS = 200
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """What one campaign may spend: identities (the first included), days and dollars."""
+    """What one campaign may spend: identities (the first included), days and dollars, and
+    how many days before it its first accounts signed up (a patient thief ages them past
+    probation; the fresh accounts it rotates to sign up when they first send)."""
 
     accounts: int = 1
     days: float = 7.0
     usd: float = 100.0
+    aged_days: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.accounts < 1 or self.days <= 0 or self.usd <= 0:
-            raise ValueError(f"a budget needs accounts >= 1, days > 0 and usd > 0, got {self}")
+        if self.accounts < 1 or self.days <= 0 or self.usd <= 0 or self.aged_days < 0:
+            raise ValueError(
+                f"a budget needs accounts >= 1, days > 0, usd > 0 and aged_days >= 0, got {self}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ sends the same traffic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,7 +66,11 @@ class Campaign:
         return self.budget.days * DAY
 
     def accounts(self) -> list[ClientProfile]:
-        return self.identities.initial()
+        """The first accounts; unless the budget aged them, each signs up when it first sends."""
+        initial = self.identities.initial()
+        if not self.budget.aged_days:
+            return initial
+        return [replace(p, signed_up=-self.budget.aged_days * DAY) for p in initial]
 
     def plans(self) -> list[PlannedRequest]:
         """The campaign's requests in time order; calling it (re)starts the campaign."""
