@@ -244,3 +244,27 @@ def test_a_chats_frame_is_its_system_messages_else_the_user_turns_opening() -> N
     )
     assert frame_of(Operation.CHAT, chat(("system", " "), ("user", ""))) == ""
     assert frame_of(Operation.EMBEDDINGS, {"input": ["x"]}) == ""
+
+
+def test_chain_of_thought_asked_for_in_the_system_message_is_seen() -> None:
+    from modelfence.detect.detectors.harvesting import _SIGNALS
+    from modelfence.gateway.context import RequestContext
+    from modelfence.gateway.telemetry import build_event
+    from modelfence.identity.base import ApiKeyRecord
+
+    cot = _SIGNALS["chain-of-thought elicited"][1]
+    body = {"model": "m", "messages": [
+        {"role": "system", "content": "Work through the problem in numbered steps."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ]}
+    ctx = RequestContext(route="/v1/chat/completions", started=0.0, request_id="r",
+                         key=ApiKeyRecord("key_1", "c", "default", "mf_x", datetime.now(UTC)),
+                         body=body, model="m")
+    event = build_event(ctx, 200, 0.0, 0.0, b"k" * 16, None)
+    assert event.cot and cot(event)
+    plain = build_event(
+        RequestContext(route="/v1/chat/completions", started=0.0, request_id="r",
+                       key=ctx.key, body={"messages": body["messages"][1:]}, model="m"),
+        200, 0.0, 0.0, b"k" * 16, None,
+    )
+    assert not plain.cot and not cot(plain)

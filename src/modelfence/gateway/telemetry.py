@@ -26,6 +26,7 @@ from modelfence.gateway.context import RequestContext, context_of
 from modelfence.operations import Operation
 from modelfence.telemetry.events import EVENT_BYTES, RequestEvent
 from modelfence.telemetry.pipeline import EventSource
+from modelfence.telemetry.prompts import elicits_reasoning
 from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
@@ -65,6 +66,8 @@ def prompt_of(operation: Operation | None, body: dict[str, Any]) -> tuple[str, i
     return (value if isinstance(value, str) else ""), 0
 
 
+_MAX_SCANNED_TURNS = 32  # turns read for chain-of-thought elicitation ...
+_SCANNED_CHARS = 2048  # ... and characters of each
 FRAME_WORDS = 3  # opening words of the user turn that make a frame when there is no system message
 _FRAME_CHARS = 4096  # of the system messages: a frame is recognised by its opening
 
@@ -90,9 +93,22 @@ def frame_of(operation: Operation | None, body: dict[str, Any]) -> str:
         elif message.get("role") == "user":
             user = _text_of(message.get("content"))
     if any(part.strip() for part in system):
-        return "system\x00" + "\n".join(system)[:_FRAME_CHARS]
+        return "system\x00" + "\n".join(part[:_FRAME_CHARS] for part in system)[:_FRAME_CHARS]
     opening = " ".join(user[:200].split()[:FRAME_WORDS])
     return "user\x00" + opening if opening else ""
+
+
+def turns_of(body: dict[str, Any]) -> tuple[str, ...]:
+    """The opening of every message of a chat, where an instruction to reason sits (capped
+    in number and length, so a draft keeps no huge conversation alive)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return ()
+    return tuple(
+        _text_of(m.get("content"))[:_SCANNED_CHARS]
+        for m in messages[:_MAX_SCANNED_TURNS]
+        if isinstance(m, dict)
+    )
 
 
 def input_texts_of(body: dict[str, Any]) -> list[str] | None:
@@ -200,6 +216,7 @@ class EventDraft:
     output: list[bytes] | None = None  # OIP answer, when small enough to parse
     nbytes: int = EVENT_BYTES
     frame: str = ""  # see frame_of
+    turns: tuple[str, ...] = ()  # every chat turn's text, for chain-of-thought elicitation
 
     def __call__(self) -> RequestEvent:
         event, text = self.event, self.prompt
@@ -209,6 +226,7 @@ class EventDraft:
             event.prompt_text = text[:MAX_PROMPT_CHARS]
         if self.frame:
             event.frame_hash = prompt_hash(self.frame, self.hash_key)
+        event.cot = elicits_reasoning(self.turns or ([text] if text else []))
         if self.tensor is not None:
             event.input_rows = input_rows_of(*self.tensor)
         if self.output:
@@ -276,7 +294,9 @@ def event_draft(
     if output:
         nbytes += sum(map(len, output))
     frame = frame_of(operation, body)
-    return EventDraft(event, text, hash_key, tensor, output, nbytes + len(frame), frame)
+    said = turns_of(body) if operation is Operation.CHAT else ()
+    nbytes += len(frame) + sum(map(len, said))
+    return EventDraft(event, text, hash_key, tensor, output, nbytes, frame, said)
 
 
 def build_event(

@@ -42,6 +42,7 @@ class RequestEvent:
     stream: bool = False
     # the input
     prompt_hash: str = ""  # keyed hash of the normalised last user turn / input
+    cot: bool = False  # some turn, the system message included, asks for the reasoning
     frame_hash: str = ""  # keyed hash of a chat's frame: system messages + the user turn's opening
     prompt_len: int = 0  # characters
     turns: int = 0  # messages in the conversation (0 for non-chat routes)

@@ -2,14 +2,13 @@
 
 Distillation traffic is single-turn, asks for the longest answers (max_tokens saturated),
 deterministic (temperature 0), with logprobs and logit_bias (soft labels and forced
-tokens), often eliciting chain-of-thought. Each alone is common in honest API use; all
+tokens), often eliciting chain-of-thought (asked for in any turn, the system message included). Each alone is common in honest API use; all
 together, on nearly every request, are not. The statistic is a weighted mean of the
 shares of requests showing each signal (logit_bias with logprobs weighs most).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -18,13 +17,9 @@ from modelfence.detect.features import View
 from modelfence.detect.reference import Reference
 from modelfence.operations import Operation
 from modelfence.telemetry.events import RequestEvent
+from modelfence.telemetry.prompts import elicits_reasoning
 
 MIN_QUERIES = 20
-_COT = re.compile(
-    r"step[- ]by[- ]step|show (your|all) (work|reasoning)|explain your reasoning|"
-    r"think (carefully|through)|chain[- ]of[- ]thought",
-    re.IGNORECASE,
-)
 _CHAT = frozenset(op.route for op in Operation if op.generates_text)
 
 
@@ -38,9 +33,11 @@ _SIGNALS: dict[str, tuple[float, Callable[[RequestEvent], bool]]] = {  # name ->
     "temperature 0": (1.0, lambda e: e.temperature == 0),
     "logprobs": (2.0, lambda e: e.logprobs or e.top_logprobs > 0),
     "logit_bias": (3.0, lambda e: e.logit_bias_size > 0),
+    # On every turn, system messages included (the gateway's ``cot``), or in the last user
+    # turn for events recorded before the gateway read every turn.
     "chain-of-thought elicited": (
         1.0,
-        lambda e: bool(e.prompt_text and _COT.search(e.prompt_text)),
+        lambda e: e.cot or bool(e.prompt_text and elicits_reasoning([e.prompt_text])),
     ),
 }
 _TOTAL = sum(weight for weight, _ in _SIGNALS.values())
