@@ -24,7 +24,7 @@ from .test_admin_api import AUTH, SECRET, TIERS, TOKEN, error_of
 from .test_auth_failures import admin_failures
 from .test_detect_service import service
 from .test_detect_streams import benign_chat, harvester
-from .test_store_database import scratch_engine
+from .test_store_database import scratch_engine, store_url  # noqa: F401  (store_url: fixture)
 
 ROUTES = [
     ("GET", "/admin/v1/clients", None),
@@ -197,7 +197,13 @@ async def test_a_link_cut_through_the_admin_api_stays_cut(
     assert same.status_code == 422 and error_of(same)["param"] == "other"
 
 
-async def test_accounts_sharing_a_payment_instrument_are_one_entity(engine: AsyncEngine) -> None:
+async def test_accounts_sharing_a_payment_instrument_are_one_entity(store_url: str) -> None:  # noqa: F811
+    async with scratch_engine(store_url) as engine:
+        await create_tables(engine)
+        await _linked_by_payment(engine)
+
+
+async def _linked_by_payment(engine: AsyncEngine) -> None:
     from modelfence.identity.base import AccountMetadata
 
     store = SqlKeyStore(engine, SECRET)
