@@ -252,3 +252,17 @@ def test_a_members_habits_are_not_inherited_by_its_entity() -> None:
     assert verdicts["busy"].level == "tighten"
     assert verdicts["newcomer"].entity == verdicts["busy"].entity
     assert verdicts["newcomer"].entity_risk == 0.0
+
+
+def test_a_client_cut_from_its_entity_no_longer_carries_the_entitys_risk() -> None:
+    engine = DetectionEngine(CONFIG)
+    machine = {"fingerprint": "one-machine", "ip_prefix": "198.51.100.0/24"}
+    alice = benign_chat("alice", 10, seed=3, **machine)
+    thief = harvester("thief", 120, seed=1, start=alice[-1].ts + 1, **machine)
+    verdicts = replay(engine, alice + thief)
+    assert verdicts["thief"].level == "block" and verdicts["alice"].entity_members == 2
+    engine.linker.set_cuts([("alice", "thief")])
+    engine.linker.rebuild(thief[-1].ts)
+    later = benign_chat("alice", 10, seed=5, start=thief[-1].ts + 10, fingerprint="own")
+    after = replay(engine, later)["alice"]
+    assert after.entity_members == 1 and after.level == "normal"

@@ -23,7 +23,7 @@ from .test_identity_store import engine  # noqa: F401  (fixture, on SQLite and P
 from .test_store_database import scratch_engine, store_url  # noqa: F401  (store_url: fixture)
 
 SECRET = ServerSecret(b"test-secret-0123456789abcdef")
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -206,7 +206,7 @@ def test_trust_grows_with_history_and_falls_with_risk() -> None:
     assert trust.standing(key("acct"), "tighten").level == "standard"  # timing, volume: no more
     demoted = trust.standing(key("acct"), "degrade")
     assert demoted.level == "probation" and demoted.widens_at is None
-    assert "detection level degrade" in demoted.reason
+    assert demoted.reason == "account under review"  # a 429 says no more than that
 
 
 def test_keys_without_an_account_and_unknown_accounts() -> None:
@@ -214,3 +214,19 @@ def test_keys_without_an_account_and_unknown_accounts() -> None:
     assert trust.standing(key(None)).level == "standard"
     # An account this replica has not read yet is judged from its key's age.
     assert trust.standing(key("unread", created_at=T0 + timedelta(days=29))).level == "probation"
+
+
+async def test_sign_up_times_in_the_future_and_mapped_addresses(store: SqlKeyStore) -> None:
+    with pytest.raises(InvalidMetadata) as caught:
+        await store.put_account("acct", AccountMetadata(created_at=datetime(9999, 12, 30, tzinfo=UTC)))
+    assert caught.value.field == "created_at"
+    mapped = await store.put_account("m", AccountMetadata(signup_address="::ffff:203.0.113.5"))
+    plain = await store.put_account("p", AccountMetadata(signup_address="203.0.113.77"))
+    other = await store.put_account("o", AccountMetadata(signup_address="::ffff:8.8.8.8"))
+    assert mapped.traits == plain.traits != other.traits
+
+
+def test_an_allowance_given_for_one_level_keeps_the_others_defaults() -> None:
+    config = AccountsConfig.model_validate({"allowances": {"standard": {"rows_per_day": 5}}})
+    assert config.allowance("probation").rows_per_day == 300
+    assert config.allowance("standard").rows_per_day == 5

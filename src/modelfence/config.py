@@ -237,6 +237,14 @@ class AccountsConfig(_Frozen):
     )
     allowances: dict[TrustLevelName, AllowanceConfig] = Field(default_factory=_default_allowances)
 
+    @field_validator("allowances")
+    @classmethod
+    def _levels_left_out_keep_defaults(
+        cls, value: dict[TrustLevelName, AllowanceConfig]
+    ) -> dict[TrustLevelName, AllowanceConfig]:
+        # A level given replaces that level's allowance whole; the others keep theirs.
+        return {**_default_allowances(), **value}
+
     @model_validator(mode="after")
     def _ordered(self) -> AccountsConfig:
         if self.trusted_days < self.probation_days:

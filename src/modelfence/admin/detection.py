@@ -86,8 +86,9 @@ class ClientState(BaseModel):
     updated_at: datetime
     links: list[dict[str, Any]] | None = Field(
         None,
-        description='[{"other", "kinds", "weight", "cut"}]: the strongest evidence that this '
-        "client and another are one actor (a weight of 0.5 or more joins them, unless cut)",
+        description='[{"other", "kinds", "weight", "joins", "cut"}]: the strongest evidence '
+        "that this client and another are one actor; `weight` adds the kinds up, `joins` says "
+        "whether one kind alone is strong enough (0.5) to put them in one entity, unless cut",
     )
     action: AppliedAction = Field(description="what gateways apply (nothing in shadow mode)")
 

@@ -212,6 +212,10 @@ class DetectionEngine:
             return []
         entity = self.linker.entity_of(client)
         state = self.entities.setdefault(entity, _Entity(RiskState(self._half_life)))
+        if not set(state.members) <= set(members):
+            # Members left (a link faded or was cut): what the old group earned is not this
+            # group's, least of all the risk copied from a member that is gone.
+            state.risk = RiskState(self._half_life)
         state.members = members
         pooled = [q for m in members if m in self.clients for q in self.clients[m].queries]
         pooled.sort(key=lambda q: q.event.ts)
@@ -274,8 +278,9 @@ class DetectionEngine:
         state = self.clients[client]
         own = self.risks.get(client) or RiskState(self._half_life)
         entity_id = self.linker.entity_of(client)
-        entity = self.entities.get(entity_id)
-        members = len(entity.members) if entity else 1
+        linked = self.linker.members(client)
+        entity = self.entities.get(entity_id) if len(linked) > 1 else None
+        members = len(linked) if entity else 1
         entity_risk = entity.risk.risk if entity else 0.0
         if entity is not None and (
             not self._implicated(state, own) or _habits_only(entity.risk)

@@ -60,7 +60,8 @@ class Link:
 
     other: str
     kinds: tuple[str, ...]
-    weight: float  # noisy-or of the kinds' current weights
+    weight: float  # noisy-or of the kinds' current weights (what the evidence adds up to)
+    joins: bool = False  # one kind alone is strong enough to join them (unless cut)
     cut: bool = False
 
 
@@ -128,9 +129,10 @@ class Linker:
         client, ts = event.client, event.ts
         self._now = max(self._now, ts)
         self._components.find(client)
+        # A request refused before admission carries no trust level: it changes nothing.
         if event.trust == "probation":
             self._probation.add(client)
-        else:
+        elif event.trust:
             self._probation.discard(client)
         hubs = [
             ("fingerprint", event.fingerprint),
@@ -141,9 +143,10 @@ class Linker:
             self._accounts.setdefault(event.account, set()).add(client)
             hubs.append(("account", event.account))
             hubs += list(self._traits.get(event.account, {}).items())
+        counts = bool(event.trust) and event.trust != "probation" and event.status < 400
         for kind, value in hubs:
             if value:
-                self._touch(kind, value, client, ts)
+                self._touch(kind, value, client, ts, trusted_answer=counts)
 
     def link(self, a: str, b: str, ts: float) -> None:
         """Behavioural evidence that ``a`` and ``b`` act as one (``coactivity.py``)."""
@@ -180,7 +183,9 @@ class Linker:
         self._cuts.update(cuts)
         return True
 
-    def _touch(self, kind: str, value: str, client: str, ts: float) -> None:
+    def _touch(
+        self, kind: str, value: str, client: str, ts: float, *, trusted_answer: bool = False
+    ) -> None:
         # Members are kept in the order last seen: the latest other one is the freshest link.
         key = f"{kind}:{value}"
         hub = self._hubs.setdefault(key, {})
@@ -189,16 +194,19 @@ class Linker:
         latest = next(reversed(hub), None)
         hub[client] = seen
         if kind == "frame":
-            latest = self._frame_partner(key, hub, client)
+            latest = self._frame_partner(key, hub, client, counts=trusted_answer)
         if latest is not None and self.weight(kind, min(hub[latest], seen), ts) >= JOIN:
             self._components.union(latest, client)
 
-    def _frame_partner(self, key: str, hub: dict[str, float], client: str) -> str | None:
+    def _frame_partner(
+        self, key: str, hub: dict[str, float], client: str, *, counts: bool
+    ) -> str | None:
         """The latest other user on probation of a frame still uncommon, if ``client`` is on
-        probation too (see ``FRAME_COMMON``)."""
+        probation too (see ``FRAME_COMMON``). Only answered requests of clients past
+        probation (``counts``) make a frame common: refused ones prove nothing."""
         if client not in self._probation:
             users = self._frame_users.setdefault(key, set())
-            if len(users) < FRAME_COMMON:
+            if counts and len(users) < FRAME_COMMON:
                 users.add(client)
             return None
         if len(self._frame_users.get(key, ())) >= FRAME_COMMON:
@@ -289,6 +297,12 @@ class Linker:
             miss = 1.0
             for value in weights.values():
                 miss *= 1.0 - value
-            links.append(Link(other, tuple(sorted(weights)), round(1.0 - miss, 3), other in cut))
+            joins = any(
+                value >= JOIN and (kind != "frame" or client in self._probation)
+                for kind, value in weights.items()
+            )
+            links.append(
+                Link(other, tuple(sorted(weights)), round(1.0 - miss, 3), joins, other in cut)
+            )
         links.sort(key=lambda link: (-link.weight, link.other))
         return links[:MAX_SHOWN]

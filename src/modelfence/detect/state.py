@@ -53,7 +53,7 @@ class ClientRecord:
     queries: int
     shadow: bool
     updated_at: datetime
-    links: list[dict[str, Any]] | None = None  # [{"other", "kinds", "weight", "cut"}]
+    links: list[dict[str, Any]] | None = None  # [{"other", "kinds", "weight", "joins", "cut"}]
 
     @property
     def action(self) -> Action:
@@ -150,13 +150,24 @@ class SqlState:
                 )
 
     async def account_traits(self, since: datetime) -> dict[str, dict[str, str]]:
-        """Hashed metadata of the accounts registered or changed at or after ``since``."""
-        query = select(accounts.c.account_id, accounts.c.traits).where(
+        """Hashed metadata of the accounts registered or changed at or after ``since``.
+
+        An organisation counts only once the operator verified it: a name anyone can type
+        at sign-up must not join a stranger to a customer's keys.
+        """
+        query = select(accounts.c.account_id, accounts.c.traits, accounts.c.verified).where(
             accounts.c.updated_at >= since
         )
         async with transaction(self.engine) as conn:
             rows = (await conn.execute(query)).all()
-        return {row.account_id: dict(row.traits) for row in rows}
+        return {
+            row.account_id: {
+                kind: value
+                for kind, value in row.traits.items()
+                if kind != "organisation" or row.verified
+            }
+            for row in rows
+        }
 
     async def audit(
         self,

@@ -49,7 +49,7 @@ class RequestContext:
     upstream: str = ""
     # set by Enforce (detection verdicts); read by Admission and the hardening layer
     risk_level: str = "normal"
-    trust: str = "standard"  # the account's trust level (identity.trust)
+    trust: str = ""  # the account's trust level (identity.trust); "" before Admission decides
     quota_share: float = 1.0  # detection tightened this client's limits to this share
     degrade: bool = False  # output hardening should degrade this client's answers
     # set by Admission

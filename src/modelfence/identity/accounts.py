@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from datetime import UTC, datetime, timedelta
 
 from modelfence.identity.base import AccountMetadata
 from modelfence.identity.secret import ServerSecret
 
 MAX_TRAIT_LENGTH = 512
+EARLIEST_SIGNUP = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_PAID_USD = 1e12
 
 
@@ -43,6 +45,8 @@ def _network(value: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
         address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise InvalidMetadata("signup_address", "must be an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:203.0.113.5 signed up from 203.0.113.0/24
     length = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network((address, length), strict=False))
 
@@ -80,6 +84,14 @@ def hashed_traits(
     paid = metadata.paid_usd
     if paid is not None and not (math.isfinite(paid) and 0 <= paid <= MAX_PAID_USD):
         raise InvalidMetadata("paid_usd", f"must be a number from 0 to {MAX_PAID_USD:g}")
-    if metadata.created_at is not None and metadata.created_at.tzinfo is None:
-        raise InvalidMetadata("created_at", "must carry a time zone (e.g. 2026-01-31T12:00:00Z)")
+    created = metadata.created_at
+    if created is not None:
+        if created.tzinfo is None:
+            raise InvalidMetadata("created_at", "must carry a time zone (e.g. 2026-01-31T12:00:00Z)")
+        # A sign-up in the future would keep an account on probation for years.
+        latest = datetime.now(UTC) + timedelta(days=1)
+        if not EARLIEST_SIGNUP <= created <= latest:
+            raise InvalidMetadata(
+                "created_at", f"must lie between {EARLIEST_SIGNUP:%Y-%m-%d} and tomorrow"
+            )
     return hashed

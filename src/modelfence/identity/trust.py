@@ -100,7 +100,8 @@ class TrustPolicy:
         days = (now - record.created_at.timestamp()) / 86_400
         risk = _risk_rank(risk_level)
         if risk >= _risk_rank(config.demote_at):
-            return self._standing("probation", f"detection level {risk_level}")
+            # Said to the client in a 429: "under review", not what detection found.
+            return self._standing("probation", "account under review")
         unvouched = not record.verified and record.paid_usd < config.probation_paid_usd
         if unvouched and days < config.probation_days:
             widens = record.created_at + timedelta(days=config.probation_days)
@@ -112,7 +113,7 @@ class TrustPolicy:
         if vouched and days >= config.trusted_days and risk == 0:
             return self._standing("trusted", "verified or paid, with history")
         if risk > 0:
-            return self._standing("standard", f"detection level {risk_level}")
+            return self._standing("standard", "account under review")
         return self._standing("standard", "established account")
 
     def _standing(

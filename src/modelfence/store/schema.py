@@ -140,7 +140,7 @@ client_risk = Table(
     Column("queries", Integer, nullable=False),
     Column("shadow", Boolean, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
-    # [{"other", "kinds", "weight", "cut"}]: the client's strongest links, for operators.
+    # [{"other", "kinds", "weight", "joins", "cut"}]: the client's strongest links, for operators.
     # Added after the first release: nullable, so create_tables adds it in place.
     Column("links", JSON, nullable=True),
     Index(None, "updated_at"),
