@@ -121,12 +121,14 @@ def _harvesting(thief: Thief, *, saturated: bool = False) -> float:
     return value
 
 
-def test_paced_chat_shows_the_harvesting_detector_nothing() -> None:
+def test_paced_chat_shows_the_harvesting_detector_only_its_system_frame() -> None:
     paced = PacedThief("chat", Knowledge(), Budget(), seed=1)
     naive = NaiveThief("chat", seed=1)
-    assert _harvesting(paced) < 0.01  # a task may say "step by step" itself
-    # Even if every answer used all of max_tokens, saturation (weight 1 of 9) is all it shows.
-    assert _harvesting(paced, saturated=True) < 0.5 * Knowledge().harvesting_share
+    # Its frame asks for reasoning in the system message, which the gateway reads too: the
+    # chain-of-thought signal (weight 1 of 9) on the requests whose frame says so.
+    assert 0.05 < _harvesting(paced) <= 1 / 9 + 1e-9
+    # Even if every answer used all of max_tokens, that and the frame are all it shows.
+    assert _harvesting(paced, saturated=True) < Knowledge().harvesting_share
     # The v1 chain-of-thought harvester is single-turn with the frame in the user turn: 2 of 9
     # (3 of 9 saturated). The harvesting detector alone never reaches 0.5 on it; MMD and
     # volume catch it (docs/DETECTION.md).

@@ -38,6 +38,10 @@ from modelfence.telemetry.events import RequestEvent
 
 POPULATION_EVERY_SECONDS = 60.0  # tier medians move slowly; recomputing them costs O(clients)
 LINK_EVERY_SECONDS = 15.0  # a botnet's keys should be joined within their first minute
+# Links fade over hours (link_half_life_hours): rebuilding entities from all the evidence
+# kept more often than this costs much and changes little (new links join at once anyway;
+# an operator's cut rebuilds at once, see DetectorService).
+REBUILD_EVERY_SECONDS = 600.0
 # What a query is about shows in its opening; embedding cost grows with length.
 EMBED_CHARS = 512
 
@@ -113,6 +117,7 @@ class DetectionEngine:
         self._half_life = config.half_life_hours * 3600.0
         self._population_at = float("-inf")
         self._linked_at = float("-inf")
+        self._rebuilt_at = float("-inf")
         # Called with the client's verdict at every evaluation, inside a batch too: replay
         # measures "queries before the first flag" with it, exactly, whatever the batching.
         self.listener: Callable[[Verdict], None] | None = None
@@ -256,7 +261,9 @@ class DetectionEngine:
         activities = (activity_of(s, now, self.reference) for s in self.clients.values())
         for a, b in lockstep_pairs(act for act in activities if act is not None):
             self.linker.link(a, b, now)
-        self.linker.rebuild(now)
+        if now - self._rebuilt_at >= REBUILD_EVERY_SECONDS:
+            self.linker.rebuild(now)
+            self._rebuilt_at = now
 
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not
