@@ -119,7 +119,9 @@ class SqlKeyStore:
         now: datetime,
     ) -> None:
         # Read, then insert or update, inside one write transaction: SQLite's write lock
-        # and PostgreSQL's row lock (FOR UPDATE) serialise concurrent registrations.
+        # serialises concurrent registrations; on PostgreSQL the row lock (FOR UPDATE)
+        # serialises updates, while two first registrations of one account at once can
+        # collide on the primary key (one of the two callers gets StoreError, a 503).
         query = select(accounts).where(accounts.c.account_id == account_id)
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()

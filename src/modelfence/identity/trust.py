@@ -17,11 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from modelfence.config import AccountsConfig, AllowanceConfig, TrustLevelName
+from modelfence.detect.actions import rank
 from modelfence.identity.base import AccountRecord, ApiKeyRecord
 from modelfence.limits.base import Allowance
 
-# Detection's action levels, mildest first (``detect.actions.LEVELS``, kept as text here).
-_RISK_ORDER = ("normal", "alert", "tighten", "degrade", "block")
 _CACHE_SECONDS = 60.0
 _CACHE_MAX = 100_000
 
@@ -43,17 +42,8 @@ class Standing:
 
 
 def _allowance(config: AllowanceConfig) -> Allowance | None:
-    allowance = Allowance(
-        rows_per_day=config.rows_per_day,
-        rows_per_30_days=config.rows_per_30_days,
-        tokens_per_day=config.tokens_per_day,
-        tokens_per_30_days=config.tokens_per_30_days,
-    )
+    allowance = Allowance(**config.model_dump())
     return allowance if allowance.limited else None
-
-
-def _risk_rank(level: str) -> int:
-    return _RISK_ORDER.index(level) if level in _RISK_ORDER else 0
 
 
 class TrustPolicy:
@@ -81,7 +71,8 @@ class TrustPolicy:
     def standing(self, key: ApiKeyRecord, risk_level: str = "normal") -> Standing:
         """The key's account's standing; keys without an account are ``standard``."""
         if key.account is None:
-            return Standing("standard", "key without an account", self._allowances["standard"])
+            # No account, nothing to charge an allowance to: the tier's limits alone apply.
+            return Standing("standard", "key without an account", None)
         record = self._accounts.account(key.account)
         if record is None:  # not yet read by this replica: judged as a bare new account
             record = AccountRecord(key.account, created_at=key.created_at)
@@ -98,8 +89,8 @@ class TrustPolicy:
     def assess(self, record: AccountRecord, risk_level: str, now: float) -> Standing:
         config = self._config
         days = (now - record.created_at.timestamp()) / 86_400
-        risk = _risk_rank(risk_level)
-        if risk >= _risk_rank(config.demote_at):
+        risk = rank(risk_level)
+        if risk >= rank(config.demote_at):
             # Said to the client in a 429: "under review", not what detection found.
             return self._standing("probation", "account under review")
         unvouched = not record.verified and record.paid_usd < config.probation_paid_usd
