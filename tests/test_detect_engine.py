@@ -243,6 +243,47 @@ def test_timing_and_volume_alone_tighten_an_established_client_but_never_block_i
     assert replay(young, benign_chat("new", 15, seed=5))["new"].level == "block"  # no history yet
 
 
+class Until(Always):
+    """``Always``, for a client's first ``last`` queries only: evidence that stops coming."""
+
+    def __init__(self, code: str, last: int) -> None:
+        super().__init__(code)
+        self.last = last
+
+    def statistic(self, view: object, reference: object) -> float | None:
+        state = getattr(view, "state", None)
+        return 10.0 if state is not None and state.total <= self.last else None
+
+
+def test_unusual_queries_alone_tighten_an_account_with_history_but_block_one_without() -> None:
+    unusual = [Always("mmd_shift"), Always("out_of_distribution")]
+    for trust, expected in (("standard", "tighten"), ("trusted", "tighten"),
+                            ("probation", "block"), ("", "block")):
+        engine = DetectionEngine(CONFIG, detectors=unusual)
+        verdict = replay(engine, benign_chat("niche", 60, seed=5, trust=trust))["niche"]
+        assert verdict.risk > 0.9 and verdict.level == expected, trust
+        assert verdict.reasons[0].code in ("mmd_shift", "out_of_distribution")
+    extraction = DetectionEngine(CONFIG, detectors=[*unusual, Always("coverage_growth")])
+    assert replay(extraction, benign_chat("thief", 60, seed=5, trust="trusted"))["thief"].level == "block"
+
+
+def test_an_organisations_pooled_unusualness_blocks_none_of_its_members_with_history() -> None:
+    engine = DetectionEngine(CONFIG, detectors=[Always("mmd_shift")])
+    office = {"ip_prefix": "198.51.100.0/24", "fingerprint": "corporate-proxy", "trust": "standard"}
+    staff = [e for i in range(5) for e in benign_chat(f"staff-{i}", 40, seed=i, **office)]
+    verdicts = replay(engine, staff)
+    assert {v.entity_members for v in verdicts.values()} == {5}
+    assert {v.level for v in verdicts.values()} == {"tighten"}
+
+
+def test_the_habit_ceiling_holds_after_the_habits_reasons_have_faded() -> None:
+    # A busy week, then normal traffic: the reasons fade faster than the score they raised.
+    engine = DetectionEngine(CONFIG, detectors=[Until("volume_vs_tier", last=600)])
+    verdict = replay(engine, benign_chat("nightly-job", 1000, seed=2))["nightly-job"]
+    assert verdict.risk > 0.9 and not verdict.reasons
+    assert verdict.level == "tighten"
+
+
 def test_a_members_habits_are_not_inherited_by_its_entity() -> None:
     engine = DetectionEngine(CONFIG, detectors=[Always("volume_vs_tier")])
     shared = {"ip_prefix": "198.51.100.0/24", "fingerprint": "same-machine"}

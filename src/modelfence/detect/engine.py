@@ -81,14 +81,18 @@ OWN_EVIDENCE = 0.05
 # Habits: how much and when a client sends, not what. Honest 24/7 streams, nightly jobs and
 # busy agents show them as plainly as thieves do, so they alone may tighten an established
 # client (and lower its account's trust) but never degrade or block it, and an entity's
-# risk made of them alone is never inherited by its members.
+# risk made of them is never inherited by its members.
 HABITS = frozenset({"machine_timing", "around_the_clock", "volume_vs_tier"})
-HABIT_CEILING: Level = "tighten"
-
-
-def _habits_only(risk: RiskState) -> bool:
-    """Whether every reason behind ``risk`` is a habit (and there is at least one)."""
-    return bool(risk.reasons) and risk.reasons.keys() <= HABITS
+# Unusualness: queries unlike the reference traffic. A thief's are, but so are those of an
+# honest customer from a domain calibration never saw, and an organisation's pooled traffic
+# differs from everyone's. For an account with history (past probation) it is treated like
+# a habit: it may tighten, and a block or a degraded answer needs extraction evidence
+# (sweeps, coverage, harvesting, boundary probing, PRADA). Accounts on probation, and keys
+# whose account is unknown, have no history to vouch for them.
+UNUSUAL = frozenset({"mmd_shift", "out_of_distribution"})
+LENSES = {"habits": HABITS, "unusual": HABITS | UNUSUAL}
+CEILING: Level = "tighten"
+WITH_HISTORY = frozenset({"standard", "trusted"})
 
 
 class DetectionEngine:
@@ -207,7 +211,9 @@ class DetectionEngine:
         return found
 
     def _evaluate_client(self, client: str, now: float) -> None:
-        risk = self.risks.setdefault(client, RiskState(self._half_life))
+        risk = self.risks.get(client)
+        if risk is None:
+            risk = self.risks[client] = self._new_risk()
         state = self.clients[client]
         risk.update(self.signals(View(state.queries, state=state)), now)
 
@@ -216,11 +222,13 @@ class DetectionEngine:
         if len(members) < 2:
             return []
         entity = self.linker.entity_of(client)
-        state = self.entities.setdefault(entity, _Entity(RiskState(self._half_life)))
+        state = self.entities.get(entity)
+        if state is None:
+            state = self.entities[entity] = _Entity(self._new_risk())
         if not set(state.members) <= set(members):
             # Members left (a link faded or was cut): what the old group earned is not this
             # group's, least of all the risk copied from a member that is gone.
-            state.risk = RiskState(self._half_life)
+            state.risk = self._new_risk()
         state.members = members
         pooled = [q for m in members if m in self.clients for q in self.clients[m].queries]
         pooled.sort(key=lambda q: q.event.ts)
@@ -233,10 +241,10 @@ class DetectionEngine:
         # One member caught is evidence against the whole entity: its risk is never below
         # its riskiest member's own (which young members then inherit; see _implicated).
         # A member's habits are its own: they are not evidence against the others.
-        riskiest = max((self.risks[m] for m in members if m in self.risks), key=lambda r: r.cusum)
-        if riskiest.cusum > state.risk.cusum and not _habits_only(riskiest):
-            state.risk.cusum = riskiest.cusum
-            state.risk.reasons = {**state.risk.reasons, **riskiest.reasons}
+        known = [self.risks[m] for m in members if m in self.risks]
+        if known:
+            riskiest = max(known, key=lambda r: r.partial.get("habits", 0.0))
+            state.risk.absorb(riskiest, "habits")
         return [m for m in members if m in self.clients]
 
     def _update_population(self) -> None:
@@ -265,11 +273,18 @@ class DetectionEngine:
             self.linker.rebuild(now)
             self._rebuilt_at = now
 
+    def _new_risk(self) -> RiskState:
+        return RiskState(self._half_life, without=LENSES)
+
     def seed(self, client: str, risk: float, reasons: Sequence[Reason], ts: float) -> None:
         """Resume a client's risk from its published record (a detector restart must not
-        forgive an attacker); it decays from ``ts`` like any other."""
-        state = RiskState(self._half_life, cusum=-math.log(1.0 - min(risk, 0.999)), last_ts=ts)
+        forgive an attacker); it decays from ``ts`` like any other. The record keeps reasons,
+        not the lenses: a lens gets the whole score when a reason outside it is listed."""
+        state = self._new_risk()
+        state.cusum, state.last_ts = -math.log(1.0 - min(risk, 0.999)), ts
         state.reasons = {r.code: r for r in reasons}
+        for lens, left_out in LENSES.items():
+            state.partial[lens] = state.cusum if state.reasons.keys() - left_out else 0.0
         self.risks[client] = state
 
     def _implicated(self, state: ClientState, own: RiskState) -> bool:
@@ -283,27 +298,24 @@ class DetectionEngine:
 
     def verdict(self, client: str) -> Verdict:
         state = self.clients[client]
-        own = self.risks.get(client) or RiskState(self._half_life)
+        own = self.risks.get(client) or self._new_risk()
         entity_id = self.linker.entity_of(client)
         linked = self.linker.members(client)
         entity = self.entities.get(entity_id) if len(linked) > 1 else None
         members = len(linked) if entity else 1
-        entity_risk = entity.risk.risk if entity else 0.0
-        if entity is not None and (
-            not self._implicated(state, own) or _habits_only(entity.risk)
-        ):
-            entity_risk = 0.0
-        driver = entity.risk if entity and entity_risk > own.risk else own
+        # What a member inherits never includes the entity's habits.
+        entity_risk = 0.0
+        if entity is not None and self._implicated(state, own):
+            entity_risk = entity.risk.risk_without("habits")
+        driver = entity.risk if entity is not None and entity_risk > own.risk else own
         risk = max(own.risk, entity_risk)
         override = self.overrides.get(client)
         level = self.policy.decide(client, risk, state.tier, override)
-        if (
-            override is None
-            and rank(level) > rank(HABIT_CEILING)
-            and _habits_only(driver)
-            and state.total >= ESTABLISHED_QUERIES
-        ):
-            level = HABIT_CEILING
+        if override is None and rank(level) > rank(CEILING) and state.total >= ESTABLISHED_QUERIES:
+            lens = "unusual" if state.trust in WITH_HISTORY else "habits"
+            grounded = max(own.risk_without(lens), driver.risk_without(lens))
+            found = self.policy.level_for(grounded, state.tier)
+            level = found if rank(found) > rank(CEILING) else CEILING
         by_entity = driver is not own and rank(level) >= rank("tighten") and override is None
         action = self.policy.action(level, state.tier, members=members if by_entity else 1)
         reasons = tuple(driver.top_reasons())

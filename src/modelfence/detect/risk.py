@@ -13,6 +13,7 @@ low-and-slow attacker) still add up, and a client whose traffic returns to norma
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from modelfence.detect.detectors import Signal
@@ -34,24 +35,52 @@ class RiskState:
     cusum: float = 0.0
     last_ts: float | None = None
     reasons: dict[str, Reason] = field(default_factory=dict)
+    # Lenses: the same CUSUM kept over part of the evidence, each leaving out the signal
+    # codes it names, so a caller can ask what the rest alone would justify (the engine's
+    # ceilings: habits or mere unusualness never block a client with history).
+    without: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    partial: dict[str, float] = field(default_factory=dict)
 
     @property
     def risk(self) -> float:
         return 1.0 - math.exp(-self.cusum)
+
+    def risk_without(self, lens: str) -> float:
+        """The risk the evidence outside ``lens``'s left-out codes adds up to."""
+        return 1.0 - math.exp(-self.partial.get(lens, 0.0))
 
     def update(self, signals: list[Signal], now: float) -> float:
         """Add one evaluation's signals at time ``now``; return the new risk."""
         if self.last_ts is not None and now > self.last_ts:
             factor = 0.5 ** ((now - self.last_ts) / self.half_life_seconds)
             self.cusum *= factor
+            self.partial = {lens: part * factor for lens, part in self.partial.items()}
             self._fade(factor)
         self.last_ts = now
-        evidence = 1.0 - math.prod(1.0 - s.score for s in signals)
-        self.cusum = max(0.0, self.cusum + evidence - DRIFT)
+        self.cusum = _accumulate(self.cusum, signals)
+        for lens, left_out in self.without.items():
+            kept = [s for s in signals if s.code not in left_out]
+            self.partial[lens] = _accumulate(self.partial.get(lens, 0.0), kept)
         self._fade(0.9)
         for s in signals:
             self.reasons[s.code] = Reason(s.code, s.text, s.score)
         return self.risk
+
+    def absorb(self, other: RiskState, lens: str) -> None:
+        """Raise this state to ``other``'s evidence as seen through ``lens`` (never lower):
+        how an entity takes on what one member earned, without that member's habits."""
+        seen = other.partial.get(lens, 0.0)
+        if seen <= self.cusum:
+            return
+        self.cusum = seen
+        for name in self.without:
+            mine, theirs = self.partial.get(name, 0.0), other.partial.get(name, 0.0)
+            self.partial[name] = max(mine, min(theirs, seen))
+        left_out = self.without.get(lens, frozenset())
+        self.reasons = {
+            **self.reasons,
+            **{code: r for code, r in other.reasons.items() if code not in left_out},
+        }
 
     def _fade(self, factor: float) -> None:
         # Reasons not seen again fade with the risk they caused.
@@ -63,3 +92,9 @@ class RiskState:
 
     def top_reasons(self) -> list[Reason]:
         return sorted(self.reasons.values(), key=lambda r: -r.score)[:MAX_REASONS]
+
+
+def _accumulate(cusum: float, signals: list[Signal]) -> float:
+    """One CUSUM step: the signals' noisy-or evidence, less the drift, floored at 0."""
+    evidence = 1.0 - math.prod(1.0 - s.score for s in signals)
+    return max(0.0, cusum + evidence - DRIFT)
