@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from modelfence.confidential.cli import inspect_command, seal_command
 from modelfence.config import Config, load_config
 from modelfence.errors import ConfigError, ModelFenceError
 from modelfence.forensics.cli import verify_app
@@ -61,6 +62,8 @@ config_app = typer.Typer(help="Check configuration files.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(verify_app, name="verify")
+app.command("seal")(seal_command)
+app.command("inspect")(inspect_command)
 
 console = Console()
 errors = Console(stderr=True)

@@ -1,0 +1,120 @@
+"""``modelfence seal`` and ``modelfence inspect``: the confidential layer's commands.
+
+There is no unseal command: a sealed part is opened only inside the isolated worker, with
+the data key the broker releases after attestation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from base64 import b64decode, b64encode
+from binascii import Error as Base64Error
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelfence.confidential.sealing import (
+    DEFAULT_CHUNK_BYTES,
+    KEY_BYTES,
+    SealedHeader,
+    SealError,
+    load_tensors,
+    new_key,
+    read_header,
+    seal,
+)
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def read_key_file(path: Path) -> bytes:
+    """A key-encryption key: one line of base64 for 32 bytes, readable by its owner only."""
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SealError(f"--key-file {path}: {exc.strerror or exc}; create one with --new-key") from exc
+    if path.stat().st_mode & 0o077:
+        raise SealError(f"--key-file {path}: readable by group or others; chmod 600 it")
+    try:
+        key = b64decode(text, validate=True)
+    except Base64Error as exc:
+        raise SealError(f"--key-file {path}: not base64") from exc
+    if len(key) != KEY_BYTES:
+        raise SealError(f"--key-file {path}: holds {len(key)} bytes, not {KEY_BYTES}")
+    return key
+
+
+def write_key_file(path: Path) -> bytes:
+    """Create a new key-encryption key at ``path`` (mode 0600); never overwrites one."""
+    key = new_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise SealError(f"--key-file {path} exists; --new-key never overwrites a key") from exc
+    with os.fdopen(fd, "w") as f:
+        f.write(b64encode(key).decode() + "\n")
+    return key
+
+
+def describe(header: SealedHeader) -> dict[str, object]:
+    """The header as ``inspect --json`` prints it (no key material beyond the wrapped key's id)."""
+    return {
+        "artifact_id": header.artifact_id,
+        "version": header.version,
+        "digest": header.digest,
+        "created_at": header.created_at,
+        "kek_id": header.kek_id,
+        "chunk_bytes": header.chunk_bytes,
+        "payload_bytes": header.payload_bytes,
+        "parameters": header.parameters,
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in header.tensors],
+    }
+
+
+def seal_command(
+    source: Annotated[Path, typer.Argument(help="tensors to seal: .safetensors, .npz or .npy")],
+    out: Annotated[Path, typer.Argument(help="the sealed file to write")],
+    artifact_id: Annotated[str, typer.Option(help="the part's name in the broker's policy")],
+    key_file: Annotated[Path, typer.Option(help="the key broker's key-encryption key")],
+    version: Annotated[int, typer.Option(min=1, help="release version (the broker refuses older ones)")] = 1,
+    new_key: Annotated[bool, typer.Option("--new-key", help="create --key-file first (mode 0600)")] = False,
+    chunk_bytes: Annotated[int, typer.Option(help="bytes per authenticated chunk")] = DEFAULT_CHUNK_BYTES,
+) -> None:
+    """Seal a model part: encrypt its tensors for release to an attested worker only."""
+    try:
+        kek = write_key_file(key_file) if new_key else read_key_file(key_file)
+        header = seal(load_tensors(source), out, kek=kek, artifact_id=artifact_id, version=version,
+                      chunk_bytes=chunk_bytes)
+    except SealError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"sealed {len(header.tensors)} tensors ({header.parameters:,} parameters) of "
+                  f"{header.artifact_id!r} v{header.version} into {out}")
+    console.print(f"digest {header.digest}  key {header.kek_id}")
+
+
+def inspect_command(
+    sealed: Annotated[Path, typer.Argument(help="a file written by modelfence seal")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the header as JSON")] = False,
+) -> None:
+    """Show a sealed part's header: artifact, version, digest, tensors (never the weights)."""
+    try:
+        header = read_header(sealed)
+    except (SealError, OSError) as exc:
+        errors.print(f"[red]error:[/red] {sealed}: {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps(describe(header), indent=2))
+        return
+    console.print(f"{header.artifact_id} v{header.version}  digest {header.digest}")
+    console.print(f"sealed {header.created_at} under key {header.kek_id}; "
+                  f"{header.payload_bytes:,} bytes in {header.chunks} chunks")
+    table = Table("tensor", "dtype", "shape")
+    for entry in header.tensors:
+        table.add_row(entry.name, entry.dtype, "×".join(map(str, entry.shape)) or "scalar")
+    console.print(table)
