@@ -59,7 +59,7 @@ def worker_files(tmp: Path, code: bytes = b"def infer(x): return x @ W") -> list
 
 def build(tmp: Path, *, version: int = 3, profile: str = "development") -> World:
     clock, platform = Clock(), SimPlatform()
-    measurement = measure(worker_files(tmp), b"output: labels-only")
+    measurement = measure(tmp, worker_files(tmp), b"output: labels-only")
     policy = ReleasePolicy(profile=profile, tee_types=frozenset({"sim"}), measurements=frozenset({measurement}),  # type: ignore[arg-type]
                            min_security_version=2, min_artifact_versions={"digits-head": 3})
     broker = KeyBroker(KEK, policy, {"sim": SimVerifier(platform.public_key, max_age=30)}, AuditLog(tmp / "audit.log"),
@@ -102,11 +102,11 @@ def test_an_attested_worker_gets_the_key_and_opens_the_part(tmp_path: Path) -> N
 
 
 def _tampered_code(world: World) -> dict:
-    return {"measurement": measure(worker_files(world.tmp, b"def infer(x): leak(W)"), b"output: labels-only")}
+    return {"measurement": measure(world.tmp, worker_files(world.tmp, b"def infer(x): leak(W)"), b"output: labels-only")}
 
 
 def _tampered_config(world: World) -> dict:
-    return {"measurement": measure(worker_files(world.tmp), b"output: full-probabilities")}
+    return {"measurement": measure(world.tmp, worker_files(world.tmp), b"output: full-probabilities")}
 
 
 NEGATIVE: dict[str, tuple[Callable[[World], dict], str]] = {
@@ -140,6 +140,36 @@ def test_a_rollback_to_an_older_artifact_version_is_refused(tmp_path: Path) -> N
     world = build(tmp_path, version=2)
     with pytest.raises(ReleaseRefused, match="rollback"):
         attempt(world)
+    # The broker reads the stored header, not the fields a caller hands it.
+    header = read_header(world.sealed)
+    nonce = world.broker.challenge()
+    evidence = world.platform.quote(world.measurement, report_data(nonce, world.public, header.digest),
+                                    world.clock.now, security_version=2)
+    with pytest.raises(ReleaseRefused, match="rollback"):
+        world.broker.release(replace(header, version=3), evidence, world.public, nonce)
+    assert world.broker.audit.records[-1]["version"] == 2
+
+
+def test_a_failure_inside_the_release_is_a_refusal_and_is_audited(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    header = read_header(world.sealed)
+    low_order = bytes(32)  # X25519 refuses to agree a key with the all-zero point
+    nonce = world.broker.challenge()
+    evidence = world.platform.quote(world.measurement, report_data(nonce, low_order, header.digest),
+                                    world.clock.now, security_version=2)
+    with pytest.raises(ReleaseRefused, match="ValueError"):
+        world.broker.release(header, evidence, low_order, nonce)
+    assert world.broker.audit.records[-1]["decision"] == "refused"
+
+
+def test_the_measurement_covers_where_each_file_lies(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "worker.py").write_bytes(b"code")
+    (tmp_path / "pkg" / "worker.py").write_bytes(b"code")
+    top = measure(tmp_path, [tmp_path / "worker.py"], b"")
+    moved = measure(tmp_path, [tmp_path / "pkg" / "worker.py"], b"")
+    assert top != moved
+    assert top != measure(tmp_path, [tmp_path / "worker.py"], b"debug: true")
 
 
 def test_the_production_profile_refuses_simulated_and_debug_evidence(tmp_path: Path) -> None:

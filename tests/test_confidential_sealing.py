@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,7 +132,29 @@ TAMPERING: dict[str, Callable[[bytes, int], bytes]] = {
     "header length": lambda raw, body: raw[:8] + struct.pack(">I", 2**31) + raw[12:],
     "truncated inside the header": lambda raw, body: raw[: body + 10],
     "payload size claimed huge": _header_edit(lambda doc: doc.update(payload_bytes=2**50)),
+    "payload size beyond any float": _header_edit(lambda doc: doc.update(payload_bytes=2**1100)),
+    "a tensor of 2**1100 elements": _header_edit(lambda doc: doc["tensors"][0].update(
+        shape=[2**1100], nbytes=2**1102)),
+    "a shape of 100,000 dimensions": _header_edit(lambda doc: doc["tensors"][0].update(shape=[1] * 100_000)),
+    "empty wrap nonce": _header_edit(lambda doc: doc["key"].update(nonce="")),
+    "key not an object": _header_edit(_set("key", [1, 2])),
+    "two tensors of one name": _header_edit(lambda doc: doc["tensors"][1].update(name="head.weight")),
+    "an escape sequence in a name": _header_edit(lambda doc: doc["tensors"][0].update(name="\x1b[2Jx")),
+    "a C1 control in a name": _header_edit(lambda doc: doc["tensors"][0].update(name="\x9bx")),
+    "header not canonical (spaces)": lambda raw, body: _respace(raw, body),
+    "a number of 5,000 digits": lambda raw, body: _raw_header(raw, body, b'{"version":' + b"9" * 5000 + b"}"),
+    "JSON nested 100,000 deep": lambda raw, body: _raw_header(raw, body, b"[" * 100_000 + b"]" * 100_000),
 }
+
+
+def _raw_header(raw: bytes, body: int, new: bytes) -> bytes:
+    (length,) = struct.unpack(">I", raw[len(MAGIC) : body])
+    return MAGIC + struct.pack(">I", len(new)) + new + raw[body + length :]
+
+
+def _respace(raw: bytes, body: int) -> bytes:
+    (length,) = struct.unpack(">I", raw[len(MAGIC) : body])
+    return _raw_header(raw, body, json.dumps(json.loads(raw[body : body + length]), sort_keys=True).encode())
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))
@@ -139,8 +162,13 @@ def test_an_altered_sealed_file_never_opens(tmp_path: Path, case: str) -> None:
     path = sealed(tmp_path)
     raw = path.read_bytes()
     path.write_bytes(TAMPERING[case](raw, len(MAGIC) + 4))
+    started = time.perf_counter()
     with pytest.raises(SealError):
         opened(path)
+    assert time.perf_counter() - started < 5.0  # refused, not computed at length
+    shown = CliRunner().invoke(app, ["inspect", str(path)])
+    assert shown.exit_code in (0, 2), shown.output  # a clean answer or a named error
+    assert "\x1b[2J" not in shown.output and "\x9b" not in shown.output
 
 
 def test_a_chunk_from_another_artifact_does_not_fit(tmp_path: Path) -> None:
@@ -227,6 +255,14 @@ def test_the_seal_and_inspect_commands(tmp_path: Path) -> None:
     loose = runner.invoke(app, args)
     assert loose.exit_code == 2 and "chmod 600" in loose.output
     assert "unseal" not in runner.invoke(app, ["--help"]).output
+
+
+def test_inspect_shows_a_name_with_markup_as_written(tmp_path: Path) -> None:
+    out = tmp_path / "odd.sealed"
+    seal({"[/][link=http://x]w[/link]": np.zeros(2, np.float32)}, out, kek=KEK, artifact_id="odd", version=1)
+    shown = CliRunner().invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "[/][link=http://x]w[/link]" in shown.output
 
 
 SAMPLE = part()

@@ -38,13 +38,14 @@ def report_data(nonce: bytes, worker_public_key: bytes, artifact_digest: str) ->
                           + bytes.fromhex(artifact_digest)).digest()
 
 
-def measure(files: Iterable[Path], config: bytes) -> str:
-    """SHA-384 over the worker's code files (name and content, in name order) and config."""
+def measure(root: Path, files: Iterable[Path], config: bytes) -> str:
+    """SHA-384 over the worker's code files (path under ``root`` and content, in path
+    order, every field length-prefixed in bytes) and its configuration."""
+    named = {path.resolve().relative_to(root.resolve()).as_posix(): path for path in files}
     h = hashlib.sha384(b"modelfence-measurement\x00")
-    for path in sorted(files, key=lambda p: p.name):
-        content = path.read_bytes()
-        h.update(struct.pack(">I", len(path.name)) + path.name.encode()
-                 + struct.pack(">Q", len(content)) + content)
+    for name in sorted(named):
+        encoded, content = name.encode(), named[name].read_bytes()
+        h.update(struct.pack(">I", len(encoded)) + encoded + struct.pack(">Q", len(content)) + content)
     h.update(b"config\x00" + struct.pack(">Q", len(config)) + config)
     return h.hexdigest()
 

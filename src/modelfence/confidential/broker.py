@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from modelfence.confidential.attestation import AttestationResult, Evidence, Verifier, report_data
-from modelfence.confidential.sealing import SealedHeader, SealError, unwrap_data_key
+from modelfence.confidential.sealing import SealedHeader, parse_header, unwrap_data_key
 from modelfence.errors import ModelFenceError
 
 Profile = Literal["development", "production"]
@@ -133,8 +133,11 @@ def verify_chain(path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     last = AuditLog.GENESIS
     for number, line in enumerate(path.read_text().splitlines()):
-        entry = json.loads(line)
-        if entry.get("prev") != last or entry.get("seq") != number or entry.get("hash") != _record_hash(entry):
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise ModelFenceError(f"{path}: audit record {number} is not JSON (a torn write?)") from exc
+        if not isinstance(entry, dict) or entry.get("prev") != last or entry.get("seq") != number or entry.get("hash") != _record_hash(entry):
             raise ModelFenceError(f"{path}: audit record {number} is altered or out of place")
         last = entry["hash"]
         records.append(entry)
@@ -172,9 +175,11 @@ class KeyBroker:
         issued = self._nonces.pop(nonce, None)  # one answer per challenge, right or wrong
         result: AttestationResult | None = None
         try:
+            # The checks read the stored header, not fields a caller could have edited.
+            header = parse_header(header.raw)
             if issued is None:
                 raise ReleaseRefused("nonce was not issued by this broker, or was already used")
-            if now - issued > self.nonce_ttl:
+            if not 0 <= now - issued <= self.nonce_ttl:
                 raise ReleaseRefused(f"nonce expired ({now - issued:.0f} s old; ttl {self.nonce_ttl:.0f} s)")
             minimum = self.policy.min_artifact_versions.get(header.artifact_id, 1)
             if header.version < minimum:
@@ -199,15 +204,16 @@ class KeyBroker:
             if evidence.security_version < self.policy.min_security_version:
                 raise ReleaseRefused(f"security version {evidence.security_version} is below "
                                      f"{self.policy.min_security_version}")
-            try:
-                data_key = unwrap_data_key(header, self._kek)
-            except SealError as exc:
-                raise ReleaseRefused(str(exc)) from exc
-        except ReleaseRefused as refused:
+            if self.policy.profile == "production" and result.security_level != "hardware":
+                raise ReleaseRefused(f"the production profile needs hardware evidence, not "
+                                     f"{result.security_level}")
+            released = wrap_to_worker(unwrap_data_key(header, self._kek), worker_public_key,
+                                      header.digest, result.security_level)
+        except Exception as exc:  # noqa: BLE001 -- every failure is a refusal, and audited
+            refused = exc if isinstance(exc, ReleaseRefused) else ReleaseRefused(
+                f"{type(exc).__name__}: {exc}")
             self._record("refused", str(refused), header, evidence, result)
-            raise
-        assert result is not None  # every path that reaches here verified the evidence
-        released = wrap_to_worker(data_key, worker_public_key, header.digest, result.security_level)
+            raise refused from (None if refused is exc else exc)
         self._record("released", "", header, evidence, result)
         return released
 

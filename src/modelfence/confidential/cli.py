@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from base64 import b64decode, b64encode
 from binascii import Error as Base64Error
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modelfence.confidential.sealing import (
@@ -33,16 +35,24 @@ errors = Console(stderr=True)
 
 
 def read_key_file(path: Path) -> bytes:
-    """A key-encryption key: one line of base64 for 32 bytes, readable by its owner only."""
+    """A key-encryption key: one line of base64 for 32 bytes, readable by its owner only.
+
+    The checks are made on the opened file (no symbolic link followed), not on the path.
+    """
     try:
-        text = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise SealError(f"--key-file {path}: {exc.strerror or exc}; create one with --new-key") from exc
-    if path.stat().st_mode & 0o077:
-        raise SealError(f"--key-file {path}: readable by group or others; chmod 600 it")
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.getuid():
+            raise SealError(f"--key-file {path}: not a regular file of this user")
+        if status.st_mode & 0o077:
+            raise SealError(f"--key-file {path}: readable by group or others; chmod 600 it")
+        content = f.read(1024)
     try:
-        key = b64decode(text, validate=True)
-    except Base64Error as exc:
+        key = b64decode(content.strip(), validate=True)
+    except (Base64Error, ValueError) as exc:
         raise SealError(f"--key-file {path}: not base64") from exc
     if len(key) != KEY_BYTES:
         raise SealError(f"--key-file {path}: holds {len(key)} bytes, not {KEY_BYTES}")
@@ -87,15 +97,16 @@ def seal_command(
 ) -> None:
     """Seal a model part: encrypt its tensors for release to an attested worker only."""
     try:
+        tensors = load_tensors(source)  # before a new key exists: a failed seal leaves none
         kek = write_key_file(key_file) if new_key else read_key_file(key_file)
-        header = seal(load_tensors(source), out, kek=kek, artifact_id=artifact_id, version=version,
+        header = seal(tensors, out, kek=kek, artifact_id=artifact_id, version=version,
                       chunk_bytes=chunk_bytes)
     except SealError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        errors.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from exc
     console.print(f"sealed {len(header.tensors)} tensors ({header.parameters:,} parameters) of "
-                  f"{header.artifact_id!r} v{header.version} into {out}")
-    console.print(f"digest {header.digest}  key {header.kek_id}")
+                  f"{header.artifact_id!r} v{header.version} into {out}", markup=False)
+    console.print(f"digest {header.digest}  key {header.kek_id}", markup=False)
 
 
 def inspect_command(
@@ -106,15 +117,16 @@ def inspect_command(
     try:
         header = read_header(sealed)
     except (SealError, OSError) as exc:
-        errors.print(f"[red]error:[/red] {sealed}: {exc}")
+        errors.print(f"error: {sealed}: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from exc
     if as_json:
         print(json.dumps(describe(header), indent=2))
         return
-    console.print(f"{header.artifact_id} v{header.version}  digest {header.digest}")
+    # What a header says is the file's, not ours: never read as markup.
+    console.print(f"{header.artifact_id} v{header.version}  digest {header.digest}", markup=False)
     console.print(f"sealed {header.created_at} under key {header.kek_id}; "
-                  f"{header.payload_bytes:,} bytes in {header.chunks} chunks")
+                  f"{header.payload_bytes:,} bytes in {header.chunks} chunks", markup=False)
     table = Table("tensor", "dtype", "shape")
     for entry in header.tensors:
-        table.add_row(entry.name, entry.dtype, "×".join(map(str, entry.shape)) or "scalar")
+        table.add_row(escape(entry.name), entry.dtype, "×".join(map(str, entry.shape)) or "scalar")
     console.print(table)

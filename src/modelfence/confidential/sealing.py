@@ -15,9 +15,10 @@ header names the artifact, its release ``version`` (the key broker refuses versi
 its policy's minimum: no rollback to an older part) and the tensor manifest; it carries the
 data key wrapped (AES-256-GCM) under a key-encryption key that only the key broker holds,
 with the rest of the header as associated data, so editing the version or the manifest
-makes the key unrecoverable. ``digest`` (SHA-256 of the header) identifies the artifact in
-attestation: the broker releases its data key only to a worker that proved it runs the
-measured code for this digest.
+makes the key unrecoverable. The header is stored in one canonical encoding (anything
+else is refused), so ``digest`` (SHA-256 of the header) names exactly one artifact: the
+broker releases its data key only against evidence that binds this digest, from a worker
+whose measurement its policy allows.
 
 There is deliberately no unseal command: the plaintext exists only inside the worker.
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
+from zipfile import BadZipFile
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -58,7 +60,10 @@ MAX_TENSORS = 100_000
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
           "float16", "float32", "float64")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-_NAME = re.compile(r"[^\x00-\x1f]{1,256}")
+_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")  # no control characters for terminals
+MAX_DIMS = 64
+MAX_BYTES = 1 << 50  # a payload, a tensor or a dimension beyond this is not a model part
+WRAPPED_BYTES = KEY_BYTES + TAG_BYTES
 
 
 class SealError(ModelFenceError):
@@ -98,7 +103,7 @@ class SealedHeader:
 
     @property
     def chunks(self) -> int:
-        return max(1, math.ceil(self.payload_bytes / self.chunk_bytes))
+        return max(1, -(-self.payload_bytes // self.chunk_bytes))
 
     @property
     def parameters(self) -> int:
@@ -212,10 +217,16 @@ def parse_header(raw: bytes) -> SealedHeader:
     """Validate a stored header; :class:`SealError` names what is wrong."""
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4,300-digit numbers, nesting
         raise SealError("header is not JSON") from exc
     if not isinstance(doc, dict):
         raise SealError("header is not a JSON object")
+    try:
+        canonical = _canonical(doc) == raw
+    except (ValueError, TypeError):
+        canonical = False
+    if not canonical:  # one artifact, one digest
+        raise SealError("header is not in its canonical encoding")
     if doc.get("format") != FORMAT or doc.get("cipher") != CIPHER:
         raise SealError(f"unsupported format {doc.get('format')!r} / cipher {doc.get('cipher')!r}; "
                         f"this version reads format {FORMAT}, {CIPHER}")
@@ -238,8 +249,14 @@ def parse_header(raw: bytes) -> SealedHeader:
         raise SealError(f"header lacks {exc}") from exc
     except ValueError as exc:  # bad base64
         raise SealError(f"header: {exc}") from exc
-    if not 4096 <= header.chunk_bytes <= MAX_CHUNK_BYTES or header.payload_bytes < 0:
+    if not 4096 <= header.chunk_bytes <= MAX_CHUNK_BYTES or not 0 <= header.payload_bytes <= MAX_BYTES:
         raise SealError("header: chunk_bytes or payload_bytes out of range")
+    if not _ID.fullmatch(header.artifact_id) or not 1 <= header.version < 2**31:
+        raise SealError("header: artifact_id or version out of range")
+    if len(header.wrap_nonce) != WRAP_NONCE_BYTES or len(header.wrapped_key) != WRAPPED_BYTES:
+        raise SealError("header: the wrapped key has the wrong size")
+    if len({t.name for t in header.tensors}) != len(header.tensors):
+        raise SealError("header: two tensors share a name")
     if len(header.tensors) > MAX_TENSORS:
         raise SealError(f"header: more than {MAX_TENSORS} tensors")
     expected = 0
@@ -261,12 +278,16 @@ def _typed(value: Any, kind: type, field: str) -> Any:
 def _entry(doc: Any) -> TensorEntry:
     if not isinstance(doc, dict):
         raise SealError("header: a tensor entry is not an object")
-    shape = tuple(_typed(d, int, "shape") for d in _typed(doc["shape"], list, "shape"))
+    dims = _typed(doc["shape"], list, "shape")
+    if len(dims) > MAX_DIMS:  # before multiplying: a long shape costs quadratic time
+        raise SealError(f"header: more than {MAX_DIMS} dimensions")
+    shape = tuple(_typed(d, int, "shape") for d in dims)
     dtype = _typed(doc["dtype"], str, "dtype")
-    if dtype not in DTYPES or any(d < 0 for d in shape):
-        raise SealError(f"header: tensor {doc.get('name')!r}: bad dtype or shape")
-    entry = TensorEntry(_typed(doc["name"], str, "name"), dtype, shape,
-                        _typed(doc["offset"], int, "offset"), _typed(doc["nbytes"], int, "nbytes"))
+    name = _typed(doc["name"], str, "name")
+    if dtype not in DTYPES or any(not 0 <= d <= MAX_BYTES for d in shape) or not _NAME.fullmatch(name):
+        raise SealError(f"header: tensor {name!r}: bad name, dtype or shape")
+    entry = TensorEntry(name, dtype, shape, _typed(doc["offset"], int, "offset"),
+                        _typed(doc["nbytes"], int, "nbytes"))
     if entry.nbytes != math.prod(shape) * np.dtype(dtype).itemsize:
         raise SealError(f"header: tensor {entry.name!r}: nbytes does not match dtype and shape")
     return entry
@@ -360,6 +381,6 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
                 return {name: archive[name] for name in archive.files}
         if suffix == ".npy":
             return {path.stem: np.load(path, allow_pickle=False)}
-    except (OSError, ValueError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, TypeError, EOFError, BadZipFile, SafetensorError) as exc:
         raise SealError(f"{path}: {exc}") from exc
     raise SealError(f"{path}: expected .safetensors, .npz or .npy, not {suffix or 'no suffix'!r}")
