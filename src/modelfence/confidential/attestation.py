@@ -60,6 +60,20 @@ class Evidence:
     issued_at: float
     signature: bytes = b""
 
+    def to_dict(self) -> dict[str, object]:
+        return {**json.loads(self.signed_part()), "signature": self.signature.hex()}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, object]) -> Evidence:
+        """Evidence as it crossed a process boundary; ``ValueError`` if malformed."""
+        try:
+            return cls(str(doc["tee_type"]), str(doc["measurement"]), bool(doc["debug"]),
+                       int(doc["security_version"]),  # type: ignore[call-overload]
+                       bytes.fromhex(str(doc["report_data"])), float(doc["issued_at"]),  # type: ignore[arg-type]
+                       bytes.fromhex(str(doc["signature"])))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed evidence: {exc}") from exc
+
     def signed_part(self) -> bytes:
         return json.dumps(
             {"tee_type": self.tee_type, "measurement": self.measurement, "debug": self.debug,

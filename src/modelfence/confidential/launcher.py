@@ -1,0 +1,131 @@
+"""The launcher: measures the worker, starts it, and is its (simulated) platform.
+
+A real TEE measures what it launches in hardware and signs evidence with a key fused into
+the chip. Here the launcher plays that part in software: it hashes the worker's code (the
+``confidential`` package's modules) and its configuration, starts the worker with one end
+of a socket pair, and signs evidence over the measurement it took for whatever report
+data the worker sends on it. The worker never sees the platform key. Simulated: anyone
+with the launcher's key, or able to change the code between measurement and start, could
+forge evidence; the security level says ``simulated`` everywhere.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from modelfence.confidential.attestation import REPORT_DATA_BYTES, SimPlatform, measure
+from modelfence.confidential.worker import FrameError, WorkerConfig, recv_frame, send_frame
+from modelfence.errors import ModelFenceError
+
+CODE = Path(__file__).parent
+START_TIMEOUT = 30.0
+
+
+def worker_code() -> list[Path]:
+    """The files measured as the worker's code."""
+    return sorted(CODE.glob("*.py"))
+
+
+class WorkerError(ModelFenceError):
+    """The worker refused an operation or could not be reached."""
+
+
+@dataclass
+class LaunchedWorker:
+    process: subprocess.Popen[bytes]
+    socket_path: Path
+    measurement: str
+    isolation: dict[str, Any]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def launch(config: bytes, folder: Path, platform: SimPlatform) -> LaunchedWorker:
+    """Measure and start a worker serving on ``folder/worker.sock`` (``folder`` made 0700)."""
+    WorkerConfig.parse(config)  # refuse a bad config here, not in the child
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    config_path = folder / "worker.json"
+    config_path.write_bytes(config)
+    config_path.chmod(0o600)
+    socket_path = folder / "worker.sock"
+    socket_path.unlink(missing_ok=True)
+    measurement = measure(CODE, worker_code(), config)
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelfence.confidential.worker", "--socket", str(socket_path),
+         "--config", str(config_path), "--platform-fd", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+    )
+    theirs.close()
+    ours.settimeout(START_TIMEOUT)
+    try:
+        ready, _ = recv_frame(ours)
+    except (OSError, FrameError, ConnectionError) as exc:
+        process.kill()
+        raise WorkerError(f"the worker did not start: {exc}") from exc
+    ours.settimeout(None)
+    threading.Thread(target=_quote_for, args=(ours, platform, measurement), daemon=True,
+                     name="sim-platform").start()
+    return LaunchedWorker(process, socket_path, measurement,
+                          {k: v for k, v in ready.items() if k not in ("ready", "payload_bytes")})
+
+
+def _quote_for(channel: socket.socket, platform: SimPlatform, measurement: str) -> None:
+    """Sign evidence over the launcher's own measurement for each report data received."""
+    with channel:
+        while True:
+            try:
+                request, _ = recv_frame(channel)
+                data = bytes.fromhex(str(request.get("report_data", "")))
+                if len(data) != REPORT_DATA_BYTES:
+                    raise ValueError("report data must be 64 bytes")
+                send_frame(channel, platform.quote(measurement, data, time.time()).to_dict())
+            except (ConnectionError, OSError):
+                return  # the worker exited
+            except (ValueError, FrameError) as exc:
+                send_frame(channel, {"error": str(exc)})
+
+
+class WorkerClient:
+    """One connection to a worker's socket."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 30.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(socket_path))
+        except OSError as exc:
+            raise WorkerError(f"worker at {socket_path} unreachable: {exc}") from exc
+
+    def call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
+        try:
+            send_frame(self._sock, {"op": op, **fields}, payload)
+            answer, data = recv_frame(self._sock)
+        except (OSError, ConnectionError, FrameError) as exc:
+            raise WorkerError(f"worker call {op!r} failed: {exc}") from exc
+        if "error" in answer:
+            raise WorkerError(str(answer["error"]))
+        return answer, data
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
