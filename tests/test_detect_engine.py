@@ -263,6 +263,10 @@ def test_unusual_queries_alone_tighten_an_account_with_history_but_block_one_wit
         verdict = replay(engine, benign_chat("niche", 60, seed=5, trust=trust))["niche"]
         assert verdict.risk > 0.9 and verdict.level == expected, trust
         assert verdict.reasons[0].code in ("mmd_shift", "out_of_distribution")
+    demoted = DetectionEngine(CONFIG, detectors=unusual)  # detection put it back on probation
+    history = benign_chat("niche", 30, seed=5, trust="standard")
+    later = benign_chat("niche", 30, seed=6, start=history[-1].ts + 1, trust="probation")
+    assert replay(demoted, history + later)["niche"].level == "tighten"
     extraction = DetectionEngine(CONFIG, detectors=[*unusual, Always("coverage_growth")])
     assert replay(extraction, benign_chat("thief", 60, seed=5, trust="trusted"))["thief"].level == "block"
 

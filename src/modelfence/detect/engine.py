@@ -87,12 +87,13 @@ HABITS = frozenset({"machine_timing", "around_the_clock", "volume_vs_tier"})
 # honest customer from a domain calibration never saw, and an organisation's pooled traffic
 # differs from everyone's. For an account with history (past probation) it is treated like
 # a habit: it may tighten, and a block or a degraded answer needs extraction evidence
-# (sweeps, coverage, harvesting, boundary probing, PRADA). Accounts on probation, and keys
-# whose account is unknown, have no history to vouch for them.
+# (sweeps, coverage, harvesting, boundary probing, PRADA). Accounts never seen past
+# probation, and keys whose account is unknown, have no history to vouch for them; an
+# account demoted by detection keeps the history it had (ClientState.vouched), or one
+# unusual stretch would demote it and the demotion would lift the ceiling.
 UNUSUAL = frozenset({"mmd_shift", "out_of_distribution"})
 LENSES = {"habits": HABITS, "unusual": HABITS | UNUSUAL}
 CEILING: Level = "tighten"
-WITH_HISTORY = frozenset({"standard", "trusted"})
 
 
 class DetectionEngine:
@@ -312,7 +313,7 @@ class DetectionEngine:
         override = self.overrides.get(client)
         level = self.policy.decide(client, risk, state.tier, override)
         if override is None and rank(level) > rank(CEILING) and state.total >= ESTABLISHED_QUERIES:
-            lens = "unusual" if state.trust in WITH_HISTORY else "habits"
+            lens = "unusual" if state.vouched else "habits"
             grounded = max(own.risk_without(lens), driver.risk_without(lens))
             found = self.policy.level_for(grounded, state.tier)
             level = found if rank(found) > rank(CEILING) else CEILING

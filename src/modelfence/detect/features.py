@@ -59,7 +59,9 @@ class ClientState:
     # Distinct clock hours (ts // 3600) with activity, newest last: two days of them,
     # for "active around the clock", which a window of recent queries cannot show.
     hours: deque[int] = field(init=False)
-    trust: str = ""  # the account's trust level on its latest request that carried one
+    # The account was seen past probation (standard or trusted). Sticky: a demotion by
+    # detection itself (accounts.demote_at) does not erase the history it had.
+    vouched: bool = False
 
     def __post_init__(self) -> None:
         self.queries = deque(maxlen=self.window)
@@ -70,8 +72,8 @@ class ClientState:
         hour = int(query.event.ts // 3600)
         if not self.hours or self.hours[-1] != hour:
             self.hours.append(hour)
-        if query.event.trust:
-            self.trust = query.event.trust
+        if query.event.trust in ("standard", "trusted"):
+            self.vouched = True
         self.queries.append(query)
         self.total += 1
         self.since_evaluation += 1
