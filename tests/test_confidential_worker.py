@@ -16,7 +16,7 @@ import pytest
 from modelfence.confidential.attestation import Evidence, SimPlatform, SimVerifier, measure
 from modelfence.confidential.broker import AuditLog, KeyBroker, ReleasePolicy, ReleaseRefused
 from modelfence.confidential.launcher import (
-    CODE,
+    ROOT,
     LaunchedWorker,
     WorkerClient,
     WorkerError,
@@ -91,12 +91,39 @@ def test_an_attested_worker_serves_the_private_head_as_labels_only(
     assert stat.S_IMODE(worker.socket_path.parent.stat().st_mode) == 0o700
 
 
+def test_a_worker_serves_one_part_and_takes_no_replayed_release(
+    worker: LaunchedWorker, platform: SimPlatform, tmp_path: Path, clients: list[WorkerClient]
+) -> None:
+    client = provision(worker, platform, tmp_path, clients)
+    with pytest.raises(WorkerError, match="already serves digits-head v1"):
+        client.call("provision", sealed=str(tmp_path / "head.sealed"), ephemeral_public_key="00" * 32,
+                    nonce="00" * 12, ciphertext="00" * 48)
+
+
+def test_inputs_that_would_overflow_float32_leak_nothing(tmp_path: Path, platform: SimPlatform,
+                                                         clients: list[WorkerClient]) -> None:
+    # In float32, x = s * e_2 overflows once s * |W[2, j]| passes FLT_MAX: the label then
+    # flips at s = FLT_MAX / |W[2, j]|, an oracle of the weight. The worker computes in float64.
+    full = launch(json.dumps({"output": "probabilities", "decimals": 3}).encode(), tmp_path / "p", platform)
+    try:
+        client = provision(full, platform, tmp_path, clients, measurements=frozenset({full.measurement}))
+        rows = np.zeros((2, 8), np.float32)
+        rows[:, 2] = [1e38, 3e38]
+        answer, data = client.call("infer", rows.tobytes(), dtype="float32", shape=[2, 8])
+        probabilities = np.frombuffer(data, dtype="<f4").reshape(answer["shape"])
+        assert np.isfinite(probabilities).all()
+        expected = (rows.astype(np.float64) @ WEIGHT.astype(np.float64)).argmax(axis=1)
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), expected)
+    finally:
+        full.stop()
+
+
 def test_a_worker_with_another_configuration_gets_no_key(
     tmp_path: Path, platform: SimPlatform, clients: list[WorkerClient]
 ) -> None:
     leaky = launch(json.dumps({"output": "probabilities", "decimals": 6}).encode(), tmp_path / "leaky", platform)
     try:
-        labels_only = measure(CODE, worker_code(), json.dumps({"output": "labels"}).encode())
+        labels_only = measure(ROOT, worker_code(), json.dumps({"output": "labels"}).encode())
         assert leaky.measurement != labels_only
         with pytest.raises(ReleaseRefused, match="measurement"):
             provision(leaky, platform, tmp_path, clients, measurements=frozenset({labels_only}))
@@ -131,7 +158,7 @@ def _raw(path: Path, blob: bytes) -> bytes:
         ({"op": "provision", "sealed": "/nonexistent/part", "ephemeral_public_key": "00" * 32,
           "nonce": "00" * 12, "ciphertext": "00" * 48}, "No such file"),
         ({"op": "provision", "sealed": "/tmp", "ephemeral_public_key": "00" * 32, "nonce": "00" * 12,
-          "ciphertext": "00" * 48}, "Is a directory"),
+          "ciphertext": "00" * 48}, "not a regular file"),
     ],
 )
 def test_hostile_calls_are_answered_with_the_reason(

@@ -24,13 +24,23 @@ from modelfence.confidential.attestation import REPORT_DATA_BYTES, SimPlatform, 
 from modelfence.confidential.worker import FrameError, WorkerConfig, recv_frame, send_frame
 from modelfence.errors import ModelFenceError
 
-CODE = Path(__file__).parent
+CODE = Path(__file__).resolve().parent
+PACKAGE = CODE.parent
+ROOT = PACKAGE.parent  # the folder holding ``modelfence``: the only place the worker imports it from
 START_TIMEOUT = 30.0
+# Run in an isolated interpreter (-I: no PYTHONPATH, no user site, not the current folder),
+# importing modelfence from ROOT alone, and refusing to run if it got another copy.
+_BOOT = (
+    "import sys; root = sys.argv.pop(1); sys.path.insert(0, root); import modelfence, pathlib; "
+    "sys.exit('worker: modelfence imported from elsewhere') "
+    "if pathlib.Path(modelfence.__file__).resolve().parent.parent != pathlib.Path(root) else None; "
+    "from modelfence.confidential.worker import main; main()"
+)
 
 
 def worker_code() -> list[Path]:
-    """The files measured as the worker's code."""
-    return sorted(CODE.glob("*.py"))
+    """The files measured as the worker's code: every modelfence module it imports."""
+    return sorted([*CODE.glob("*.py"), PACKAGE / "__init__.py", PACKAGE / "errors.py"])
 
 
 class WorkerError(ModelFenceError):
@@ -58,24 +68,26 @@ def launch(config: bytes, folder: Path, platform: SimPlatform) -> LaunchedWorker
     WorkerConfig.parse(config)  # refuse a bad config here, not in the child
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
-    config_path = folder / "worker.json"
-    config_path.write_bytes(config)
-    config_path.chmod(0o600)
     socket_path = folder / "worker.sock"
     socket_path.unlink(missing_ok=True)
-    measurement = measure(CODE, worker_code(), config)
+    measurement = measure(ROOT, worker_code(), config)
     ours, theirs = socket.socketpair()
     process = subprocess.Popen(
-        [sys.executable, "-m", "modelfence.confidential.worker", "--socket", str(socket_path),
-         "--config", str(config_path), "--platform-fd", str(theirs.fileno())],
+        [sys.executable, "-I", "-c", _BOOT, str(ROOT), "--socket", str(socket_path),
+         "--platform-fd", str(theirs.fileno())],
         pass_fds=[theirs.fileno()],
     )
     theirs.close()
     ours.settimeout(START_TIMEOUT)
     try:
+        send_frame(ours, {"config": True}, config)  # the measured bytes themselves, not a file
         ready, _ = recv_frame(ours)
+        if ready.get("ready") is not True:
+            raise FrameError(f"unexpected first frame {ready!r}")
     except (OSError, FrameError, ConnectionError) as exc:
+        ours.close()
         process.kill()
+        process.wait()
         raise WorkerError(f"the worker did not start: {exc}") from exc
     ours.settimeout(None)
     threading.Thread(target=_quote_for, args=(ours, platform, measurement), daemon=True,
@@ -96,8 +108,8 @@ def _quote_for(channel: socket.socket, platform: SimPlatform, measurement: str) 
                 send_frame(channel, platform.quote(measurement, data, time.time()).to_dict())
             except (ConnectionError, OSError):
                 return  # the worker exited
-            except (ValueError, FrameError) as exc:
-                send_frame(channel, {"error": str(exc)})
+            except (ValueError, FrameError):
+                return  # the channel is out of step: no more evidence for this worker
 
 
 class WorkerClient:

@@ -24,9 +24,13 @@ import argparse
 import ctypes
 import json
 import os
+import signal
 import socket
+import stat
 import struct
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +46,9 @@ from modelfence.errors import ModelFenceError
 Output = Literal["labels", "top_k", "probabilities"]
 MAX_FRAME = 64 << 20
 MAX_ROWS = 65_536
+MAX_CONNECTIONS = 32  # beyond it a connection is closed at once: threads and buffers stay bounded
+IDLE_SECONDS = 30.0
+_PR_SET_PDEATHSIG = 1
 OPS = ("health", "attest", "provision", "infer")
 _PR_SET_DUMPABLE = 4
 _CLONE_NEWNET = getattr(os, "CLONE_NEWNET", 0x40000000)  # Linux values; os has them from 3.12
@@ -58,12 +65,17 @@ class WorkerConfig:
 
     @classmethod
     def parse(cls, raw: bytes) -> WorkerConfig:
-        doc = json.loads(raw)
-        config = cls(**doc)
-        if config.output not in ("labels", "top_k", "probabilities") or not 1 <= config.top_k <= 100 \
-                or not 0 <= config.decimals <= 6:
-            raise ModelFenceError("worker config: output labels|top_k|probabilities, top_k 1-100, "
-                                  "decimals 0-6")
+        problem = ModelFenceError("worker config: a JSON object with output labels|top_k|probabilities, "
+                                  "top_k an integer 1-100, decimals an integer 0-6")
+        try:
+            doc = json.loads(raw)
+            config = cls(**doc)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise problem from exc
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (config.top_k, config.decimals))
+        if config.output not in ("labels", "top_k", "probabilities") or not whole \
+                or not 1 <= config.top_k <= 100 or not 0 <= config.decimals <= 6:
+            raise problem
         return config
 
 
@@ -93,7 +105,7 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
         raise FrameError(f"frame header of {length} bytes; at most 1 MiB")
     try:
         header = json.loads(_read_exactly(sock, length))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FrameError("frame header is not JSON") from exc
     size = header.get("payload_bytes", 0) if isinstance(header, dict) else None
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FRAME:
@@ -111,6 +123,7 @@ class Worker:
         self.public_key = self._secret.public_key().public_bytes_raw()
         self._part: tuple[np.ndarray, np.ndarray] | None = None
         self.artifact = ""
+        self._attested: str | None = None  # the digest of the last attest: the only one provisioned
         self.isolation = harden()
 
     def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
@@ -130,20 +143,29 @@ class Worker:
         nonce, digest = _hex(header, "nonce", 32), _hex(header, "digest", 32)
         if self._platform is None:
             raise FrameError("this worker has no platform to attest with")
+        self._attested = digest.hex()
         send_frame(self._platform, {"report_data": report_data(nonce, self.public_key, digest.hex()).hex()})
         evidence, _ = recv_frame(self._platform)
         return {"evidence": evidence, "public_key": self.public_key.hex()}
 
     def _provision(self, header: dict[str, Any]) -> dict[str, Any]:
+        if self._part is not None:
+            raise FrameError(f"this worker already serves {self.artifact}; start another for another part")
         path = Path(str(header.get("sealed", "")))
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block every operation
+            raise FrameError(f"{path} is not a regular file")
         released = ReleasedKey(_hex(header, "ephemeral_public_key", 32), _hex(header, "nonce", 12),
                                _hex(header, "ciphertext", 48), str(header.get("security_level", "")))
         sealed = read_header(path)
+        if sealed.digest != self._attested:  # an old release replayed: the broker did not see it
+            raise FrameError("provision the artifact this worker last attested for")
         _, tensors = open_sealed(path, receive_key(self._secret, released, sealed.digest))
         weight, bias = tensors.get("weight"), tensors.get("bias")
         if weight is None or bias is None or weight.ndim != 2 or bias.shape != (weight.shape[1],):
             raise FrameError("the part must hold weight [d, c] and bias [c]")
-        self._part = (weight.astype(np.float32), bias.astype(np.float32))
+        # float64: finite float32 inputs cannot overflow it, and an overflow would turn an answer
+        # into an oracle of the weights' scale.
+        self._part = (weight.astype(np.float64), bias.astype(np.float64))
         self.artifact = f"{sealed.artifact_id} v{sealed.version}"
         return {"ok": True, "artifact": self.artifact, "inputs": int(weight.shape[0]),
                 "classes": int(weight.shape[1])}
@@ -162,7 +184,7 @@ class Worker:
         rows = np.frombuffer(payload, dtype="<f4").reshape(shape)
         if not np.isfinite(rows).all():
             raise FrameError("input holds NaN or infinity")
-        logits = rows @ weight + bias
+        logits = rows.astype(np.float64) @ weight + bias
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -191,35 +213,37 @@ def _hex(header: dict[str, Any], field: str, size: int) -> bytes:
 
 
 def harden() -> dict[str, Any]:
-    """Not dumpable; a network namespace of its own where the OS allows. Reports what held."""
+    """A network namespace of its own where the OS allows, then not dumpable, and killed with
+    the launcher. Reports what held; exits if half of a namespace change held."""
+    network = "shared"
+    unshare = getattr(os, "unshare", None)
+    uid = os.getuid()
+    if unshare is not None:
+        try:
+            unshare(_CLONE_NEWNET if uid == 0 else _CLONE_NEWUSER | _CLONE_NEWNET)
+        except OSError:
+            pass
+        else:
+            if uid != 0:  # before PR_SET_DUMPABLE, which makes /proc/self/uid_map unwritable
+                try:
+                    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")  # peer checks stay exact
+                except OSError:
+                    sys.exit("worker: in a user namespace without its uid mapped; refusing to serve")
+            network = "isolated"
     dumpable = True
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         dumpable = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    network = "shared"
-    unshare = getattr(os, "unshare", None)
-    uid = os.getuid()
-    if unshare is not None and uid != 0:  # root keeps root's view; unprivileged users map themselves
-        try:
-            unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-            Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")  # keeps peer checks exact
-            network = "isolated"
-        except OSError:
-            pass
-    elif unshare is not None:
-        try:
-            unshare(_CLONE_NEWNET)
-            network = "isolated"
-        except OSError:
-            pass
     return {"dumpable": dumpable, "network": network}
 
 
-def serve(path: Path, config: WorkerConfig, platform: socket.socket) -> None:
-    """Answer frames on ``path`` until the launcher closes the platform channel."""
-    worker = Worker(config, platform)
+def serve(path: Path, platform: socket.socket) -> None:
+    """Read the configuration from the launcher, then answer frames on ``path``."""
+    _, config = recv_frame(platform)  # the bytes the launcher measured, not a file
+    worker = Worker(WorkerConfig.parse(config), platform)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -229,19 +253,31 @@ def serve(path: Path, config: WorkerConfig, platform: socket.socket) -> None:
     listener.listen(8)
     send_frame(platform, {"ready": True, **worker.isolation})
     lock = threading.Lock()  # one operation at a time: the platform channel and the part are shared
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     while True:
-        connection, _ = listener.accept()
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # out of descriptors for a moment: the connections open are still served
+            time.sleep(0.1)
+            continue
         uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          struct.calcsize("3i")))[1]
-        if uid != os.getuid():
-            connection.close()  # another user's process: not answered
+        if uid != os.getuid() or not slots.acquire(blocking=False):
+            connection.close()  # another user's process, or too many connections
             continue
-        threading.Thread(target=_answer, args=(worker, connection, lock), daemon=True).start()
+        connection.settimeout(IDLE_SECONDS)
+        threading.Thread(target=_answer, args=(worker, connection, lock, slots), daemon=True).start()
 
 
-def _answer(worker: Worker, connection: socket.socket, lock: threading.Lock) -> None:
-    with connection:
-        _serve_connection(worker, connection, lock)
+def _answer(worker: Worker, connection: socket.socket, lock: threading.Lock,
+            slots: threading.BoundedSemaphore) -> None:
+    try:
+        with connection:
+            _serve_connection(worker, connection, lock)
+    except OSError:
+        pass  # the peer went away or stalled past IDLE_SECONDS
+    finally:
+        slots.release()
 
 
 def _serve_connection(worker: Worker, connection: socket.socket, lock: threading.Lock) -> None:
@@ -258,17 +294,17 @@ def _serve_connection(worker: Worker, connection: socket.socket, lock: threading
                 answer, data = worker.handle(header, payload)
         except (ModelFenceError, OSError, ValueError) as exc:  # a bad path or tensor: answered
             answer, data = {"error": str(exc)}, b""
+        except Exception as exc:  # noqa: BLE001 -- answered, never a dead connection thread
+            answer, data = {"error": f"internal error: {type(exc).__name__}"}, b""
         send_frame(connection, answer, data)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="the isolated worker (started by the launcher)")
     parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--platform-fd", type=int, required=True)
     args = parser.parse_args()
-    platform = socket.socket(fileno=args.platform_fd)
-    serve(args.socket, WorkerConfig.parse(args.config.read_bytes()), platform)
+    serve(args.socket, socket.socket(fileno=args.platform_fd))
 
 
 if __name__ == "__main__":
