@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -279,3 +281,18 @@ def test_any_flipped_bit_anywhere_is_refused(tmp_path_factory: pytest.TempPathFa
     path.write_bytes(bytes(raw))
     with pytest.raises(SealError):
         opened(path)
+
+
+def test_the_commands_need_safetensors_only_to_read_safetensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors comes with the demo extra; a core install must still load the CLI.
+    blocked = "import sys; sys.modules['safetensors'] = None; sys.modules['safetensors.numpy'] = None; "
+    code = blocked + "import modelfence.cli, modelfence.confidential.sealing; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "ok", done.stderr
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    with pytest.raises(SealError, match="needs the safetensors package"):
+        load_tensors(tmp_path / "m.safetensors")

@@ -42,7 +42,6 @@ from zipfile import BadZipFile
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from safetensors import SafetensorError
 
 from modelfence.errors import ModelFenceError
 
@@ -371,16 +370,28 @@ def open_sealed(path: Path, data_key: bytes) -> tuple[SealedHeader, dict[str, np
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
     """What ``modelfence seal`` reads: ``.safetensors``, ``.npz`` or ``.npy`` (no pickle)."""
     suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
-        if suffix == ".safetensors":
-            from safetensors.numpy import load_file  # numpy only: no torch at import
-
-            return dict(load_file(str(path)))
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
         if suffix == ".npy":
             return {path.stem: np.load(path, allow_pickle=False)}
-    except (OSError, ValueError, TypeError, EOFError, BadZipFile, SafetensorError) as exc:
+    except (OSError, ValueError, TypeError, EOFError, BadZipFile) as exc:
         raise SealError(f"{path}: {exc}") from exc
     raise SealError(f"{path}: expected .safetensors, .npz or .npy, not {suffix or 'no suffix'!r}")
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """``safetensors`` is an optional dependency (the ``demo`` extra): imported when used."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file  # numpy only: no torch at import
+    except ImportError as exc:
+        raise SealError(f"{path}: reading .safetensors needs the safetensors package "
+                        "(pip install safetensors), or give .npz") from exc
+    try:
+        return dict(load_file(str(path)))
+    except (OSError, ValueError, TypeError, SafetensorError) as exc:
+        raise SealError(f"{path}: {exc}") from exc
