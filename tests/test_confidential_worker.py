@@ -60,7 +60,7 @@ def worker(tmp_path: Path, platform: SimPlatform) -> Iterator[LaunchedWorker]:
 def provision(launched: LaunchedWorker, platform: SimPlatform, tmp_path: Path, clients: list[WorkerClient],
               measurements: frozenset[str] | None = None) -> WorkerClient:
     sealed = tmp_path / "head.sealed"
-    seal({"weight": WEIGHT, "bias": BIAS}, sealed, kek=KEK, artifact_id="digits-head", version=1)
+    seal({"head.weight": WEIGHT, "head.bias": BIAS}, sealed, kek=KEK, artifact_id="digits-head", version=1)
     header = read_header(sealed)
     policy = ReleasePolicy("development", frozenset({"sim"}), measurements or frozenset({launched.measurement}))
     broker = KeyBroker(KEK, policy, {"sim": SimVerifier(platform.public_key)}, AuditLog())

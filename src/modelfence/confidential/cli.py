@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from modelfence.confidential.partition import PartitionError, split
 from modelfence.confidential.sealing import (
     DEFAULT_CHUNK_BYTES,
     KEY_BYTES,
@@ -94,14 +95,20 @@ def seal_command(
     version: Annotated[int, typer.Option(min=1, help="release version (the broker refuses older ones)")] = 1,
     new_key: Annotated[bool, typer.Option("--new-key", help="create --key-file first (mode 0600)")] = False,
     chunk_bytes: Annotated[int, typer.Option(help="bytes per authenticated chunk")] = DEFAULT_CHUNK_BYTES,
+    protect: Annotated[list[str] | None, typer.Option(
+        help="seal only these modules or globs (e.g. head, 'adapter.*'); repeatable")] = None,
 ) -> None:
     """Seal a model part: encrypt its tensors for release to an attested worker only."""
     try:
         tensors = load_tensors(source)  # before a new key exists: a failed seal leaves none
+        if protect:
+            public, tensors = split(tensors, protect)
+            console.print(f"protected {len(tensors)} tensors; {len(public)} stay public in {source}",
+                          markup=False)
         kek = write_key_file(key_file) if new_key else read_key_file(key_file)
         header = seal(tensors, out, kek=kek, artifact_id=artifact_id, version=version,
                       chunk_bytes=chunk_bytes)
-    except SealError as exc:
+    except (SealError, PartitionError) as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from exc
     console.print(f"sealed {len(header.tensors)} tensors ({header.parameters:,} parameters) of "

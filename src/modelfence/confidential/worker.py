@@ -160,9 +160,13 @@ class Worker:
         if sealed.digest != self._attested:  # an old release replayed: the broker did not see it
             raise FrameError("provision the artifact this worker last attested for")
         _, tensors = open_sealed(path, receive_key(self._secret, released, sealed.digest))
-        weight, bias = tensors.get("weight"), tensors.get("bias")
+        # ``weight`` and ``bias``, or one module's (``head.weight``, ``head.bias``, as split).
+        weight = next((t for n, t in tensors.items() if n.rpartition(".")[2] == "weight"), None)
+        bias = next((t for n, t in tensors.items() if n.rpartition(".")[2] == "bias"), None)
+        if len(tensors) != 2:
+            weight = None
         if weight is None or bias is None or weight.ndim != 2 or bias.shape != (weight.shape[1],):
-            raise FrameError("the part must hold weight [d, c] and bias [c]")
+            raise FrameError("the part must hold weight [d, c] and bias [c] (of one module) only")
         # float64: finite float32 inputs cannot overflow it, and an overflow would turn an answer
         # into an oracle of the weights' scale.
         self._part = (weight.astype(np.float64), bias.astype(np.float64))
