@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modelfence.confidential.attestation import Evidence, SimPlatform, SimVerifier
+from modelfence.confidential.attestation import SimPlatform, SimVerifier
 from modelfence.confidential.broker import AuditLog, KeyBroker, ReleasePolicy
-from modelfence.confidential.launcher import LaunchedWorker, WorkerClient, launch
-from modelfence.confidential.sealing import new_key, read_header, seal
+from modelfence.confidential.launcher import LaunchedWorker, WorkerClient, launch, provision
+from modelfence.confidential.sealing import new_key, seal
 
 CASES = {  # name: (rows, inputs, classes)
     "16 KB request, 64x10 head": (64, 64, 10),
@@ -40,16 +40,10 @@ def provisioned(folder: Path, weight: np.ndarray, bias: np.ndarray) -> tuple[Wor
     worker = launch(json.dumps({"output": "labels"}).encode(), folder / "run", platform)
     sealed = folder / "head.sealed"
     seal({"weight": weight, "bias": bias}, sealed, kek=kek, artifact_id="bench-head", version=1)
-    header = read_header(sealed)
     broker = KeyBroker(kek, ReleasePolicy("development", frozenset({"sim"}), frozenset({worker.measurement})),
                        {"sim": SimVerifier(platform.public_key)}, AuditLog())
     client = WorkerClient(worker.socket_path)
-    nonce = broker.challenge()
-    attested, _ = client.call("attest", nonce=nonce.hex(), digest=header.digest)
-    released = broker.release(header, Evidence.from_dict(attested["evidence"]),
-                              bytes.fromhex(attested["public_key"]), nonce)
-    client.call("provision", sealed=str(sealed), ephemeral_public_key=released.ephemeral_public_key.hex(),
-                nonce=released.nonce.hex(), ciphertext=released.ciphertext.hex())
+    provision(client, broker, sealed)
     return client, worker
 
 

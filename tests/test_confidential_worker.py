@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelfence.confidential.attestation import Evidence, SimPlatform, SimVerifier, measure
+from modelfence.confidential.attestation import SimPlatform, SimVerifier, measure
 from modelfence.confidential.broker import AuditLog, KeyBroker, ReleasePolicy, ReleaseRefused
 from modelfence.confidential.launcher import (
     ROOT,
@@ -23,7 +23,8 @@ from modelfence.confidential.launcher import (
     launch,
     worker_code,
 )
-from modelfence.confidential.sealing import new_key, read_header, seal
+from modelfence.confidential.launcher import provision as provision_part
+from modelfence.confidential.sealing import new_key, seal
 
 KEK = new_key()
 RNG = np.random.default_rng(3)
@@ -61,18 +62,10 @@ def provision(launched: LaunchedWorker, platform: SimPlatform, tmp_path: Path, c
               measurements: frozenset[str] | None = None) -> WorkerClient:
     sealed = tmp_path / "head.sealed"
     seal({"head.weight": WEIGHT, "head.bias": BIAS}, sealed, kek=KEK, artifact_id="digits-head", version=1)
-    header = read_header(sealed)
     policy = ReleasePolicy("development", frozenset({"sim"}), measurements or frozenset({launched.measurement}))
     broker = KeyBroker(KEK, policy, {"sim": SimVerifier(platform.public_key)}, AuditLog())
     client = connect(launched, clients)
-    nonce = broker.challenge()
-    attested, _ = client.call("attest", nonce=nonce.hex(), digest=header.digest)
-    evidence = Evidence.from_dict(attested["evidence"])
-    assert evidence.measurement == launched.measurement
-    released = broker.release(header, evidence, bytes.fromhex(attested["public_key"]), nonce)
-    client.call("provision", sealed=str(sealed), ephemeral_public_key=released.ephemeral_public_key.hex(),
-                nonce=released.nonce.hex(), ciphertext=released.ciphertext.hex(),
-                security_level=released.security_level)
+    assert provision_part(client, broker, sealed)["artifact"] == "digits-head v1"
     return client
 
 

@@ -280,6 +280,18 @@ def test_an_organisations_pooled_unusualness_blocks_none_of_its_members_with_his
     assert {v.level for v in verdicts.values()} == {"tighten"}
 
 
+def test_a_member_caught_extracting_convicts_an_entity_already_high_on_unusualness() -> None:
+    entity = RiskState(3600.0, without={"habits": frozenset(), "unusual": frozenset({"mmd_shift"})})
+    entity.update([Signal("mmd_shift", 1.0, "pooled")], 0.0)
+    entity.cusum = entity.partial["habits"] = 5.0  # high on pooled MMD alone
+    member = RiskState(3600.0, without=entity.without)
+    member.update([Signal("coverage_growth", 1.0, "sweep")], 0.0)
+    member.update([Signal("coverage_growth", 1.0, "sweep")], 0.0)
+    entity.absorb(member, "habits")
+    assert entity.cusum == 5.0  # the total stays the higher one
+    assert entity.risk_without("unusual") == member.risk_without("unusual") > 0.8
+
+
 def test_the_habit_ceiling_holds_after_the_habits_reasons_have_faded() -> None:
     # A busy week, then normal traffic: the reasons fade faster than the score they raised.
     engine = DetectionEngine(CONFIG, detectors=[Until("volume_vs_tier", last=600)])

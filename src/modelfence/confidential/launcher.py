@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from modelfence.confidential.attestation import REPORT_DATA_BYTES, SimPlatform, measure
+from modelfence.confidential.attestation import REPORT_DATA_BYTES, Evidence, SimPlatform, measure
+from modelfence.confidential.broker import KeyBroker
+from modelfence.confidential.sealing import read_header
 from modelfence.confidential.worker import FrameError, WorkerConfig, recv_frame, send_frame
 from modelfence.errors import ModelFenceError
 
@@ -141,3 +143,18 @@ class WorkerClient:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def provision(client: WorkerClient, broker: KeyBroker, sealed: Path) -> dict[str, Any]:
+    """Attest the worker to ``broker`` for the part in ``sealed`` and hand it the released
+    key: the whole exchange (raises ``ReleaseRefused`` or :class:`WorkerError`)."""
+    header = read_header(sealed)
+    nonce = broker.challenge()
+    attested, _ = client.call("attest", nonce=nonce.hex(), digest=header.digest)
+    released = broker.release(header, Evidence.from_dict(attested["evidence"]),
+                              bytes.fromhex(attested["public_key"]), nonce)
+    answer, _ = client.call("provision", sealed=str(sealed),
+                            ephemeral_public_key=released.ephemeral_public_key.hex(),
+                            nonce=released.nonce.hex(), ciphertext=released.ciphertext.hex(),
+                            security_level=released.security_level)
+    return answer

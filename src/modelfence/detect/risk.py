@@ -70,17 +70,18 @@ class RiskState:
         """Raise this state to ``other``'s evidence as seen through ``lens`` (never lower):
         how an entity takes on what one member earned, without that member's habits."""
         seen = other.partial.get(lens, 0.0)
-        if seen <= self.cusum:
-            return
-        self.cusum = seen
+        # Each total is raised on its own: a group already high on weak evidence still takes
+        # on a member's stronger evidence in the lenses that count it.
         for name in self.without:
-            mine, theirs = self.partial.get(name, 0.0), other.partial.get(name, 0.0)
-            self.partial[name] = max(mine, min(theirs, seen))
-        left_out = self.without.get(lens, frozenset())
-        self.reasons = {
-            **self.reasons,
-            **{code: r for code, r in other.reasons.items() if code not in left_out},
-        }
+            theirs = min(other.partial.get(name, 0.0), seen)
+            self.partial[name] = max(self.partial.get(name, 0.0), theirs)
+        if seen > self.cusum:
+            self.cusum = seen
+            left_out = self.without.get(lens, frozenset())
+            self.reasons = {
+                **self.reasons,
+                **{code: r for code, r in other.reasons.items() if code not in left_out},
+            }
 
     def _fade(self, factor: float) -> None:
         # Reasons not seen again fade with the risk they caused.
