@@ -94,3 +94,13 @@ def test_config_check_takes_the_option_or_the_argument(config_file: Path) -> Non
 def test_the_option_after_the_subcommand_wins(config_file: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["-c", str(tmp_path / "missing.yaml"), "keys", "list", "-c", str(config_file)])
     assert result.exit_code == 0, result.output
+
+
+def test_measure_worker_prints_what_the_launcher_measures() -> None:
+    from modelfence.confidential.launcher import measurement
+
+    result = runner.invoke(app, ["measure-worker", '{"output": "labels"}'])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == measurement(b'{"output": "labels"}')
+    bad = runner.invoke(app, ["measure-worker", '{"output": "weights"}'])
+    assert bad.exit_code == 2 and "WORKER_CONFIG" in bad.output

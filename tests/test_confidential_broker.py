@@ -7,12 +7,19 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from modelfence.confidential.attestation import SimPlatform, SimVerifier, measure, report_data
+from modelfence.confidential.attestation import (
+    Evidence,
+    SimPlatform,
+    SimVerifier,
+    measure,
+    report_data,
+)
 from modelfence.confidential.broker import (
     AuditLog,
     KeyBroker,
@@ -23,6 +30,9 @@ from modelfence.confidential.broker import (
 )
 from modelfence.confidential.sealing import new_key, open_sealed, read_header, seal
 from modelfence.errors import ModelFenceError
+
+from .tee_evidence import NOW as HARDWARE_NOW
+from .tee_evidence import NitroForge, TdxForge, p256
 
 KEK = new_key()
 
@@ -197,6 +207,18 @@ def test_a_key_released_to_one_worker_is_useless_to_another(tmp_path: Path) -> N
         receive_key(X25519PrivateKey.generate(), released, header.digest)
 
 
+def test_the_audit_log_keeps_only_its_latest_records_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, keep=3)
+    for n in range(5):
+        log.append({"decision": "refused", "n": n})
+    assert [r["n"] for r in log.records] == [2, 3, 4]
+    assert len(verify_chain(path)) == 5  # the file keeps every record
+    reopened = AuditLog(path, keep=3)
+    assert reopened.append({"decision": "released"})["seq"] == 5
+    assert len(verify_chain(path)) == 6
+
+
 def test_the_audit_log_is_a_chain_that_shows_tampering(tmp_path: Path) -> None:
     world = build(tmp_path)
     attempt(world)
@@ -205,7 +227,7 @@ def test_the_audit_log_is_a_chain_that_shows_tampering(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     records = verify_chain(path)
     assert [r["decision"] for r in records] == ["released", "refused"]
-    assert AuditLog(path).records == records  # reopened, the chain continues
+    assert list(AuditLog(path).records) == records  # reopened, the chain continues
     lines = path.read_text().splitlines()
     edited = json.loads(lines[1])
     edited["decision"] = "released"
@@ -215,3 +237,79 @@ def test_the_audit_log_is_a_chain_that_shows_tampering(tmp_path: Path) -> None:
     path.write_text(lines[1] + "\n")  # the first record removed
     with pytest.raises(ModelFenceError, match="record 0"):
         verify_chain(path)
+
+
+# A hardware verifier in the broker: TDX quotes built to Intel's format under a test PKI
+# (tests/tee_evidence.py). Every piece of evidence carries hint fields naming the allowed
+# measurement, no debug and a high security version: the broker appraises the claims the
+# verifier read from the quote, so a refusal below shows the hints are not what counts.
+
+
+def hardware_release(tmp_path: Path, forge: TdxForge, **quote: Any) -> bytes:
+    clock = Clock()
+    clock.now = HARDWARE_NOW
+    policy = ReleasePolicy("production", frozenset({"tdx"}), frozenset({TdxForge.MEASUREMENT}),
+                           min_security_version=2, min_artifact_versions={"digits-head": 3})
+    broker = KeyBroker(KEK, policy, {"tdx": forge.verifier()}, AuditLog(tmp_path / "audit.log"), clock=clock)
+    sealed = tmp_path / "head.sealed"
+    seal({"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, sealed, kek=KEK, artifact_id="digits-head", version=3)
+    header, worker = read_header(sealed), X25519PrivateKey.generate()
+    public = worker.public_key().public_bytes_raw()
+    nonce = broker.challenge()
+    data = report_data(nonce, public, header.digest)
+    evidence = Evidence("tdx", TdxForge.MEASUREMENT, False, 99, data, clock.now,
+                        raw=forge.quote(data, **quote))
+    try:
+        return receive_key(worker, broker.release(header, evidence, public, nonce), header.digest)
+    finally:
+        last = broker.audit.records[-1]
+        assert last["security_level"] == "hardware" and last["profile"] == "production"
+
+
+def test_a_hardware_verifier_releases_under_the_production_profile(tmp_path: Path) -> None:
+    forge = TdxForge()
+    data_key = hardware_release(tmp_path, forge)
+    _, tensors = open_sealed(tmp_path / "head.sealed", data_key)
+    assert tensors["w"].shape == (3, 4)
+    (record,) = verify_chain(tmp_path / "audit.log")
+    assert record["decision"] == "released" and record["measurement"] == TdxForge.MEASUREMENT
+
+
+HARDWARE_NEGATIVE: dict[str, tuple[Callable[[TdxForge], dict], str]] = {
+    "debug TD": (lambda f: {"debug": True}, "debug mode"),
+    "forged quote signature": (lambda f: {"quote_key": p256()}, "quote signature does not verify"),
+    "expired PCK certificate": (lambda f: {"pck": f.expired_pck()}, "expired"),
+    "measurement not in policy": (lambda f: {"mrtd": bytes(48)}, "measurement is not one the policy allows"),
+    "old TDX module": (lambda f: {"svn": 1}, "security version 1 is below 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HARDWARE_NEGATIVE))
+def test_a_hardware_verifier_refuses_in_the_broker(tmp_path: Path, case: str) -> None:
+    forge = TdxForge()
+    change, reason = HARDWARE_NEGATIVE[case]
+    with pytest.raises(ReleaseRefused, match=reason):
+        hardware_release(tmp_path, forge, **change(forge))
+    (record,) = verify_chain(tmp_path / "audit.log")
+    assert record["decision"] == "refused" and reason in record["reason"]
+    if case == "measurement not in policy":  # the audit names what the quote measured, not the hint
+        assert record["measurement"] != TdxForge.MEASUREMENT
+
+
+def test_a_nitro_document_carries_no_security_version_and_needs_no_minimum(tmp_path: Path) -> None:
+    """The policy's minimum security version (default 1) is not applied to Nitro, whose
+    documents carry none; it still applies to the types that report one."""
+    forge, clock = NitroForge(), Clock()
+    clock.now = HARDWARE_NOW
+    policy = ReleasePolicy("production", frozenset({"nitro"}), frozenset({NitroForge.MEASUREMENT}))
+    broker = KeyBroker(KEK, policy, {"nitro": forge.verifier()}, AuditLog(), clock=clock)
+    sealed = tmp_path / "head.sealed"
+    seal({"w": np.ones((2, 2), dtype=np.float32)}, sealed, kek=KEK, artifact_id="digits-head", version=1)
+    header, worker = read_header(sealed), X25519PrivateKey.generate()
+    public = worker.public_key().public_bytes_raw()
+    nonce = broker.challenge()
+    data = report_data(nonce, public, header.digest)
+    evidence = Evidence("nitro", "", False, 0, data, clock.now,
+                        raw=forge.document(data, timestamp=clock.now))
+    receive_key(worker, broker.release(header, evidence, public, nonce), header.digest)
+    assert broker.audit.records[-1]["decision"] == "released"

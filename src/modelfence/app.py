@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,11 +19,18 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from modelfence import __version__
 from modelfence.admin.accounts import accounts_router
 from modelfence.admin.api import create_admin_app
+from modelfence.admin.capabilities import capabilities_router
+from modelfence.admin.confidential import confidential_audit_router, create_broker_app
 from modelfence.admin.detection import detection_router
 from modelfence.admin.forensics import forensics_router
 from modelfence.admin.policy import policy_router
+from modelfence.confidential.broker import AuditLog, KeyBroker, ReleasePolicy
+from modelfence.confidential.config import ConfidentialConfig
+from modelfence.confidential.keyfile import read_key_file
+from modelfence.confidential.platforms import verifiers
 from modelfence.config import Config, TierConfig
 from modelfence.detect.actions import Policy
 from modelfence.detect.cache import ActionCache
@@ -100,6 +108,7 @@ class Services:
     detection: Detection
     keyring: WatermarkKeyring
     ledger: MarkLedger
+    broker: KeyBroker | None  # confidential.enabled
 
 
 @dataclass(slots=True)
@@ -175,6 +184,7 @@ class ModelFenceApp:
 
     async def startup(self) -> None:
         config = self.config
+        broker = _open_broker(config.confidential)  # a bad key file stops start-up first
         engine = open_engine(config.store)
         await create_tables(engine)
         secret = load_server_secret(config.secret, config.secret_file)
@@ -235,6 +245,7 @@ class ModelFenceApp:
             detection=detection,
             keyring=WatermarkKeyring(secret, version=config.watermark.key_version),
             ledger=ledger,
+            broker=broker,
         )
         self._app = self._build(self.services)
 
@@ -343,14 +354,14 @@ class ModelFenceApp:
 
         trust = TrustPolicy(config.accounts, registry)
         fingerprinter = Fingerprinter.from_config(config)
-        api_failures, admin_failures = (
+        api_failures, admin_failures, broker_failures = (
             AuthFailures(
                 FailureLimiter(config.server.auth_failures_per_minute),
                 surface=surface,
                 source=fingerprinter.source,
                 on_event=metrics.auth_failure,
             )
-            for surface in ("api", "admin")
+            for surface in ("api", "admin", "broker")
         )
 
         def authenticated(endpoint: ASGIApp) -> ASGIApp:
@@ -417,7 +428,13 @@ class ModelFenceApp:
             # The gateway serves without its detector (and restarts it): degraded, not down.
             detector = services.detection.detector
             dependencies.append(Dependency("detector", detector.probe, required=False))
-        readiness = Readiness(dependencies)
+        # Says what sealed model parts are worth here (``simulated`` without a TEE).
+        confidential = config.confidential
+        readiness = Readiness(
+            dependencies,
+            facts={"confidential": {"security_level": confidential.security_level}}
+            if confidential.enabled else {},
+        )
         catalog = ModelCatalog(
             [CatalogSource(transports[u.name], u.kind, u.models) for u in config.upstreams],
             access=access,
@@ -438,6 +455,9 @@ class ModelFenceApp:
                 ),
             }
         )
+        shared = RedisState(detection.redis) if detection.redis is not None else None
+        forensics = Forensics(services.engine, keyring, config.watermark)
+        ladder = Policy(config.detection)
         admin = create_admin_app(
             store=services.store,
             admin_token=config.admin_token,
@@ -446,17 +466,23 @@ class ModelFenceApp:
             routers=[
                 accounts_router(services.store, trust),
                 policy_router(config.policy, limits.tiers, self.risk),
-                detection_router(
-                    detection.state,
-                    Policy(config.detection),
-                    shared=RedisState(detection.redis) if detection.redis is not None else None,
-                ),
-                forensics_router(
-                    Forensics(services.engine, keyring, config.watermark), config.forensics
+                detection_router(detection.state, ladder, shared=shared),
+                forensics_router(forensics, config.forensics),
+                capabilities_router(capabilities(config)),
+                *(
+                    [confidential_audit_router(services.broker, confidential.security_level)]
+                    if services.broker is not None else []
                 ),
             ],
         )
-        router = Router(routes, mounts={"/admin": admin})
+        mounts: dict[str, ASGIApp] = {"/admin": admin}
+        if services.broker is not None:
+            assert confidential.token is not None  # the config requires it when enabled
+            mounts["/confidential"] = create_broker_app(
+                services.broker, token=confidential.token, failures=broker_failures,
+                security_level=confidential.security_level,
+            )
+        router = Router(routes, mounts=mounts)
         return ErrorBoundary(router, metrics=metrics, max_header_bytes=config.server.max_header_bytes)
 
     async def _store_probe(self) -> None:
@@ -485,6 +511,61 @@ class _EventCounts:
 
 
 _drop_alerts = ThrottledLog(log, interval=10.0)
+
+
+def _open_broker(settings: ConfidentialConfig) -> KeyBroker | None:
+    """The key broker for sealed model parts, and its security level said at start-up."""
+    if not settings.enabled:
+        return None
+    assert settings.kek_file is not None  # the config requires it when enabled
+    sim_key = settings.sim_platform_public_key
+    checks = verifiers(settings.tee_types, bytes.fromhex(sim_key) if sim_key else None)
+    policy = ReleasePolicy(
+        settings.profile,
+        frozenset(settings.tee_types),
+        frozenset(settings.measurements),
+        min_security_version=settings.min_security_version,
+        min_artifact_versions=dict(settings.min_artifact_versions),
+    )
+    audit = AuditLog(Path(settings.audit_log) if settings.audit_log else None)
+    broker = KeyBroker(
+        read_key_file(Path(settings.kek_file), "confidential.kek_file"),
+        policy,
+        checks,
+        audit,
+        nonce_ttl=settings.nonce_ttl_seconds,
+    )
+    if settings.security_level == "simulated":
+        log.warning(
+            "confidential: key broker on (%s profile; tee types %s); security level SIMULATED: "
+            "the sim platform is software, nothing it attests is protected by hardware",
+            settings.profile, ", ".join(settings.tee_types),
+        )
+    else:
+        log.info("confidential: key broker on (%s profile; tee types %s); security level hardware",
+                 settings.profile, ", ".join(settings.tee_types))
+    return broker
+
+
+def capabilities(config: Config) -> dict[str, Any]:
+    """What ``GET /admin/v1/capabilities`` answers: the layers on, and how strong they are."""
+    confidential, detection, marks = config.confidential, config.detection, config.watermark
+    return {
+        "version": __version__,
+        "limits": {"backend": "redis" if config.limits.backend.startswith("redis") else "memory",
+                   "on_backend_error": config.limits.on_backend_error},
+        "detection": {"enabled": detection.enabled, "feed": detection.feed,
+                      "shadow": detection.shadow},
+        "watermark": {"labels": marks.labels.enabled, "embeddings": marks.embeddings.enabled,
+                      "text": marks.text.enabled,
+                      "lexical": marks.lexical.enabled and bool(marks.lexical.upstreams)},
+        "confidential": {
+            "enabled": confidential.enabled,
+            "profile": confidential.profile,
+            "tee_types": list(confidential.tee_types) if confidential.enabled else [],
+            "security_level": confidential.security_level,
+        },
+    }
 
 
 def _alert_dropped(sink: str, n: int) -> None:

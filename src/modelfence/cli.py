@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from modelfence.confidential.cli import inspect_command, seal_command
+from modelfence.confidential.cli import inspect_command, measure_command, seal_command
 from modelfence.config import Config, load_config
 from modelfence.errors import ConfigError, ModelFenceError
 from modelfence.forensics.cli import verify_app
@@ -64,6 +64,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(verify_app, name="verify")
 app.command("seal")(seal_command)
 app.command("inspect")(inspect_command)
+app.command("measure-worker")(measure_command)
 
 console = Console()
 errors = Console(stderr=True)
@@ -133,6 +134,13 @@ def demo_upstream(
         typer.Option(exists=True, file_okay=False,
                      help="serve this saved SmolLM2 copy (e.g. a fine-tuned suspect) instead"),
     ] = None,
+    private_digits: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False,
+                     help="serve digits with its sealed head in the isolated worker, from this "
+                          "folder; the key comes from the gateway's key broker "
+                          "($MODELFENCE_BROKER_URL, $MODELFENCE_BROKER_TOKEN: its confidential.token)"),
+    ] = None,
 ) -> None:
     """Serve the demo models (SmolLM2 chat, MiniLM embeddings, digits classifier)."""
     from modelfence.demo.upstream import run_demo_upstream
@@ -145,7 +153,8 @@ def demo_upstream(
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
     run_demo_upstream(host, port, max_logprobs=max_logprobs, mark_secret=mark_secret,
-                      llm_dir=str(llm_dir) if llm_dir else None)
+                      llm_dir=str(llm_dir) if llm_dir else None,
+                      private_digits=str(private_digits) if private_digits else None)
 
 
 @app.command()

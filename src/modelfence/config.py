@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from modelfence.confidential.config import ConfidentialConfig
 from modelfence.errors import ConfigError
 from modelfence.forensics.config import ForensicsConfig
 from modelfence.policy.config import PolicyConfig
@@ -39,6 +40,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MODELFENCE_SECRET": ("secret",),
     "MODELFENCE_STORE": ("store",),
     "MODELFENCE_LIMITS_BACKEND": ("limits", "backend"),
+    "MODELFENCE_BROKER_TOKEN": ("confidential", "token"),
 }
 
 
@@ -362,6 +364,7 @@ class Config(_Frozen):
     detection: DetectionConfig = DetectionConfig()
     watermark: WatermarkConfig = WatermarkConfig()
     forensics: ForensicsConfig = ForensicsConfig()
+    confidential: ConfidentialConfig = ConfidentialConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("store")
@@ -398,7 +401,7 @@ class Config(_Frozen):
         return self
 
 
-_SECRET_KEYS = frozenset({"admin_token", "secret", "api_key"})
+_SECRET_KEYS = frozenset({"admin_token", "secret", "api_key", "token"})
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

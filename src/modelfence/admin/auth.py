@@ -34,11 +34,16 @@ class RequireAdminToken:
         token: bytes | None,
         public_paths: Collection[str],
         failures: AuthFailures,
+        label: str = "admin token",
+        setting: str = "`admin_token` in the config or the MODELFENCE_ADMIN_TOKEN environment variable",
+        title: str = "The admin API",
     ) -> None:
         self.app = app
         self.token_digest = None if token is None else hashlib.sha256(token).digest()
         self.public_paths = frozenset(public_paths)
         self.failures = failures
+        # The key broker's routes use the same check with a token of their own.
+        self.label, self.setting, self.title = label, setting, title
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -52,8 +57,7 @@ class RequireAdminToken:
     def _refusal(self, scope: Scope) -> GatewayError | None:
         if self.token_digest is None:
             return ServiceUnavailable(
-                "The admin API is disabled: set `admin_token` in the config or the "
-                "MODELFENCE_ADMIN_TOKEN environment variable.",
+                f"{self.title} is disabled: set {self.setting}.",
                 code="admin_disabled",
             )
         challenge = [(b"www-authenticate", b"Bearer")]
@@ -61,7 +65,7 @@ class RequireAdminToken:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return AuthenticationError(
-                "No admin token provided: send it as 'Authorization: Bearer <token>'.",
+                f"No {self.label} provided: send it as 'Authorization: Bearer <token>'.",
                 code="missing_admin_token",
                 headers=challenge,
             )
@@ -70,9 +74,9 @@ class RequireAdminToken:
         source = self.failures.charge(scope)
         digest = hashlib.sha256(token.strip().encode()).digest()
         if not hmac.compare_digest(digest, self.token_digest):
-            self.failures.failed(source, "incorrect admin token")
+            self.failures.failed(source, f"incorrect {self.label}")
             return AuthenticationError(
-                "Incorrect admin token.", code="invalid_admin_token", headers=challenge
+                f"Incorrect {self.label}.", code="invalid_admin_token", headers=challenge
             )
         self.failures.forgive(source)
         return None

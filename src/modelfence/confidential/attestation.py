@@ -8,18 +8,24 @@ challenge, for one key, for one artifact. A :class:`Verifier` checks the platfor
 signature and freshness and appraises the claims into an :class:`AttestationResult`
 (shaped like an EAT Attestation Result: a status, the claims, and the security level).
 
-Only the ``sim`` platform exists here (this machine has no TEE): a launcher measures the
-worker before starting it and alone holds the simulated platform's signing key. Every
-result it yields says ``security_level: simulated``; nothing it attests is protected by
-hardware.
+The ``sim`` platform is the only one a worker here can attest with (this machine has no
+TEE): a launcher measures the worker before starting it and alone holds the simulated
+platform's signing key, and every result it yields says ``security_level: simulated``.
+Hardware evidence (``tdx``, ``sev-snp``, ``nitro``) carries the platform's own bytes in
+``raw`` (and, for SEV-SNP, the certificate table in ``aux``); its claim fields are only
+hints, and the verifiers in ``tdx.py``, ``snp.py`` and ``nitro.py`` return the claims they
+parsed from signed bytes in the :class:`AttestationResult`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
+import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -52,26 +58,40 @@ def measure(root: Path, files: Iterable[Path], config: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    tee_type: str  # "sim" here; "tdx", "sev-snp", "nitro" where a verifier exists
+    """What an attester presents. For hardware TEE types the claim fields are hints: the
+    verifier reads the claims from ``raw`` (the platform's signed report, quote or
+    document) and ``aux`` (supplemental data, e.g. the configfs-tsm auxblob)."""
+
+    tee_type: str  # "sim", "tdx", "sev-snp" or "nitro"
     measurement: str
     debug: bool
     security_version: int
     report_data: bytes
     issued_at: float
     signature: bytes = b""
+    raw: bytes = b""
+    aux: bytes = b""
 
     def to_dict(self) -> dict[str, object]:
-        return {**json.loads(self.signed_part()), "signature": self.signature.hex()}
+        return {**json.loads(self.signed_part()), "signature": self.signature.hex(),
+                "raw": base64.b64encode(self.raw).decode(), "aux": base64.b64encode(self.aux).decode()}
 
     @classmethod
     def from_dict(cls, doc: dict[str, object]) -> Evidence:
         """Evidence as it crossed a process boundary; ``ValueError`` if malformed."""
         try:
-            return cls(str(doc["tee_type"]), str(doc["measurement"]), bool(doc["debug"]),
-                       int(doc["security_version"]),  # type: ignore[call-overload]
-                       bytes.fromhex(str(doc["report_data"])), float(doc["issued_at"]),  # type: ignore[arg-type]
-                       bytes.fromhex(str(doc["signature"])))
-        except (KeyError, TypeError) as exc:
+            debug, version, issued = doc["debug"], doc["security_version"], doc["issued_at"]
+            if not isinstance(debug, bool) or isinstance(version, bool) or not isinstance(version, int):
+                raise TypeError("debug must be a boolean and security_version an integer")
+            if isinstance(issued, bool) or not isinstance(issued, int | float) \
+                    or not math.isfinite(issued):
+                raise TypeError("issued_at must be a finite number")
+            return cls(str(doc["tee_type"]), str(doc["measurement"]), debug, version,
+                       bytes.fromhex(str(doc["report_data"])), float(issued),
+                       bytes.fromhex(str(doc["signature"])),
+                       base64.b64decode(str(doc.get("raw", "")), validate=True),
+                       base64.b64decode(str(doc.get("aux", "")), validate=True))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # binascii.Error too
             raise ValueError(f"malformed evidence: {exc}") from exc
 
     def signed_part(self) -> bytes:
@@ -85,7 +105,8 @@ class Evidence:
 
 @dataclass(frozen=True, slots=True)
 class AttestationResult:
-    """The verifier's appraisal (EAR-like). ``reasons`` are empty when affirming."""
+    """The verifier's appraisal (EAR-like). ``reasons`` are empty when affirming; the claims
+    are the ones the verifier read from signed bytes (unverified when contraindicated)."""
 
     status: Status
     tee_type: str
@@ -100,11 +121,52 @@ class AttestationResult:
         return self.status == "affirming"
 
 
+class EvidenceError(ValueError):
+    """Hardware evidence that is malformed or fails a check; the message is the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a hardware verifier read from evidence after checking its signatures and chain."""
+
+    measurement: str
+    debug: bool
+    security_version: int
+    report_data: bytes
+
+
+def appraise_hardware(tee_type: str, evidence: Evidence, expected_report_data: bytes,
+                      check: Callable[[Evidence], Claims]) -> AttestationResult:
+    """A hardware verifier's result: ``check`` parses and verifies the platform's bytes and
+    raises ``EvidenceError`` naming what is wrong. That, or any other error hostile bytes
+    provoke in a parser underneath, becomes a contraindicated result with the reason:
+    malformed evidence never escapes as an exception."""
+    def refused(reason: str, claims: Claims | None = None) -> AttestationResult:
+        claims = claims or Claims("", False, 0, b"")
+        return AttestationResult("contraindicated", tee_type, claims.measurement, claims.debug,
+                                 claims.security_version, "hardware", (reason,))
+
+    if evidence.tee_type != tee_type:
+        return refused(f"evidence is {evidence.tee_type!r}, not {tee_type!r}")
+    try:
+        claims = check(evidence)
+    except EvidenceError as exc:
+        return refused(str(exc))
+    except Exception as exc:  # noqa: BLE001 -- e.g. a certificate field parsed lazily
+        return refused(f"malformed evidence: {type(exc).__name__}: {exc}")
+    if not hmac.compare_digest(claims.report_data, expected_report_data):
+        return refused("report data does not bind this nonce, worker key and artifact", claims)
+    return AttestationResult("affirming", tee_type, claims.measurement, claims.debug,
+                             claims.security_version, "hardware")
+
+
 class Verifier(Protocol):
     """Checks one TEE type's evidence: signature, freshness, and the report data bound."""
 
     tee_type: str
     security_level: SecurityLevel
+    # False where the evidence carries no security version (Nitro): no minimum applies.
+    reports_security_version: bool
 
     def verify(self, evidence: Evidence, expected_report_data: bytes, now: float) -> AttestationResult: ...
 
@@ -140,6 +202,7 @@ class SimVerifier:
 
     tee_type = "sim"
     security_level: SecurityLevel = "simulated"
+    reports_security_version = True
 
     def __init__(self, platform_key: Ed25519PublicKey, *, max_age: float = 60.0) -> None:
         self.platform_key = platform_key

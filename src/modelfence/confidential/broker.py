@@ -14,8 +14,9 @@ security level: the nonce is one it issued, unexpired and unused (one release pe
 the artifact's version is not below the policy's minimum for it (no rollback); the TEE type
 is allowed, and the ``production`` profile refuses ``sim``; the verifier for that type
 affirms the evidence (signature, freshness, report data binding this nonce, this worker key
-and this artifact); the measurement is one the policy lists; debug is off; the security
-version is high enough. Only then is the data key unwrapped and wrapped again to the
+and this artifact); and in the claims the verifier returns (never the evidence's own
+fields) the measurement is one the policy lists, debug is off, and the security version is
+high enough. Only then is the data key unwrapped and wrapped again to the
 worker's X25519 key (ephemeral X25519, HKDF-SHA256, AES-256-GCM with the artifact digest
 as associated data), so only that worker can read it.
 """
@@ -26,7 +27,9 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,30 +100,44 @@ def receive_key(worker_secret: X25519PrivateKey, released: ReleasedKey, digest: 
 class AuditLog:
     """Append-only JSON lines, each holding the hash of the one before (tampering shows).
 
-    ``path`` None keeps the records in memory (tests, the demo).
+    ``path`` None keeps the records in memory only (tests, the demo). Either way only the
+    latest ``keep`` records stay in memory (``records``); the file holds them all.
     """
 
     GENESIS = "0" * 64
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, keep: int = 10_000) -> None:
+        if keep < 1:
+            raise ValueError("keep at least one record in memory: the chain continues from it")
         self.path = path
-        self.records: list[dict[str, Any]] = []
+        self.records: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.count = 0
         self._last = self.GENESIS
+        self._lock = threading.Lock()  # one writer at a time, or two records share a seq
         if path is not None and path.exists():
-            self.records = verify_chain(path)
-            self._last = self.records[-1]["hash"] if self.records else self.GENESIS
+            verified = verify_chain(path)
+            if verified:
+                self.count, self._last = len(verified), verified[-1]["hash"]
+            self.records.extend(verified)
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        entry = {**record, "seq": len(self.records), "prev": self._last}
-        entry["hash"] = _record_hash(entry)
-        self._last = entry["hash"]
-        self.records.append(entry)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        return entry
+        with self._lock:
+            entry = {**record, "seq": self.count, "prev": self._last}
+            entry["hash"] = _record_hash(entry)
+            if self.path is not None:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(entry, sort_keys=True) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._last = entry["hash"]
+            self.records.append(entry)
+            self.count += 1
+            return entry
+
+    def latest(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` records held in memory, oldest first."""
+        with self._lock:
+            return list(self.records)[-limit:]
 
 
 def _record_hash(entry: Mapping[str, Any]) -> str:
@@ -160,19 +177,22 @@ class KeyBroker:
         self.nonce_ttl = nonce_ttl
         self._clock = clock
         self._nonces: dict[bytes, float] = {}  # outstanding challenge -> issued at
+        self._lock = threading.Lock()  # challenges and releases may come from several threads
 
     def challenge(self) -> bytes:
         """A fresh nonce; answered once, within ``nonce_ttl`` seconds."""
-        if len(self._nonces) >= MAX_OUTSTANDING:
-            del self._nonces[next(iter(self._nonces))]
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        self._nonces[nonce] = self._clock()
-        return nonce
+        with self._lock:
+            if len(self._nonces) >= MAX_OUTSTANDING:
+                del self._nonces[next(iter(self._nonces))]
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            self._nonces[nonce] = self._clock()
+            return nonce
 
     def release(self, header: SealedHeader, evidence: Evidence, worker_public_key: bytes,
                 nonce: bytes) -> ReleasedKey:
         now = self._clock()
-        issued = self._nonces.pop(nonce, None)  # one answer per challenge, right or wrong
+        with self._lock:
+            issued = self._nonces.pop(nonce, None)  # one answer per challenge, right or wrong
         result: AttestationResult | None = None
         try:
             # The checks read the stored header, not fields a caller could have edited.
@@ -197,12 +217,15 @@ class KeyBroker:
             result = verifier.verify(evidence, expected, now)
             if not result.affirming:
                 raise ReleaseRefused("evidence does not verify: " + "; ".join(result.reasons))
-            if evidence.measurement not in self.policy.measurements:
+            # The claims appraised are the verifier's, read from signed bytes; for hardware
+            # TEE types the evidence's own claim fields are unverified hints.
+            if result.measurement not in self.policy.measurements:
                 raise ReleaseRefused("measurement is not one the policy allows (changed code or config)")
-            if evidence.debug and not self.policy.allow_debug:
+            if result.debug and not self.policy.allow_debug:
                 raise ReleaseRefused("worker runs in debug mode")
-            if evidence.security_version < self.policy.min_security_version:
-                raise ReleaseRefused(f"security version {evidence.security_version} is below "
+            if verifier.reports_security_version and \
+                    result.security_version < self.policy.min_security_version:
+                raise ReleaseRefused(f"security version {result.security_version} is below "
                                      f"{self.policy.min_security_version}")
             if self.policy.profile == "production" and result.security_level != "hardware":
                 raise ReleaseRefused(f"the production profile needs hardware evidence, not "
@@ -219,12 +242,15 @@ class KeyBroker:
 
     def _record(self, decision: str, reason: str, header: SealedHeader, evidence: Evidence,
                 result: AttestationResult | None) -> None:
-        verifier = self.verifiers.get(evidence.tee_type)
+        # Only what a verifier read from signed evidence is recorded as the measurement and
+        # the security level; a refusal before any verification says so, and keeps a bounded
+        # copy of what the caller claimed.
         self.audit.append({
-            "ts": self._clock(), "decision": decision, "reason": reason,
+            "ts": self._clock(), "decision": decision, "reason": reason[:1000],
             "artifact_id": header.artifact_id, "version": header.version, "digest": header.digest,
-            "tee_type": evidence.tee_type, "measurement": evidence.measurement,
-            "security_level": result.security_level if result else (
-                verifier.security_level if verifier else "unknown"),
+            "tee_type": evidence.tee_type[:32],
+            "measurement": result.measurement if result else "",
+            "claimed_measurement": "" if result else evidence.measurement[:128],
+            "security_level": result.security_level if result else "unverified",
             "profile": self.policy.profile,
         })

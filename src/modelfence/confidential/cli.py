@@ -7,10 +7,6 @@ the data key the broker releases after attestation.
 from __future__ import annotations
 
 import json
-import os
-import stat
-from base64 import b64decode, b64encode
-from binascii import Error as Base64Error
 from pathlib import Path
 from typing import Annotated
 
@@ -19,57 +15,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from modelfence.confidential.keyfile import read_key_file, write_key_file
 from modelfence.confidential.partition import PartitionError, split
 from modelfence.confidential.sealing import (
     DEFAULT_CHUNK_BYTES,
-    KEY_BYTES,
     SealedHeader,
     SealError,
     load_tensors,
-    new_key,
     read_header,
     seal,
 )
+from modelfence.errors import ModelFenceError
 
 console = Console()
 errors = Console(stderr=True)
-
-
-def read_key_file(path: Path) -> bytes:
-    """A key-encryption key: one line of base64 for 32 bytes, readable by its owner only.
-
-    The checks are made on the opened file (no symbolic link followed), not on the path.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise SealError(f"--key-file {path}: {exc.strerror or exc}; create one with --new-key") from exc
-    with os.fdopen(fd, "rb") as f:
-        status = os.fstat(f.fileno())
-        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.getuid():
-            raise SealError(f"--key-file {path}: not a regular file of this user")
-        if status.st_mode & 0o077:
-            raise SealError(f"--key-file {path}: readable by group or others; chmod 600 it")
-        content = f.read(1024)
-    try:
-        key = b64decode(content.strip(), validate=True)
-    except (Base64Error, ValueError) as exc:
-        raise SealError(f"--key-file {path}: not base64") from exc
-    if len(key) != KEY_BYTES:
-        raise SealError(f"--key-file {path}: holds {len(key)} bytes, not {KEY_BYTES}")
-    return key
-
-
-def write_key_file(path: Path) -> bytes:
-    """Create a new key-encryption key at ``path`` (mode 0600); never overwrites one."""
-    key = new_key()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as exc:
-        raise SealError(f"--key-file {path} exists; --new-key never overwrites a key") from exc
-    with os.fdopen(fd, "w") as f:
-        f.write(b64encode(key).decode() + "\n")
-    return key
 
 
 def describe(header: SealedHeader) -> dict[str, object]:
@@ -137,3 +96,20 @@ def inspect_command(
     for entry in header.tensors:
         table.add_row(escape(entry.name), entry.dtype, "×".join(map(str, entry.shape)) or "scalar")
     console.print(table)
+
+
+def measure_command(
+    worker_config: Annotated[str, typer.Argument(metavar="WORKER_CONFIG",
+        help='the worker configuration exactly as the model server passes it, e.g. \'{"output": "labels"}\'')],
+) -> None:
+    """Print the measurement of a worker started with WORKER_CONFIG from this installation: list it
+    under ``confidential.measurements`` so the key broker releases keys to that worker only."""
+    from modelfence.confidential.launcher import measurement
+    from modelfence.confidential.worker import WorkerConfig
+
+    try:
+        WorkerConfig.parse(worker_config.encode())
+    except ModelFenceError as exc:
+        errors.print(f"error: WORKER_CONFIG: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from exc
+    print(measurement(worker_config.encode()))

@@ -11,6 +11,7 @@ forge evidence; the security level says ``simulated`` everywhere.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,12 +19,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from modelfence.confidential.attestation import REPORT_DATA_BYTES, Evidence, SimPlatform, measure
-from modelfence.confidential.broker import KeyBroker
-from modelfence.confidential.sealing import read_header
-from modelfence.confidential.worker import FrameError, WorkerConfig, recv_frame, send_frame
+from modelfence.confidential.broker import ReleasedKey
+from modelfence.confidential.sealing import SealedHeader, read_header
+from modelfence.confidential.worker import (
+    FrameError,
+    FrameReader,
+    WorkerConfig,
+    recv_frame,
+    send_frame,
+)
 from modelfence.errors import ModelFenceError
 
 CODE = Path(__file__).resolve().parent
@@ -45,6 +52,21 @@ def worker_code() -> list[Path]:
     return sorted([*CODE.glob("*.py"), PACKAGE / "__init__.py", PACKAGE / "errors.py"])
 
 
+def measurement(config: bytes) -> str:
+    """What a worker started with ``config`` measures as: list it in the broker's policy
+    (``confidential.measurements``; ``modelfence measure-worker`` prints it)."""
+    return measure(ROOT, worker_code(), config)
+
+
+class Broker(Protocol):
+    """What provisioning needs of a key broker: a ``KeyBroker`` here, or a ``RemoteBroker``."""
+
+    def challenge(self) -> bytes: ...
+
+    def release(self, header: SealedHeader, evidence: Evidence, worker_public_key: bytes,
+                nonce: bytes) -> ReleasedKey: ...
+
+
 class WorkerError(ModelFenceError):
     """The worker refused an operation or could not be reached."""
 
@@ -55,6 +77,7 @@ class LaunchedWorker:
     socket_path: Path
     measurement: str
     isolation: dict[str, Any]
+    alive: int  # the write end of the liveness pipe: the worker exits when it closes
 
     def stop(self) -> None:
         self.process.terminate()
@@ -63,6 +86,10 @@ class LaunchedWorker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        try:
+            os.close(self.alive)
+        except OSError:
+            pass  # closed by an earlier stop()
 
 
 def launch(config: bytes, folder: Path, platform: SimPlatform) -> LaunchedWorker:
@@ -72,14 +99,18 @@ def launch(config: bytes, folder: Path, platform: SimPlatform) -> LaunchedWorker
     folder.chmod(0o700)
     socket_path = folder / "worker.sock"
     socket_path.unlink(missing_ok=True)
-    measurement = measure(ROOT, worker_code(), config)
+    measured = measurement(config)
     ours, theirs = socket.socketpair()
+    # The worker exits when this process closes ``alive`` (stop(), or its own death, in
+    # whatever thread launched it); neither end is inherited by any other child.
+    watched, alive = os.pipe()
     process = subprocess.Popen(
         [sys.executable, "-I", "-c", _BOOT, str(ROOT), "--socket", str(socket_path),
-         "--platform-fd", str(theirs.fileno())],
-        pass_fds=[theirs.fileno()],
+         "--platform-fd", str(theirs.fileno()), "--alive-fd", str(watched)],
+        pass_fds=[theirs.fileno(), watched],
     )
     theirs.close()
+    os.close(watched)
     ours.settimeout(START_TIMEOUT)
     try:
         send_frame(ours, {"config": True}, config)  # the measured bytes themselves, not a file
@@ -88,14 +119,16 @@ def launch(config: bytes, folder: Path, platform: SimPlatform) -> LaunchedWorker
             raise FrameError(f"unexpected first frame {ready!r}")
     except (OSError, FrameError, ConnectionError) as exc:
         ours.close()
+        os.close(alive)
         process.kill()
         process.wait()
         raise WorkerError(f"the worker did not start: {exc}") from exc
     ours.settimeout(None)
-    threading.Thread(target=_quote_for, args=(ours, platform, measurement), daemon=True,
+    threading.Thread(target=_quote_for, args=(ours, platform, measured), daemon=True,
                      name="sim-platform").start()
-    return LaunchedWorker(process, socket_path, measurement,
-                          {k: v for k, v in ready.items() if k not in ("ready", "payload_bytes")})
+    return LaunchedWorker(process, socket_path, measured,
+                          {k: v for k, v in ready.items() if k not in ("ready", "payload_bytes")},
+                          alive)
 
 
 def _quote_for(channel: socket.socket, platform: SimPlatform, measurement: str) -> None:
@@ -115,7 +148,8 @@ def _quote_for(channel: socket.socket, platform: SimPlatform, measurement: str) 
 
 
 class WorkerClient:
-    """One connection to a worker's socket."""
+    """One connection to a worker's socket. ``infer`` calls (float32 rows, a 2-d shape) go as
+    binary frames and come back as such; the other operations, and errors, are JSON."""
 
     def __init__(self, socket_path: Path, *, timeout: float = 30.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -123,12 +157,14 @@ class WorkerClient:
         try:
             self._sock.connect(str(socket_path))
         except OSError as exc:
+            self._sock.close()
             raise WorkerError(f"worker at {socket_path} unreachable: {exc}") from exc
+        self._reader = FrameReader(self._sock)
 
     def call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
         try:
-            send_frame(self._sock, {"op": op, **fields}, payload)
-            answer, data = recv_frame(self._sock)
+            send_frame(self._sock, {"op": op, **fields}, payload, binary=True)
+            answer, data = self._reader.read()
         except (OSError, ConnectionError, FrameError) as exc:
             raise WorkerError(f"worker call {op!r} failed: {exc}") from exc
         if "error" in answer:
@@ -145,7 +181,7 @@ class WorkerClient:
         self.close()
 
 
-def provision(client: WorkerClient, broker: KeyBroker, sealed: Path) -> dict[str, Any]:
+def provision(client: WorkerClient, broker: Broker, sealed: Path) -> dict[str, Any]:
     """Attest the worker to ``broker`` for the part in ``sealed`` and hand it the released
     key: the whole exchange (raises ``ReleaseRefused`` or :class:`WorkerError`)."""
     header = read_header(sealed)

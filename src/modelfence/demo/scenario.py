@@ -24,6 +24,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from modelfence.confidential.keyfile import write_key_file
+from modelfence.confidential.launcher import measurement
+from modelfence.demo import private_digits
 from modelfence.identity.secret import load_server_secret
 from modelfence.testing.processes import (
     GatewayProcess,
@@ -203,11 +206,13 @@ def classify(start: int, count: int) -> Step:
     return lambda session: _infer(session, _digits()[start : start + count])
 
 
-def copy_labels(start: int, count: int) -> Step:
-    """Buy labels for ``count`` digits and keep them, to train a copy of the classifier."""
+def copy_labels(start: int, count: int, shift: int = 0) -> Step:
+    """Buy labels for ``count`` digits and keep them, to train a copy of the classifier;
+    ``shift`` moves each image by that many pixels to the right (cheap extra data)."""
 
     def step(session: Session) -> None:
-        images = _digits()[start : start + count]
+        images = np.roll(_digits()[start : start + count].reshape(-1, 8, 8), shift, axis=2)
+        images = images.reshape(-1, 64)
         body = _infer(session, images)
         if body is not None:
             tensor = next(t for t in body["outputs"] if len(t["shape"]) == 2)
@@ -242,7 +247,10 @@ ACTORS: list[Actor] = [
     Actor("carol", "default", "keeps a long answer", [
         keep_answer("Write a short story about a lighthouse keeper who finds a message in a bottle."),
     ], address="198.51.100.23"),
-    Actor("copycat", "default", "buys labels to copy", [copy_labels(i, 150) for i in range(0, 1797, 150)],
+    # Every digit as it is and shifted by a pixel: about 18 of its 3,594 bought labels carry
+    # its mark (0.5%), so the copy is named however the marked inputs fall.
+    Actor("copycat", "default", "buys labels to copy",
+          [copy_labels(i, 150, shift) for shift in (0, 1) for i in range(0, 1797, 150)],
           address="203.0.113.60"),
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),
@@ -260,7 +268,8 @@ ACTORS: list[Actor] = [
 ]
 
 
-def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
+def demo_config(upstream_url: str, workdir: Path,
+                confidential: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "upstreams": [
             {
@@ -301,7 +310,52 @@ def demo_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
             EMBED_MODEL: {"input_per_1k_tokens": 0.0001},
             CLASSIFIER: {"per_request": 0.0001},
         },
+        **({"confidential": confidential} if confidential else {}),
     }
+
+
+def _seal_digits_head(workdir: Path, token: str) -> dict[str, Any]:
+    """The model owner's part: seal the digits head under a new key-encryption key, and the
+    gateway's key-broker config that releases it only to the measured worker (``sim``)."""
+    folder = workdir / "digits"
+    kek = write_key_file(workdir / "broker.key", "confidential.kek_file")
+    platform = private_digits.prepare(folder, kek)
+    return {
+        "enabled": True,
+        "token": token,
+        "kek_file": str(workdir / "broker.key"),
+        "audit_log": str(workdir / "confidential-audit.jsonl"),
+        "tee_types": ["sim"],
+        "measurements": [measurement(private_digits.WORKER_CONFIG)],
+        "sim_platform_public_key": platform.public_key().public_bytes_raw().hex(),
+        "min_artifact_versions": {private_digits.ARTIFACT_ID: 1},
+    }
+
+
+def _confidential_summary(gateway: GatewayProcess, upstream: ServiceProcess) -> tuple[str, bool]:
+    """What the key broker decided for the digits head, and whether the worker serves it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the upstream provisions once the gateway answers
+        status, _ = http_json("GET", upstream.url + f"/healthz?ready={CLASSIFIER}")
+        if status == 200:
+            break
+        time.sleep(0.2)
+    _, audit = http_json("GET", gateway.url + "/admin/v1/confidential/audit",
+                         token=gateway.admin_token)
+    _, ready = http_json("GET", gateway.url + "/readyz")
+    released = [r for r in audit.get("data", []) if r.get("decision") == "released"]
+    level = str(ready.get("confidential", {}).get("security_level", "off"))
+    if not released:
+        return f"confidential: no key release recorded ({audit.get('data')})", False
+    record = released[-1]
+    return (
+        f"confidential: key of {record['artifact_id']} v{record['version']} released to the "
+        f"attested worker (measurement {record['measurement'][:16]}…, tee {record['tee_type']}); "
+        f"the worker serves {CLASSIFIER}'s head. Security level: {level.upper()}"
+        + (" (no TEE on this machine: nothing here is protected by hardware)"
+           if level == "simulated" else ""),
+        status == 200,
+    )
 
 
 def _table(actors: Sequence[Actor], sessions: dict[str, Session], title: str) -> Table:
@@ -415,11 +469,18 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
         secret_file = workdir / "modelfence.secret"
         secret_file.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
         keyring = WatermarkKeyring(load_server_secret(None, secret_file))
+        broker_token = secrets.token_urlsafe(24)
+        confidential = _seal_digits_head(workdir, broker_token)
+        gateway_port = free_port()
         upstream = ServiceProcess(
-            modelfence_command("demo-upstream", "--port", str(upstream_port)),
+            modelfence_command("demo-upstream", "--port", str(upstream_port),
+                               "--private-digits", str(workdir / "digits")),
             port=upstream_port,
-            ready_path="/healthz?ready=all",
-            env={MARK_SECRET_ENV: keyring.channel_key().hex()},
+            # digits waits for the gateway's key broker, which starts next.
+            ready_path=f"/healthz?ready={EMBED_MODEL},{CHAT_MODEL}",
+            env={MARK_SECRET_ENV: keyring.channel_key().hex(),
+                 private_digits.BROKER_URL_ENV: f"http://127.0.0.1:{gateway_port}",
+                 private_digits.BROKER_TOKEN_ENV: broker_token},
             log_file=workdir / "demo-upstream.log",
             ready_timeout=900,
         )
@@ -427,9 +488,12 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
             console.print(
                 f"  upstream ready in {time.monotonic() - started:.1f}s on {upstream.url}"
             )
-            gateway = GatewayProcess(demo_config(upstream.url, workdir), workdir)
+            gateway = GatewayProcess(demo_config(upstream.url, workdir, confidential), workdir,
+                                     port=gateway_port)
             with gateway:
-                console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)\n")
+                console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)")
+                sealed, serving = _confidential_summary(gateway, upstream)
+                console.print(f"  {sealed}\n", highlight=False)
                 sessions = {
                     a.name: Session(
                         gateway.url,
@@ -468,6 +532,7 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
             and "thief" in flagged
             and not flagged & {"alice", "bob"}
             and named == {"leak": "carol", "clone": "copycat"}
+            and serving
         )
         console.print(
             "[green]demo finished[/green]" if ok else "[red]demo finished with surprises[/red]"

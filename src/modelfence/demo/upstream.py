@@ -42,6 +42,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -217,15 +218,20 @@ class DemoModels:
         llm_loader: Callable[[], SmolLM] | None = None,
         embedder_loader: Callable[[], TextEmbedder] | None = None,
         classifier_loader: Callable[[], DigitsClassifier] | None = None,
+        classifier_apart: bool = False,
     ) -> None:
-        """``threads`` caps the CPU threads of the LLM and the embedder (default: theirs)."""
+        """``threads`` caps the CPU threads of the LLM and the embedder (default: theirs).
+        ``classifier_apart`` loads the classifier in a thread of its own: a loader that waits
+        for another service (the key broker) must not hold up the other models."""
         self._loading = ThreadPoolExecutor(1, thread_name_prefix="modelfence-demo-load")
+        self._apart = ThreadPoolExecutor(1, thread_name_prefix="modelfence-demo-classifier") \
+            if classifier_apart else None
         # The quick models first, so embeddings and digits answer while SmolLM2 loads.
         self.digits: ModelSlot[DigitsClassifier] = ModelSlot(
             digits.MODEL_NAME,
             "classifier",
             classifier_loader or digits.DigitsClassifier.train,
-            self._loading,
+            self._apart or self._loading,
         )
         self.embedder: ModelSlot[TextEmbedder] = ModelSlot(
             minilm.MODEL_NAME,
@@ -260,6 +266,8 @@ class DemoModels:
 
     def close(self) -> None:
         self._loading.shutdown(wait=False, cancel_futures=True)
+        if self._apart is not None:
+            self._apart.shutdown(wait=False, cancel_futures=True)
 
 
 # -- running model work off the event loop -----------------------------------------------
@@ -1294,6 +1302,15 @@ def create_demo_upstream_app(
     return app
 
 
+def _private_digits(folder: Path) -> DigitsClassifier:
+    """``digits`` with its head in the isolated worker: started from the loading thread,
+    which lives as long as the server (the worker dies with the thread that started it)."""
+    from modelfence.demo import private_digits
+
+    with private_digits.broker_from_environment() as broker:
+        return private_digits.load(folder, broker)
+
+
 def run_demo_upstream(
     host: str = "127.0.0.1",
     port: int = 9000,
@@ -1302,6 +1319,7 @@ def run_demo_upstream(
     threads: int | None = None,
     mark_secret: bytes | None = None,
     llm_dir: str | None = None,
+    private_digits: str | None = None,
 ) -> None:
     """Serve the demo models with uvicorn until interrupted (``modelfence demo-upstream``).
 
@@ -1313,6 +1331,10 @@ def run_demo_upstream(
     chat and completions answers carry the text mark of the client the gateway names.
     ``llm_dir`` serves a SmolLM2 copy saved with ``SmolLM.save`` (say, a model fine-tuned
     on harvested answers, as a suspect for ``verify model --kind chat``) under the same name.
+    ``private_digits`` serves ``digits`` from a folder written by ``private_digits.prepare``:
+    its sealed head runs in the isolated worker, provisioned by the gateway's key broker
+    (``$MODELFENCE_BROKER_URL``, ``$MODELFENCE_BROKER_TOKEN``: its ``confidential.token``;
+    attestation simulated).
     """
     import uvicorn
 
@@ -1328,6 +1350,9 @@ def run_demo_upstream(
                 threads=threads,
                 llm_loader=functools.partial(smollm.SmolLM.from_dir, llm_dir, threads=threads)
                 if llm_dir else None,
+                classifier_loader=functools.partial(_private_digits, Path(private_digits))
+                if private_digits else None,
+                classifier_apart=private_digits is not None,
             ),
             max_logprobs=max_logprobs,
             logits_processor_for=MarkVerifier(mark_secret) if mark_secret else None,

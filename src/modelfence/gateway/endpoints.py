@@ -62,11 +62,15 @@ class Readiness:
     200 ``ready`` when all answer, 200 ``degraded`` when only what the replica can do
     without is down, 503 ``not ready`` otherwise. The body names components and their
     states (``ok``, ``down``); why one is down goes to the log, once per change, since
-    this endpoint is unauthenticated.
+    this endpoint is unauthenticated. ``facts`` are added as they are: deliberately public
+    ones only (whether sealed model parts here are protected by hardware or simulated, so
+    that no one mistakes one for the other).
     """
 
-    def __init__(self, dependencies: Sequence[Dependency], *, timeout: float = 2.0) -> None:
+    def __init__(self, dependencies: Sequence[Dependency], *, timeout: float = 2.0,
+                 facts: Mapping[str, Any] | None = None) -> None:
         self.dependencies = list(dependencies)
+        self.facts = dict(facts or {})  # fixed for the process: e.g. the confidential security level
         self.timeout = timeout
         self._cached: tuple[float, int, dict[str, Any]] | None = None
         self._failing: dict[str, str] = {}
@@ -110,7 +114,7 @@ class Readiness:
                 up = {d.name: ok for d, ok in zip(self.dependencies, results, strict=True)}
                 status, state = self._verdict(up)
                 checks = {name: "ok" if ok else "down" for name, ok in up.items()}
-                self._cached = (now, status, {"status": state, "checks": checks})
+                self._cached = (now, status, {"status": state, "checks": checks, **self.facts})
             return self._cached[1], self._cached[2]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
