@@ -32,9 +32,11 @@ from modelfence.confidential.config import ConfidentialConfig
 from modelfence.confidential.keyfile import read_key_file
 from modelfence.confidential.platforms import verifiers
 from modelfence.config import Config, TierConfig
+from modelfence.console import ConsoleData, create_console
 from modelfence.detect.actions import Policy
 from modelfence.detect.cache import ActionCache
 from modelfence.detect.feeds import RedisStreamSink
+from modelfence.detect.overrides import OperatorActions
 from modelfence.detect.process import DetectorProcess, redis_client
 from modelfence.detect.state import PinnedState, RedisState, SqlState, StateReader
 from modelfence.forensics.service import Forensics
@@ -481,6 +483,21 @@ class ModelFenceApp:
             mounts["/confidential"] = create_broker_app(
                 services.broker, token=confidential.token, failures=broker_failures,
                 security_level=confidential.security_level,
+            )
+        if config.admin_token is not None:
+            # The operator console logs in with the admin token: without one it is not served.
+            mounts["/console"] = create_console(
+                data=ConsoleData(
+                    detection.state,
+                    telemetry_drops=None if pipeline is None else lambda: sum(
+                        n for fate, n in pipeline.stats.items() if fate.startswith("dropped")
+                    ),
+                ),
+                actions=OperatorActions(detection.state, ladder, shared=shared),
+                forensics=forensics,
+                admin_token=config.admin_token,
+                failures=admin_failures,
+                settings=config.console,
             )
         router = Router(routes, mounts=mounts)
         return ErrorBoundary(router, metrics=metrics, max_header_bytes=config.server.max_header_bytes)

@@ -344,6 +344,16 @@ class DetectionConfig(_Frozen):
         return self.tiers.get(name) or self.tiers.get("default") or DetectionTierConfig()
 
 
+class ConsoleConfig(_Frozen):
+    """Sessions of the operator console under ``/console/`` (on only with an admin token)."""
+
+    idle_minutes: float = Field(30, gt=0, le=1440, description="a session unused this long ends")
+    session_hours: float = Field(8, gt=0, le=168, description="a session ends this long after login")
+    max_sessions: int = Field(
+        100, ge=1, le=100_000, description="sessions at once; a new login ends the oldest past it"
+    )
+
+
 class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     upstreams: tuple[UpstreamConfig, ...] = (
@@ -364,6 +374,7 @@ class Config(_Frozen):
     detection: DetectionConfig = DetectionConfig()
     watermark: WatermarkConfig = WatermarkConfig()
     forensics: ForensicsConfig = ForensicsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     confidential: ConfidentialConfig = ConfidentialConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -12,34 +12,27 @@ cuts one (the two are never one entity again) or restores it, audited too.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from modelfence.admin.errors import error_responses
 from modelfence.admin.names import Name, Note
 from modelfence.detect.actions import Level, Policy
+from modelfence.detect.overrides import OperatorActions, OverrideAction
 from modelfence.detect.state import ClientRecord, RedisState, SqlState
-from modelfence.errors import NotFound, ServiceUnavailable
+from modelfence.errors import NotFound
 from modelfence.store import transaction
 from modelfence.store.schema import (
     client_risk,
     detection_alerts,
-    detection_audit,
-    detection_overrides,
     request_events,
 )
 
-log = logging.getLogger(__name__)
-
-OverrideAction = Literal["allow", "normal", "alert", "tighten", "degrade", "block", "clear"]
 ClientPath = Annotated[Name, Path(description="the client's name")]
 OtherPath = Annotated[Name, Path(description="the other client's name")]
 
@@ -148,6 +141,9 @@ class Alert(BaseModel):
     risk: float
     reasons: list[dict[str, Any]]
     delivered: bool
+    acknowledged_at: datetime | None = Field(
+        None, description="when an operator acknowledged it in the console; null until then"
+    )
 
 
 class AlertList(BaseModel):
@@ -178,6 +174,7 @@ def detection_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["detection"], responses=error_responses(401, 422, 503))
     engine = state.engine
+    actions = OperatorActions(state, policy, shared=shared)
 
     @router.get("/clients")
     async def list_clients(query: Annotated[ClientsQuery, Query()]) -> ClientList:
@@ -201,18 +198,7 @@ def detection_router(
                     ).where(request_events.c.client == client, request_events.c.ts >= since)
                 )
             ).one()
-            audit = (
-                (
-                    await conn.execute(
-                        select(detection_audit)
-                        .where(detection_audit.c.client == client)
-                        .order_by(detection_audit.c.id.desc())
-                        .limit(20)
-                    )
-                )
-                .mappings()
-                .all()
-            )
+        audit = await state.decisions(client)
         if record is None and not usage[0] and client not in overrides:
             raise NotFound(f"no client named {client!r} has been seen", code="client_not_found")
         return ClientDetail(
@@ -220,7 +206,7 @@ def detection_router(
             record=ClientState.of(record) if record else None,
             override=overrides.get(client),
             usage_24h=Usage(requests=usage[0], tokens_in=usage[1], tokens_out=usage[2]),
-            audit=[AuditEntry.model_validate(dict(row)) for row in audit],
+            audit=[AuditEntry.model_validate(row) for row in audit],
         )
 
     @router.get("/entities/{entity}", responses=error_responses(404))
@@ -259,65 +245,8 @@ def detection_router(
     @router.post("/clients/{client}/action")
     async def set_action(client: ClientPath, body: ActionRequest) -> ActionResult:
         """Pin a client's action (or ``clear`` the pin); audited, applied at the next poll."""
-        record = await state.get(client)
-        previous = record.level if record else "normal"
-        now = datetime.now(UTC)
-        async with transaction(engine, write=True) as conn:
-            await conn.execute(
-                delete(detection_overrides).where(detection_overrides.c.client == client)
-            )
-            if body.action != "clear":
-                await conn.execute(
-                    detection_overrides.insert().values(
-                        client=client, action=body.action, note=body.note, updated_at=now
-                    )
-                )
-        base = record or ClientRecord(
-            client=client,
-            tier="default",
-            entity=None,
-            risk=0.0,
-            level="normal",
-            quota_share=1.0,
-            reasons=[],
-            queries=0,
-            shadow=False,
-            updated_at=now,
-        )
-        pinned = None if body.action == "clear" else body.action
-        level = policy.decide(client, base.risk, base.tier, pinned)
-        published = replace(
-            base,
-            level=level,
-            quota_share=policy.action(level, base.tier).quota_share,
-            shadow=base.shadow and pinned is None,
-            updated_at=now,
-        )
-        await state.publish([published])
-        await state.audit(
-            client=client,
-            entity=published.entity,
-            previous=previous,
-            action=body.action,
-            risk=base.risk,
-            source="admin",
-            shadow=False,
-            reasons=[
-                {"code": "manual_override", "text": body.note or "set by an operator", "score": 1.0}
-            ],
-        )
-        if shared is not None:
-            try:
-                await shared.publish([published])
-            except RedisError as exc:
-                log.error("admin: action of client %r saved but not shared: %s", client, exc)
-                raise ServiceUnavailable(
-                    "The action is saved but could not be shared with the other replicas "
-                    "(Redis failed); send it again.",
-                    code="shared_state_unavailable",
-                ) from exc
-        log.info("admin: detection action of client %r set to %s", client, body.action)
-        return ActionResult(client=client, override=pinned, level=level)
+        pinned = await actions.pin(client, body.action, body.note)
+        return ActionResult(client=client, override=pinned.override, level=pinned.level)
 
     async def _cut(client: str, other: str, cut: bool, note: str) -> CutResult:
         if client == other:
@@ -325,20 +254,7 @@ def detection_router(
                 [{"type": "value_error", "loc": ("path", "other"), "input": other,
                   "msg": "a client cannot be cut from itself"}]
             )
-        await state.set_cut(client, other, cut=cut, note=note)
-        record = await state.get(client)
-        await state.audit(
-            client=client,
-            entity=record.entity if record else None,
-            previous=record.level if record else "normal",
-            action="cut_link" if cut else "restore_link",
-            risk=record.risk if record else 0.0,
-            source="admin",
-            shadow=False,
-            reasons=[{"code": "cut_link" if cut else "restore_link",
-                      "text": f"link with {other}: {note or 'by an operator'}", "score": 1.0}],
-        )
-        log.info("admin: link %r - %r %s", client, other, "cut" if cut else "restored")
+        await actions.cut(client, other, cut=cut, note=note)
         return CutResult(client=client, other=other, cut=cut)
 
     @router.put("/clients/{client}/links/{other}/cut")

@@ -169,6 +169,17 @@ class SqlState:
             for row in rows
         }
 
+    async def decisions(self, client: str, *, limit: int = 20) -> builtins.list[dict[str, Any]]:
+        """The client's latest audit rows (``detection_audit``), newest first."""
+        query = (
+            select(detection_audit)
+            .where(detection_audit.c.client == client)
+            .order_by(detection_audit.c.id.desc())
+            .limit(limit)
+        )
+        async with transaction(self.engine) as conn:
+            return [dict(row) for row in (await conn.execute(query)).mappings().all()]
+
     async def audit(
         self,
         *,

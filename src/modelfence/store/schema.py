@@ -192,6 +192,8 @@ detection_alerts = Table(
     Column("risk", Float, nullable=False),
     Column("reasons", JSON, nullable=False),
     Column("delivered", Boolean, nullable=False),
+    # When an operator acknowledged it in the console; added after the first release.
+    Column("acknowledged_at", UtcDateTime, nullable=True),
     Index(None, "at"),
 )
 

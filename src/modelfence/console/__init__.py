@@ -1,0 +1,49 @@
+"""The operator console: a server-rendered web page for the analyst in an incident.
+
+``app.py`` mounts it at ``/console`` only when an admin token is configured::
+
+    Router(routes, mounts={"/admin": admin, "/console": create_console(...)})
+
+Logging in takes the admin token; pages are plain HTML from Jinja2 templates with one
+stylesheet, all shipped in this package (no script, nothing from the network). See
+docs/CONSOLE.md.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+
+from modelfence.config import ConsoleConfig
+from modelfence.console.data import ConsoleData
+from modelfence.console.guard import ConsoleGuard
+from modelfence.console.pages import Console
+from modelfence.console.sessions import SessionStore
+from modelfence.detect.overrides import OperatorActions
+from modelfence.forensics.service import Forensics
+from modelfence.identity.failures import AuthFailures
+from modelfence.types import ASGIApp
+
+
+def create_console(
+    *,
+    data: ConsoleData,
+    actions: OperatorActions,
+    forensics: Forensics,
+    admin_token: str,
+    failures: AuthFailures,
+    settings: ConsoleConfig,
+) -> ASGIApp:
+    """The console as one ASGI app; ``failures`` is the admin API's guard against guessing."""
+    sessions = SessionStore(
+        idle=settings.idle_minutes * 60,
+        lifetime=settings.session_hours * 3600,
+        max_sessions=settings.max_sessions,
+    )
+    pages = Console(
+        data=data, actions=actions, forensics=forensics, sessions=sessions, token=admin_token,
+        failures=failures,
+    )
+    return ConsoleGuard(Starlette(routes=pages.routes()), sessions=sessions)
+
+
+__all__ = ["ConsoleData", "create_console"]

@@ -1,0 +1,346 @@
+"""The console's pages and forms, rendered on the server from Jinja2 templates.
+
+Reads go through :class:`~modelfence.console.data.ConsoleData`; acting on a client goes
+through :class:`~modelfence.detect.overrides.OperatorActions`, the code path of
+``POST /admin/v1/clients/{client}/action``, so a console block is audited and enforced
+exactly like an API one. ``ConsoleGuard`` has checked the session and the CSRF token
+before any handler here runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from jinja2 import Environment, PackageLoader, select_autoescape
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from modelfence.console import words
+from modelfence.console.data import ClientFilter, ClientView, ConsoleData, Page
+from modelfence.console.guard import COOKIE
+from modelfence.console.params import (
+    AckForm,
+    ActForm,
+    AuditQuery,
+    BadParameter,
+    ClientPageQuery,
+    ClientQuery,
+    ClientsQuery,
+    CutForm,
+    LoginForm,
+    Paging,
+    TextForm,
+    parse,
+)
+from modelfence.console.sessions import Session, SessionStore
+from modelfence.detect.actions import LEVELS
+from modelfence.detect.overrides import OperatorActions
+from modelfence.errors import GatewayError
+from modelfence.forensics.errors import MissingDependency, VerifyError
+from modelfence.forensics.service import Forensics
+from modelfence.identity.failures import AuthFailures
+
+_STYLESHEET = resources.files("modelfence.console").joinpath("static/console.css")
+
+
+def _when(value: datetime | None) -> str:
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _templates() -> Environment:
+    env = Environment(
+        loader=PackageLoader("modelfence.console", "templates"),
+        autoescape=select_autoescape(default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _when
+    env.globals.update(words=words, levels=LEVELS)
+    return env
+
+
+class Console:
+    """The handlers; ``token`` is the admin token, ``failures`` the admin surface's guard."""
+
+    def __init__(
+        self,
+        *,
+        data: ConsoleData,
+        actions: OperatorActions,
+        forensics: Forensics,
+        sessions: SessionStore,
+        token: str,
+        failures: AuthFailures,
+    ) -> None:
+        self.data = data
+        self.actions = actions
+        self.forensics = forensics
+        self.sessions = sessions
+        self.token_digest = hashlib.sha256(token.encode()).digest()
+        self.failures = failures
+        self.templates = _templates()
+        self.stylesheet = _STYLESHEET.read_bytes()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.overview),
+            Route("/login", self.login_form),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/clients", self.clients),
+            Route("/client", self.client),
+            Route("/act", self.act, methods=["POST"]),
+            Route("/cut", self.cut, methods=["POST"]),
+            Route("/audit", self.audit),
+            Route("/alerts", self.alerts),
+            Route("/alerts/ack", self.acknowledge, methods=["POST"]),
+            Route("/evidence.json", self.evidence_json),
+            Route("/report", self.report),
+            Route("/forensics", self.forensics_form),
+            Route("/forensics", self.verify_text, methods=["POST"]),
+            Route("/static/console.css", self.stylesheet_file),
+        ]
+
+    # --- rendering -------------------------------------------------------------------
+
+    def render(
+        self, request: Request, template: str, status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        session: Session | None = request.scope.get("console.session")
+        html = self.templates.get_template(template).render(
+            root=request.scope.get("root_path", ""),
+            csrf=session.csrf if session else None,
+            **context,
+        )
+        return HTMLResponse(html, status_code=status)
+
+    def problem(self, request: Request, status: int, message: str) -> HTMLResponse:
+        return self.render(request, "problem.html", status, status_code=status, message=message)
+
+    def redirect(self, request: Request, path: str, **query: Any) -> RedirectResponse:
+        root = request.scope.get("root_path", "")
+        suffix = f"?{urlencode(query)}" if query else ""
+        return RedirectResponse(f"{root}{path}{suffix}", status_code=303)
+
+    @staticmethod
+    def query(request: Request, model: type[Any]) -> Any:
+        return parse(model, request.query_params.multi_items())
+
+    @staticmethod
+    def form(request: Request, model: type[Any]) -> Any:
+        return parse(model, request.scope["console.form"])
+
+    # --- login -----------------------------------------------------------------------
+
+    async def login_form(self, request: Request) -> Response:
+        return self.render(request, "login.html")
+
+    async def login(self, request: Request) -> Response:
+        try:
+            token = self.form(request, LoginForm).token
+        except BadParameter as exc:
+            return self.render(request, "login.html", 400, error=str(exc))
+        scope = request.scope
+        if (refusal := self.failures.check(scope)) is not None:
+            refused = self.render(request, "login.html", 429, error=refusal.message)
+            refused.headers.update({k.decode(): v.decode() for k, v in refusal.headers})
+            return refused
+        source = self.failures.charge(scope)
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        if not hmac.compare_digest(digest, self.token_digest):
+            self.failures.failed(source, "incorrect admin token (console login)")
+            return self.render(request, "login.html", 401, error="Incorrect admin token.")
+        self.failures.forgive(source)
+        # Never adopt a session id the browser brought: end it, and start a new one.
+        if (old := request.cookies.get(COOKIE)) is not None:
+            self.sessions.end(old)
+        session_id, _ = self.sessions.create()
+        response = self.redirect(request, "/")
+        response.set_cookie(
+            COOKIE,
+            session_id,
+            max_age=int(self.sessions.lifetime),
+            path=request.scope.get("root_path", "") or "/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        if (session_id := request.cookies.get(COOKIE)) is not None:
+            self.sessions.end(session_id)
+        response = self.redirect(request, "/login")
+        response.delete_cookie(
+            COOKIE, path=request.scope.get("root_path", "") or "/", httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    # --- pages -----------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        return self.render(request, "overview.html", nav="overview",
+                           overview=await self.data.overview())
+
+    async def clients(self, request: Request) -> Response:
+        try:
+            query: ClientsQuery = self.query(request, ClientsQuery)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        where = ClientFilter(
+            tier=query.tier, level=query.level, account=query.account, entity=query.entity,
+            reason=query.reason, search=query.q,
+        )
+        page = await self.data.clients(
+            where, sort=query.sort, descending=query.order == "desc", page=query.page,
+            per_page=query.per_page,
+        )
+        root = request.scope.get("root_path", "")
+        current = query.model_dump(exclude_defaults=True)
+
+        def link(**changes: Any) -> str:
+            merged = {**current, **changes}
+            return f"{root}/clients?" + urlencode({k: v for k, v in merged.items() if v})
+
+        return self.render(
+            request, "clients.html", nav="clients", query=query, page=page, link=link,
+            tiers=await self.data.tiers(),
+        )
+
+    async def view(self, request: Request, model: type[ClientQuery]) -> ClientView | Response:
+        """The client the query names, or the page that says why there is none."""
+        try:
+            name = self.query(request, model).name
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        view = await self.data.client(name)
+        if view is None:
+            return self.problem(request, 404, f"No client named {name!r} has been seen.")
+        return view
+
+    async def client(self, request: Request) -> Response:
+        view = await self.view(request, ClientPageQuery)
+        if isinstance(view, Response):
+            return view
+        peak = max((hour.requests for hour in view.timeline), default=0)
+        return self.render(request, "client.html", nav="clients", view=view, peak=peak,
+                           done=request.query_params.get("done"))
+
+    async def audit(self, request: Request) -> Response:
+        try:
+            query: AuditQuery = self.query(request, AuditQuery)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        page = await self.data.audit(page=query.page, per_page=query.per_page, client=query.client)
+        return self.render(request, "audit.html", nav="audit", page=page, client=query.client,
+                           pager=_pager(request, page, client=query.client))
+
+    async def alerts(self, request: Request) -> Response:
+        try:
+            query: Paging = self.query(request, Paging)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        page = await self.data.alerts(page=query.page, per_page=query.per_page)
+        return self.render(request, "alerts.html", nav="alerts", page=page,
+                           pager=_pager(request, page))
+
+    # --- acting ----------------------------------------------------------------------
+
+    async def act(self, request: Request) -> Response:
+        try:
+            form: ActForm = self.form(request, ActForm)
+            await self.actions.pin(form.client, form.action, form.reason)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        except GatewayError as exc:
+            return self.problem(request, exc.status, exc.message)
+        return self.redirect(request, "/client", name=form.client, done=form.action)
+
+    async def cut(self, request: Request) -> Response:
+        try:
+            form: CutForm = self.form(request, CutForm)
+            if form.client == form.other:
+                raise BadParameter("other", "a client cannot be cut from itself")
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        await self.actions.cut(form.client, form.other, cut=True, note=form.reason)
+        return self.redirect(request, "/client", name=form.client, done="cut")
+
+    async def acknowledge(self, request: Request) -> Response:
+        try:
+            form: AckForm = self.form(request, AckForm)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        if await self.data.acknowledge(form.alert) is None:
+            return self.problem(request, 404, f"No alert {form.alert}.")
+        return self.redirect(request, "/alerts")
+
+    # --- evidence --------------------------------------------------------------------
+
+    async def evidence_json(self, request: Request) -> Response:
+        view = await self.view(request, ClientQuery)
+        if isinstance(view, Response):
+            return view
+        body = orjson.dumps(
+            {"exported_at": datetime.now(UTC), **asdict(view)},
+            default=BaseModel.model_dump,
+            option=orjson.OPT_INDENT_2,
+        )
+        name = "".join(c if c.isalnum() else "_" for c in view.client)[:64]
+        return Response(body, media_type="application/json",
+                        headers={"content-disposition": f'attachment; filename="evidence-{name}.json"'})
+
+    async def report(self, request: Request) -> Response:
+        view = await self.view(request, ClientQuery)
+        if isinstance(view, Response):
+            return view
+        return self.render(request, "report.html", view=view, now=datetime.now(UTC))
+
+    # --- forensics -------------------------------------------------------------------
+
+    async def forensics_form(self, request: Request) -> Response:
+        return self.render(request, "forensics.html", nav="forensics")
+
+    async def verify_text(self, request: Request) -> Response:
+        """Whose mark a leaked text carries: the admin API's ``POST /admin/v1/verify/text``."""
+        try:
+            text = self.form(request, TextForm).text
+        except BadParameter as exc:
+            return self.render(request, "forensics.html", 400, nav="forensics", error=str(exc))
+        try:
+            report = await self.forensics.text(text)
+        except VerifyError as exc:
+            status = 501 if isinstance(exc, MissingDependency) else 400
+            return self.render(request, "forensics.html", status, nav="forensics", error=str(exc),
+                               text=text)
+        return self.render(request, "forensics.html", nav="forensics", report=report, text=text)
+
+    async def stylesheet_file(self, request: Request) -> Response:
+        return Response(self.stylesheet, media_type="text/css")
+
+
+def _pager(request: Request, page: Page[Any], **keep: Any) -> Mapping[str, str | None]:
+    """Links to the previous and next page, keeping the other parameters."""
+    base = request.url.path  # the mount point included
+
+    def at(number: int) -> str:
+        params = {k: v for k, v in {**keep, "page": number, "per_page": page.per_page}.items() if v}
+        return f"{base}?{urlencode(params)}"
+
+    return {
+        "previous": at(page.page - 1) if page.page > 1 else None,
+        "next": at(page.page + 1) if page.page < page.pages else None,
+    }
+
+

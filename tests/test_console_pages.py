@@ -1,0 +1,205 @@
+"""The console's pages and actions against a real ``modelfence serve``: a block set in the
+console refuses the client's next request and is audited; the client list pages, sorts and
+filters in the store; alerts are acknowledged; links are cut; a leaked text is traced."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from modelfence.detect.alerts import Alerter
+from modelfence.detect.state import ClientRecord, SqlState
+from modelfence.store import open_engine
+from modelfence.testing.processes import GatewayProcess, http_json
+from modelfence.watermark.lexical import LexicalMark
+
+from .conftest import GatewayFactory
+from .console_client import ConsoleClient, location
+from .test_watermark_lexical import LEXICON, prose, seed_of
+
+CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+ROW = re.compile(r'<a href="/console/client\?name=([^"]+)">')
+
+
+def record(client: str, risk: float, **fields: Any) -> ClientRecord:
+    base: dict[str, Any] = {
+        "client": client, "tier": "default", "entity": None, "risk": risk, "level": "normal",
+        "quota_share": 1.0, "reasons": [], "queries": 10, "shadow": False,
+        "updated_at": datetime.now(UTC),
+    }
+    return ClientRecord(**{**base, **fields})
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory) -> GatewayProcess:
+    return start_gateway(
+        detection={"embedder": "hashing", "state_poll_seconds": 0.2},
+        telemetry={"batch_size": 10},
+    )
+
+
+@pytest.fixture
+async def state(gateway: GatewayProcess, tmp_path: Path) -> AsyncIterator[SqlState]:
+    """The gateway's own state database, opened by the test as another process would."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    yield SqlState(engine)
+    await engine.dispose()
+
+
+@pytest.fixture
+def browser(gateway: GatewayProcess) -> Iterator[ConsoleClient]:
+    client = ConsoleClient(gateway)
+    assert location(client.login()) == "/console/"
+    yield client
+    client.close()
+
+
+def test_a_block_set_in_the_console_refuses_the_next_request_and_is_audited(
+    gateway: GatewayProcess, browser: ConsoleClient
+) -> None:
+    key = gateway.create_key("thief")
+    assert http_json("POST", gateway.url + "/v1/chat/completions", CHAT, token=key)[0] == 200
+    page = browser.get("/client", name="thief")
+    assert page.status_code == 200 and "Act" in page.text
+
+    done = browser.post("/act", {"client": "thief", "action": "block",
+                                 "reason": "harvesting answers, ticket 4711"})
+    assert location(done) == "/console/client?name=thief&done=block"
+    deadline = time.monotonic() + 10
+    status, body = 200, None
+    while status == 200 and time.monotonic() < deadline:
+        status, body = http_json("POST", gateway.url + "/v1/chat/completions", CHAT, token=key)
+        time.sleep(0.1)
+    assert status == 403 and body["error"]["code"] == "client_blocked"
+
+    audit = browser.get("/audit").text
+    assert "harvesting answers, ticket 4711" in audit and "operator" in audit
+    _, detail = http_json("GET", gateway.url + "/admin/v1/clients/thief", token=gateway.admin_token)
+    assert detail["override"] == "block"
+    assert detail["audit"][0]["source"] == "admin"
+    assert detail["audit"][0]["reasons"][0]["text"] == "harvesting answers, ticket 4711"
+    client_page = browser.get("/client", name="thief", done="block").text
+    assert "Done: block" in client_page
+    assert "block — “harvesting answers, ticket 4711”" in client_page
+
+    browser.post("/act", {"client": "thief", "action": "clear", "reason": "false alarm"})
+    deadline = time.monotonic() + 10
+    while status != 200 and time.monotonic() < deadline:
+        status, _ = http_json("POST", gateway.url + "/v1/chat/completions", CHAT, token=key)
+        time.sleep(0.1)
+    assert status == 200
+
+
+async def test_the_client_list_pages_sorts_and_filters_in_the_store(
+    gateway: GatewayProcess, state: SqlState, browser: ConsoleClient
+) -> None:
+    harvesting = [{"code": "llm_harvesting", "text": "share 0.9 > 0.5", "score": 0.8}]
+    await state.publish(
+        [record(f"c{i:03}", i / 200, tier="tiny" if i % 2 else "default",
+                level="alert" if i >= 100 else "normal",
+                reasons=harvesting if i % 10 == 0 else [])
+         for i in range(120)]
+    )
+    gateway.create_key("c007", account="acme")
+
+    def names(**params: Any) -> list[str]:
+        response = browser.get("/clients", **params)
+        assert response.status_code == 200, response.text[:300]
+        return ROW.findall(response.text)
+
+    assert names()[:3] == ["c119", "c118", "c117"]  # riskiest first
+    assert len(names()) == 50 and len(names(page=3)) == 20 and names(page=4) == []
+    assert names(sort="client", order="asc", per_page=5) == ["c000", "c001", "c002", "c003",
+                                                             "c004"]
+    assert names(sort="risk", order="asc", per_page=2) == ["c000", "c001"]
+    assert set(names(level="alert", per_page=200)) == {f"c{i:03}" for i in range(100, 120)}
+    assert names(reason="llm_harvesting", per_page=3) == ["c110", "c100", "c090"]
+    assert all(int(n[1:]) % 2 for n in names(tier="tiny", per_page=200))
+    assert names(account="acme") == ["c007"]
+    assert names(q="c11", sort="client", order="asc", per_page=3) == ["c110", "c111", "c112"]
+    assert names(q="%") == []  # a wildcard is a character here
+    listing = browser.get("/clients", level="alert").text
+    assert "20 clients" in listing and "page 1 of 1" in listing
+
+
+async def test_alerts_are_acknowledged_once_and_links_cut_with_a_reason(
+    gateway: GatewayProcess, state: SqlState, browser: ConsoleClient
+) -> None:
+    flagged = record("mallory", 0.6, level="tighten", entity="ent_1", reasons=[
+        {"code": "machine_timing", "text": "regularity 0.97 > 0.9", "score": 0.7}],
+        links=[{"other": "trent", "kinds": ["fingerprint", "ip_prefix"], "weight": 0.92,
+                "joins": True, "cut": False}])
+    await state.publish([flagged, record("trent", 0.1, entity="ent_1")])
+    alerter = Alerter(state.engine, webhook_url=None, public_url="http://gw", dedup_seconds=0)
+    assert await alerter.alert(flagged, time.time())
+
+    alerts = browser.get("/alerts").text
+    alert_id = re.search(r'name="alert" value="(\d+)"', alerts)
+    assert alert_id is not None and "mallory" in alerts
+    assert location(browser.post("/alerts/ack", {"alert": alert_id.group(1)})) == "/console/alerts"
+    acknowledged = browser.get("/alerts").text
+    assert 'name="alert"' not in acknowledged and "UTC" in acknowledged
+    assert browser.post("/alerts/ack", {"alert": "999999"}).status_code == 404
+    assert "0 not acknowledged" in browser.get("/").text
+
+    page = browser.get("/client", name="mallory").text
+    assert "machine_timing" in page and "regularity 0.97 &gt; 0.9" in page
+    assert "one client fingerprint" in page and "Cut link" in page
+    assert browser.post("/cut", {"client": "mallory", "other": "mallory",
+                                 "reason": "x"}).status_code == 400
+    cut = browser.post("/cut", {"client": "mallory", "other": "trent",
+                                "reason": "two teams of one customer"})
+    assert location(cut) == "/console/client?name=mallory&done=cut"
+    assert await state.cuts() == [("mallory", "trent")]
+    assert "link with trent: two teams of one customer" in browser.get("/audit").text
+
+
+def test_the_overview_and_the_evidence_export_tell_what_happened(
+    gateway: GatewayProcess, browser: ConsoleClient
+) -> None:
+    key = gateway.create_key("alice", "tiny")
+    statuses = [http_json("POST", gateway.url + "/v1/chat/completions", CHAT, token=key)[0]
+                for _ in range(4)]
+    assert 429 in statuses and 200 in statuses
+    deadline = time.monotonic() + 10
+    overview = ""
+    while time.monotonic() < deadline and "limits, budgets" not in overview:
+        time.sleep(0.2)  # telemetry is written in batches, off the request path
+        overview = browser.get("/").text
+    assert "limits, budgets or probation allowance" in overview
+    assert "Telemetry events dropped" in overview
+
+    exported = browser.get("/evidence.json", name="alice")
+    assert exported.headers["content-disposition"] == 'attachment; filename="evidence-alice.json"'
+    evidence = orjson.loads(exported.content)
+    assert evidence["client"] == "alice" and evidence["keys"][0]["tier"] == "tiny"
+    assert sum(hour["requests"] for hour in evidence["timeline"]) == len(statuses)
+    report = browser.get("/report", name="alice").text
+    assert "Evidence report: client alice" in report and f"{len(statuses)} requests" in report
+    assert browser.get("/client", name="nobody").status_code == 404
+
+
+def test_a_leaked_text_is_traced_to_its_client_in_words(
+    gateway: GatewayProcess, browser: ConsoleClient
+) -> None:
+    for client in ("leaker", "bystander"):
+        gateway.create_key(client)
+    leaked = LexicalMark(LEXICON, seed_of("leaker"), max_change_share=0.1).text(prose(800, 5))
+    page = browser.post("/forensics", {"text": leaked})
+    assert page.status_code == 200, page.text[:300]
+    assert "This text carries the mark of client" in page.text
+    assert '<a href="/console/client?name=leaker">leaker</a>' in page.text
+    assert "bystander</a>" not in page.text and "p-value" in page.text
+
+    clean = browser.post("/forensics", {"text": prose(300, 6)})
+    assert "This text carries the mark" not in clean.text
+    assert clean.text.count("No client's mark found") == 2  # neither kind of mark
+    empty = browser.post("/forensics", {"text": ""})
+    assert empty.status_code == 400 and "text: " in empty.text
