@@ -177,7 +177,8 @@ def test_the_overview_and_the_evidence_export_tell_what_happened(
     assert "Telemetry events dropped" in overview
 
     exported = browser.get("/evidence.json", name="alice")
-    assert exported.headers["content-disposition"] == 'attachment; filename="evidence-alice.json"'
+    assert exported.headers["content-disposition"] == (
+        "attachment; filename=\"evidence-alice.json\"; filename*=UTF-8''evidence-alice.json")
     evidence = orjson.loads(exported.content)
     assert evidence["client"] == "alice" and evidence["keys"][0]["tier"] == "tiny"
     assert sum(hour["requests"] for hour in evidence["timeline"]) == len(statuses)
@@ -203,3 +204,43 @@ def test_a_leaked_text_is_traced_to_its_client_in_words(
     assert clean.text.count("No client's mark found") == 2  # neither kind of mark
     empty = browser.post("/forensics", {"text": ""})
     assert empty.status_code == 400 and "text: " in empty.text
+
+
+HOSTILE_NAMES = ['"><script>alert(1)</script>', "名前", "Ⅻ", "a&page=2&sort=x", "javascript:alert(1)"]
+
+
+async def test_hostile_client_names_are_escaped_everywhere_and_still_export(
+    gateway: GatewayProcess, state: SqlState, browser: ConsoleClient
+) -> None:
+    reasons = [{"code": "machine_timing", "text": 'spacing "code" <b>', "score": 0.5}]
+    await state.publish([record(name, 0.9, level="alert", reasons=reasons) for name in HOSTILE_NAMES])
+    listing = browser.get("/clients", per_page=200)
+    assert listing.status_code == 200 and "<script>alert(1)" not in listing.text
+    assert "&lt;script&gt;" in listing.text
+    for name in HOSTILE_NAMES:
+        page = browser.get("/client", name=name)
+        assert page.status_code == 200, (name, page.text[:200])
+        assert "<script>alert(1)" not in page.text and 'href="javascript:' not in page.text
+        export = browser.get("/evidence.json", name=name)
+        assert export.status_code == 200, (name, export.text[:200])  # not a 500 from the header
+        assert orjson.loads(export.content)["client"] == name
+        assert export.headers["content-disposition"].isascii()
+        assert browser.get("/report", name=name).status_code == 200
+
+
+async def test_the_reason_filter_matches_a_reasons_code_not_a_json_key(
+    gateway: GatewayProcess, state: SqlState, browser: ConsoleClient
+) -> None:
+    timing = [{"code": "machine_timing", "text": "W 0.38", "score": 0.5}]
+    await state.publish([record("timed", 0.5, reasons=timing)])
+    for key in ("code", "text", "score"):
+        assert ROW.findall(browser.get("/clients", reason=key).text) == []
+    assert ROW.findall(browser.get("/clients", reason="machine_timing").text) == ["timed"]
+
+
+def test_a_long_pasted_text_in_any_script_fits_the_form_limit(browser: ConsoleClient) -> None:
+    response = browser.post("/forensics", {"text": "名前、" * 19_000})  # 57,000 characters
+    # It reaches the verifier (which knows no client here) and comes back with the page.
+    assert response.status_code != 413 and "名前、名前、" in response.text
+    assert re.findall(r'role="alert">([^<]*)', response.text) == [
+        "no clients are known: nothing to attribute the text to"]

@@ -202,8 +202,8 @@ def test_hostile_forms_are_a_400_naming_the_field(
     for form, field in cases:
         response = browser.post("/act", form)
         assert response.status_code == 400 and f"{field}: " in response.text, form
-    huge = browser.post("/act", {"client": "victim", "action": "block", "reason": "r" * 70_000})
-    assert huge.status_code == 413
+    huge = browser.post("/act", {"client": "victim", "action": "block", "reason": "r" * 700_000})
+    assert huge.status_code == 413  # past the 640 KiB form limit: not even parsed
     status, _ = http_json("GET", gateway.url + "/admin/v1/clients/victim", token=gateway.admin_token)
     assert status == 404
 
@@ -233,3 +233,32 @@ def test_no_page_shows_a_key_or_the_admin_token_and_every_page_sends_security_he
     login_page = httpx.get(gateway.url + "/console/login")
     assert login_page.headers["x-frame-options"] == "DENY"
     assert 'for="token"' in login_page.text
+
+
+def test_a_planted_second_cookie_neither_hides_the_session_nor_survives_logout(
+    gateway: GatewayProcess, browser: ConsoleClient
+) -> None:
+    assert location(browser.login()) == "/console/"
+    real = browser.session_cookie()
+    assert real is not None
+    tossed = httpx.Client(base_url=gateway.url, follow_redirects=False, timeout=10)
+    try:
+        for order in (f"mf_console=junk; mf_console={real}", f"mf_console={real}; mf_console=junk"):
+            assert tossed.get("/console/", headers={"cookie": order}).status_code == 200
+        csrf = browser.csrf()
+        out = tossed.post("/console/logout", data={"csrf": csrf},
+                          headers={"cookie": f"mf_console=junk; mf_console={real}"})
+        assert out.status_code == 303
+        # The session the guard checked is the one that ended.
+        assert tossed.get("/console/", headers={"cookie": f"mf_console={real}"}).status_code == 303
+    finally:
+        tossed.close()
+
+
+def test_behind_a_tls_proxy_the_cookie_can_be_made_secure_always(
+    start_gateway: GatewayFactory, consoles: Callable[[GatewayProcess], ConsoleClient]
+) -> None:
+    gateway = start_gateway(detection={"enabled": False}, console={"secure_cookie": "always"})
+    login = consoles(gateway).login()
+    assert location(login) == "/console/"
+    assert "secure" in login.headers["set-cookie"].lower()  # over plain http to the gateway

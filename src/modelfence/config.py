@@ -352,6 +352,10 @@ class ConsoleConfig(_Frozen):
     max_sessions: int = Field(
         100, ge=1, le=100_000, description="sessions at once; a new login ends the oldest past it"
     )
+    secure_cookie: Literal["https", "always"] = Field(
+        "https", description="always: mark the session cookie Secure even when the gateway "
+                             "itself speaks plain http (TLS ended by a proxy in front)"
+    )
 
 
 class Config(_Frozen):

@@ -41,7 +41,7 @@ def create_console(
     )
     pages = Console(
         data=data, actions=actions, forensics=forensics, sessions=sessions, token=admin_token,
-        failures=failures,
+        failures=failures, always_secure=settings.secure_cookie == "always",
     )
     return ConsoleGuard(Starlette(routes=pages.routes()), sessions=sessions)
 

@@ -31,7 +31,6 @@ from modelfence.store.schema import (
 
 Sort = Literal["risk", "client", "level", "tier", "queries", "updated"]
 T = TypeVar("T")
-TIMELINE_EVENTS = 20_000  # most events of one client bucketed into its 24-hour timeline
 
 _SORT_COLUMNS: dict[Sort, Any] = {
     "risk": client_risk.c.risk,
@@ -140,8 +139,11 @@ def _filtered(query: Select[Any], where: ClientFilter) -> Select[Any]:
         owned = select(api_keys.c.client).where(api_keys.c.account == where.account)
         conditions.append(c.client.in_(owned))
     if where.reason is not None:
-        # Codes are [a-z0-9_] (checked by the caller): quoted, they match a code or nothing.
-        conditions.append(cast(c.reasons, String).contains(f'"{where.reason}"', autoescape=True))
+        # Codes are [a-z0-9_] (checked by the caller). The stored JSON is json.dumps'
+        # (`"code": "x"`; JSONB prints the same): only a reason's code matches, never a key.
+        conditions.append(
+            cast(c.reasons, String).contains(f'"code": "{where.reason}"', autoescape=True)
+        )
     if where.search is not None:
         conditions.append(c.client.contains(where.search, autoescape=True))
     return query.where(*conditions)
@@ -204,7 +206,6 @@ class ConsoleData:
         """One client's page, or None when nothing is known of it."""
         now = datetime.now(UTC)
         since = now - timedelta(hours=24)
-        events = request_events.c
         async with transaction(self.engine) as conn:
             row = (
                 await conn.execute(select(client_risk).where(client_risk.c.client == client))
@@ -226,14 +227,7 @@ class ConsoleData:
                     .order_by(api_keys.c.created_at)
                 )
             ).all()
-            recent = (
-                await conn.execute(
-                    select(events.ts, events.status, events.tokens_in, events.tokens_out)
-                    .where(events.client == client, events.ts >= since)
-                    .order_by(events.ts.desc())
-                    .limit(TIMELINE_EVENTS)
-                )
-            ).all()
+            recent = (await conn.execute(_timeline(client, since))).all()
         if row is None and pin is None and not keys and not recent:
             return None
         return ClientView(
@@ -323,15 +317,39 @@ class ConsoleData:
             )
 
 
-def _hours(events: Sequence[Any], now: datetime) -> list[Hour]:
-    """``(ts, status, tokens_in, tokens_out)`` rows in 24 hourly buckets ending now."""
+def _timeline(client: str, start: datetime) -> Select[Any]:
+    """The client's events since ``start`` counted and summed per hour, in the database.
+
+    ``(hour, requests, refused, tokens_in, tokens_out)`` for each of the 24 hours from
+    ``start`` that has events; ``hour`` is 0 to 23 (later events count in the last hour).
+    Every event is counted, however many. The hour is found by comparing ``ts`` with the
+    hours' bounds, as ``ts >= start`` compares it: exact on SQLite's text and PostgreSQL's
+    timestamps alike.
+    """
+    events = request_events.c
+    hour = case(
+        *[(events.ts < start + timedelta(hours=i + 1), i) for i in range(23)], else_=23
+    )
+    rows = (
+        select(hour.label("hour"), events.status, events.tokens_in, events.tokens_out)
+        .where(events.client == client, events.ts >= start)
+        .subquery()
+    )
+    # Grouped by the subquery's column: PostgreSQL would not match two copies of the CASE,
+    # each with its own bound parameters.
+    return select(
+        rows.c.hour,
+        func.count(),
+        func.sum(case((rows.c.status >= 400, 1), else_=0)),
+        func.sum(rows.c.tokens_in),
+        func.sum(rows.c.tokens_out),
+    ).group_by(rows.c.hour)
+
+
+def _hours(counts: Sequence[Any], now: datetime) -> list[Hour]:
+    """``(hour, requests, refused, tokens_in, tokens_out)`` rows as 24 hours ending now."""
     start = now - timedelta(hours=24)
     buckets = [[0, 0, 0, 0] for _ in range(24)]
-    for ts, status, tokens_in, tokens_out in events:
-        i = min(23, max(0, int((ts - start) / timedelta(hours=1))))
-        bucket = buckets[i]
-        bucket[0] += 1
-        bucket[1] += status >= 400
-        bucket[2] += tokens_in
-        bucket[3] += tokens_out
+    for hour, *totals in counts:
+        buckets[int(hour)] = [int(total or 0) for total in totals]
     return [Hour(start + timedelta(hours=i), *b) for i, b in enumerate(buckets)]

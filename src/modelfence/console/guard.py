@@ -22,7 +22,8 @@ from modelfence.console.sessions import Session, SessionStore
 from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "mf_console"
-MAX_FORM_BYTES = 64 * 1024
+# A pasted text of 60,000 characters, each up to 9 bytes once URL-encoded, fits.
+MAX_FORM_BYTES = 640 * 1024
 PUBLIC_PATHS = frozenset({"/login", "/static/console.css"})
 
 SECURITY_HEADERS = [
@@ -103,11 +104,14 @@ class ConsoleGuard:
             return PlainTextResponse("Cross-origin form refused.", status_code=403)
         session: Session | None = None
         if path not in PUBLIC_PATHS:
-            cookie = _cookie(headers)
-            session = None if cookie is None else self.sessions.get(cookie)
+            # Every value of the cookie is tried: one planted from a sibling domain must not
+            # hide the real one (nor lock the operator out).
+            live = ((value, self.sessions.get(value)) for value in cookies(headers))
+            session_id, session = next(((v, s) for v, s in live if s is not None), ("", None))
             if session is None:
                 return RedirectResponse(root + "/login", status_code=303)
             scope["console.session"] = session
+            scope["console.session_id"] = session_id  # what logout ends: the one checked
         if post:
             try:
                 form = await read_form(receive)
@@ -124,10 +128,12 @@ class ConsoleGuard:
         return None
 
 
-def _cookie(headers: Headers) -> str | None:
+def cookies(headers: Headers) -> list[str]:
+    """Every value the browser sent for the console's cookie (at most 16 looked at)."""
+    found: list[str] = []
     for header in headers.getlist("cookie"):
         for part in header.split(";"):
             name, _, value = part.strip().partition("=")
             if name == COOKIE and value:
-                return value
-    return None
+                found.append(value)
+    return found[:16]

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from modelfence.console import words
 from modelfence.console.data import ClientFilter, ClientView, ConsoleData, Page
-from modelfence.console.guard import COOKIE
+from modelfence.console.guard import COOKIE, cookies
 from modelfence.console.params import (
     AckForm,
     ActForm,
@@ -45,7 +45,7 @@ from modelfence.console.params import (
 from modelfence.console.sessions import Session, SessionStore
 from modelfence.detect.actions import LEVELS
 from modelfence.detect.overrides import OperatorActions
-from modelfence.errors import GatewayError
+from modelfence.errors import GatewayError, StoreError
 from modelfence.forensics.errors import MissingDependency, VerifyError
 from modelfence.forensics.service import Forensics
 from modelfence.identity.failures import AuthFailures
@@ -81,8 +81,10 @@ class Console:
         sessions: SessionStore,
         token: str,
         failures: AuthFailures,
+        always_secure: bool = False,
     ) -> None:
         self.data = data
+        self.always_secure = always_secure  # TLS ended by a proxy: the cookie is Secure anyway
         self.actions = actions
         self.forensics = forensics
         self.sessions = sessions
@@ -161,8 +163,8 @@ class Console:
             self.failures.failed(source, "incorrect admin token (console login)")
             return self.render(request, "login.html", 401, error="Incorrect admin token.")
         self.failures.forgive(source)
-        # Never adopt a session id the browser brought: end it, and start a new one.
-        if (old := request.cookies.get(COOKIE)) is not None:
+        # Never adopt a session id the browser brought: end each, and start a new one.
+        for old in cookies(request.headers):
             self.sessions.end(old)
         session_id, _ = self.sessions.create()
         response = self.redirect(request, "/")
@@ -171,15 +173,14 @@ class Console:
             session_id,
             max_age=int(self.sessions.lifetime),
             path=request.scope.get("root_path", "") or "/",
-            secure=request.url.scheme == "https",
+            secure=self.always_secure or request.url.scheme == "https",
             httponly=True,
             samesite="strict",
         )
         return response
 
     async def logout(self, request: Request) -> Response:
-        if (session_id := request.cookies.get(COOKIE)) is not None:
-            self.sessions.end(session_id)
+        self.sessions.end(request.scope["console.session_id"])  # the session the guard checked
         response = self.redirect(request, "/login")
         response.delete_cookie(
             COOKIE, path=request.scope.get("root_path", "") or "/", httponly=True,
@@ -265,6 +266,10 @@ class Console:
             return self.problem(request, 400, str(exc))
         except GatewayError as exc:
             return self.problem(request, exc.status, exc.message)
+        except StoreError as exc:  # nothing was applied: the transaction rolled back
+            return self.problem(
+                request, 503, f"The action was not applied ({exc}); try again in a moment."
+            )
         return self.redirect(request, "/client", name=form.client, done=form.action)
 
     async def cut(self, request: Request) -> Response:
@@ -297,9 +302,13 @@ class Console:
             default=BaseModel.model_dump,
             option=orjson.OPT_INDENT_2,
         )
-        name = "".join(c if c.isalnum() else "_" for c in view.client)[:64]
+        # Headers are latin-1: an ASCII name, and the exact one as RFC 5987 UTF-8 beside it
+        # (a client must not be able to stop its own export by its choice of name).
+        name = "".join(c if c.isascii() and c.isalnum() else "_" for c in view.client)[:64]
+        exact = quote(f"evidence-{view.client}.json", safe="")
+        disposition = f"attachment; filename=\"evidence-{name}.json\"; filename*=UTF-8''{exact}"
         return Response(body, media_type="application/json",
-                        headers={"content-disposition": f'attachment; filename="evidence-{name}.json"'})
+                        headers={"content-disposition": disposition})
 
     async def report(self, request: Request) -> Response:
         view = await self.view(request, ClientQuery)

@@ -83,7 +83,7 @@ class AckForm(_Params):
 
 
 class TextForm(_Params):
-    text: str = Field(min_length=1, max_length=60_000)  # the form itself is at most 64 KiB
+    text: str = Field(min_length=1, max_length=60_000)  # fits the guard's 640 KiB form limit
 
 
 P = TypeVar("P", bound=_Params)

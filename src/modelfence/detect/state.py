@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import orjson
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from modelfence.detect.actions import Action, Level
 from modelfence.store import transaction
@@ -84,6 +84,12 @@ class SqlState:
         if not records:
             return
         async with transaction(self.engine, write=True) as conn:
+            await self.publish_in(conn, records)
+
+    @staticmethod
+    async def publish_in(conn: AsyncConnection, records: Sequence[ClientRecord]) -> None:
+        """:meth:`publish` inside the caller's (write) transaction."""
+        if records:
             await conn.execute(_upsert(conn.dialect.name, [asdict(r) for r in records]))
 
     async def actions(self) -> dict[str, Action]:
@@ -96,11 +102,13 @@ class SqlState:
 
     async def get(self, client: str) -> ClientRecord | None:
         async with transaction(self.engine) as conn:
-            row = (
-                (await conn.execute(select(client_risk).where(client_risk.c.client == client)))
-                .mappings()
-                .first()
-            )
+            return await self.get_in(conn, client)
+
+    @staticmethod
+    async def get_in(conn: AsyncConnection, client: str) -> ClientRecord | None:
+        """:meth:`get` inside the caller's transaction."""
+        query = select(client_risk).where(client_risk.c.client == client)
+        row = (await conn.execute(query)).mappings().first()
         return None if row is None else ClientRecord(**row)
 
     async def get_many(self, clients: Sequence[str]) -> builtins.list[ClientRecord]:
@@ -193,19 +201,45 @@ class SqlState:
         reasons: builtins.list[dict[str, Any]],
     ) -> None:
         async with transaction(self.engine, write=True) as conn:
-            await conn.execute(
-                detection_audit.insert().values(
-                    at=datetime.now(UTC),
-                    client=client,
-                    entity=entity,
-                    previous=previous,
-                    action=action,
-                    risk=risk,
-                    source=source,
-                    shadow=shadow,
-                    reasons=reasons,
-                )
+            await self.audit_in(
+                conn,
+                client=client,
+                entity=entity,
+                previous=previous,
+                action=action,
+                risk=risk,
+                source=source,
+                shadow=shadow,
+                reasons=reasons,
             )
+
+    @staticmethod
+    async def audit_in(
+        conn: AsyncConnection,
+        *,
+        client: str,
+        entity: str | None,
+        previous: str,
+        action: str,
+        risk: float,
+        source: str,
+        shadow: bool,
+        reasons: builtins.list[dict[str, Any]],
+    ) -> None:
+        """:meth:`audit` inside the caller's (write) transaction."""
+        await conn.execute(
+            detection_audit.insert().values(
+                at=datetime.now(UTC),
+                client=client,
+                entity=entity,
+                previous=previous,
+                action=action,
+                risk=risk,
+                source=source,
+                shadow=shadow,
+                reasons=reasons,
+            )
+        )
 
 
 class PinnedState:
