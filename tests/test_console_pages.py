@@ -1,6 +1,6 @@
 """The console's pages and actions against a real ``modelfence serve``: a block set in the
 console refuses the client's next request and is audited; the client list pages, sorts and
-filters in the store; alerts are acknowledged; links are cut; a leaked text is traced."""
+filters in the store; alerts are acknowledged; links are cut; a leaked text and a suspect model are traced."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from modelfence.detect.alerts import Alerter
 from modelfence.detect.state import ClientRecord, SqlState
 from modelfence.store import open_engine
-from modelfence.testing.processes import GatewayProcess, http_json
+from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 from modelfence.watermark.lexical import LexicalMark
 
 from .conftest import GatewayFactory
@@ -38,10 +38,12 @@ def record(client: str, risk: float, **fields: Any) -> ClientRecord:
 
 
 @pytest.fixture
-def gateway(start_gateway: GatewayFactory) -> GatewayProcess:
+def gateway(start_gateway: GatewayFactory, fake_upstream: ServiceProcess) -> GatewayProcess:
     return start_gateway(
         detection={"embedder": "hashing", "state_poll_seconds": 0.2},
         telemetry={"batch_size": 10},
+        # The suspect model's tests: the fake upstream, and a listed port nothing answers on.
+        forensics={"allowed_suspect_urls": [fake_upstream.url, "http://127.0.0.1:1"]},
     )
 
 
@@ -244,3 +246,62 @@ def test_a_long_pasted_text_in_any_script_fits_the_form_limit(browser: ConsoleCl
     assert response.status_code != 413 and "名前、名前、" in response.text
     assert re.findall(r'role="alert">([^<]*)', response.text) == [
         "no clients are known: nothing to attribute the text to"]
+
+
+SECRET_KEY = "sk-suspect-never-echoed-0123"
+ALERTS = re.compile(r'role="alert">([^<]*)')
+
+
+def test_a_suspect_model_is_tested_only_where_the_config_allows(
+    gateway: GatewayProcess, fake_upstream: ServiceProcess, browser: ConsoleClient
+) -> None:
+    gateway.create_key("leaker")
+    suspect = {"kind": "embeddings", "model": "fake-embed", "api_key": SECRET_KEY}
+    page = browser.post("/forensics/model", {"url": fake_upstream.url, **suspect})
+    assert page.status_code == 200, page.text[:500]
+    assert "No client's mark found: the answers point to nobody" in page.text
+    assert re.search(r"best p-value\s+[0-9.e+-]+ after allowing", page.text)
+    assert "<td>leaker</td>" in page.text and "Mann-Whitney" in page.text
+    assert f'value="{fake_upstream.url}"' in page.text  # the form keeps what was typed
+
+    for url in ("http://169.254.169.254/latest/meta-data", fake_upstream.url.replace(
+            "127.0.0.1", "localhost")):
+        refused = browser.post("/forensics/model", {"url": url, **suspect})
+        assert refused.status_code == 403, refused.text[:300]
+        [message] = ALERTS.findall(refused.text)
+        assert "queries only suspects listed" in message
+        assert "forensics.allowed_suspect_urls" in message
+
+    gone = browser.post("/forensics/model", {"url": "http://127.0.0.1:1/v1", **suspect})
+    assert gone.status_code == 502, gone.text[:300]  # listed, asked, no answer
+    assert "is unreachable" in ALERTS.findall(gone.text)[0]
+    for response in (page, refused, gone):
+        assert SECRET_KEY not in response.text and "sk-suspect" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kind", "vision"),
+        ("kind", "<script>"),
+        ("url", "http://127.0.0.1/" + "a" * 3000),
+        ("url", "file:///etc/passwd"),
+        ("url", "http://user:pw@127.0.0.1/"),
+        ("api_key", "two words " + SECRET_KEY),
+        ("api_key", "k" * 1001),
+        ("model", "two\nlines"),
+        ("client", "x" * 500),
+        ("max_tokens", "100000"),
+        ("extra", "1"),
+    ],
+)
+def test_hostile_suspect_fields_are_refused_naming_the_field(
+    fake_upstream: ServiceProcess, browser: ConsoleClient, field: str, value: str
+) -> None:
+    form = {"url": fake_upstream.url, "kind": "embeddings", "api_key": SECRET_KEY, field: value}
+    page = browser.post("/forensics/model", form)
+    assert page.status_code == 400, page.text[:300]
+    [message] = ALERTS.findall(page.text)
+    assert message.startswith(f"{field}: "), message
+    assert SECRET_KEY not in page.text and "<script>" not in page.text
+    assert 'type="password"' in page.text and 'name="api_key" value' not in page.text

@@ -498,6 +498,7 @@ class ModelFenceApp:
                 admin_token=config.admin_token,
                 failures=admin_failures,
                 settings=config.console,
+                suspect_urls=config.forensics.allowed_suspect_urls,
             )
         router = Router(routes, mounts=mounts)
         return ErrorBoundary(router, metrics=metrics, max_header_bytes=config.server.max_header_bytes)

@@ -9,45 +9,23 @@ reason. Unlike the command line, ``verify/model`` queries only the suspects list
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from modelfence.admin.errors import error_responses
 from modelfence.admin.names import Name
-from modelfence.errors import BadRequest, GatewayError, PermissionDenied, UpstreamError
-from modelfence.forensics.allowlist import SuspectAllowList, parse_url
+from modelfence.forensics.allowlist import SuspectAllowList
 from modelfence.forensics.config import ForensicsConfig
-from modelfence.forensics.errors import (
-    MissingDependency,
-    SuspectNotAllowed,
-    SuspectUnreachable,
-    VerifyError,
-)
+from modelfence.forensics.errors import VerifyError, translated
+from modelfence.forensics.fields import MaxTokens, SuspectKey, SuspectKind, SuspectUrl
 from modelfence.forensics.model import ModelVerdict
 from modelfence.forensics.radioactivity import DEFAULT_PROBES
 from modelfence.forensics.service import ChatProbe, Forensics, TextReport
 
-log = logging.getLogger(__name__)
-
 MAX_PROMPTS = 1000
 MAX_TEXT = 200_000  # characters; far more than a verdict needs
-
-
-class NotInstalled(GatewayError):
-    status = 501
-    type = "server_error"
-    code = "missing_dependency"
-
-
-def _suspect_url(url: str) -> str:
-    try:
-        parse_url(url)
-    except VerifyError as exc:
-        raise ValueError(str(exc)) from exc
-    return url
 
 
 class TextRequest(BaseModel):
@@ -57,39 +35,22 @@ class TextRequest(BaseModel):
 
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    url: Annotated[str, Field(max_length=2000), AfterValidator(_suspect_url)] = Field(
+    url: SuspectUrl = Field(
         description="base URL of the suspect API, listed in `forensics.allowed_suspect_urls`"
     )
-    kind: Literal["chat", "classifier", "embeddings"]
+    kind: SuspectKind
     model: Name | None = Field(None, description="model name at the suspect (default: the demo's)")
-    api_key: str | None = Field(
-        None,
-        min_length=1,
-        max_length=1000,
-        pattern="^[\\x21-\\x7e]+$",
-        description="bearer key for the suspect",
-    )
+    api_key: SuspectKey | None = Field(None, description="bearer key for the suspect")
     # kind "chat" only: the radioactivity probe.
     prompts: list[Annotated[str, Field(max_length=10_000)]] | None = Field(
         None, min_length=1, max_length=MAX_PROMPTS
     )
     client: Name | None = Field(None, description="supervised: test only this client's keys")
-    max_tokens: int = Field(128, ge=1, le=1024, description="tokens asked per answer")
+    max_tokens: MaxTokens = 128
 
     def chat_probe(self) -> ChatProbe:
         prompts = tuple(self.prompts) if self.prompts else DEFAULT_PROBES
         return ChatProbe(prompts, self.client, self.max_tokens)
-
-
-def _translated(exc: VerifyError) -> GatewayError:
-    if isinstance(exc, MissingDependency):
-        log.error("admin: verification impossible on this install: %s", exc)
-        return NotInstalled(str(exc))
-    if isinstance(exc, SuspectNotAllowed):
-        return PermissionDenied(str(exc), code="suspect_not_allowed", param="url")
-    if isinstance(exc, SuspectUnreachable):
-        return UpstreamError(str(exc), code="suspect_unreachable")
-    return BadRequest(str(exc), code="verification_failed")
 
 
 def forensics_router(forensics: Forensics, config: ForensicsConfig) -> APIRouter:
@@ -105,7 +66,7 @@ def forensics_router(forensics: Forensics, config: ForensicsConfig) -> APIRouter
         try:
             return await forensics.text(body.text)
         except VerifyError as exc:
-            raise _translated(exc) from exc
+            raise translated(exc) from exc
 
     @router.post("/model", responses=error_responses(403, 502))
     async def verify_model(body: ModelRequest) -> ModelVerdict:
@@ -116,6 +77,6 @@ def forensics_router(forensics: Forensics, config: ForensicsConfig) -> APIRouter
                 body.url, body.kind, body.model, body.api_key, chat=body.chat_probe()
             )
         except VerifyError as exc:
-            raise _translated(exc) from exc
+            raise translated(exc) from exc
 
     return router

@@ -11,6 +11,8 @@ docs/CONSOLE.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.applications import Starlette
 
 from modelfence.config import ConsoleConfig
@@ -19,6 +21,7 @@ from modelfence.console.guard import ConsoleGuard
 from modelfence.console.pages import Console
 from modelfence.console.sessions import SessionStore
 from modelfence.detect.overrides import OperatorActions
+from modelfence.forensics.allowlist import SuspectAllowList
 from modelfence.forensics.service import Forensics
 from modelfence.identity.failures import AuthFailures
 from modelfence.types import ASGIApp
@@ -32,15 +35,18 @@ def create_console(
     admin_token: str,
     failures: AuthFailures,
     settings: ConsoleConfig,
+    suspect_urls: Sequence[str] = (),
 ) -> ASGIApp:
-    """The console as one ASGI app; ``failures`` is the admin API's guard against guessing."""
+    """The console as one ASGI app; ``failures`` is the admin API's guard against guessing,
+    ``suspect_urls`` the admin API's ``forensics.allowed_suspect_urls`` (empty: none)."""
     sessions = SessionStore(
         idle=settings.idle_minutes * 60,
         lifetime=settings.session_hours * 3600,
         max_sessions=settings.max_sessions,
     )
     pages = Console(
-        data=data, actions=actions, forensics=forensics, sessions=sessions, token=admin_token,
+        data=data, actions=actions, forensics=forensics,
+        suspects=SuspectAllowList(suspect_urls), sessions=sessions, token=admin_token,
         failures=failures, always_secure=settings.secure_cookie == "always",
     )
     return ConsoleGuard(Starlette(routes=pages.routes()), sessions=sessions)

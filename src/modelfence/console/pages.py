@@ -38,6 +38,7 @@ from modelfence.console.params import (
     ClientsQuery,
     CutForm,
     LoginForm,
+    ModelForm,
     Paging,
     TextForm,
     parse,
@@ -46,8 +47,10 @@ from modelfence.console.sessions import Session, SessionStore
 from modelfence.detect.actions import LEVELS
 from modelfence.detect.overrides import OperatorActions
 from modelfence.errors import GatewayError, StoreError
-from modelfence.forensics.errors import MissingDependency, VerifyError
-from modelfence.forensics.service import Forensics
+from modelfence.forensics.allowlist import SuspectAllowList
+from modelfence.forensics.errors import VerifyError, translated
+from modelfence.forensics.service import ChatProbe, Forensics
+from modelfence.forensics.text import DEFAULT_ALPHA
 from modelfence.identity.failures import AuthFailures
 
 _STYLESHEET = resources.files("modelfence.console").joinpath("static/console.css")
@@ -78,6 +81,7 @@ class Console:
         data: ConsoleData,
         actions: OperatorActions,
         forensics: Forensics,
+        suspects: SuspectAllowList,
         sessions: SessionStore,
         token: str,
         failures: AuthFailures,
@@ -87,6 +91,7 @@ class Console:
         self.always_secure = always_secure  # TLS ended by a proxy: the cookie is Secure anyway
         self.actions = actions
         self.forensics = forensics
+        self.suspects = suspects  # ``forensics.allowed_suspect_urls``, as the admin API
         self.sessions = sessions
         self.token_digest = hashlib.sha256(token.encode()).digest()
         self.failures = failures
@@ -110,6 +115,7 @@ class Console:
             Route("/report", self.report),
             Route("/forensics", self.forensics_form),
             Route("/forensics", self.verify_text, methods=["POST"]),
+            Route("/forensics/model", self.verify_model, methods=["POST"]),
             Route("/static/console.css", self.stylesheet_file),
         ]
 
@@ -330,10 +336,33 @@ class Console:
         try:
             report = await self.forensics.text(text)
         except VerifyError as exc:
-            status = 501 if isinstance(exc, MissingDependency) else 400
-            return self.render(request, "forensics.html", status, nav="forensics", error=str(exc),
-                               text=text)
+            return self.render(request, "forensics.html", translated(exc).status,
+                               nav="forensics", error=str(exc), text=text)
         return self.render(request, "forensics.html", nav="forensics", report=report, text=text)
+
+    async def verify_model(self, request: Request) -> Response:
+        """Does a suspect model carry a client's marks: ``POST /admin/v1/verify/model``, with
+        the same allow-list. The API key is used once and never put back in the page."""
+        fields = request.scope["console.form"]
+        # What the form shows again: never the key, and only what was typed in a field.
+        typed = {k: v for k, v in fields if k in ("url", "kind", "model", "client")}
+        try:
+            form: ModelForm = self.form(request, ModelForm)
+            self.suspects.check(form.url)
+            verdict = await self.forensics.model(
+                form.url, form.kind, form.model, form.api_key,
+                chat=ChatProbe(client=form.client, max_tokens=form.max_tokens),
+            )
+        except BadParameter as exc:
+            return self.render(request, "forensics.html", 400, nav="forensics",
+                               model_error=str(exc), suspect=typed)
+        except VerifyError as exc:
+            answer = translated(exc)
+            return self.render(request, "forensics.html", answer.status, nav="forensics",
+                               model_error=answer.message, suspect=typed)
+        return self.render(request, "forensics.html", nav="forensics",
+                           suspect_verdict=verdict,
+                           suspect=typed, alpha=DEFAULT_ALPHA)
 
     async def stylesheet_file(self, request: Request) -> Response:
         return Response(self.stylesheet, media_type="text/css")

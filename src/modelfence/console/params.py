@@ -15,6 +15,7 @@ from modelfence.admin.names import Name, Note
 from modelfence.console.data import Sort
 from modelfence.detect.actions import Level
 from modelfence.detect.overrides import OverrideAction
+from modelfence.forensics.fields import MaxTokens, SuspectKey, SuspectKind, SuspectUrl
 
 MAX_PAGE = 1_000_000
 
@@ -84,6 +85,17 @@ class AckForm(_Params):
 
 class TextForm(_Params):
     text: str = Field(min_length=1, max_length=60_000)  # fits the guard's 640 KiB form limit
+
+
+class ModelForm(_Params):
+    """A suspect model to test: the admin API's ``ModelRequest`` bounds, default prompts."""
+
+    url: SuspectUrl
+    kind: SuspectKind
+    model: Name | None = None
+    api_key: SuspectKey | None = None
+    client: Name | None = None  # chat only: test this client's keys alone
+    max_tokens: MaxTokens = 128
 
 
 P = TypeVar("P", bound=_Params)

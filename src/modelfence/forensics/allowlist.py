@@ -1,4 +1,4 @@
-"""Which suspect URLs the admin API may query for ``verify model``.
+"""Which suspect URLs the admin API and the console may query for ``verify model``.
 
 The admin API runs inside the gateway, so a suspect URL it fetched on request could reach
 anything the gateway can (metadata services, internal admin ports). It queries only URLs
@@ -90,8 +90,8 @@ class SuspectAllowList:
         if not any(entry.covers(parsed) for entry in self.entries):
             where = f"{parsed.scheme}://{parsed.host}:{parsed.port}"
             raise SuspectNotAllowed(
-                f"the admin API queries only suspects listed in the config under "
-                f"`forensics.allowed_suspect_urls`, and {where}{parsed.path} is not there: "
+                f"the gateway (admin API, console) queries only suspects listed in the config "
+                f"under `forensics.allowed_suspect_urls`, and {where}{parsed.path} is not there: "
                 f"add its base URL or host, or run `modelfence verify model --url {url}` "
                 "on a machine that can reach it"
             )

@@ -1,8 +1,18 @@
-"""Errors a verification reports to its caller (CLI message, admin API 400/502)."""
+"""Errors a verification reports to its caller (CLI message, admin API and console 4xx/5xx)."""
 
 from __future__ import annotations
 
-from modelfence.errors import ModelFenceError
+import logging
+
+from modelfence.errors import (
+    BadRequest,
+    GatewayError,
+    ModelFenceError,
+    PermissionDenied,
+    UpstreamError,
+)
+
+log = logging.getLogger(__name__)
 
 
 class VerifyError(ModelFenceError):
@@ -19,3 +29,22 @@ class SuspectNotAllowed(VerifyError):
 
 class MissingDependency(VerifyError):
     """A verification needs an optional part that is not installed; says what to install."""
+
+
+class NotInstalled(GatewayError):
+    status = 501
+    type = "server_error"
+    code = "missing_dependency"
+
+
+def translated(exc: VerifyError) -> GatewayError:
+    """The answer to a failed verification: 501 missing part, 403 suspect not allowed, 502
+    suspect unreachable, 400 anything else; the message is the error's."""
+    if isinstance(exc, MissingDependency):
+        log.error("verification impossible on this install: %s", exc)
+        return NotInstalled(str(exc))
+    if isinstance(exc, SuspectNotAllowed):
+        return PermissionDenied(str(exc), code="suspect_not_allowed", param="url")
+    if isinstance(exc, SuspectUnreachable):
+        return UpstreamError(str(exc), code="suspect_unreachable")
+    return BadRequest(str(exc), code="verification_failed")
