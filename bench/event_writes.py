@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import shlex
 import sys
@@ -43,6 +41,7 @@ from typing import Any
 import asyncpg
 import orjson
 import psutil
+from overhead import machine  # bench/overhead.py: the shared machine description
 
 from modelfence.store.database import create_tables, open_engine
 from modelfence.store.schema import request_events
@@ -63,18 +62,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()} "
-            f"(Linux {platform.release()}); load average at start {load}")
+def machine_line() -> str:
+    """bench/overhead.py's machine description, on one line with the load at start."""
+    m = machine()
+    load = " / ".join(f"{x:.2f}" for x in m["load_avg"])
+    return (f"{m['cpu']}, {m['cores']} cores, Python {m['python']} (Linux {m['kernel']}); "
+            f"load average at start {load}")
 
 
 def make_events(n: int, seed: int = 7) -> list[RequestEvent]:
@@ -216,7 +209,7 @@ async def run_case(kind: str, batch: int, seconds: float, events: list[RequestEv
 
 async def main(args: argparse.Namespace) -> int:
     started = datetime.now(UTC)
-    header = machine()
+    header = machine_line()
     dsn = args.dsn.rstrip("/")
     admin0 = await asyncpg.connect(f"{dsn}/postgres")
     version = await admin0.fetchval("SHOW server_version")

@@ -16,6 +16,7 @@ from modelfence.admin import create_admin_app
 from modelfence.admin.detection import detection_router
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import Policy
+from modelfence.detect.overrides import OperatorActions
 from modelfence.detect.state import SqlState
 from modelfence.identity import SqlKeyStore
 from modelfence.store import create_tables
@@ -44,12 +45,13 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    state = SqlState(engine)
     admin = create_admin_app(
         store=SqlKeyStore(engine, SECRET),
         admin_token=TOKEN,
         tiers=TIERS,
         failures=admin_failures(1000),
-        routers=[detection_router(SqlState(engine), Policy(DetectionConfig()))],
+        routers=[detection_router(state, OperatorActions(state, Policy(DetectionConfig())))],
     )
     app = Starlette(routes=[Mount("/admin", app=admin)])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +23,8 @@ from modelfence.console.data import ConsoleData
 from modelfence.detect.actions import Policy
 from modelfence.detect.overrides import OperatorActions, OverrideAction, Pinned
 from modelfence.detect.state import SqlState
-from modelfence.errors import StoreError
 from modelfence.forensics.service import Forensics
-from modelfence.store import create_tables, transaction
+from modelfence.store import create_tables, open_engine, transaction
 from modelfence.store.schema import detection_audit
 from modelfence.watermark.config import WatermarkConfig
 from modelfence.watermark.keys import WatermarkKeyring
@@ -85,16 +85,15 @@ async def test_concurrent_pins_of_one_client_all_succeed_and_agree(engine: Async
     assert audited == 2 * PAIRS
 
 
-class _FailingActions(OperatorActions):
-    async def pin(self, client: str, action: OverrideAction, note: str) -> Pinned:
-        raise StoreError("state database failed: OperationalError: database is locked")
-
-
-async def test_an_action_the_store_refuses_shows_the_problem_page(engine: AsyncEngine) -> None:
+async def test_an_action_the_store_refuses_shows_the_problem_page(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
     state = SqlState(engine)
+    # A real failure of the database the actions write to: a file that cannot be opened.
+    unreachable = open_engine(f"sqlite:///{tmp_path / 'missing' / 'state.db'}")
     console = create_console(
         data=ConsoleData(state),
-        actions=_FailingActions(state, Policy(DetectionConfig())),
+        actions=OperatorActions(SqlState(unreachable), Policy(DetectionConfig())),
         forensics=Forensics(engine, WatermarkKeyring(SECRET), WatermarkConfig()),
         admin_token=TOKEN,
         failures=admin_failures(),
@@ -111,4 +110,5 @@ async def test_an_action_the_store_refuses_shows_the_problem_page(engine: AsyncE
             data={"csrf": match.group(1), "client": "thief", "action": "block", "reason": "x"},
         )
     assert done.status_code == 503
+    await unreachable.dispose()
     assert "Error 503" in done.text and "state database" in done.text

@@ -459,7 +459,8 @@ class ModelFenceApp:
         )
         shared = RedisState(detection.redis) if detection.redis is not None else None
         forensics = Forensics(services.engine, keyring, config.watermark)
-        ladder = Policy(config.detection)
+        # One set of operator actions for the admin API and the console alike.
+        operator = OperatorActions(detection.state, Policy(config.detection), shared=shared)
         admin = create_admin_app(
             store=services.store,
             admin_token=config.admin_token,
@@ -468,7 +469,7 @@ class ModelFenceApp:
             routers=[
                 accounts_router(services.store, trust),
                 policy_router(config.policy, limits.tiers, self.risk),
-                detection_router(detection.state, ladder, shared=shared),
+                detection_router(detection.state, operator),
                 forensics_router(forensics, config.forensics),
                 capabilities_router(capabilities(config)),
                 *(
@@ -493,7 +494,7 @@ class ModelFenceApp:
                         n for fate, n in pipeline.stats.items() if fate.startswith("dropped")
                     ),
                 ),
-                actions=OperatorActions(detection.state, ladder, shared=shared),
+                actions=operator,
                 forensics=forensics,
                 admin_token=config.admin_token,
                 failures=admin_failures,

@@ -22,9 +22,9 @@ from sqlalchemy import func, select
 
 from modelfence.admin.errors import error_responses
 from modelfence.admin.names import Name, Note
-from modelfence.detect.actions import Level, Policy
+from modelfence.detect.actions import Level
 from modelfence.detect.overrides import OperatorActions, OverrideAction
-from modelfence.detect.state import ClientRecord, RedisState, SqlState
+from modelfence.detect.state import ClientRecord, SqlState
 from modelfence.errors import NotFound
 from modelfence.store import transaction
 from modelfence.store.schema import (
@@ -169,12 +169,10 @@ class CutResult(BaseModel):
     cut: bool = Field(description="true: never one entity again, until restored")
 
 
-def detection_router(
-    state: SqlState, policy: Policy, *, shared: RedisState | None = None
-) -> APIRouter:
+def detection_router(state: SqlState, actions: OperatorActions) -> APIRouter:
+    """``actions``: the operator pins and cuts, the same object the console acts through."""
     router = APIRouter(prefix="/v1", tags=["detection"], responses=error_responses(401, 422, 503))
     engine = state.engine
-    actions = OperatorActions(state, policy, shared=shared)
 
     @router.get("/clients")
     async def list_clients(query: Annotated[ClientsQuery, Query()]) -> ClientList:

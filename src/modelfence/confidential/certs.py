@@ -16,9 +16,10 @@ fetched online; the leaf's own KeyUsage and ExtendedKeyUsage; name and policy co
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -29,27 +30,27 @@ from cryptography.x509.oid import ExtensionOID
 
 from modelfence.confidential.attestation import EvidenceError
 
+_T = TypeVar("_T")
 MAX_CHAIN = 6  # certificates in a path, root included; real ones have 3 to 5
 UNDERSTOOD_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 
 
-def load_der(data: bytes, what: str) -> x509.Certificate:
+def _parse(parse: Callable[[bytes], _T], data: bytes, what: str) -> _T:
     # AMD's KDS issues VCEKs with serial number 0, which cryptography warns about.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
-            return x509.load_der_x509_certificate(data)
+            return parse(data)
         except (ValueError, x509.InvalidVersion) as exc:
-            raise EvidenceError(f"{what} is not a DER certificate: {exc}") from exc
+            raise EvidenceError(f"{what}: {exc}") from exc
+
+
+def load_der(data: bytes, what: str) -> x509.Certificate:
+    return _parse(x509.load_der_x509_certificate, data, f"{what} is not a DER certificate")
 
 
 def load_pem(data: bytes, what: str) -> list[x509.Certificate]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        try:
-            return x509.load_pem_x509_certificates(data)
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise EvidenceError(f"{what} is not a PEM certificate chain: {exc}") from exc
+    return _parse(x509.load_pem_x509_certificates, data, f"{what} is not a PEM certificate chain")
 
 
 def pinned(name: str) -> list[x509.Certificate]:
