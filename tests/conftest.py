@@ -17,7 +17,7 @@ from modelfence.testing.processes import (
     modelfence_command,
 )
 
-from .services import ensure_postgres, ensure_redis
+from .services import LocalCluster, ensure_postgres, ensure_redis, redis_cluster
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 PROFILE = os.environ.get("MODELFENCE_TEST_PROFILE", "full")  # "ci" trims the slow tests
@@ -26,6 +26,13 @@ PROFILE = os.environ.get("MODELFENCE_TEST_PROFILE", "full")  # "ci" trims the sl
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return ensure_redis()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """A real three-master Redis Cluster for the session (``cluster.url``: redis+cluster://)."""
+    with redis_cluster() as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

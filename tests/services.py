@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelfence.testing.processes import free_port
@@ -216,3 +217,114 @@ def background_loop() -> Iterator[asyncio.AbstractEventLoop]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """A three-master Redis Cluster of :func:`redis_cluster`; ``ports[i]`` is master ``i``."""
+
+    url: str
+    ports: tuple[int, ...]
+    procs: tuple[subprocess.Popen[bytes], ...]
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    """``count`` distinct ports the kernel just handed out as free (each bound, then let go)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _cluster_failure(what: str, workdir: str) -> RuntimeError:
+    logs = "; ".join(
+        f"{log.name}: {log.read_text(errors='replace').strip()[-300:]}"
+        for log in sorted(Path(workdir).glob("*.log"))
+    )
+    return RuntimeError(f"the test Redis Cluster did not start: {what} (logs: {logs})")
+
+
+@contextmanager
+def redis_cluster(
+    masters: int = 3, timeout: float = 20.0, *, full_coverage: bool = True
+) -> Iterator[LocalCluster]:
+    """A throw-away Redis Cluster: ``masters`` ``redis-server`` processes with
+    ``--cluster-enabled yes``, joined by ``redis-cli --cluster create``.
+
+    Client and bus ports (``--cluster-port``) all come from the kernel, so none is taken
+    or in use by another test; a start that loses a port to a race anyway is tried once
+    more on fresh ones. ``full_coverage=False`` lets the live masters keep serving their
+    slots once a master is marked failed (``cluster-require-full-coverage no``). Ready once every node reports ``cluster_state:ok``; killed, files
+    and all, on exit.
+    """
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli are needed (apt-get install redis-server)")
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as workdir:
+            ports = _distinct_free_ports(2 * masters)
+            procs = tuple(
+                subprocess.Popen(
+                    [server, "--port", str(port), "--cluster-port", str(bus), "--bind",
+                     "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir,
+                     "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                     "--cluster-node-timeout", "2000", "--logfile", f"{workdir}/{port}.log",
+                     "--cluster-require-full-coverage", "yes" if full_coverage else "no"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for port, bus in zip(ports[:masters], ports[masters:], strict=True)
+            )
+            try:
+                try:
+                    _join_cluster(cli, tuple(ports[:masters]), timeout, workdir)
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    continue
+                url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:masters])
+                yield LocalCluster(url, tuple(ports[:masters]), procs)
+                return
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+                for proc in procs:
+                    proc.wait(timeout=10)
+
+
+def _join_cluster(cli: str, ports: tuple[int, ...], timeout: float, workdir: str) -> None:
+    """Join the started nodes on ``ports`` and wait until each reports ``cluster_state:ok``."""
+    for port in ports:
+        try:
+            wait_for_port("127.0.0.1", port, timeout=10)
+        except RuntimeError as exc:
+            raise _cluster_failure(str(exc), workdir) from exc
+    created = subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if created.returncode != 0:
+        raise _cluster_failure(
+            f"redis-cli --cluster create exited {created.returncode}: "
+            f"{(created.stdout + created.stderr).strip()[-500:]}",
+            workdir,
+        )
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending:
+        info = subprocess.run(
+            [cli, "-p", str(pending[0]), "cluster", "info"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+        if "cluster_state:ok" in info.stdout:
+            pending.pop(0)
+        elif time.monotonic() > deadline:
+            raise _cluster_failure(
+                f"node {pending[0]} not cluster_state:ok after {timeout:.0f}s", workdir
+            )
+        else:
+            time.sleep(0.05)

@@ -70,6 +70,16 @@ def page(tmp_path: Path) -> Iterator[Any]:
         browser.close()
 
 
+def log_in(page: Any, gateway: GatewayProcess) -> str:
+    """Log the browser in with the admin token; returns the console's URL."""
+    console = gateway.url + "/console"
+    page.goto(console + "/login")
+    page.get_by_label("Admin token").fill(gateway.admin_token)
+    page.keyboard.press("Enter")
+    page.wait_for_url(console + "/")
+    return console
+
+
 def chat(gateway: GatewayProcess, key: str, body: dict[str, Any]) -> int:
     status, _ = http_json("POST", gateway.url + "/v1/chat/completions",
                           {"model": "fake-chat", **body}, token=key)
@@ -186,6 +196,8 @@ def test_an_analyst_finds_blocks_and_documents_an_extracting_client(
     assert any(r["code"] == "llm_harvesting" for r in evidence["record"]["reasons"])
     assert thief not in orjson.dumps(evidence).decode()
     page.get_by_role("link", name="Printable evidence report").click()
+    page.wait_for_url(console + "/report?name=thief")  # content() mid-navigation is empty
+    page.wait_for_load_state()
     assert "Evidence report: client thief" in page.content()
     page.screenshot(path=shots / "console-report.png", full_page=True)
     assert thief not in page.content()

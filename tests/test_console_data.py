@@ -101,6 +101,8 @@ async def test_an_alert_is_acknowledged_once(engine: AsyncEngine) -> None:
 
 
 async def test_the_session_cookie_is_secure_over_https(engine: AsyncEngine) -> None:
+    """Also: with no account source wired, the account page says what it lacks (it does
+    not claim the account is unknown)."""
     state = SqlState(engine)
     console = create_console(
         data=ConsoleData(state),
@@ -114,6 +116,9 @@ async def test_the_session_cookie_is_secure_over_https(engine: AsyncEngine) -> N
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="https://gw") as client:
         login = await client.post("/console/login", data={"token": TOKEN})
+        unwired = await client.get("/console/account", params={"id": "acme"})
     assert login.status_code == 303
+    assert unwired.status_code == 404 and "need the gateway&#39;s key store" in unwired.text
+    assert "No account with id" not in unwired.text
     cookie = login.headers["set-cookie"].lower()
     assert "; secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie

@@ -220,7 +220,8 @@ def test_no_page_shows_a_key_or_the_admin_token_and_every_page_sends_security_he
     browser.login()
     secrets = [*keys, gateway.admin_token]
     paths = [*PAGES, "/client?name=alice", "/client?name=bob", "/report?name=bob",
-             "/evidence.json?name=bob", "/audit?client=bob", "/clients?account=acme"]
+             "/evidence.json?name=bob", "/audit?client=bob", "/clients?account=acme",
+             "/account?id=acme"]
     for path in paths:
         response = browser.http.get("/console" + path)
         assert response.status_code == 200, path

@@ -129,3 +129,12 @@ def test_first_flag_reads_the_earliest_raise_from_the_audit_trail() -> None:
     aged = first_flag("thief", {**detail, "audit": []})
     assert aged is not None and aged.level == "tighten"
     assert first_flag("honest", {"record": {"level": "normal", "updated_at": "2026-01-01T00:00:00+00:00"}, "audit": []}) is None
+
+
+def test_pins_that_set_no_level_and_cut_links_are_not_flags() -> None:
+    detail = {
+        "record": {"level": "normal", "updated_at": "2026-01-01T00:10:00+00:00"},
+        "audit": [{"at": f"2026-01-01T00:0{i}:00+00:00", "action": action}
+                  for i, action in enumerate(("shadow", "probation", "cut_link", "allow"))],
+    }
+    assert first_flag("watched", detail) is None

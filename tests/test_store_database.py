@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, inspect, select, text
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from modelfence.errors import ConfigError, StoreError
 from modelfence.store import async_url, create_tables, open_engine, rejects_values, transaction
 from modelfence.store.database import SQLITE_BUSY_TIMEOUT_MS
-from modelfence.store.schema import api_keys
+from modelfence.store.schema import api_keys, metadata
 from modelfence.testing.processes import free_port
 
 
@@ -126,6 +127,33 @@ async def test_create_tables_is_idempotent_and_safe_to_race(store_url: str) -> N
         with pytest.raises(StoreError, match="(?i)unique"):
             async with transaction(engine, write=True) as conn:
                 await conn.execute(api_keys.insert().values(key_id="key_2", **row))
+
+
+async def test_create_tables_adds_indexes_missing_from_existing_tables(store_url: str) -> None:
+    """A database made before an index was declared gains it at start-up, on both databases
+    (here: every index dropped, as if each had been added after the first release)."""
+
+    def indexes(sync: Any) -> dict[str, set[str]]:
+        inspector, schema = inspect(sync), sync.schema_for_object(metadata.sorted_tables[0])
+        return {
+            name: {index["name"] for index in inspector.get_indexes(name, schema=schema)}
+            for name in metadata.tables
+        }
+
+    async with scratch_engine(store_url) as engine:
+        await create_tables(engine)
+        async with transaction(engine) as conn:
+            declared = await conn.run_sync(indexes)
+        assert "ix_client_risk_entity" in declared["client_risk"]
+        async with transaction(engine, write=True) as conn:
+            for table in metadata.tables.values():
+                for index in table.indexes:
+                    await conn.run_sync(index.drop)
+        async with transaction(engine) as conn:
+            assert not any((await conn.run_sync(indexes)).values())
+        await create_tables(engine)
+        async with transaction(engine) as conn:
+            assert await conn.run_sync(indexes) == declared
 
 
 async def test_unusable_sqlite_file_raises_store_error(tmp_path: Path) -> None:

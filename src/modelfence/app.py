@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,7 +34,7 @@ from modelfence.confidential.config import ConfidentialConfig
 from modelfence.confidential.keyfile import read_key_file
 from modelfence.confidential.platforms import verifiers
 from modelfence.config import Config, TierConfig
-from modelfence.console import ConsoleData, create_console
+from modelfence.console import AccountSource, ConsoleData, create_console
 from modelfence.detect.actions import Policy
 from modelfence.detect.cache import ActionCache
 from modelfence.detect.feeds import RedisStreamSink
@@ -120,7 +122,7 @@ class Detection:
     state: SqlState
     hash_key: bytes
     pipeline: EventPipeline | None = None
-    redis: Redis | None = None  # detection.feed: redis (streams and shared actions)
+    redis: Redis | RedisCluster | None = None  # detection.feed: redis (streams, shared actions)
     detector: DetectorProcess | None = None  # detection.feed: process
     supervisor: Periodic | None = None
     actions: ActionCache | None = None  # None when detection is off
@@ -493,6 +495,7 @@ class ModelFenceApp:
                     telemetry_drops=None if pipeline is None else lambda: sum(
                         n for fate, n in pipeline.stats.items() if fate.startswith("dropped")
                     ),
+                    detection=config.detection,  # the tiers' thresholds of the risk chart
                 ),
                 actions=operator,
                 forensics=forensics,
@@ -500,6 +503,12 @@ class ModelFenceApp:
                 failures=admin_failures,
                 settings=config.console,
                 suspect_urls=config.forensics.allowed_suspect_urls,
+                # The account page: the record and the trust GET /admin/v1/accounts/{account}
+                # answers with (as of now, before risk detection adds).
+                accounts=AccountSource(
+                    read=services.store.get_account,
+                    standing=lambda record: trust.assess(record, "normal", time.time()),
+                ),
             )
         router = Router(routes, mounts=mounts)
         return ErrorBoundary(router, metrics=metrics, max_header_bytes=config.server.max_header_bytes)

@@ -30,6 +30,7 @@ from modelfence.confidential.config import ConfidentialConfig
 from modelfence.errors import ConfigError
 from modelfence.forensics.config import ForensicsConfig
 from modelfence.policy.config import PolicyConfig
+from modelfence.redisurl import ALLOWED_URLS, check_url, is_cluster_url, is_redis_url
 from modelfence.watermark.config import WatermarkConfig
 
 DEFAULT_CONFIG_FILE = "modelfence.yaml"
@@ -155,7 +156,9 @@ class PerSourceLimit(_Frozen):
 
 
 class LimitsConfig(_Frozen):
-    backend: str = Field("memory", description="memory, or redis://host:port/db")
+    backend: str = Field(
+        "memory", description="memory, redis://host:port/db, or redis+cluster://host:port[,...]"
+    )
     on_backend_error: Literal["open", "closed", "degraded"] = "degraded"
     degraded_share: float = Field(
         0.25, gt=0, le=1, description="share of each limit one replica may admit alone"
@@ -174,9 +177,22 @@ class LimitsConfig(_Frozen):
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str) -> str:
-        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("allowed: memory, redis://HOST:PORT/DB, rediss://..., unix://...")
-        return value
+        if value != "memory" and not is_redis_url(value):
+            raise ValueError(f"allowed: memory, {ALLOWED_URLS}")
+        return value if value == "memory" else check_url(value)
+
+    @model_validator(mode="after")
+    def _cluster_keeps_slots(self) -> LimitsConfig:
+        # An IP prefix or fingerprint bucket is shared by many keys, so no hash tag can put
+        # it in the slot of every key whose admission script checks it.
+        if is_cluster_url(self.backend):
+            for name in ("per_ip_prefix", "per_fingerprint"):
+                if getattr(self, name).requests_per_minute is not None:
+                    raise ValueError(
+                        f"{name}.requests_per_minute needs a single Redis or memory; "
+                        "with a redis+cluster:// backend, leave it unset"
+                    )
+        return self
 
     @field_validator("tiers")
     @classmethod
@@ -314,7 +330,9 @@ class DetectionConfig(_Frozen):
     feed: Literal["process", "redis"] = Field(
         "process", description="process: a child of serve; redis: `modelfence detect` workers"
     )
-    redis_url: str | None = Field(None, description="streams and shared state when feed=redis")
+    redis_url: str | None = Field(
+        None, description="streams and shared state when feed=redis (redis:// or redis+cluster://)"
+    )
     partitions: int = Field(8, ge=1, le=1024, description="Redis Streams, split by client")
     shadow: bool = Field(False, description="decide and record, never act")
     embedder: Literal["auto", "minilm", "hashing"] = "auto"
@@ -332,6 +350,10 @@ class DetectionConfig(_Frozen):
         24.0, gt=0, description="links by fingerprint, network or lockstep halve in weight"
     )
     state_poll_seconds: float = Field(1.0, gt=0)
+    history_retention_days: float = Field(
+        14.0, gt=0, le=3650,
+        description="risk history and query maps (the console's pictures) kept this long",
+    )
     webhook_url: str | None = Field(None, description="Slack-compatible incoming webhook")
     public_url: str = Field("http://127.0.0.1:8080", description="base of admin links in alerts")
     alert_dedup_seconds: float = Field(3600, ge=0)
@@ -339,6 +361,11 @@ class DetectionConfig(_Frozen):
     tiers: dict[str, DetectionTierConfig] = Field(
         default_factory=lambda: {"default": DetectionTierConfig()}
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
 
     def tier(self, name: str) -> DetectionTierConfig:
         return self.tiers.get(name) or self.tiers.get("default") or DetectionTierConfig()

@@ -3,11 +3,12 @@
 ``GET /admin/v1/clients`` (riskiest first), ``GET /admin/v1/clients/{client}`` (risk,
 level, reasons, entity, current action, override, recent usage and audit trail),
 ``GET /admin/v1/entities/{entity}``, ``GET /admin/v1/alerts`` and
-``POST /admin/v1/clients/{client}/action`` to pin a client (``allow``, a level, or
-``clear`` to hand it back to the detector). Overrides take effect on every replica at
-its next state poll and are written to the audit log. A client's record lists its
-strongest links (kinds and weights); ``PUT|DELETE /admin/v1/clients/{client}/links/{other}/cut``
-cuts one (the two are never one entity again) or restores it, audited too.
+``POST /admin/v1/clients/{client}/action`` to pin a client (``allow``, a level,
+``shadow``, ``probation``, or ``clear`` to hand it back to the detector). Overrides take
+effect on every replica at its next state poll and are written to the audit log. A
+client's record lists its strongest links (kinds and weights);
+``PUT|DELETE /admin/v1/clients/{client}/links/{other}/cut`` cuts one (the two are never one
+entity again) or restores it, audited too.
 """
 
 from __future__ import annotations
@@ -53,13 +54,19 @@ class AlertsQuery(_Query):
 
 class ActionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    action: OverrideAction = Field(description="allow | a level | clear (back to the detector)")
+    action: OverrideAction = Field(
+        description="allow (pinned to normal) | a level (pinned there) | shadow (scored, "
+        "recorded and alerted, nothing applied) | probation (held to the probation allowance "
+        "whatever the account; detection keeps deciding the level) | clear (back to the "
+        "detector)"
+    )
     note: Note = Field("", description="why; kept in the audit log")
 
 
 class AppliedAction(BaseModel):
     level: Level
     quota_share: float = Field(description="the client's limits are multiplied by this")
+    probation: bool = Field(description="held to the probation allowance (an operator's pin)")
 
 
 class ClientState(BaseModel):
@@ -72,10 +79,16 @@ class ClientState(BaseModel):
     level: Level
     quota_share: float
     reasons: list[dict[str, Any]] = Field(
-        description='[{"code", "text", "score"}], strongest first'
+        description='[{"code", "text", "score", "value", "threshold", "since"}], strongest '
+        "first: `value` is the statistic measured, `threshold` the line it crossed, `since` "
+        "when it first crossed it (event time, seconds since 1970); the three are absent from "
+        "records published before they were kept"
     )
     queries: int
-    shadow: bool
+    shadow: bool = Field(
+        description="the level is recorded, not applied (shadow mode, or the client's "
+        "shadow pin)"
+    )
     updated_at: datetime
     links: list[dict[str, Any]] | None = Field(
         None,
@@ -83,14 +96,20 @@ class ClientState(BaseModel):
         "that this client and another are one actor; `weight` adds the kinds up, `joins` says "
         "whether one kind alone is strong enough (0.5) to put them in one entity, unless cut",
     )
-    action: AppliedAction = Field(description="what gateways apply (nothing in shadow mode)")
+    probation: bool = Field(description="an operator put the client on probation")
+    action: AppliedAction = Field(
+        description="what gateways apply (no level when shadowed; probation in every mode)"
+    )
 
     @classmethod
     def of(cls, record: ClientRecord) -> ClientState:
         fields = {k: getattr(record, k) for k in record.__dataclass_fields__}
         action = record.action
         return cls(
-            **fields, action=AppliedAction(level=action.level, quota_share=action.quota_share)
+            **fields,
+            action=AppliedAction(
+                level=action.level, quota_share=action.quota_share, probation=action.probation
+            ),
         )
 
 
@@ -143,6 +162,11 @@ class Alert(BaseModel):
     delivered: bool
     acknowledged_at: datetime | None = Field(
         None, description="when an operator acknowledged it in the console; null until then"
+    )
+    shadow: bool | None = Field(
+        None,
+        description="the level was recorded, not applied (shadow mode, or the client's shadow "
+        "pin); null on alerts raised before this was recorded",
     )
 
 

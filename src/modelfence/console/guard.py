@@ -6,20 +6,29 @@ login form and the stylesheet needs a live session (else a redirect to the login
 every POST must come from this origin when the browser says where it comes from, and every
 POST but the login must carry the session's CSRF token. The form is read here, bounded,
 and handed to the page as ``scope["console.form"]``; the session as
-``scope["console.session"]``.
+``scope["console.session"]``. Sessions live in the state database: when it cannot be
+read, every page but the public ones is a 503 page saying so (never a redirect to the
+login form, which would loop).
 """
 
 from __future__ import annotations
 
 import hmac
+import html
+import logging
 import time
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from modelfence.console.sessions import Session, SessionStore
+from modelfence.errors import StoreError
+from modelfence.throttled_log import ThrottledLog
 from modelfence.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+_store_failures = ThrottledLog(log, interval=10.0)
 
 COOKIE = "mf_console"
 # A pasted text of 60,000 characters, each up to 9 bytes once URL-encoded, fits.
@@ -35,6 +44,26 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"same-origin"),  # "no-referrer" makes form posts say Origin: null
     (b"cache-control", b"no-store"),
 ]
+
+
+# Static on purpose: nothing of the failure (hosts, driver messages) reaches a visitor who
+# may not be logged in; the log has the details.
+UNAVAILABLE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Error 503 · ModelFence console</title>
+<link rel="stylesheet" href="{root}/static/console.css"></head>
+<body><main id="main"><h1>Error 503</h1>
+<p class="error" role="alert">The console cannot reach its state database, where logins are
+kept, so it cannot tell whether you are logged in. Nothing was changed. Try again in a
+moment; if this persists, check the database the gateway's <code>store</code> names.</p>
+</main></body></html>
+"""
+
+
+def unavailable(root: str) -> HTMLResponse:
+    """The 503 page when the sessions cannot be read: no layout, since nobody is known yet."""
+    return HTMLResponse(
+        UNAVAILABLE_PAGE.format(root=html.escape(root)), status_code=503, headers={"retry-after": "5"}
+    )
 
 
 class FormTooLarge(Exception):
@@ -106,10 +135,14 @@ class ConsoleGuard:
         if path not in PUBLIC_PATHS:
             # Every value of the cookie is tried: one planted from a sibling domain must not
             # hide the real one (nor lock the operator out).
-            live = ((value, self.sessions.get(value)) for value in cookies(headers))
-            session_id, session = next(((v, s) for v, s in live if s is not None), ("", None))
-            if session is None:
+            try:
+                found = await self.sessions.live(cookies(headers))
+            except StoreError as exc:
+                _store_failures.error("console: sessions unreadable, answering 503: %s", exc)
+                return unavailable(root)
+            if found is None:
                 return RedirectResponse(root + "/login", status_code=303)
+            session_id, session = found
             scope["console.session"] = session
             scope["console.session_id"] = session_id  # what logout ends: the one checked
         if post:

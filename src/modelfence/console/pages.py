@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -21,18 +22,22 @@ from urllib.parse import quote, urlencode
 import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from modelfence.console import words
+from modelfence.console import charts, graph, words
+from modelfence.console.accounts import AccountData
 from modelfence.console.data import ClientFilter, ClientView, ConsoleData, Page
 from modelfence.console.guard import COOKIE, cookies
 from modelfence.console.params import (
+    AccountQuery,
     AckForm,
     ActForm,
     AuditQuery,
     BadParameter,
+    CampaignQuery,
     ClientPageQuery,
     ClientQuery,
     ClientsQuery,
@@ -43,6 +48,7 @@ from modelfence.console.params import (
     TextForm,
     parse,
 )
+from modelfence.console.pictures import SPANS, Span
 from modelfence.console.sessions import Session, SessionStore
 from modelfence.detect.actions import LEVELS
 from modelfence.detect.overrides import OperatorActions
@@ -52,12 +58,28 @@ from modelfence.forensics.errors import VerifyError, translated
 from modelfence.forensics.service import ChatProbe, Forensics
 from modelfence.forensics.text import DEFAULT_ALPHA
 from modelfence.identity.failures import AuthFailures
+from modelfence.throttled_log import ThrottledLog
 
+log = logging.getLogger(__name__)
+_store_failures = ThrottledLog(log, interval=10.0)
 _STYLESHEET = resources.files("modelfence.console").joinpath("static/console.css")
 
 
 def _when(value: datetime | None) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _number(value: float) -> str:
+    """A measured statistic or threshold: three significant digits, whole numbers past 1,000."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _epoch(value: float) -> str:
+    """Event time (seconds since 1970, as the detector keeps it) as :func:`_when` shows it."""
+    try:
+        return _when(datetime.fromtimestamp(value, UTC))
+    except (OverflowError, OSError, ValueError):
+        return "—"
 
 
 def _templates() -> Environment:
@@ -68,6 +90,7 @@ def _templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["when"] = _when
+    env.filters.update(number=_number, epoch=_epoch)
     env.globals.update(words=words, levels=LEVELS)
     return env
 
@@ -86,8 +109,10 @@ class Console:
         token: str,
         failures: AuthFailures,
         always_secure: bool = False,
+        accounts: AccountData | None = None,
     ) -> None:
         self.data = data
+        self.accounts = accounts  # None: no account registry wired (the page says so)
         self.always_secure = always_secure  # TLS ended by a proxy: the cookie is Secure anyway
         self.actions = actions
         self.forensics = forensics
@@ -106,6 +131,8 @@ class Console:
             Route("/logout", self.logout, methods=["POST"]),
             Route("/clients", self.clients),
             Route("/client", self.client),
+            Route("/campaign", self.campaign),
+            Route("/account", self.account),
             Route("/act", self.act, methods=["POST"]),
             Route("/cut", self.cut, methods=["POST"]),
             Route("/audit", self.audit),
@@ -170,9 +197,12 @@ class Console:
             return self.render(request, "login.html", 401, error="Incorrect admin token.")
         self.failures.forgive(source)
         # Never adopt a session id the browser brought: end each, and start a new one.
-        for old in cookies(request.headers):
-            self.sessions.end(old)
-        session_id, _ = self.sessions.create()
+        try:
+            session_id, _ = await self.sessions.create(replacing=cookies(request.headers))
+        except StoreError:
+            return self.render(request, "login.html", 503, error=(
+                "The token is right, but no session could be stored: the state database is "
+                "unreachable. Try again in a moment."))
         response = self.redirect(request, "/")
         response.set_cookie(
             COOKIE,
@@ -186,7 +216,8 @@ class Console:
         return response
 
     async def logout(self, request: Request) -> Response:
-        self.sessions.end(request.scope["console.session_id"])  # the session the guard checked
+        # The session the guard checked ends here, and so on every replica.
+        await self.sessions.end(request.scope["console.session_id"])
         response = self.redirect(request, "/login")
         response.delete_cookie(
             COOKIE, path=request.scope.get("root_path", "") or "/", httponly=True,
@@ -240,9 +271,56 @@ class Console:
         view = await self.view(request, ClientPageQuery)
         if isinstance(view, Response):
             return view
-        peak = max((hour.requests for hour in view.timeline), default=0)
-        return self.render(request, "client.html", nav="clients", view=view, peak=peak,
-                           done=request.query_params.get("done"))
+        span = self.query(request, ClientPageQuery).span  # checked by view()
+        return self.render(request, "client.html", nav="clients", view=view,
+                           done=request.query_params.get("done"),
+                           **await self.pictures(view.client, span))
+
+    async def pictures(self, client: str, span: Span) -> dict[str, Any]:
+        """A client's risk chart over ``span`` and its query map (templates/charts.html)."""
+        history = await self.data.risk_history(client, span=SPANS[span])
+        queries = await self.data.query_map([client])
+        return {
+            "span": span,
+            "history": history,
+            "risk_chart": charts.risk_chart(history),
+            "query_map": queries,
+            "query_scatter": None if queries is None else charts.scatter(queries),
+        }
+
+    async def account(self, request: Request) -> Response:
+        """An account as registered: trust, traits, keys, clients, related accounts, traffic."""
+        try:
+            account_id = self.query(request, AccountQuery).id
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        if self.accounts is None:
+            return self.problem(request, 404, "Account pages need the gateway's key store, "
+                                "which this console was not given.")
+        view = await self.accounts.account(account_id)
+        if view is None:
+            return self.problem(request, 404, f"No account with id {account_id!r} is registered.")
+        return self.render(request, "account.html", nav="clients", view=view)
+
+    async def campaign(self, request: Request) -> Response:
+        """Linked clients as a graph, with the evidence for each link and pooled numbers."""
+        try:
+            query: CampaignQuery = self.query(request, CampaignQuery)
+            if (query.entity is None) == (query.client is None):
+                raise BadParameter("entity", "give an entity, or a client (one of them)")
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        found = await self.data.campaign(entity=query.entity, client=query.client)
+        if found is None:
+            return self.problem(request, 404, (
+                f"No entity named {query.entity!r}: no scored client belongs to it now "
+                "(entities are rebuilt as links fade or are cut)." if query.entity is not None
+                else f"No client named {query.client!r} has been scored."))
+        queries = await self.data.query_map(found.mapped)  # pooled over the members
+        drawing = await run_in_threadpool(graph.draw, found)  # tens of ms: off the event loop
+        return self.render(request, "campaign.html", nav="clients", campaign=found,
+                           drawing=drawing, done=query.done, queries=queries,
+                           scatter=None if queries is None else charts.scatter(queries))
 
     async def audit(self, request: Request) -> Response:
         try:
@@ -286,6 +364,10 @@ class Console:
         except BadParameter as exc:
             return self.problem(request, 400, str(exc))
         await self.actions.cut(form.client, form.other, cut=True, note=form.reason)
+        if form.back_client is not None:
+            return self.redirect(request, "/campaign", client=form.back_client, done="cut")
+        if form.back_entity is not None:
+            return self.redirect(request, "/campaign", entity=form.back_entity, done="cut")
         return self.redirect(request, "/client", name=form.client, done="cut")
 
     async def acknowledge(self, request: Request) -> Response:
@@ -303,8 +385,11 @@ class Console:
         view = await self.view(request, ClientQuery)
         if isinstance(view, Response):
             return view
+        history = await self.data.risk_history(view.client, span=SPANS["7d"])
+        queries = await self.data.query_map([view.client])
         body = orjson.dumps(
-            {"exported_at": datetime.now(UTC), **asdict(view)},
+            {"exported_at": datetime.now(UTC), **asdict(view), "risk_history": asdict(history),
+             "query_map": None if queries is None else queries.summary()},
             default=BaseModel.model_dump,
             option=orjson.OPT_INDENT_2,
         )
@@ -320,7 +405,8 @@ class Console:
         view = await self.view(request, ClientQuery)
         if isinstance(view, Response):
             return view
-        return self.render(request, "report.html", view=view, now=datetime.now(UTC))
+        return self.render(request, "report.html", view=view, now=datetime.now(UTC),
+                           **await self.pictures(view.client, "7d"))
 
     # --- forensics -------------------------------------------------------------------
 
@@ -366,6 +452,18 @@ class Console:
 
     async def stylesheet_file(self, request: Request) -> Response:
         return Response(self.stylesheet, media_type="text/css")
+
+    async def store_failed(self, request: Request, exc: Exception) -> Response:
+        """A page whose reads or writes failed in the state database: a 503 page, not a 500.
+
+        The failure may come after a write (a form's action, then its audit): the page
+        cannot say whether anything changed, so it says so."""
+        _store_failures.error("console: %s %s failed in the state database: %s",
+                              request.method, request.url.path, exc)
+        response = self.problem(request, 503, "The state database did not answer; what you "
+                                "asked may not have been done. Reload in a moment to check.")
+        response.headers["retry-after"] = "5"
+        return response
 
 
 def _pager(request: Request, page: Page[Any], **keep: Any) -> Mapping[str, str | None]:

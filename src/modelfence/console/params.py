@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfence.admin.names import Name, Note
 from modelfence.console.data import Sort
+from modelfence.console.pictures import Span
 from modelfence.detect.actions import Level
 from modelfence.detect.overrides import OverrideAction
 from modelfence.forensics.fields import MaxTokens, SuspectKey, SuspectKind, SuspectUrl
@@ -61,6 +62,19 @@ class ClientQuery(_Params):
 
 class ClientPageQuery(ClientQuery):
     done: OverrideAction | Literal["cut"] | None = None  # what the form before just did
+    span: Span = "24h"  # the risk chart's
+
+
+class AccountQuery(_Params):
+    id: Name  # the account's id, by the admin API's rules
+
+
+class CampaignQuery(_Params):
+    """``entity``, or ``client`` (its entity, or itself and its direct links): one of them."""
+
+    entity: Name | None = None
+    client: Name | None = None
+    done: Literal["cut"] | None = None
 
 
 class LoginForm(_Params):
@@ -77,6 +91,10 @@ class CutForm(_Params):
     client: Name
     other: Name
     reason: Reason
+    # The campaign view the form was on, to go back to (its entity, or the client it was
+    # asked for); neither: back to the client's page.
+    back_entity: Name | None = None
+    back_client: Name | None = None
 
 
 class AckForm(_Params):

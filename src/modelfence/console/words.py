@@ -54,6 +54,9 @@ ACTIONS: dict[str, str] = {
     "tighten": "cut limits to a share of the tier's",
     "alert": "keep serving, raise alerts",
     "allow": "never act on this client (pins it to normal)",
+    "shadow": "keep scoring, recording and alerting, apply nothing (the level stays visible)",
+    "probation": "hold it to the probation allowance whatever its account; detection still "
+    "decides the level",
     "clear": "remove the pin; detection decides again",
 }
 

@@ -3,7 +3,9 @@
 The ladder's thresholds come from ``detection.tiers`` in the config. An override set
 through the admin API wins over the detector (``allow`` pins a client to normal; any
 level pins it there); the allow-list in the config acts like ``allow``. In shadow mode
-every decision is made and recorded but the published action is ``normal``.
+every decision is made and recorded but the published action is ``normal``. Two pins
+leave the level to risk and change what gateways do with it: ``shadow`` is shadow mode for
+one client, ``probation`` holds the client to the probation allowance.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from modelfence.config import DetectionConfig
 
 Level = Literal["normal", "alert", "tighten", "degrade", "block"]
 LEVELS: tuple[Level, ...] = ("normal", "alert", "tighten", "degrade", "block")
-OVERRIDES = ("allow", *LEVELS)
+OVERRIDES = ("allow", *LEVELS)  # pins that set the level (shadow and probation do not)
 
 
 def rank(level: str) -> int:
     return LEVELS.index(level) if level in LEVELS else 0
+
+
+def shadowed(pin: str | None, shadow_mode: bool) -> bool:
+    """Whether gateways leave a client's level unapplied: its own ``shadow`` pin, or shadow
+    mode unless an operator pinned the level (a pin acts in every mode)."""
+    return pin == "shadow" or (shadow_mode and pin not in OVERRIDES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +36,12 @@ class Action:
 
     level: Level
     quota_share: float = 1.0  # multiply the client's limits by this (tighten and above)
+    probation: bool = False  # held to the probation allowance (an operator's pin)
+
+    @property
+    def acts(self) -> bool:
+        """Whether gateways do anything with it (the others are not published)."""
+        return self.level != "normal" or self.probation
 
     @property
     def blocks(self) -> bool:
@@ -65,6 +79,8 @@ class Policy:
         return Action(level, self.config.tier(tier).tighten_share / max(members, 1))
 
     def decide(self, client: str, risk: float, tier: str, override: str | None) -> Level:
+        """The level published: a pinned one, else the ladder's (``shadow`` and ``probation``
+        pins leave it to risk)."""
         if override == "allow" or client in self.config.allow_list:
             return "normal"
         if override in LEVELS:

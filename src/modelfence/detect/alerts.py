@@ -2,8 +2,9 @@
 
 One alert per client and level within ``alert_dedup_seconds`` (a client flapping
 around a threshold does not page anyone twice). The message carries the top reasons
-in words and a link to the client's admin record. A webhook failure is logged and the
-row records ``delivered = false``; it never stops detection.
+in words and a link to the client's admin record, and says when the level is not enforced
+(shadow mode, or the client's shadow pin; the row's ``shadow``). A webhook failure is
+logged and the row records ``delivered = false``; it never stops detection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Post = Callable[[str, dict[str, Any]], Awaitable[None]]
 def slack_message(record: ClientRecord, link: str) -> dict[str, Any]:
     """``{"text": ...}`` is what Slack, Mattermost and most chat webhooks accept."""
     reasons = "; ".join(r["text"] for r in record.reasons) or "no reason recorded"
-    mode = " (shadow mode: not enforced)" if record.shadow else ""
+    mode = " (shadow: recorded, not enforced)" if record.shadow else ""
     text = (
         f":rotating_light: ModelFence: client *{record.client}* (tier {record.tier}) is now "
         f"*{record.level}*{mode}, risk {record.risk:.2f} after {record.queries} queries. "
@@ -90,6 +91,7 @@ class Alerter:
                     risk=record.risk,
                     reasons=record.reasons,
                     delivered=delivered,
+                    shadow=record.shadow,
                 )
             )
         return True

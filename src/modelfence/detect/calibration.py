@@ -12,6 +12,8 @@ the red-team harness's benign population), :func:`calibrate`
    for detectors where small is suspicious), so at most ``fpr`` of benign *clients*
    would cross it — the figure that matters, not the per-window rate. A detector with a
    documented default keeps the stricter-for-benign of the two.
+4. keeps, per input space, the scored clients' median coverage at the end of their
+   history (what the console compares a client's coverage with).
 
 With fewer than ``1 / fpr`` scored clients the quantile is the most extreme benign
 client; the thresholds are only as good as the benign data behind them.
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.detectors import Volume
+from modelfence.detect.detectors.coverage import shares
 from modelfence.detect.detectors.timing import BURST_SECONDS
 from modelfence.detect.embedding import Embedder
 from modelfence.detect.engine import DetectionEngine
@@ -63,9 +67,15 @@ def calibrate(
     scorer = DetectionEngine(config, embedder=embedder, reference=reference)
     _set_population(scorer, [benign[c] for c in clients[half:]])
     extremes: dict[str, list[float]] = {d.code: [] for d in scorer.detectors}
+    coverage: dict[str, list[float]] = {}
     for client in clients[half:]:
-        for code, value in _client_extremes(scorer, list(benign[client])).items():
+        for code, value in _client_extremes(scorer, list(benign[client]), coverage).items():
             extremes[code].append(value)
+    spaces = {
+        name: replace(ref, coverage_median=float(np.median(coverage[name])))
+        if coverage.get(name) else ref
+        for name, ref in spaces.items()
+    }
     thresholds = {}
     for detector in scorer.detectors:
         values = extremes[detector.code]
@@ -83,8 +93,13 @@ def calibrate(
     return Reference(spaces, thresholds, dict(volume.tier_median))
 
 
-def _client_extremes(engine: DetectionEngine, events: list[RequestEvent]) -> dict[str, float]:
-    """Per detector, the most suspicious value over the client's evaluation windows."""
+def _client_extremes(
+    engine: DetectionEngine,
+    events: list[RequestEvent],
+    coverage: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
+    """Per detector, the most suspicious value over the client's evaluation windows;
+    appends the client's coverage at the end of its history to ``coverage``, per space."""
     queries = engine.queries_of(sorted(events, key=lambda e: e.ts))
     window, every = engine.config.window, engine.config.evaluate_every
     state = ClientState(events[0].client, events[0].tier, window)
@@ -103,6 +118,9 @@ def _client_extremes(engine: DetectionEngine, events: list[RequestEvent]) -> dic
                     else (max if detector.direction == 1 else min)(current, value)
                 )
                 out[detector.code] = worse
+    if coverage is not None and events:
+        for space, share in shares(View(state.queries), engine.reference).items():
+            coverage.setdefault(space, []).append(share)
     return out
 
 

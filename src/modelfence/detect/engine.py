@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from modelfence.config import DetectionConfig
-from modelfence.detect.actions import Action, Level, Policy, rank
+from modelfence.detect.actions import OVERRIDES, Action, Level, Policy, rank
 from modelfence.detect.coactivity import activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
@@ -311,6 +311,8 @@ class DetectionEngine:
         driver = entity.risk if entity is not None and entity_risk > own.risk else own
         risk = max(own.risk, entity_risk)
         override = self.overrides.get(client)
+        if override not in OVERRIDES:  # shadow and probation pins leave the level to risk
+            override = None
         level = self.policy.decide(client, risk, state.tier, override)
         if override is None and rank(level) > rank(CEILING) and state.total >= ESTABLISHED_QUERIES:
             lens = "unusual" if state.vouched else "habits"
@@ -322,7 +324,7 @@ class DetectionEngine:
         reasons = tuple(driver.top_reasons())
         if driver is not own:
             reasons = tuple(
-                Reason(r.code, f"entity of {members} keys: {r.text}", r.score) for r in reasons
+                replace(r, text=f"entity of {members} keys: {r.text}") for r in reasons
             )
         return Verdict(
             client=client,

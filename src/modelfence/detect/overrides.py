@@ -7,34 +7,26 @@ written to the audit log the same way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from redis.exceptions import RedisError
-from sqlalchemy import delete, text
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from modelfence.detect.actions import Level, Policy
-from modelfence.detect.state import ClientRecord, RedisState, SqlState
+from modelfence.detect.actions import OVERRIDES, Level, Policy, shadowed
+from modelfence.detect.state import ClientRecord, RedisState, SqlState, lock_pins
 from modelfence.errors import ServiceUnavailable
+from modelfence.redisconn import REDIS_ERRORS
 from modelfence.store import transaction
 from modelfence.store.schema import detection_overrides
 
 log = logging.getLogger(__name__)
 
-OverrideAction = Literal["allow", "normal", "alert", "tighten", "degrade", "block", "clear"]
-# First key of the (int, int) advisory locks pins take on PostgreSQL ("mfpn"); the
-# single-bigint locks (the schema lock) live in another key space.
-_PIN_LOCK_SPACE = 0x6D66_706E
-
-
-def _lock_key(client: str) -> int:
-    """The client's second advisory-lock key: a signed 32-bit hash of its name."""
-    return int.from_bytes(hashlib.blake2b(client.encode(), digest_size=4).digest(), signed=True)
-
+OverrideAction = Literal[
+    "allow", "normal", "alert", "tighten", "degrade", "block", "shadow", "probation", "clear"
+]
 
 def _pin_statement(
     dialect: str, client: str, pinned: str | None, note: str, now: datetime
@@ -71,6 +63,10 @@ class OperatorActions:
     async def pin(self, client: str, action: OverrideAction, note: str) -> Pinned:
         """Pin a client's action (or ``clear`` the pin); audited, applied at the next poll.
 
+        ``shadow`` and ``probation`` leave the level to detection (the published one stands,
+        unless a pinned level is being lifted) and change what gateways do with it: nothing,
+        or the probation allowance.
+
         The current record is read, the pin written, the level it implies published and the
         decision audited in one write transaction, taken in turn by every pin of the client
         (SQLite's write lock; a PostgreSQL advisory lock keyed by the client): two pins at
@@ -79,13 +75,12 @@ class OperatorActions:
         state = self.state
         pinned = None if action == "clear" else action
         async with transaction(state.engine, write=True) as conn:
-            if conn.dialect.name == "postgresql":
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:space, :key)"),
-                    {"space": _PIN_LOCK_SPACE, "key": _lock_key(client)},
-                )
+            await lock_pins(conn, [client])
             now = datetime.now(UTC)  # once the lock is ours: the last pin is the newest
             record = await state.get_in(conn, client)
+            before = await conn.scalar(
+                select(detection_overrides.c.action).where(detection_overrides.c.client == client)
+            )
             await conn.execute(_pin_statement(conn.dialect.name, client, pinned, note, now))
             base = record or ClientRecord(
                 client=client,
@@ -99,12 +94,16 @@ class OperatorActions:
                 shadow=False,
                 updated_at=now,
             )
-            level = self.policy.decide(client, base.risk, base.tier, pinned)
+            level, quota_share = base.level, base.quota_share  # the detector's
+            if pinned in OVERRIDES or before in OVERRIDES:
+                level = self.policy.decide(client, base.risk, base.tier, pinned)
+                quota_share = self.policy.action(level, base.tier).quota_share
             published = replace(
                 base,
                 level=level,
-                quota_share=self.policy.action(level, base.tier).quota_share,
-                shadow=base.shadow and pinned is None,
+                quota_share=quota_share,
+                shadow=shadowed(pinned, self.policy.config.shadow),
+                probation=pinned == "probation",
                 updated_at=now,
             )
             await state.publish_in(conn, [published])
@@ -124,7 +123,7 @@ class OperatorActions:
         if self.shared is not None:
             try:
                 await self.shared.publish([published])
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.error("admin: action of client %r saved but not shared: %s", client, exc)
                 raise ServiceUnavailable(
                     "The action is saved but could not be shared with the other replicas "
@@ -135,19 +134,23 @@ class OperatorActions:
         return Pinned(override=pinned, level=level)
 
     async def cut(self, client: str, other: str, *, cut: bool, note: str) -> None:
-        """Cut the link between two clients (never one entity again) or restore it; audited."""
+        """Cut the link between two clients (never one entity again) or restore it; audited
+        in the same write transaction, so no cut goes unaudited."""
         state = self.state
-        await state.set_cut(client, other, cut=cut, note=note)
-        record = await state.get(client)
-        await state.audit(
-            client=client,
-            entity=record.entity if record else None,
-            previous=record.level if record else "normal",
-            action="cut_link" if cut else "restore_link",
-            risk=record.risk if record else 0.0,
-            source="admin",
-            shadow=False,
-            reasons=[{"code": "cut_link" if cut else "restore_link",
-                      "text": f"link with {other}: {note or 'by an operator'}", "score": 1.0}],
-        )
+        async with transaction(state.engine, write=True) as conn:
+            await state.set_cut_in(conn, client, other, cut=cut, note=note)
+            record = await state.get_in(conn, client)
+            await state.audit_in(
+                conn,
+                client=client,
+                entity=record.entity if record else None,
+                previous=record.level if record else "normal",
+                action="cut_link" if cut else "restore_link",
+                risk=record.risk if record else 0.0,
+                source="admin",
+                shadow=False,
+                reasons=[{"code": "cut_link" if cut else "restore_link",
+                          "text": f"link with {other}: {note or 'by an operator'}",
+                          "score": 1.0}],
+            )
         log.info("admin: link %r - %r %s", client, other, "cut" if cut else "restored")

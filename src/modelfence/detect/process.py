@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from modelfence.config import Config
 from modelfence.detect.feeds import (
@@ -35,6 +36,8 @@ from modelfence.detect.feeds import (
     worker_partitions,
 )
 from modelfence.errors import ModelFenceError
+from modelfence.redisconn import connect
+from modelfence.redisurl import is_redis_url
 from modelfence.store import create_tables, open_engine
 
 if TYPE_CHECKING:
@@ -48,19 +51,18 @@ REDIS_CONNECT_TIMEOUT = 2.0  # seconds; a dead Redis must not hang a poll or the
 REDIS_TIMEOUT = 10.0  # seconds per command; above the stream read's block time
 
 
-def redis_client(config: Config) -> Redis:
+def redis_client(config: Config) -> Redis | RedisCluster:
     """Detection's Redis client (streams and shared state), with connect and read timeouts."""
-    return Redis.from_url(
+    return connect(
         redis_url(config),
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-        socket_timeout=REDIS_TIMEOUT,
-        health_check_interval=30,
+        timeout_seconds=REDIS_TIMEOUT,
+        connect_timeout_seconds=REDIS_CONNECT_TIMEOUT,
     )
 
 
 def redis_url(config: Config) -> str:
     url = config.detection.redis_url or config.limits.backend
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(url):
         raise ValueError(
             "detection.feed: redis needs detection.redis_url (or a Redis limits.backend)"
         )
@@ -89,7 +91,7 @@ async def run_service(
     config: Config,
     feed: EventFeed,
     *,
-    shared: Redis | None = None,
+    shared: Redis | RedisCluster | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run one detector on ``feed`` until it closes; ``on_ready`` once it is reading."""

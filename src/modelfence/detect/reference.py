@@ -21,6 +21,10 @@ class SpaceReference:
     centroids: np.ndarray  # [k, d]
     ood_radius: float  # 99th percentile of benign distance to the nearest centroid
     bandwidth: float  # RBF kernel bandwidth for MMD (median heuristic)
+    # The benign clients' median coverage (distinct cells / queries over their last 100),
+    # set by calibration; None in references made before it was kept. The console compares
+    # a client's coverage with it (detect/querymap.py).
+    coverage_median: float | None = None
 
     def cells(self, vectors: np.ndarray) -> np.ndarray:
         """Index of the nearest centroid of each vector, ``[n]``."""
@@ -44,6 +48,8 @@ class Reference:
             arrays[f"{name}/sample"] = ref.sample
             arrays[f"{name}/centroids"] = ref.centroids
             arrays[f"{name}/scalars"] = np.array([ref.ood_radius, ref.bandwidth])
+            if ref.coverage_median is not None:
+                arrays[f"{name}/coverage_median"] = np.array([ref.coverage_median])
         for code, value in self.thresholds.items():
             arrays[f"threshold/{code}"] = np.array([value])
         for tier, value in self.tier_medians.items():
@@ -65,6 +71,11 @@ class Reference:
                     centroids=data[f"{name}/centroids"],
                     ood_radius=float(data[f"{name}/scalars"][0]),
                     bandwidth=float(data[f"{name}/scalars"][1]),
+                    coverage_median=(
+                        float(data[f"{name}/coverage_median"][0])
+                        if f"{name}/coverage_median" in data.files
+                        else None
+                    ),
                 )
                 for name in names
             }

@@ -8,13 +8,17 @@ Each evaluation turns the detectors' signals into one piece of evidence ``x`` in
 so one strong finding raises risk quickly, weak findings that keep coming (a
 low-and-slow attacker) still add up, and a client whose traffic returns to normal loses
 ``drift`` per evaluation plus a time decay (half-life) while quiet.
+
+Each reason keeps its evidence: the statistic last measured, the threshold it crossed and
+``since``, when it first crossed it (event time, seconds). ``since`` is kept while the
+reason stays listed and starts again once the reason has faded away.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modelfence.detect.detectors import Signal
 
@@ -27,6 +31,11 @@ class Reason:
     code: str
     text: str
     score: float
+    # Evidence, absent from records published before it was kept: the statistic measured,
+    # the threshold it is compared with, and when (event time) it first crossed it.
+    value: float | None = None
+    threshold: float | None = None
+    since: float | None = None
 
 
 @dataclass(slots=True)
@@ -63,7 +72,9 @@ class RiskState:
             self.partial[lens] = _accumulate(self.partial.get(lens, 0.0), kept)
         self._fade(0.9)
         for s in signals:
-            self.reasons[s.code] = Reason(s.code, s.text, s.score)
+            before = self.reasons.get(s.code)
+            since = before.since if before is not None and before.since is not None else now
+            self.reasons[s.code] = Reason(s.code, s.text, s.score, s.value, s.threshold, since)
         return self.risk
 
     def absorb(self, other: RiskState, lens: str) -> None:
@@ -86,7 +97,7 @@ class RiskState:
     def _fade(self, factor: float) -> None:
         # Reasons not seen again fade with the risk they caused.
         self.reasons = {
-            code: Reason(r.code, r.text, r.score * factor)
+            code: replace(r, score=r.score * factor)
             for code, r in self.reasons.items()
             if r.score * factor >= 0.05
         }

@@ -3,7 +3,8 @@
 :class:`DetectorService` wraps :class:`~modelfence.detect.engine.DetectionEngine` with
 what a running detector must do with verdicts: publish changed ones to the shared state,
 write an audit row for every change of action, alert when a client climbs to ``alert``
-or above, and follow admin overrides. ``run`` loops over an
+or above, follow admin overrides, and keep what the console draws (each published change
+also a risk-history row, query maps; ``detect/published.py``). ``run`` loops over an
 :class:`~modelfence.detect.feeds.EventFeed` until it closes, surviving any error of the
 feed or the stores (:class:`~modelfence.periodic.Periodic`).
 """
@@ -16,13 +17,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
-from modelfence.detect.actions import rank
+from modelfence.detect.actions import rank, shadowed
 from modelfence.detect.alerts import Alerter
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.feeds import EventFeed
 from modelfence.detect.linking import Link
+from modelfence.detect.published import OperatorViews
 from modelfence.detect.risk import Reason
-from modelfence.detect.state import ClientRecord, RedisState, SqlState
+from modelfence.detect.state import ClientRecord, RedisState, SqlState, known
 from modelfence.periodic import Done, Periodic, Sleep
 from modelfence.telemetry.events import RequestEvent
 
@@ -32,7 +34,11 @@ TRAITS_OVERLAP = timedelta(seconds=5)  # changes stamped by a slow clock are sti
 
 
 def record_of(
-    verdict: Verdict, *, shadow: bool, links: Sequence[Link] | None = None
+    verdict: Verdict,
+    *,
+    shadow: bool,
+    probation: bool = False,
+    links: Sequence[Link] | None = None,
 ) -> ClientRecord:
     return ClientRecord(
         client=verdict.client,
@@ -46,6 +52,7 @@ def record_of(
         shadow=shadow,
         updated_at=datetime.now(UTC),
         links=None if links is None else [asdict(link) for link in links],
+        probation=probation,
     )
 
 
@@ -71,6 +78,10 @@ class DetectorService:
         self._traits_since = datetime.fromtimestamp(0, UTC)
         self.loop: Periodic | None = None  # set by run(): its error counts
         self._sleep = sleep  # the backoff's clock
+        # Risk history pruning and query maps, for the console (detect/published.py).
+        self.views = OperatorViews(
+            engine, state.engine, retention_days=engine.config.history_retention_days
+        )
 
     async def handle(self, events: Sequence[RequestEvent]) -> list[ClientRecord]:
         """Process one batch; returns the records that changed and were published."""
@@ -81,19 +92,24 @@ class DetectorService:
         await self._resume({e.client for e in events} - self._published.keys())
         changed = []
         for verdict in self.engine.process(events):
-            record = record_of(verdict, shadow=self.shadow)
+            # What the client's pin (shadow, probation) makes of the level, as published.
+            pin = self.engine.overrides.get(verdict.client)
+            shadow, probation = shadowed(pin, self.shadow), pin == "probation"
+            record = record_of(verdict, shadow=shadow, probation=probation)
             before = self._published.get(record.client)
             if (
                 before is None
                 or before.level != record.level
                 or abs(before.risk - record.risk) >= RISK_STEP
                 or before.entity != record.entity
+                or (before.shadow, before.probation) != (record.shadow, record.probation)
             ):
                 links = self.engine.linker.links_of(verdict.client, verdict.ts)
-                record = record_of(verdict, shadow=self.shadow, links=links)
+                record = record_of(verdict, shadow=shadow, probation=probation, links=links)
                 changed.append((before, record, verdict.ts))
         await self._publish([record for _, record, _ in changed])
-        for before, record, ts in changed:
+        for before, verdict_record, ts in changed:
+            record = self._published[verdict_record.client]  # as published
             previous = before.level if before else "normal"
             if previous != record.level:
                 await self.state.audit(
@@ -108,7 +124,8 @@ class DetectorService:
                 )
                 if rank(record.level) >= rank("alert") and rank(record.level) > rank(previous):
                     await self.alerter.alert(record, ts)
-        return [record for _, record, _ in changed]
+        await self.views.after({e.client for e in events})
+        return [self._published[record.client] for _, record, _ in changed]
 
     async def _refresh_operator_state(self, events: Sequence[RequestEvent]) -> None:
         """Overrides, cut links and account metadata, as operators and sign-ups left them."""
@@ -126,7 +143,9 @@ class DetectorService:
         if not clients:
             return
         for record in await self.state.get_many(sorted(clients)):
-            reasons = [Reason(**r) for r in record.reasons]
+            # Keys a reason did not have when published (value, threshold, since) default;
+            # keys of a newer release are ignored.
+            reasons = [Reason(**known(Reason, r)) for r in record.reasons]
             self.engine.seed(record.client, record.risk, reasons, record.updated_at.timestamp())
             self._published[record.client] = record
 
@@ -136,11 +155,13 @@ class DetectorService:
         pending = list(self._unpublished.values())
         if not pending:
             return
-        await self.state.publish(pending)
+        # shadow and probation follow the pins as stored now, not the map read up to
+        # OVERRIDE_REFRESH_SECONDS ago: an operator's fresh pin is never undone.
+        published = await self.state.publish_following_pins(pending, shadow_mode=self.shadow)
         if self.shared is not None:
-            await self.shared.publish(pending)
+            await self.shared.publish(published)
         self._unpublished.clear()
-        self._published.update((r.client, r) for r in pending)
+        self._published.update((r.client, r) for r in published)
 
     async def run(self, feed: EventFeed, *, batch: int = 500, timeout: float = 0.5) -> None:
         """Process ``feed`` until it closes; a failing read or publish is retried with backoff.

@@ -32,9 +32,27 @@ QuotaResolver = Callable[[TierConfig, ApiKeyRecord], Quota]
 
 
 class TrustSource(Protocol):
-    def standing(self, key: ApiKeyRecord, risk_level: str = "normal") -> Standing:
-        """The key's account's trust level and allowance, from memory (every request)."""
+    def standing(
+        self, key: ApiKeyRecord, risk_level: str = "normal", *, probation: bool = False
+    ) -> Standing:
+        """The key's account's trust level and allowance, from memory (every request);
+        ``probation``: an operator put the key's client on probation."""
         ...
+
+
+# A key without an account that an operator put on probation spends an allowance of its
+# client's own, counted under this prefix and the client's name: a name no account can
+# have (names are printable text), so no account's counters are shared.
+_CLIENT_ALLOWANCE = "\x1fclient:"
+
+
+def _charged_to(key: ApiKeyRecord, standing: Standing) -> str | None:
+    """Whose allowance a request spends: its account's, on an operator's probation too (as
+    when detection demotes the account: the account's use counts); a key without an
+    account, only on an operator's probation, its client's own."""
+    if key.account is None and standing.by_operator:
+        return _CLIENT_ALLOWANCE + key.client
+    return key.account
 
 
 _DIMENSION_WORDS = {
@@ -106,7 +124,11 @@ def _account_denial(
         has_month = getattr(allowance, f"{measure}_per_30_days") is not None
         used = f" Used: {today:,} today" + (f", {month:,} over 30 days." if has_month else ".")
     limits = _windows(allowance, measure)
-    if standing.level == "probation":
+    if standing.by_operator:
+        code = "probation_limit"
+        widens = " The allowance widens when the operator lifts the probation."
+        head = f"The API operator put this client on probation: it may use {limits}."
+    elif standing.level == "probation":
         code = "probation_limit"
         if standing.widens_at is not None:
             widens = (
@@ -196,8 +218,11 @@ class Admission:
         price = self.prices.get(ctx.model)
         parsed = ctx.parsed
         fingerprint = ctx.fingerprint
-        standing = self.trust.standing(ctx.key, ctx.risk_level)
-        ctx.trust = standing.level
+        standing = self.trust.standing(ctx.key, ctx.risk_level, probation=ctx.probation)
+        # Telemetry carries the account's own trust: an operator's pin says nothing about
+        # the account, and detection links accounts on probation to one another.
+        own = self.trust.standing(ctx.key, ctx.risk_level) if standing.by_operator else standing
+        ctx.trust = own.level
         quota = self._quota(ctx.key, standing.allowance)
         if ctx.quota_share < 1.0:  # tightened by detection
             quota = quota.scaled(ctx.quota_share)
@@ -209,7 +234,8 @@ class Admission:
                 usd=cost(price, parsed.prompt_tokens, parsed.max_output_tokens),
                 ip_prefix=fingerprint.ip_prefix if fingerprint else None,
                 fingerprint=fingerprint.digest if fingerprint else None,
-                account=ctx.key.account,
+                account=_charged_to(ctx.key, standing),
+                key_account=ctx.key.account,
                 rows=parsed.answers,
             )
         )

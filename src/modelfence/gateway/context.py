@@ -49,9 +49,12 @@ class RequestContext:
     upstream: str = ""
     # set by Enforce (detection verdicts); read by Admission and the hardening layer
     risk_level: str = "normal"
-    trust: str = ""  # the account's trust level (identity.trust); "" before Admission decides
+    # the account's own trust level (identity.trust), an operator's probation pin aside;
+    # "" before Admission decides
+    trust: str = ""
     quota_share: float = 1.0  # detection tightened this client's limits to this share
     degrade: bool = False  # output hardening should degrade this client's answers
+    probation: bool = False  # an operator put this client on probation (Admission applies it)
     # set by Admission
     decision: Decision | None = None
     # set by SourceMarking: the gateway's own headers for the upstream call

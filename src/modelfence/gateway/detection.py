@@ -3,7 +3,9 @@
 :class:`Enforce` reads the action from an :class:`ActionSource` (one dict lookup; the
 detection layer keeps it fresh) and applies it: ``block`` answers 403 with code
 ``client_blocked``; ``tighten`` and above scale the client's limits (Admission reads
-``ctx.quota_share``); ``degrade`` and above set ``ctx.degrade`` for output hardening.
+``ctx.quota_share``); ``degrade`` and above set ``ctx.degrade`` for output hardening. An
+operator's probation sets ``ctx.probation``: Admission holds the client to the probation
+allowance.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class Enforce:
         ctx = context_of(scope)
         assert ctx.key is not None
         action = self.actions.get(ctx.key.client)
+        if action.probation:
+            ctx.probation = True
+            self.metrics.detection_actions.labels("probation").inc()
         if action.level != "normal":
             ctx.risk_level = action.level
             self.metrics.detection_actions.labels(action.level).inc()

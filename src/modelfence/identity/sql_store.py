@@ -17,7 +17,7 @@ from modelfence.identity.base import AccountMetadata, AccountRecord, ApiKeyRecor
 from modelfence.identity.keys import display_prefix, new_api_key, new_key_id
 from modelfence.identity.secret import ServerSecret
 from modelfence.store.database import transaction
-from modelfence.store.schema import accounts, api_keys
+from modelfence.store.schema import account_traits, accounts, api_keys
 
 _RECORD_COLUMNS = (
     api_keys.c.key_id,
@@ -146,6 +146,18 @@ class SqlKeyStore:
                 accounts.update()
                 .where(accounts.c.account_id == account_id)
                 .values(**changes, traits={**row.traits, **traits})
+            )
+        if traits:  # the lookup of accounts sharing a trait follows the account's traits
+            await conn.execute(
+                account_traits.delete().where(
+                    account_traits.c.account_id == account_id,
+                    account_traits.c.trait.in_(list(traits)),
+                )
+            )
+            await conn.execute(
+                account_traits.insert(),
+                [{"trait": name, "hash": value, "account_id": account_id}
+                 for name, value in traits.items()],
             )
 
     async def list(self) -> builtins.list[ApiKeyRecord]:

@@ -4,6 +4,7 @@ A thief's identities are cheap only while a new account can buy as much as an ol
 Here a new, unverified, unpaid account is on probation, with a small daily allowance (see
 ``accounts.allowances`` in the config) that widens when the account ages past
 ``probation_days``, pays, or is verified; risk found by detection takes trust away again.
+An operator can also put one client on probation (its pin), whatever its account's trust.
 The level is computed on the request path from the cached account record: a dictionary
 lookup and some date arithmetic, cached per account for a minute.
 """
@@ -39,6 +40,7 @@ class Standing:
     reason: str
     allowance: Allowance | None  # None: unlimited
     widens_at: datetime | None = None  # when probation ends by age alone, if it will
+    by_operator: bool = False  # an operator's probation pin, not the account's record
 
 
 def _allowance(config: AllowanceConfig) -> Allowance | None:
@@ -67,9 +69,21 @@ class TrustPolicy:
             for level in ("probation", "standard", "trusted")
         }
         self._cache: dict[tuple[str, str], tuple[AccountRecord, float, Standing]] = {}
+        self._pinned = Standing(
+            "probation", "put on probation by an operator", self._allowances["probation"],
+            by_operator=True,
+        )
 
-    def standing(self, key: ApiKeyRecord, risk_level: str = "normal") -> Standing:
-        """The key's account's standing; keys without an account are ``standard``."""
+    def standing(
+        self, key: ApiKeyRecord, risk_level: str = "normal", *, probation: bool = False
+    ) -> Standing:
+        """The key's account's standing; keys without an account are ``standard``.
+
+        ``probation``: an operator put the key's client on probation, which wins over the
+        account's record (and applies to keys without an account).
+        """
+        if probation:
+            return self._pinned
         if key.account is None:
             # No account, nothing to charge an allowance to: the tier's limits alone apply.
             return Standing("standard", "key without an account", None)

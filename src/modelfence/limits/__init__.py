@@ -26,6 +26,7 @@ from modelfence.limits.guard import FallbackMode, GuardedBackend
 from modelfence.limits.memory import MemoryBackend
 from modelfence.limits.quota import Overrides, quota_for
 from modelfence.limits.releases import DeferredReleases, ReleaseEvent
+from modelfence.redisurl import is_redis_url
 
 __all__ = [
     "BACKENDS",
@@ -54,7 +55,6 @@ BACKENDS: dict[str, str] = {
     "memory": "modelfence.limits.memory:MemoryBackend",
     "redis": "modelfence.limits.redis:RedisBackend",
 }
-_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis"}
 
 
 class _Configurable(Protocol):
@@ -65,8 +65,9 @@ def backend_name(config: LimitsConfig) -> str:
     """``memory``, or the backend a URL such as ``redis://host:6379/0`` names."""
     if config.backend in BACKENDS:
         return config.backend
-    scheme = config.backend.partition("://")[0]
-    return _SCHEMES[scheme]
+    if is_redis_url(config.backend):  # every scheme redisurl knows, cluster included
+        return "redis"
+    raise KeyError(config.backend)
 
 
 def build_backend(

@@ -117,7 +117,9 @@ class AdmissionRequest:
     the backend is asked, so an admission whose answer was lost (a timeout after the store
     ran it) can still be undone by that id (:meth:`LimitBackend.abandon`). Left ``None``,
     the backend picks one. ``account`` and ``rows`` charge ``quota.allowance`` (checked only
-    when both the account and the allowance are set).
+    when both the account and the allowance are set). ``key_account`` is the key's own
+    account, charged or not: a cluster keeps the key's counters in its slot, so what is
+    charged (an operator's probation of a key without one) never moves them.
     """
 
     key_id: str
@@ -129,6 +131,7 @@ class AdmissionRequest:
     lease_id: str | None = None
     account: str | None = None
     rows: int = 1
+    key_account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,7 @@ class Lease:
     day: int  # UTC day number the dollars (and the account's rows, tokens) were charged to
     account: str | None = None  # set when the account's allowance was charged
     rows_reserved: int = 0
+    key_account: str | None = None  # the key's account, charged or not (a cluster's slot)
 
 
 @dataclass(frozen=True, slots=True)

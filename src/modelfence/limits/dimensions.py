@@ -152,6 +152,7 @@ def lease_for(request: AdmissionRequest, lease_id: str, day: int) -> Lease:
         day,
         account=request.account if charged else None,
         rows_reserved=request.rows if charged else 0,
+        key_account=request.key_account,
     )
 
 

@@ -19,9 +19,19 @@ Keys (parts percent-escaped, so no two subjects share a name and none breaks a h
 Every key expires by itself. The only scan is an account's own fields, once it holds more
 than 64 (the window needs 60): days that have left the window are dropped then. On Redis
 Cluster all keys of one API key share a slot through the ``{k:...}`` tag, but the IP-prefix,
-fingerprint and account keys carry their own tags: a script touching them and the key's keys
-fails with ``CROSSSLOT``. On a cluster, leave ``per_ip_prefix`` and ``per_fingerprint`` off
-and give no account an allowance (a known limitation).
+fingerprint and account keys carry their own tags. An admission that charges an account
+allowance touches the account's hash and the key's keys in one script, so on a cluster
+(``redis+cluster://``) the keys of a key that belongs to an account take the account's tag
+instead, ``mf:{a:<account>}:k:<key id>:requests``, whether or not this admission charges
+an allowance (the lease carries that tag, :attr:`Lease.key_account`): a key's counters
+never move when its account's allowance switches on or off. Keys without an account keep
+``{k:...}``, also when an operator's probation charges them an allowance of their
+client's own (:attr:`AdmissionRequest.account` is then not the key's account): on a
+cluster that allowance lives in the key's slot, ``mf:{k:<key id>}:allowance``, one per key.
+One slot per account, the masters still share the load, and one server keeps the names
+above. IP-prefix and fingerprint buckets are shared
+by many keys and accounts, so no tag can join them; the configuration refuses
+``per_ip_prefix`` and ``per_fingerprint`` with a cluster.
 """
 
 from __future__ import annotations
@@ -34,12 +44,9 @@ from importlib.resources import files
 from typing import Any, cast
 from urllib.parse import quote
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from modelfence.config import LimitsConfig
 from modelfence.errors import LimitBackendError
@@ -54,6 +61,7 @@ from modelfence.limits.base import (
 from modelfence.limits.dimensions import (
     DAY_SECONDS,
     LEASE_RETRY_SECONDS,
+    RateCheck,
     abandoned_lease,
     allowance_checks,
     decide,
@@ -65,6 +73,7 @@ from modelfence.limits.dimensions import (
     utc_day,
 )
 from modelfence.limits.gcra import SLACK_SECONDS
+from modelfence.redisconn import REDIS_ERRORS, connect, is_cluster
 
 NO_LIMIT = -1  # how the scripts are told a dimension is unlimited
 ACCOUNT_TTL_SECONDS = (ALLOWANCE_WINDOW_DAYS + 1) * DAY_SECONDS  # outlives the window
@@ -79,7 +88,7 @@ def _script(name: str) -> str:
 def _translated(action: str) -> Iterator[None]:
     try:
         yield
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise LimitBackendError(f"Redis {action} failed: {exc}") from exc
 
 
@@ -90,9 +99,10 @@ class RedisBackend:
     """
 
     def __init__(
-        self, client: Redis, *, lease_ttl_seconds: float = 900.0, namespace: str = "mf"
+        self, client: Redis | RedisCluster, *, lease_ttl_seconds: float = 900.0, namespace: str = "mf"
     ) -> None:
         self._client = client
+        self._cluster = is_cluster(client)
         self._lease_ttl = lease_ttl_seconds
         self._namespace = quote(namespace, safe="")
         self._admit: AsyncScript = client.register_script(_script("admit.lua"))
@@ -108,23 +118,13 @@ class RedisBackend:
         namespace: str = "mf",
         max_connections: int = 64,
     ) -> RedisBackend:
-        """A backend with its own connection pool; every call gives up after the timeout.
-
-        Requests beyond ``max_connections`` wait (up to the timeout) for a free connection
-        rather than fail. One immediate retry on a connection error replaces a connection
-        the server closed (restart, fail-over) unseen; timeouts are not retried, so an
-        unreachable server costs a request one timeout, not several.
-        """
-        pool = BlockingConnectionPool.from_url(
-            url,
+        """A backend with its own connections (see :func:`modelfence.redisconn.connect`);
+        every call gives up after the timeout."""
+        client = connect(
+            url, timeout_seconds=timeout_seconds, decode_responses=True,
             max_connections=max_connections,
-            timeout=timeout_seconds,
-            decode_responses=True,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        return cls(Redis.from_pool(pool), lease_ttl_seconds=lease_ttl_seconds, namespace=namespace)
+        return cls(client, lease_ttl_seconds=lease_ttl_seconds, namespace=namespace)
 
     @classmethod
     def from_config(cls, config: LimitsConfig) -> RedisBackend:
@@ -144,14 +144,15 @@ class RedisBackend:
         windows = allowance_checks(request)
         account = request.account if windows else None
         lease_id = lease_id_of(request)
+        home = request.key_account  # where a cluster keeps the key's counters, charged or not
         keys = [
-            self.key("k", key_id, "leases"),
-            self.key("k", key_id, "usd"),
-            self._marker(key_id, lease_id),
-            *(self.key(check.scope, check.subject, check.dimension) for check in checks),
+            self._own(key_id, home, "leases"),
+            self._own(key_id, home, "usd"),
+            self._marker(key_id, home, lease_id),
+            *(self._rate(check, home) for check in checks),
         ]
         if account is not None:
-            keys.append(self._account(account))
+            keys.append(self._allowance(key_id, account, home))
         args: list[str | int | float] = [
             SLACK_SECONDS,
             lease_id,
@@ -198,10 +199,11 @@ class RedisBackend:
     async def _release(
         self, lease: Lease, tokens_used: int, usd_used: float, rows_used: int, *, marker_ms: int
     ) -> None:
+        home = lease.key_account
         keys = [
-            self.key("k", lease.key_id, "leases"),
-            self.key("k", lease.key_id, "usd"),
-            self._marker(lease.key_id, lease.lease_id),
+            self._own(lease.key_id, home, "leases"),
+            self._own(lease.key_id, home, "usd"),
+            self._marker(lease.key_id, home, lease.lease_id),
         ]
         usd_delta = micro_usd(usd_used) - micro_usd(lease.usd_reserved)
         args: list[str | int | float] = [
@@ -214,20 +216,39 @@ class RedisBackend:
         if check is None:
             args += ["", 0]
         else:
-            keys.append(self.key(check.scope, check.subject, check.dimension))
+            keys.append(self._rate(check, home))
             args += [check.rate.interval, check.cost]
         if lease.account is None:
             args += ["", 0]
         else:
-            keys.append(self._account(lease.account))
+            keys.append(self._allowance(lease.key_id, lease.account, home))
             args += [rows_used - lease.rows_reserved, tokens_used - lease.tokens_reserved]
         args += [ALLOWANCE_WINDOW_DAYS, DAY_SECONDS, ACCOUNT_TTL_SECONDS]
         await self._run(self._settle, keys, args)
 
-    def _marker(self, key_id: str, lease_id: str) -> str:
-        return self.key("k", key_id, f"abandoned:{quote(lease_id, safe='')}")
+    def _own(self, key_id: str, account: str | None, name: str) -> str:
+        """A key of API key ``key_id``; on a cluster, in the slot of its ``account``, whose
+        allowance the same script may charge. Tagged by the account whether or not an
+        allowance is charged this time, so a trust change (probation ending, a demotion, an
+        operator's pin) never moves the key to fresh buckets, dollars or leases."""
+        if self._cluster and account is not None:
+            return self.key("a", account, f"k:{quote(key_id, safe='')}:{name}")
+        return self.key("k", key_id, name)
 
-    def _account(self, account: str) -> str:
+    def _rate(self, check: RateCheck, account: str | None) -> str:
+        if check.scope == "k":
+            return self._own(check.subject, account, check.dimension)
+        return self.key(check.scope, check.subject, check.dimension)
+
+    def _marker(self, key_id: str, account: str | None, lease_id: str) -> str:
+        return self._own(key_id, account, f"abandoned:{quote(lease_id, safe='')}")
+
+    def _allowance(self, key_id: str, account: str, home: str | None) -> str:
+        """The hash of the allowance ``account`` names; on a cluster, one that is not the
+        key's own account's (``home``) lives in the key's slot, beside the key's counters
+        the same script touches."""
+        if self._cluster and account != home:
+            return self._own(key_id, home, "allowance")
         return self.key("a", account, "allowance")
 
     async def ping(self) -> None:

@@ -31,10 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence.errors import LimitBackendError
 from modelfence.policy.config import DPConfig
+from modelfence.redisurl import is_redis_url
 from modelfence.store import metadata, transaction
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 dp_budgets = Table(
     "dp_budgets",
@@ -100,7 +102,12 @@ class RedisAccountant:
     """``client`` must decode responses; :meth:`from_url` makes one."""
 
     def __init__(
-        self, client: Redis, *, budget: float, window_seconds: float, namespace: str = "mf"
+        self,
+        client: Redis | RedisCluster,
+        *,
+        budget: float,
+        window_seconds: float,
+        namespace: str = "mf",
     ) -> None:
         self._client = client
         self._args = (budget, window_seconds)
@@ -116,23 +123,18 @@ class RedisAccountant:
         A spend is on the request path: a stalled Redis costs it one timeout, then the
         caller's fallback, never a hang.
         """
-        from redis.asyncio import Redis
+        from modelfence.redisconn import connect
 
-        client = Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-        )
+        client = connect(url, timeout_seconds=timeout_seconds, decode_responses=True)
         return cls(client, budget=budget, window_seconds=window_seconds)
 
     async def spend(self, client: str, epsilon: float) -> bool:
-        from redis.exceptions import RedisError
+        from modelfence.redisconn import REDIS_ERRORS
 
         key = f"{self._prefix}{quote(client, safe='')}}}:budget"
         try:
             spent = await self._spend(keys=[key], args=[epsilon, *self._args])
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise LimitBackendError(f"Redis DP budget spend failed: {exc}") from exc
         return bool(spent)
 
@@ -144,7 +146,7 @@ def build_accountant(
     backend: str, engine: AsyncEngine, dp: DPConfig, *, redis_timeout_seconds: float = 0.25
 ) -> BudgetAccountant:
     """Redis when the limits live there (shared by replicas already), else the state database."""
-    if backend.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis_url(backend):
         return RedisAccountant.from_url(
             backend,
             budget=dp.budget,

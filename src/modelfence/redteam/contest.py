@@ -250,6 +250,7 @@ class Contest:
             key_id=profile.name, quota=quota, tokens=tokens, usd=usd,
             ip_prefix=event.ip_prefix or None, fingerprint=event.fingerprint or None,
             account=None if record is None else record.account_id, rows=plan.units,
+            key_account=None if record is None else record.account_id,
         ))
         if not decision.allowed:
             event.limit_decision = f"denied:{decision.denied_by}"

@@ -18,10 +18,13 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from modelfence.detect.actions import LEVELS
 from modelfence.redteam.runner import LiveGateway
 
 NOT_AVAILABLE = "detection not available"
-NOT_FLAGGED = frozenset({"normal", "allow", "clear"})
+# Levels above normal. Audit rows also record pins that set no level (shadow, probation,
+# allow, clear) and cut links: none of them is detection flagging the client.
+FLAGGED = frozenset(LEVELS) - {"normal"}
 # The detector sees events after the pipeline's flush and its own batch: give it a moment.
 SETTLE_SECONDS = 1.5
 
@@ -65,13 +68,13 @@ def first_flag(client: str, detail: Any) -> Flag | None:
     raised = [
         (at, str(row.get("action")))
         for row in detail.get("audit") or []
-        if str(row.get("action")) not in NOT_FLAGGED and (at := _epoch(row.get("at"))) is not None
+        if str(row.get("action")) in FLAGGED and (at := _epoch(row.get("at"))) is not None
     ]
     if raised:
         at, level = min(raised)
         return Flag(client, level, at)
     record = detail.get("record")
-    if isinstance(record, dict) and record.get("level") not in NOT_FLAGGED:
+    if isinstance(record, dict) and record.get("level") in FLAGGED:
         at = _epoch(record.get("updated_at"))
         if at is not None:
             return Flag(client, str(record["level"]), at)

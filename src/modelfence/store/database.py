@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, inspect, text
+from sqlalchemy import Connection, Engine, event, inspect, select, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from modelfence.errors import ConfigError, StoreError
-from modelfence.store.schema import metadata
+from modelfence.store.schema import account_traits, accounts, metadata
 
 # URL scheme in the config -> SQLAlchemy async driver.
 DRIVERS = {
@@ -132,7 +132,8 @@ async def create_tables(engine: AsyncEngine) -> None:
     """Create the tables, columns and indexes of :data:`metadata` that are missing.
 
     Columns added to a table after its first release are nullable, so a database made by
-    an earlier version is brought up to date in place (``ALTER TABLE ... ADD COLUMN``).
+    an earlier version is brought up to date in place (``ALTER TABLE ... ADD COLUMN``), and
+    so are indexes added later (found missing by name, on both databases).
     Safe when several processes start at once: creations are serialised (SQLite's write
     lock, a PostgreSQL advisory lock held until commit) and DDL is transactional on both,
     so each process after the first finds the tables in place.
@@ -140,17 +141,23 @@ async def create_tables(engine: AsyncEngine) -> None:
     async with transaction(engine, write=True) as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
-        await conn.run_sync(_add_missing_columns)
+        existing = await conn.run_sync(_add_missing_columns)
         await conn.run_sync(metadata.create_all)
+        if account_traits.name not in existing:
+            await conn.run_sync(_fill_account_traits)
 
 
-def _add_missing_columns(conn: Connection) -> None:
+def _add_missing_columns(conn: Connection) -> set[str]:
+    """Add the missing columns and indexes of existing tables; the tables that existed."""
     inspector = inspect(conn)
-    existing_tables = set(inspector.get_table_names())
+    # The schema the connection maps the tables to (its schema_translate_map), which the
+    # inspector does not apply by itself.
+    schema = conn.schema_for_object(metadata.sorted_tables[0])
+    existing_tables = set(inspector.get_table_names(schema=schema))
     for table in metadata.sorted_tables:
         if table.name not in existing_tables:
             continue  # create_all makes it whole
-        present = {column["name"] for column in inspector.get_columns(table.name)}
+        present = {column["name"] for column in inspector.get_columns(table.name, schema=schema)}
         added = [column for column in table.columns if column.name not in present]
         for column in added:
             if not column.nullable:
@@ -160,7 +167,31 @@ def _add_missing_columns(conn: Connection) -> None:
                 )
             kind = column.type.compile(dialect=conn.dialect)
             conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-        names = {column.name for column in added}
+        indexed = {index["name"] for index in inspector.get_indexes(table.name, schema=schema)}
         for index in table.indexes:
-            if names & {column.name for column in index.columns}:
+            if index.name not in indexed:
                 index.create(conn)
+    return existing_tables
+
+
+def _fill_account_traits(conn: Connection) -> None:
+    """A new ``account_traits`` gets the traits of the accounts already registered, read
+    1,000 accounts at a time (once: afterwards the key store writes both)."""
+    after = ""
+    while True:
+        page = conn.execute(
+            select(accounts.c.account_id, accounts.c.traits)
+            .where(accounts.c.account_id > after)
+            .order_by(accounts.c.account_id)
+            .limit(1000)
+        ).all()
+        rows = [
+            {"trait": name, "hash": value, "account_id": account_id}
+            for account_id, traits in page
+            for name, value in (traits or {}).items()
+        ]
+        if rows:
+            conn.execute(account_traits.insert(), rows)
+        if len(page) < 1000:
+            return
+        after = page[-1].account_id

@@ -96,6 +96,18 @@ accounts = Table(
     Index(None, "updated_at"),
 )
 
+account_traits = Table(
+    "account_traits",
+    metadata,
+    # accounts.traits again, one row per trait, so accounts sharing a trait are found by
+    # this key rather than by a scan of accounts' JSON. Written with the account
+    # (identity/sql_store.py); filled from accounts by create_tables when first created.
+    Column("trait", String(32), primary_key=True),
+    Column("hash", String(128), primary_key=True),  # the trait's keyed hash
+    Column("account_id", String(200), primary_key=True),
+    Index(None, "account_id"),
+)
+
 
 # --- telemetry: one row per request (see modelfence.telemetry) ---
 request_events = Table(
@@ -136,14 +148,20 @@ client_risk = Table(
     Column("risk", Float, nullable=False),
     Column("level", String(16), nullable=False),  # normal | alert | tighten | degrade | block
     Column("quota_share", Float, nullable=False),  # limits are multiplied by this
-    Column("reasons", JSON, nullable=False),  # [{"code", "text", "score"}], strongest first
+    # [{"code", "text", "score", "value", "threshold", "since"}], strongest first; the last
+    # three (statistic, threshold, first crossing in event time) only in newer rows
+    Column("reasons", JSON, nullable=False),
     Column("queries", Integer, nullable=False),
     Column("shadow", Boolean, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     # [{"other", "kinds", "weight", "joins", "cut"}]: the client's strongest links, for operators.
     # Added after the first release: nullable, so create_tables adds it in place.
     Column("links", JSON, nullable=True),
+    # An operator put the client on probation (its gateways hold it to that allowance);
+    # added after the first release (NULL: no).
+    Column("probation", Boolean, nullable=True),
     Index(None, "updated_at"),
+    Index(None, "entity"),  # the campaign page and the client list's entity filter
 )
 
 detection_overrides = Table(
@@ -194,7 +212,54 @@ detection_alerts = Table(
     Column("delivered", Boolean, nullable=False),
     # When an operator acknowledged it in the console; added after the first release.
     Column("acknowledged_at", UtcDateTime, nullable=True),
+    # The level was recorded, not applied (shadow mode or the client's shadow pin); added
+    # after the first release (NULL on older alerts).
+    Column("shadow", Boolean, nullable=True),
     Index(None, "at"),
+)
+
+# --- detection, for operators: how risk moved, and where a client's queries fall ---
+client_risk_history = Table(
+    "client_risk_history",
+    metadata,
+    # One row per published change of a client's record (the detector's, or an operator's
+    # pin); rows older than detection.history_retention_days are deleted by the detector.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("client", String(200), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("risk", Float, nullable=False),
+    Column("level", String(16), nullable=False),
+    Index(None, "client", "at"),
+    Index(None, "at"),
+)
+
+reference_maps = Table(
+    "reference_maps",
+    metadata,
+    # The benign reference of one input space seen in two dimensions, once per reference:
+    # its projected sample and each k-means cell's share of benign queries.
+    Column("reference", String(32), primary_key=True),  # digest of the space's reference
+    Column("space", String(64), nullable=False),
+    Column("cells", Integer, nullable=False),  # K
+    Column("points", JSON, nullable=False),  # [[x, y], ...], at most 400
+    Column("shares", JSON, nullable=False),  # [share of benign queries in cell k], K of them
+    # Benign clients' median distinct cells / queries over their last 100 (null: unknown).
+    Column("coverage_median", Float, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+client_query_maps = Table(
+    "client_query_maps",
+    metadata,
+    # A client's latest queries projected like its reference (one row, overwritten).
+    Column("client", String(200), primary_key=True),
+    Column("reference", String(32), nullable=False),
+    Column("space", String(64), nullable=False),
+    Column("points", JSON, nullable=False),  # [[x, y], ...], oldest first, at most 200
+    Column("cells", JSON, nullable=False),  # the reference cell of each point
+    Column("queries", Integer, nullable=False),  # the client's queries seen by the detector
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "updated_at"),
 )
 
 
@@ -211,4 +276,19 @@ watermark_ledger = Table(
     Column("n_classes", Integer, nullable=False),
     Column("at", UtcDateTime, nullable=False),
     Index(None, "client", "digest", unique=True),
+)
+
+
+# --- operator console: logged-in sessions, shared by every replica on this database ---
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    # HMAC-SHA256 hex of the session id, keyed by the admin token's SHA-256 (so another
+    # token finds no session); the id itself (the cookie) is never stored, and the
+    # CSRF token is derived from the id (console/sessions.py), so it is not stored either.
+    Column("id_hash", String(64), primary_key=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    # Restarted by a page view at most every 30 s per session, not at every view.
+    Column("last_seen", UtcDateTime, nullable=False),
+    Index(None, "created_at"),
 )

@@ -25,6 +25,8 @@ class Signal:
     code: str
     score: float
     text: str
+    value: float | None = None  # the statistic measured
+    threshold: float | None = None  # the line it crossed
 
 
 class Detector(Protocol):
@@ -52,7 +54,9 @@ def signal(detector: Detector, value: float, threshold: float) -> Signal | None:
         return None
     scale = max(abs(threshold), 1e-6)
     score = min(1.0, excess / (FULL_EXCESS * scale))
-    return Signal(detector.code, score, detector.describe(value, threshold))
+    return Signal(
+        detector.code, score, detector.describe(value, threshold), float(value), float(threshold)
+    )
 
 
 def share(flags: list[bool]) -> float:

@@ -23,16 +23,21 @@ class Coverage:
     default_threshold: float | None = None
 
     def statistic(self, view: View, reference: Reference | None) -> float | None:
-        if reference is None:
-            return None
-        values = []
-        for space, vectors in view.vectors.items():
-            if space in reference.spaces and len(vectors) >= MIN_QUERIES:
-                recent = vectors[-WINDOW:]
-                values.append(
-                    len(set(reference.spaces[space].cells(recent).tolist())) / len(recent)
-                )
+        values = shares(view, reference).values()
         return max(values) if values else None
 
     def describe(self, value: float, threshold: float) -> str:
         return f"queries spread over the input space ({value:.0%} distinct regions, {value / threshold:.1f}× benign)"
+
+
+def shares(view: View, reference: Reference | None) -> dict[str, float]:
+    """Per input space of the reference with at least ``MIN_QUERIES`` of the view's queries:
+    distinct cells / queries over the last ``WINDOW`` of them."""
+    if reference is None:
+        return {}
+    out = {}
+    for space, vectors in view.vectors.items():
+        if space in reference.spaces and len(vectors) >= MIN_QUERIES:
+            recent = vectors[-WINDOW:]
+            out[space] = len(set(reference.spaces[space].cells(recent).tolist())) / len(recent)
+    return out
