@@ -271,7 +271,7 @@ async def test_the_members_queries_are_drawn_pooled_against_the_honest_reference
 def test_in_a_browser_the_analyst_opens_a_campaign_cuts_a_link_and_follows_a_client(
     gateway: GatewayProcess, page: Any, tmp_path: Path  # noqa: F811
 ) -> None:
-    """From the client list's entity column to the graph, a link cut with a reason, a node
+    """From the campaign list and the client list's entity column to the graph, a link cut with a reason, a node
     followed to its client; the page breaks no rule of the CSP (no script, no inline style).
     The screenshot goes where the browser test's go (``$MODELFENCE_CONSOLE_SCREENSHOTS``)."""
     shots = Path(os.environ.get("MODELFENCE_CONSOLE_SCREENSHOTS") or tmp_path / "shots")
@@ -299,6 +299,10 @@ def test_in_a_browser_the_analyst_opens_a_campaign_cuts_a_link_and_follows_a_cli
             if "Content Security Policy" in message.text else None)
 
     console = log_in(page, gateway)
+    page.get_by_role("link", name="Campaigns", exact=True).click()
+    page.wait_for_url(console + "/campaigns")
+    assert page.get_by_role("link", name="Campaign view of entity ent_7c1d").is_visible()
+    page.screenshot(path=shots / "console-campaigns.png", full_page=True)
     page.goto(console + "/clients")
     page.get_by_role("link", name="Campaign view of entity ent_7c1d").first.click()
     page.wait_for_url(console + "/campaign?entity=ent_7c1d")
@@ -318,3 +322,33 @@ def test_in_a_browser_the_analyst_opens_a_campaign_cuts_a_link_and_follows_a_cli
     page.wait_for_url(console + "/client?name=scraper-03")
     assert violations == []
 
+
+async def test_campaigns_are_listed_riskiest_first_pooled_over_their_members(
+    gateway: GatewayProcess, state: SqlState, browser: ConsoleClient  # noqa: F811
+) -> None:
+    hostile = "ent_<b>\"x\"</b>"
+    await state.publish([
+        record("rank-a1", 0.991, level="block", entity="ent_rank_a", queries=100),
+        record("rank-a2", 0.5, level="tighten", entity="ent_rank_a", queries=50),
+        record("rank-a3", 0.1, entity="ent_rank_a", queries=10),
+        record("rank-b1", 0.992, level="alert", entity="ent_rank_b", queries=7),
+        record("rank-h1", 0.993, level="degrade", entity=hostile, queries=1),
+        record("rank-h2", 0.2, entity=hostile, queries=1),
+    ])
+    answer = browser.get("/campaigns", per_page="200")
+    assert answer.status_code == 200, answer.text[:500]
+    assert "<b>\"x\"" not in answer.text
+    rows = re.findall(r"<tr>\s*<td><a href=\"/console/campaign\?entity=([^\"]+)\"[^>]*>.*?</a></td>"
+                      r"((?:\s*<td class=\"num\">[^<]*</td>)+)", answer.text, re.DOTALL)
+    listed = {h: re.findall(r'class="num">([^<]*)<', cells) for h, cells in rows}
+    order = [h for h, _ in rows]
+    ours = [quote(hostile), "ent_rank_b", "ent_rank_a"]
+    assert [h for h in order if h in ours] == ours  # by the riskiest member, highest first
+    # members, highest risk, mean risk, tightened or more, blocked, queries
+    assert listed["ent_rank_a"] == ["3", "0.99", "0.53", "2", "1", "160"]
+    assert listed["ent_rank_b"] == ["1", "0.99", "0.99", "0", "0", "7"]
+    assert listed[quote(hostile)][:1] == ["2"]
+    for query, name in [("per_page=0", "per_page"), ("page=x", "page"), ("bogus=1", "bogus")]:
+        refused = browser.http.get("/console/campaigns?" + query)
+        assert refused.status_code == 400, (query, refused.text[:300])
+        assert ALERT.findall(refused.text)[0].startswith(f"{name}: "), query

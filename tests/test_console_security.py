@@ -14,7 +14,7 @@ from modelfence.testing.processes import GatewayProcess, http_json
 from .conftest import GatewayFactory
 from .console_client import ConsoleClient, location
 
-PAGES = ["/", "/clients", "/alerts", "/audit", "/forensics"]
+PAGES = ["/", "/clients", "/campaigns", "/alerts", "/audit", "/forensics"]
 
 
 @pytest.fixture

@@ -375,9 +375,15 @@ def test_every_secret_reference_names_a_key_of_the_template() -> None:
                 assert ref.get("optional") is not True  # a missing key stops the pod
 
 
+def scrape_jobs(prometheus: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert sorted(jobs) == ["modelfence-detect", "modelfence-gateway"]
+    return jobs
+
+
 def test_the_prometheus_scrape_job_keeps_annotated_pods() -> None:
     data = yaml_config(resource("ConfigMap", "modelfence-prometheus")["data"]["prometheus.yml"])
-    [job] = data["scrape_configs"]
+    job = scrape_jobs(data)["modelfence-gateway"]
     assert job["kubernetes_sd_configs"][0]["role"] == "pod"
     keep = job["relabel_configs"][0]
     assert keep["action"] == "keep" and keep["regex"] == "true"
@@ -385,6 +391,21 @@ def test_the_prometheus_scrape_job_keeps_annotated_pods() -> None:
     annotations = resource("Deployment", "modelfence-gateway")["spec"]["template"]["metadata"][
         "annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
+
+
+def test_the_prometheus_scrape_job_reaches_the_detector_workers_metrics_port() -> None:
+    data = yaml_config(resource("ConfigMap", "modelfence-prometheus")["data"]["prometheus.yml"])
+    keep = scrape_jobs(data)["modelfence-detect"]["relabel_configs"][0]
+    assert keep["action"] == "keep"
+    assert keep["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name",
+                                     "__meta_kubernetes_pod_container_port_name"]
+    statefulset = resource("StatefulSet", "modelfence-detect")
+    [port] = container(statefulset)["ports"]
+    pod_name = statefulset["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+    assert keep["regex"] == f"{pod_name};{port['name']}"
+    assert port["containerPort"] == parse_config(configmap_config()).detection.metrics_port
+    # Not annotated: the gateway job would scrape the workers' other ports too.
+    assert "annotations" not in statefulset["spec"]["template"]["metadata"]
 
 
 # -- Compose ---------------------------------------------------------------------------------
@@ -472,7 +493,7 @@ def test_compose_gateway_health_ports_and_dependencies() -> None:
     for name in ("redis", "postgres"):
         assert "healthcheck" in everything[name]
     prometheus = yaml_config((COMPOSE / "prometheus.yml").read_text(encoding="utf-8"))
-    [job] = prometheus["scrape_configs"]
+    job = scrape_jobs(prometheus)["modelfence-gateway"]
     assert job["metrics_path"] == "/metrics"
     assert job["dns_sd_configs"][0] == {"names": ["gateway"], "type": "A",
                                         "port": config.server.port, "refresh_interval": "30s"}
@@ -486,6 +507,12 @@ def test_compose_detector_workers_cover_every_index_once() -> None:
     assert sorted(w["worker"] for w in workers) == list(range(len(workers)))
     assert {w["workers"] for w in workers} == {len(workers)}
     assert parse_config(compose_config()).detection.partitions >= len(workers)
+    # Prometheus scrapes every worker, on its metrics port.
+    port = parse_config(compose_config()).detection.metrics_port
+    prometheus = yaml_config((COMPOSE / "prometheus.yml").read_text(encoding="utf-8"))
+    [targets] = scrape_jobs(prometheus)["modelfence-detect"]["static_configs"]
+    names = [name for name, s in compose_services().items() if s["command"][0] == "detect"]
+    assert sorted(targets["targets"]) == sorted(f"{name}:{port}" for name in names)
 
 
 def test_the_dockerfile_installs_the_package_and_runs_unprivileged() -> None:
@@ -610,6 +637,8 @@ def test_the_configmap_config_serves_the_probe_paths_and_feeds_a_worker(
 
     data = configmap_config()
     data["upstreams"][0]["url"] = fake_upstream.url
+    metrics_port = free_port()  # the manifests' 9465 may be taken on this machine
+    data["detection"].update(metrics_port=metrics_port, metrics_host="127.0.0.1")
     config_path = tmp_path / "modelfence.yaml"
     config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
     secret = filled_secret()
@@ -660,6 +689,8 @@ def test_the_configmap_config_serves_the_probe_paths_and_feeds_a_worker(
                 assert ready == partitions
                 others = [p for p in range(data["detection"]["partitions"]) if p not in partitions]
                 assert not any(redis.exists(f"{STREAM_PREFIX}{p}") for p in others)
+                status, metrics = http_json("GET", f"http://127.0.0.1:{metrics_port}/metrics")
+                assert status == 200 and "modelfence_detector_lag_seconds_count 0.0" in metrics
         finally:
             worker.terminate()
             try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
@@ -63,10 +65,20 @@ def chat(gateway: Any, key: str) -> int:
     return status
 
 
-# redis-py drops a killed master's connections from its map without closing them (it marks
-# them for a reconnect that never comes): the sockets of that library behaviour are
-# collected in the test that killed the master, where their ResourceWarnings are expected.
-KILLS_A_MASTER = pytest.mark.filterwarnings("ignore::ResourceWarning")
+# redis-py's cluster client loses track of some connections when it rebuilds its slot map
+# (a killed master, a map dropped after a node error): it marks them for a reconnect that
+# never comes, and the garbage collector closes them later with a ResourceWarning. These
+# tests kill masters and drop maps on purpose, so those warnings are expected here; they are
+# collected at the end of this module, not in whichever test the collector happens to run.
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_dropped_connections() -> Iterator[None]:
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def test_cluster_config_names_the_key_and_what_is_allowed() -> None:
@@ -140,7 +152,6 @@ async def test_the_telemetry_stream_reaches_a_detector_feed_across_slots(
         await client.aclose()
 
 
-@KILLS_A_MASTER
 async def test_a_dead_master_fails_like_a_dead_redis_and_is_counted() -> None:
     fallbacks: list[str] = []
     # without full coverage the live masters keep answering once the dead one is marked
@@ -167,7 +178,6 @@ async def test_a_dead_master_fails_like_a_dead_redis_and_is_counted() -> None:
             denied = [await guarded.admit(AdmissionRequest(k, Quota())) for k in keys]
         finally:
             await guarded.close()  # the backend's too, and the guard's retry task
-            gc.collect()
     assert any(not d.allowed and d.source != "backend" for d in denied)
     assert fallbacks.count("closed") >= 1, fallbacks
 
@@ -339,7 +349,6 @@ async def test_a_consumer_rereads_what_was_delivered_to_it_but_never_acknowledge
         await client.aclose()
 
 
-@KILLS_A_MASTER
 async def test_a_dead_master_costs_the_stream_only_its_own_events() -> None:
     """The client's default node dies: reads of the live masters' slots go on, and a batch
     written in part is retried without duplicating what the live masters took."""
@@ -370,7 +379,6 @@ async def test_a_dead_master_costs_the_stream_only_its_own_events() -> None:
             live.close()
         finally:
             await client.aclose()
-            gc.collect()
 
 
 async def test_a_probation_pin_on_a_key_without_an_account_leaves_its_counters_in_place(

@@ -305,6 +305,7 @@ class ModelFenceApp:
             sinks.append(RedisStreamSink(out.redis, settings.partitions))
         elif settings.enabled:
             out.detector = DetectorProcess(config, on_restart=metrics.detector_restarts.inc)
+            metrics.registry.register(out.detector.metrics)  # the child's, on our /metrics
             sinks.append(out.detector.sink())
         out.pipeline = EventPipeline(
             sinks,

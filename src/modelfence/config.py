@@ -350,6 +350,14 @@ class DetectionConfig(_Frozen):
         24.0, gt=0, description="links by fingerprint, network or lockstep halve in weight"
     )
     state_poll_seconds: float = Field(1.0, gt=0)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="`modelfence detect` serves its /metrics here (off when unset); in-gateway "
+        "detection reports on the gateway's /metrics instead",
+    )
+    metrics_host: str = Field(
+        "0.0.0.0", min_length=1, max_length=253, description="address metrics_port listens on"
+    )
     history_retention_days: float = Field(
         14.0, gt=0, le=3650,
         description="risk history and query maps (the console's pictures) kept this long",

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     case,
     cast,
+    distinct,
     extract,
     func,
     literal_column,
@@ -202,6 +203,20 @@ class Campaign:
     mapped: list[str]  # the members whose queries a query map pools: the riskiest MAP_CLIENTS
 
 
+@dataclass(frozen=True, slots=True)
+class EntityRow:
+    """One entity (linked clients) in the campaign list: pooled over all its members."""
+
+    entity: str
+    members: int
+    max_risk: float
+    mean_risk: float
+    queries: int
+    blocked: int  # members at block
+    acted: int  # members at tighten or above
+    updated_at: datetime
+
+
 def _filtered(query: Select[Any], where: ClientFilter) -> Select[Any]:
     c = client_risk.c
     conditions: list[ColumnElement[bool]] = []
@@ -291,6 +306,40 @@ class ConsoleData:
             for r in records
         ]
         return Page(rows, total, page, per_page)
+
+    async def entities(self, *, page: int, per_page: int) -> Page[EntityRow]:
+        """Entities riskiest first (by their riskiest member), counted and paged in SQL."""
+        risk = client_risk.c
+        acted = risk.level.in_(("tighten", "degrade", "block"))
+        grouped = (
+            select(
+                risk.entity,
+                func.count().label("members"),
+                func.max(risk.risk).label("max_risk"),
+                func.avg(risk.risk).label("mean_risk"),
+                func.sum(risk.queries).label("queries"),
+                func.sum(case((risk.level == "block", 1), else_=0)).label("blocked"),
+                func.sum(case((acted, 1), else_=0)).label("acted"),
+                func.max(risk.updated_at).label("updated_at"),
+            )
+            .where(risk.entity.is_not(None))
+            .group_by(risk.entity)
+        )
+        count = select(func.count(distinct(risk.entity))).where(risk.entity.is_not(None))
+        async with transaction(self.engine) as conn:
+            total = (await conn.execute(count)).scalar_one()
+            rows = (
+                await conn.execute(
+                    grouped.order_by(func.max(risk.risk).desc(), risk.entity)
+                    .offset((page - 1) * per_page)
+                    .limit(per_page)
+                )
+            ).all()
+        return Page(
+            [EntityRow(r.entity, r.members, r.max_risk, float(r.mean_risk), int(r.queries or 0),
+                       int(r.blocked), int(r.acted), r.updated_at) for r in rows],
+            total, page, per_page,
+        )
 
     async def tiers(self) -> list[str]:
         async with transaction(self.engine) as conn:

@@ -131,6 +131,7 @@ class Console:
             Route("/logout", self.logout, methods=["POST"]),
             Route("/clients", self.clients),
             Route("/client", self.client),
+            Route("/campaigns", self.campaigns),
             Route("/campaign", self.campaign),
             Route("/account", self.account),
             Route("/act", self.act, methods=["POST"]),
@@ -301,6 +302,16 @@ class Console:
         if view is None:
             return self.problem(request, 404, f"No account with id {account_id!r} is registered.")
         return self.render(request, "account.html", nav="clients", view=view)
+
+    async def campaigns(self, request: Request) -> Response:
+        """Entities (groups of linked clients) ranked by their riskiest member."""
+        try:
+            query: Paging = self.query(request, Paging)
+        except BadParameter as exc:
+            return self.problem(request, 400, str(exc))
+        page = await self.data.entities(page=query.page, per_page=query.per_page)
+        return self.render(request, "campaigns.html", nav="campaigns", page=page,
+                           pager=_pager(request, page))
 
     async def campaign(self, request: Request) -> Response:
         """Linked clients as a graph, with the evidence for each link and pooled numbers."""

@@ -23,7 +23,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
 
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -35,6 +37,7 @@ from modelfence.detect.feeds import (
     RedisStreamFeed,
     worker_partitions,
 )
+from modelfence.detect.metrics import ChildReports, DetectorMetrics
 from modelfence.errors import ModelFenceError
 from modelfence.redisconn import connect
 from modelfence.redisurl import is_redis_url
@@ -49,6 +52,7 @@ QUEUE_BATCHES = 200  # batches (of up to telemetry.batch_size events) waiting fo
 MAX_RESTART_BACKOFF_SECONDS = 60.0  # between restarts of a child that dies at start-up
 REDIS_CONNECT_TIMEOUT = 2.0  # seconds; a dead Redis must not hang a poll or the detector
 REDIS_TIMEOUT = 10.0  # seconds per command; above the stream read's block time
+REPORT_SECONDS = 1.0  # how often the detector child sends its metrics to the gateway
 
 
 def redis_client(config: Config) -> Redis | RedisCluster:
@@ -93,6 +97,7 @@ async def run_service(
     *,
     shared: Redis | RedisCluster | None = None,
     on_ready: Callable[[], None] | None = None,
+    metrics: DetectorMetrics | None = None,
 ) -> None:
     """Run one detector on ``feed`` until it closes; ``on_ready`` once it is reading."""
     from modelfence.detect.alerts import Alerter
@@ -115,6 +120,7 @@ async def run_service(
             alerter,
             shared=RedisState(shared) if shared is not None else None,
             shadow=detection.shadow,
+            metrics=metrics,
         )
         log.info("detector running (pid %d)", os.getpid())
         if on_ready is not None:
@@ -138,12 +144,27 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="modelfence-parent-watch", daemon=True).start()
 
 
-def _child_main(config: Config, q: Any, ready: Any) -> None:
+def _report_to_parent(reports: ChildReports, metrics: DetectorMetrics) -> None:
+    """Send the gateway this child's metrics every ``REPORT_SECONDS``, from a thread of its
+    own so that a busy event loop still reports (its lag is what matters then)."""
+    reports.queue.cancel_join_thread()  # a report still in flight at exit is not waited for
+
+    def report() -> None:
+        while True:
+            reports.send(metrics)
+            time.sleep(REPORT_SECONDS)
+
+    threading.Thread(target=report, name="modelfence-detector-metrics", daemon=True).start()
+
+
+def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _exit_with_parent()
-    asyncio.run(run_service(config, QueueFeed(q), on_ready=ready.set))
+    metrics = DetectorMetrics()
+    _report_to_parent(ChildReports(reports_queue), metrics)
+    asyncio.run(run_service(config, QueueFeed(q), on_ready=ready.set, metrics=metrics))
 
 
 class DetectorDied(ModelFenceError):
@@ -169,13 +190,15 @@ class DetectorProcess:
         self._restart_at = 0.0  # monotonic time before which a dead child stays dead
         self._context = multiprocessing.get_context("spawn")  # no fork of a running event loop
         self._sink = QueueSink(self._context.Queue(QUEUE_BATCHES))
+        # The child's metrics, for the gateway's registry (app.py registers it).
+        self.metrics = ChildReports(self._context.Queue(1))
         self.process = self._new_process()
 
     def _new_process(self) -> Any:
         self._ready = self._context.Event()  # set by the child once its detector runs
         return self._context.Process(
             target=_child_main,
-            args=(self.config, self._sink.queue, self._ready),
+            args=(self.config, self._sink.queue, self._ready, self.metrics.queue),
             name="modelfence-detector",
             daemon=True,
         )
@@ -196,7 +219,9 @@ class DetectorProcess:
         return self._sink
 
     async def supervise(self) -> None:
-        """Restart the child if it died; raises :class:`DetectorDied` when it did."""
+        """Take the child's latest metrics; restart it if it died (raises
+        :class:`DetectorDied` when it did)."""
+        self.metrics.drain()
         if self.alive:
             return
         now = time.monotonic()
@@ -212,6 +237,9 @@ class DetectorProcess:
         self._sink.queue = self._context.Queue(QUEUE_BATCHES)
         old.cancel_join_thread()  # nobody reads it any more: do not wait to flush it
         old.close()
+        # The dead child may have held the reports queue's lock too; its last report stays.
+        self.metrics.queue.close()
+        self.metrics.queue = self._context.Queue(1)
         self.process = self._new_process()
         self.process.start()
         self.restarts += 1
@@ -254,8 +282,28 @@ async def run_worker(config: Config, worker: int, workers: int) -> None:
     redis = redis_client(config)
     partitions = worker_partitions(worker, workers, config.detection.partitions)
     log.info("detect worker %d/%d: partitions %s", worker, workers, partitions)
+    metrics, server = DetectorMetrics(), None
     try:
+        server = serve_metrics(config, metrics)
         feed = RedisStreamFeed(redis, partitions, consumer=f"worker-{worker}")
-        await run_service(config, feed, shared=redis)
+        await run_service(config, feed, shared=redis, metrics=metrics)
     finally:
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)  # waits for its poll loop to notice
+            server.server_close()
         await redis.aclose()
+
+
+def serve_metrics(config: Config, metrics: DetectorMetrics) -> WSGIServer | None:
+    """``/metrics`` of a worker on ``detection.metrics_port`` (a thread); None when unset."""
+    host, port = config.detection.metrics_host, config.detection.metrics_port
+    if port is None:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ValueError(
+            f"detection.metrics_port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    log.info("detector metrics on http://%s:%d/metrics", host, port)
+    return server

@@ -22,6 +22,7 @@ from modelfence.detect.alerts import Alerter
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.feeds import EventFeed
 from modelfence.detect.linking import Link
+from modelfence.detect.metrics import DetectorMetrics
 from modelfence.detect.published import OperatorViews
 from modelfence.detect.risk import Reason
 from modelfence.detect.state import ClientRecord, RedisState, SqlState, known
@@ -65,6 +66,7 @@ class DetectorService:
         *,
         shared: RedisState | None = None,
         shadow: bool = False,
+        metrics: DetectorMetrics | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.engine = engine
@@ -72,6 +74,7 @@ class DetectorService:
         self.alerter = alerter
         self.shared = shared
         self.shadow = shadow
+        self.metrics = metrics or DetectorMetrics()
         self._published: dict[str, ClientRecord] = {}
         self._unpublished: dict[str, ClientRecord] = {}
         self._overrides_at = 0.0
@@ -108,6 +111,7 @@ class DetectorService:
                 record = record_of(verdict, shadow=shadow, probation=probation, links=links)
                 changed.append((before, record, verdict.ts))
         await self._publish([record for _, record, _ in changed])
+        self.metrics.published(events)
         for before, verdict_record, ts in changed:
             record = self._published[verdict_record.client]  # as published
             previous = before.level if before else "normal"
@@ -125,6 +129,7 @@ class DetectorService:
                 if rank(record.level) >= rank("alert") and rank(record.level) > rank(previous):
                     await self.alerter.alert(record, ts)
         await self.views.after({e.client for e in events})
+        self.metrics.batches.observe(time.monotonic() - now)
         return [self._published[record.client] for _, record, _ in changed]
 
     async def _refresh_operator_state(self, events: Sequence[RequestEvent]) -> None:
@@ -161,6 +166,7 @@ class DetectorService:
         if self.shared is not None:
             await self.shared.publish(published)
         self._unpublished.clear()
+        self.metrics.verdicts.inc(len(published))
         self._published.update((r.client, r) for r in published)
 
     async def run(self, feed: EventFeed, *, batch: int = 500, timeout: float = 0.5) -> None:
@@ -170,17 +176,28 @@ class DetectorService:
         the next idle poll); the engine already has the events.
         """
 
+        stage = "feed"  # where a failing step failed, for the errors' label
+
         async def step() -> None:
+            nonlocal stage
+            stage = "feed"
             events = await feed.read(batch, timeout)
             if events is None:
                 raise Done
+            self.metrics.read(len(events))
             try:
+                stage = "store"
                 if events:
                     await self.handle(events)
                 else:
                     await self._publish([])  # retries what an outage held back
             finally:
+                handling, stage = stage, "feed"
                 await feed.ack()
+                stage = handling  # an error of the handling itself is the one raised
 
-        self.loop = Periodic("detector", step, interval=0.0, sleep=self._sleep)
+        def count(_name: str, _exc: Exception) -> None:
+            self.metrics.error(stage)
+
+        self.loop = Periodic("detector", step, interval=0.0, on_error=count, sleep=self._sleep)
         await self.loop.run(first_delay=0.0)
