@@ -114,6 +114,7 @@ class Linker:
         self._hubs: dict[str, dict[str, float]] = {}  # "kind:value" -> client -> last seen
         self._hubs_of: dict[str, set[str]] = {}  # client -> its hubs (the index of the above)
         self._pairs: dict[tuple[str, str], float] = {}  # lockstep pair -> last seen
+        self._partners: dict[str, set[str]] = {}  # client -> its lockstep partners (the index)
         self._accounts: dict[str, set[str]] = {}  # account -> its clients
         self._traits: dict[str, dict[str, str]] = {}  # account -> trait kind -> keyed hash
         self._cuts: dict[str, set[str]] = {}
@@ -151,6 +152,8 @@ class Linker:
     def link(self, a: str, b: str, ts: float) -> None:
         """Behavioural evidence that ``a`` and ``b`` act as one (``coactivity.py``)."""
         self._pairs[_pair(a, b)] = max(ts, self._pairs.get(_pair(a, b), ts))
+        self._partners.setdefault(a, set()).add(b)
+        self._partners.setdefault(b, set()).add(a)
         self._now = max(self._now, ts)
         if a not in self._cuts.get(b, ()):
             self._components.union(a, b)
@@ -257,6 +260,11 @@ class Linker:
             current = self.weight("lockstep", last, now)
             if current < 0.1 * WEIGHTS["lockstep"]:
                 del self._pairs[pair]
+                for one, other in (pair, pair[::-1]):
+                    partners = self._partners[one]
+                    partners.discard(other)
+                    if not partners:
+                        del self._partners[one]
             elif current >= JOIN:
                 components.union(*pair)
         for client in self._components.clients():  # clients seen keep a component
@@ -287,10 +295,9 @@ class Linker:
                     mine = self.weight(kind, min(t, seen[client]), now)
                     found = kinds.setdefault(other, {})
                     found[kind] = max(found.get(kind, 0.0), mine)
-        for (a, b), t in self._pairs.items():
-            if client in (a, b):
-                other = b if a == client else a
-                kinds.setdefault(other, {})["lockstep"] = self.weight("lockstep", t, now)
+        for other in self._partners.get(client, ()):
+            last = self._pairs[_pair(client, other)]
+            kinds.setdefault(other, {})["lockstep"] = self.weight("lockstep", last, now)
         cut = self._cuts.get(client, set())
         links = []
         for other, weights in kinds.items():
