@@ -329,7 +329,7 @@ class Console:
                 else f"No client named {query.client!r} has been scored."))
         queries = await self.data.query_map(found.mapped)  # pooled over the members
         drawing = await run_in_threadpool(graph.draw, found)  # tens of ms: off the event loop
-        return self.render(request, "campaign.html", nav="clients", campaign=found,
+        return self.render(request, "campaign.html", nav="campaigns", campaign=found,
                            drawing=drawing, done=query.done, queries=queries,
                            scatter=None if queries is None else charts.scatter(queries))
 
