@@ -69,11 +69,14 @@ from typing import Any
 
 import numpy as np
 from overhead import machine  # bench/overhead.py: the shared machine description
+from sqlalchemy import func, select
 
 from modelfence.config import Config
 from modelfence.detect.feeds import EventFeed, QueueFeed
 from modelfence.detect.metrics import DetectorMetrics
 from modelfence.detect.process import QUEUE_BATCHES, run_service
+from modelfence.store import open_engine, transaction
+from modelfence.store.schema import client_risk
 from modelfence.telemetry.events import RequestEvent
 
 TARGET_PER_CORE = 2_500.0  # events/s per detector core
@@ -165,6 +168,7 @@ class Window:
     wall: float = 0.0
     lags: list[float] = field(default_factory=list)
     alerts: int = 0
+    largest_entity: int = 1  # clients of the largest entity among the records published
 
 
 class AlertCounter(logging.Handler):
@@ -245,8 +249,25 @@ def run_detector(
     with store_url(store) as url:
         config = Config.model_validate({"store": url, "detection": {"embedder": embedder}})
         asyncio.run(run_service(config, timed, on_ready=on_ready, metrics=metrics))
+        timed.window.largest_entity = asyncio.run(largest_entity(url))
     timed.window.alerts = ALERTS.alerts - alerts
     return timed.window, metrics
+
+
+async def largest_entity(url: str) -> int:
+    """How many published records name the commonest entity: when linking joins crowds,
+    every evaluation of a member re-verdicts all of them (the lag run's worst case)."""
+    engine = open_engine(url)
+    try:
+        async with transaction(engine) as conn:
+            count = func.count()
+            found = (await conn.execute(
+                select(count).where(client_risk.c.entity.is_not(None))
+                .group_by(client_risk.c.entity).order_by(count.desc()).limit(1)
+            )).scalar()
+    finally:
+        await engine.dispose()
+    return int(found or 1)
 
 
 def prefilled_feed(events: Sequence[RequestEvent]) -> QueueFeed:
@@ -342,7 +363,8 @@ def lag_lines(name: str, rate: float, seconds: float, w: Window, metrics: Detect
     return [
         (f"[{name}] lag: offered {rate:,.0f} events/s for {seconds:.0f} s ({w.events:,} events "
          f"handled in {w.batches} batches, mean {w.events / max(w.batches, 1):.0f} per batch; "
-         f"{published:,.0f} verdicts published, {w.alerts} alerts); "
+         f"{published:,.0f} verdicts published, {w.alerts} alerts; largest entity "
+         f"{w.largest_entity:,} clients); "
          f"CPU {1e6 * w.cpu / max(w.events, 1):.0f} µs/event, "
          f"{w.cpu / max(w.wall, 1e-9):.0%} of a core"),
         (f"[{name}]   lag p50 {p50:.3f} s, p99 {p99:.3f} s, max {max(w.lags):.3f} s "

@@ -22,11 +22,11 @@ def test_a_shared_network_joins_keys_while_it_is_fresh_and_fades_apart() -> None
     linker = Linker(half_life=24 * HOUR)
     linker.observe(seen("a", ip_prefix="198.51.100.0/24"))
     linker.observe(seen("b", ip_prefix="198.51.100.0/24"))
-    assert linker.members("a") == ["a", "b"]
+    assert linker.members("a") == ("a", "b")
     linker.rebuild(2 * HOUR)  # 0.6 x 0.5^(2/24) = 0.57: still joined
-    assert linker.members("a") == ["a", "b"]
+    assert linker.members("a") == ("a", "b")
     linker.rebuild(12 * HOUR)  # 0.6 x 0.5^(12/24) = 0.42: a weak link now
-    assert linker.members("a") == ["a"] and linker.members("b") == ["b"]
+    assert linker.members("a") == ("a",) and linker.members("b") == ("b",)
     [link] = linker.links_of("a", 12 * HOUR)
     assert (link.other, link.kinds, link.weight) == ("b", ("ip_prefix",), 0.424)
 
@@ -45,14 +45,14 @@ def test_account_facts_do_not_fade_and_weak_traits_never_join_alone() -> None:
                      "k2": ("email_domain",)}
     linker.set_traits("acct-3", {"payment": "another-card"})  # the account changed its card
     linker.rebuild(1_000 * HOUR)
-    assert linker.members("k3") == ["k3"]
+    assert linker.members("k3") == ("k3",)
 
 
 def test_a_cut_pair_is_never_in_one_entity_even_through_a_third_key() -> None:
     linker = Linker()
     for client in ("a", "c", "b"):
         linker.observe(seen(client, fingerprint="same-machine"))
-    assert linker.members("a") == ["a", "b", "c"]
+    assert linker.members("a") == ("a", "b", "c")
     assert linker.set_cuts([("a", "b")]) and not linker.set_cuts([("b", "a")])
     linker.rebuild(1.0)
     assert "b" not in linker.members("a") and len(linker.members("c")) == 2
@@ -62,7 +62,7 @@ def test_a_cut_pair_is_never_in_one_entity_even_through_a_third_key() -> None:
     assert next(link for link in linker.links_of("a", 2.0) if link.other == "b").cut
     assert linker.set_cuts([])
     linker.rebuild(3.0)
-    assert linker.members("a") == ["a", "b", "c"]
+    assert linker.members("a") == ("a", "b", "c")
 
 
 def test_lockstep_links_fade_like_other_behaviour() -> None:
@@ -70,9 +70,9 @@ def test_lockstep_links_fade_like_other_behaviour() -> None:
     linker.observe(seen("x"))
     linker.observe(seen("y"))
     linker.link("x", "y", 0.0)
-    assert linker.members("x") == ["x", "y"]
+    assert linker.members("x") == ("x", "y")
     linker.rebuild(2 * HOUR)
-    assert linker.members("x") == ["x"]
+    assert linker.members("x") == ("x",)
     linker.rebuild(10 * HOUR)  # faded below a tenth of its weight: forgotten
     assert linker.links_of("x", 10 * HOUR) == []
 
@@ -83,11 +83,30 @@ def test_accounts_on_probation_sharing_an_uncommon_frame_are_joined() -> None:
         linker.observe(seen(f"bot{i}", frame_hash="harvest-frame", trust="probation",
                             ip_prefix=f"10.{i}.0.0/24"))
     linker.observe(seen("old-customer", frame_hash="harvest-frame", trust="standard"))
-    assert linker.members("bot0") == ["bot0", "bot1", "bot2"]  # the customer is not joined
+    assert linker.members("bot0") == ("bot0", "bot1", "bot2")  # the customer is not joined
     for i in range(3):  # a frame every kind of client uses is no evidence
         linker.observe(seen(f"user{i}", frame_hash="what is the", trust="standard"))
     linker.observe(seen("newbie1", frame_hash="what is the", trust="probation"))
     linker.observe(seen("newbie2", frame_hash="what is the", trust="probation"))
     linker.rebuild(1.0)
-    assert linker.members("newbie1") == ["newbie1"]
-    assert linker.members("bot1") == ["bot0", "bot1", "bot2"] and linker.on_probation("bot1")
+    assert linker.members("newbie1") == ("newbie1",)
+    assert linker.members("bot1") == ("bot0", "bot1", "bot2") and linker.on_probation("bot1")
+    # Operators are shown the same evidence: a frame links only accounts on probation, and
+    # only while it is uncommon.
+    assert {(link.other, link.kinds) for link in linker.links_of("bot0", 1.0)} == {
+        ("bot1", ("frame",)), ("bot2", ("frame",))}
+    assert linker.links_of("old-customer", 1.0) == []
+    assert linker.links_of("newbie1", 1.0) == [] and linker.links_of("user0", 1.0) == []
+
+
+def test_an_entity_read_before_a_join_shows_the_join_and_keeps_its_smallest_members_id() -> None:
+    linker = Linker()
+    for client in ("m", "z", "b"):
+        linker.observe(seen(client, ip_prefix=f"net-{client}"))
+    assert [linker.members(c) for c in ("m", "z", "b")] == [("m",), ("z",), ("b",)]
+    linker.observe(seen("z", ip_prefix="net-m"))
+    assert linker.members("m") == linker.members("z") == ("m", "z")
+    linker.observe(seen("b", ip_prefix="net-z"))
+    assert linker.members("z") == ("b", "m", "z")
+    assert linker.entity_of("m") == linker.entity_of("z") == linker.entity_of("b")
+    assert linker.entity_of("b") != Linker().entity_of("m")

@@ -138,3 +138,37 @@ async def test_a_restarted_detector_resumes_published_risk(engine: AsyncEngine) 
     await second.handle(later)
     record = await SqlState(engine).get("thief")
     assert record is not None and record.level == "block"
+
+
+async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_changes_or_a_minute_passed(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = service(engine, [])
+    linker = detector.engine.linker
+    listed: list[tuple[str, float]] = []
+    links_of = linker.links_of
+
+    def counted(client: str, now: float) -> Any:
+        listed.append((client, now))
+        return links_of(client, now)
+
+    monkeypatch.setattr(linker, "links_of", counted)
+    events = sorted(
+        harvester("thief", 150, seed=1, ip_prefix="net")
+        + harvester("twin", 100, seed=2, start=100.0, ip_prefix="net"),
+        key=lambda e: e.ts,
+    )
+    published = []
+    for i in range(0, len(events), 5):
+        published += [r for r in await detector.handle(events[i : i + 5]) if r.client == "thief"]
+    times = [now for client, now in listed if client == "thief"]
+    # Published often (its risk climbs in steps), listed once alone, once on joining the twin
+    # (its entity changed) and then at most once a minute over the 300 s it is seen.
+    assert len(published) > len(times) + 3
+    assert len(times) <= 2 + 300 // 60
+    assert all(b - a >= 60.0 for a, b in zip(times[2:], times[3:], strict=False))
+    last = await SqlState(engine).get("thief")
+    assert last is not None and last.entity is not None
+    assert last.links is not None and [(x["other"], x["kinds"]) for x in last.links] == [
+        ("twin", ["ip_prefix"])
+    ]

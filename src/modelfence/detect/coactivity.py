@@ -34,6 +34,8 @@ MIN_QUERIES = 10
 MIN_SHARED_SLOTS = 2
 MIN_JACCARD = 0.5
 MIN_COSINE = 0.8
+MAX_PARTNERS = 20  # lockstep partners one key keeps per pass (see lockstep_pairs)
+_BLOCK = 512  # keys compared at a time: memory stays ~ 512 x keys, not keys²
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,22 +77,46 @@ def activity_of(state: ClientState, now: float, reference: Reference | None) -> 
 
 
 def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
-    """Pairs of keys busy in the same slots on the same query distribution."""
+    """Pairs of keys busy in the same slots on the same query distribution.
+
+    Each key keeps its ``MAX_PARTNERS`` strongest partners (by slot overlap): a crowd of n
+    keys in lockstep gives at most n x ``MAX_PARTNERS`` pairs, which still join it into one
+    entity, instead of n² pairs that the linker would keep and weigh.
+    """
     by_space: dict[str, list[Activity]] = {}
     for activity in activities:
         by_space.setdefault(activity.space, []).append(activity)
-    pairs = []
-    for group in by_space.values():
+    pairs: set[tuple[str, int, int]] = set()
+    for space, group in by_space.items():
         if len(group) < 2:
             continue
-        cosine = np.vstack([a.signature for a in group]) @ np.vstack([a.signature for a in group]).T
-        for i, a in enumerate(group):
-            for j in range(i + 1, len(group)):
-                if cosine[i, j] < MIN_COSINE:
-                    continue
-                b = group[j]
-                shared = len(a.slots & b.slots)
-                if shared >= MIN_SHARED_SLOTS and shared / len(a.slots | b.slots) >= MIN_JACCARD:
-                    pairs.append((a.client, b.client))
-    return pairs
+        signatures = np.vstack([a.signature for a in group])
+        busy = _slot_matrix(group)
+        sizes = busy.sum(axis=1)
+        for start in range(0, len(group), _BLOCK):
+            rows = slice(start, start + _BLOCK)
+            shared = busy[rows] @ busy.T
+            jaccard = shared / (sizes[rows, None] + sizes[None, :] - shared)
+            linked = (
+                (signatures[rows] @ signatures.T >= MIN_COSINE)
+                & (shared >= MIN_SHARED_SLOTS)
+                & (jaccard >= MIN_JACCARD)
+            )
+            for offset, row in enumerate(linked):
+                i = start + offset
+                row[i] = False
+                partners = np.flatnonzero(row)
+                if len(partners) > MAX_PARTNERS:
+                    strongest = np.argsort(-jaccard[offset, partners], kind="stable")
+                    partners = partners[strongest[:MAX_PARTNERS]]
+                pairs.update((space, min(i, j), max(i, j)) for j in partners.tolist())
+    return [(by_space[space][i].client, by_space[space][j].client) for space, i, j in sorted(pairs)]
 
+
+def _slot_matrix(group: list[Activity]) -> np.ndarray:
+    """One row per key, one column per slot any of them was busy in: 1.0 where busy."""
+    columns = {slot: c for c, slot in enumerate(sorted(set().union(*(a.slots for a in group))))}
+    busy = np.zeros((len(group), len(columns)), dtype=np.float32)
+    for row, activity in enumerate(group):
+        busy[row, [columns[slot] for slot in activity.slots]] = 1.0
+    return busy

@@ -17,10 +17,12 @@ at any speed gives the same verdicts as live traffic.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,11 +32,12 @@ from modelfence.detect.coactivity import activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
-from modelfence.detect.features import ClientState, Query, View, space_of
+from modelfence.detect.features import ClientState, Query, View, event_ts, space_of
 from modelfence.detect.linking import Linker
 from modelfence.detect.reference import Reference
 from modelfence.detect.risk import Reason, RiskState
 from modelfence.telemetry.events import RequestEvent
+from modelfence.telemetry.prompts import elicits_reasoning
 
 POPULATION_EVERY_SECONDS = 60.0  # tier medians move slowly; recomputing them costs O(clients)
 LINK_EVERY_SECONDS = 15.0  # a botnet's keys should be joined within their first minute
@@ -70,7 +73,7 @@ def _texts_of(event: RequestEvent) -> list[str]:
 @dataclass(slots=True)
 class _Entity:
     risk: RiskState
-    members: list[str] = field(default_factory=list)
+    members: tuple[str, ...] = ()
 
 
 # A key with this many queries of its own and no evidence against it is judged on its own
@@ -133,6 +136,10 @@ class DetectionEngine:
         """One query per prompt, per text of an embeddings batch, per classifier row."""
         texts: list[str] = []
         for event in events:
+            if not event.cot and event.prompt_text:
+                # An event recorded before the gateway read every turn: its last user turn
+                # is read here, once, rather than by each evaluation of every window it is in.
+                event.cot = elicits_reasoning([event.prompt_text])
             if not event.input_rows:
                 texts.extend(t[:EMBED_CHARS] for t in _texts_of(event))
         # Text embeddings are kept as float16 (half the memory of 200 × 384 values per
@@ -231,9 +238,13 @@ class DetectionEngine:
             # group's, least of all the risk copied from a member that is gone.
             state.risk = self._new_risk()
         state.members = members
-        pooled = [q for m in members if m in self.clients for q in self.clients[m].queries]
-        pooled.sort(key=lambda q: q.event.ts)
-        view = View(pooled[-4 * self.config.window :])
+        # The newest 4 windows of the members' queries, merged from the newest end: the cost
+        # follows the view kept, not the entity's size (a lockstep surge can link hundreds).
+        newest = heapq.merge(
+            *(reversed(self.clients[m].queries) for m in members if m in self.clients),
+            key=event_ts, reverse=True,
+        )
+        view = View(itertools.islice(newest, 4 * self.config.window))
         # Per-key habits (timing, volume) of a pooled view describe no one; the rest do.
         signals = [
             s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")

@@ -10,6 +10,7 @@ derived features (minimum distances to earlier queries) computed once, on demand
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from functools import cached_property
 import numpy as np
 
 from modelfence.telemetry.events import RequestEvent
+
+event_ts = operator.attrgetter("event.ts")  # a query's time: the sort key of every view
 
 TEXT = "text"
 
@@ -83,7 +86,7 @@ class View:
     """Queries of one client (or one entity), oldest first, as detectors read them."""
 
     def __init__(self, queries: Iterable[Query], *, state: ClientState | None = None) -> None:
-        self.queries = sorted(queries, key=lambda q: q.event.ts)
+        self.queries = sorted(queries, key=event_ts)
         self.state = state  # the client's own record; None for an entity's pooled view
         # Requests, once each (the rows of one batch share their event), for detectors
         # of request habits: timing, parameters.

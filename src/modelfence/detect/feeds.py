@@ -74,19 +74,36 @@ class QueueSink:
 
 
 class QueueFeed:
+    """Reads the sink's batches; a backlog is merged into reads of up to ``max_events``, so
+    a detector that fell behind catches up in large batches (per-batch costs, and the
+    embedder's per-call cost, amortise) instead of one small sink batch at a time."""
+
     _CLOSED = None
 
     def __init__(self, q: Any) -> None:
         self.queue = q
+        self._closed = False
 
     async def read(self, max_events: int, timeout: float) -> list[RequestEvent] | None:
+        if self._closed:
+            return None
         try:
             batch = await asyncio.to_thread(self.queue.get, True, timeout)
         except queue.Empty:
             return []
         if batch is self._CLOSED:
             return None
-        return [event_from_dict(d) for d in batch]
+        dicts = list(batch)
+        while len(dicts) < max_events:  # a sink batch is never split: its events stay together
+            try:
+                more = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if more is self._CLOSED:
+                self._closed = True  # the events read so far are handled first
+                break
+            dicts.extend(more)
+        return [event_from_dict(d) for d in dicts]
 
     async def ack(self) -> None:
         """Queue delivery is at-most-once; nothing to acknowledge."""

@@ -70,12 +70,18 @@ def _pair(a: str, b: str) -> tuple[str, str]:
 
 
 class _Components:
-    """Union-find that refuses a merge putting a cut pair into one component."""
+    """Union-find that refuses a merge putting a cut pair into one component.
+
+    A component's root is always its smallest member (a merge keeps the smaller root), so
+    the entity id is a function of the root; its sorted member list is kept until the
+    component next changes, since every verdict of every member reads it.
+    """
 
     def __init__(self, cuts: Mapping[str, set[str]]) -> None:
         self._parent: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}
         self._barred: dict[str, set[str]] = {}  # root -> clients its members were cut from
+        self._sorted: dict[str, tuple[str, ...]] = {}  # root -> its members, sorted
         self._cuts = cuts
 
     def find(self, client: str) -> str:
@@ -98,9 +104,16 @@ class _Components:
         self._parent[child] = root
         self._members[root] |= self._members.pop(child)
         self._barred[root] |= self._barred.pop(child)
+        self._sorted.pop(root, None)
+        self._sorted.pop(child, None)
 
-    def members(self, client: str) -> set[str]:
-        return self._members[self.find(client)]
+    def members(self, client: str) -> tuple[str, ...]:
+        """The members of ``client``'s component, sorted (the root, the smallest, first)."""
+        root = self.find(client)
+        found = self._sorted.get(root)
+        if found is None:
+            found = self._sorted[root] = tuple(sorted(self._members[root]))
+        return found
 
     def clients(self) -> list[str]:
         return list(self._parent)
@@ -216,15 +229,21 @@ class Linker:
             return None
         return next((c for c in reversed(hub) if c != client and c in self._probation), None)
 
+    def _evidence(self, key: str, kind: str, members: dict[str, float]) -> dict[str, float]:
+        """The members of one hub whose sharing it is evidence: all of them, except for a
+        frame, where only users on probation of a frame still uncommon count."""
+        if kind != "frame":
+            return members
+        if len(self._frame_users.get(key, ())) >= FRAME_COMMON:
+            return {}
+        return {c: t for c, t in members.items() if c in self._probation}
+
     def _joined(self, key: str, kind: str, live: dict[str, float], now: float) -> list[str]:
         """The members of one hub a rebuild joins: those whose link is still strong."""
         if WEIGHTS[kind] < JOIN:
             return []
-        if kind == "frame":
-            if len(self._frame_users.get(key, ())) >= FRAME_COMMON:
-                return []
-            live = {c: t for c, t in live.items() if c in self._probation}
-        return [c for c, t in live.items() if self.weight(kind, t, now) >= JOIN]
+        evidence = self._evidence(key, kind, live)
+        return [c for c, t in evidence.items() if self.weight(kind, t, now) >= JOIN]
 
     # -- entities --------------------------------------------------------------
 
@@ -275,11 +294,11 @@ class Linker:
         """Whether the client's account was on probation when it was last seen."""
         return client in self._probation
 
-    def members(self, client: str) -> list[str]:
-        return sorted(self._components.members(client))
+    def members(self, client: str) -> tuple[str, ...]:
+        return self._components.members(client)
 
     def entity_of(self, client: str) -> str:
-        root = min(self._components.members(client))
+        root = self._components.find(client)
         return "ent_" + hashlib.sha256(root.encode()).hexdigest()[:12]
 
     def links_of(self, client: str, now: float) -> list[Link]:
@@ -287,10 +306,13 @@ class Linker:
         kinds: dict[str, dict[str, float]] = {}
         for key in self._hubs_of.get(client, ()):
             seen = self._hubs[key]
-            if len(seen) > _CROWD:
-                continue
             kind = key.partition(":")[0]
-            for other, t in seen.items():
+            if kind == "frame" and client not in self._probation:
+                continue  # a frame is evidence only between users on probation
+            evidence = self._evidence(key, kind, seen)
+            if len(evidence) > _CROWD or client not in evidence:
+                continue
+            for other, t in evidence.items():
                 if other != client:
                     mine = self.weight(kind, min(t, seen[client]), now)
                     found = kinds.setdefault(other, {})
@@ -304,10 +326,7 @@ class Linker:
             miss = 1.0
             for value in weights.values():
                 miss *= 1.0 - value
-            joins = any(
-                value >= JOIN and (kind != "frame" or client in self._probation)
-                for kind, value in weights.items()
-            )
+            joins = any(value >= JOIN for value in weights.values())
             links.append(
                 Link(other, tuple(sorted(weights)), round(1.0 - miss, 3), joins, other in cut)
             )

@@ -16,12 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from modelfence.detect.actions import rank, shadowed
 from modelfence.detect.alerts import Alerter
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.feeds import EventFeed
-from modelfence.detect.linking import Link
 from modelfence.detect.metrics import DetectorMetrics
 from modelfence.detect.published import OperatorViews
 from modelfence.detect.risk import Reason
@@ -30,8 +30,17 @@ from modelfence.periodic import Done, Periodic, Sleep
 from modelfence.telemetry.events import RequestEvent
 
 RISK_STEP = 0.02  # smaller risk changes are not worth a database write
+# A republished record keeps the links listed this recently (event time) if its entity is
+# the same: every member of an entity is republished on each step of the entity's risk,
+# and listing every member's links each time costs members² (links fade over hours).
+LINKS_FRESH_SECONDS = 60.0
 OVERRIDE_REFRESH_SECONDS = 2.0  # overrides, cuts and account metadata are read this often
 TRAITS_OVERLAP = timedelta(seconds=5)  # changes stamped by a slow clock are still read
+
+
+def entity_of(verdict: Verdict) -> str | None:
+    """The entity a record names: none for a client on its own."""
+    return verdict.entity if verdict.entity_members > 1 else None
 
 
 def record_of(
@@ -39,12 +48,12 @@ def record_of(
     *,
     shadow: bool,
     probation: bool = False,
-    links: Sequence[Link] | None = None,
+    links: list[dict[str, Any]] | None = None,
 ) -> ClientRecord:
     return ClientRecord(
         client=verdict.client,
         tier=verdict.tier,
-        entity=verdict.entity if verdict.entity_members > 1 else None,
+        entity=entity_of(verdict),
         risk=round(verdict.risk, 4),
         level=verdict.level,
         quota_share=verdict.action.quota_share,
@@ -52,7 +61,7 @@ def record_of(
         queries=verdict.queries,
         shadow=shadow,
         updated_at=datetime.now(UTC),
-        links=None if links is None else [asdict(link) for link in links],
+        links=links,
         probation=probation,
     )
 
@@ -76,6 +85,7 @@ class DetectorService:
         self.shadow = shadow
         self.metrics = metrics or DetectorMetrics()
         self._published: dict[str, ClientRecord] = {}
+        self._links_at: dict[str, float] = {}  # client -> event time its links were listed
         self._unpublished: dict[str, ClientRecord] = {}
         self._overrides_at = 0.0
         self._traits_since = datetime.fromtimestamp(0, UTC)
@@ -85,6 +95,20 @@ class DetectorService:
         self.views = OperatorViews(
             engine, state.engine, retention_days=engine.config.history_retention_days
         )
+
+    def _links(self, before: ClientRecord | None, verdict: Verdict) -> list[dict[str, Any]]:
+        """The links to publish with the client's new record (see ``LINKS_FRESH_SECONDS``)."""
+        listed = self._links_at.get(verdict.client)
+        if (
+            before is not None
+            and before.links is not None
+            and before.entity == entity_of(verdict)
+            and listed is not None
+            and verdict.ts - listed < LINKS_FRESH_SECONDS
+        ):
+            return before.links
+        self._links_at[verdict.client] = verdict.ts
+        return [asdict(link) for link in self.engine.linker.links_of(verdict.client, verdict.ts)]
 
     async def handle(self, events: Sequence[RequestEvent]) -> list[ClientRecord]:
         """Process one batch; returns the records that changed and were published."""
@@ -98,16 +122,17 @@ class DetectorService:
             # What the client's pin (shadow, probation) makes of the level, as published.
             pin = self.engine.overrides.get(verdict.client)
             shadow, probation = shadowed(pin, self.shadow), pin == "probation"
-            record = record_of(verdict, shadow=shadow, probation=probation)
-            before = self._published.get(record.client)
+            before = self._published.get(verdict.client)
+            # Compared before a record is built: an entity's evaluation re-verdicts every
+            # member, and most of them are unchanged.
             if (
                 before is None
-                or before.level != record.level
-                or abs(before.risk - record.risk) >= RISK_STEP
-                or before.entity != record.entity
-                or (before.shadow, before.probation) != (record.shadow, record.probation)
+                or before.level != verdict.level
+                or abs(before.risk - round(verdict.risk, 4)) >= RISK_STEP
+                or before.entity != entity_of(verdict)
+                or (before.shadow, before.probation) != (shadow, probation)
             ):
-                links = self.engine.linker.links_of(verdict.client, verdict.ts)
+                links = self._links(before, verdict)
                 record = record_of(verdict, shadow=shadow, probation=probation, links=links)
                 changed.append((before, record, verdict.ts))
         await self._publish([record for _, record, _ in changed])

@@ -17,7 +17,6 @@ from modelfence.detect.features import View
 from modelfence.detect.reference import Reference
 from modelfence.operations import Operation
 from modelfence.telemetry.events import RequestEvent
-from modelfence.telemetry.prompts import elicits_reasoning
 
 MIN_QUERIES = 20
 _CHAT = frozenset(op.route for op in Operation if op.generates_text)
@@ -33,12 +32,9 @@ _SIGNALS: dict[str, tuple[float, Callable[[RequestEvent], bool]]] = {  # name ->
     "temperature 0": (1.0, lambda e: e.temperature == 0),
     "logprobs": (2.0, lambda e: e.logprobs or e.top_logprobs > 0),
     "logit_bias": (3.0, lambda e: e.logit_bias_size > 0),
-    # On every turn, system messages included (the gateway's ``cot``), or in the last user
-    # turn for events recorded before the gateway read every turn.
-    "chain-of-thought elicited": (
-        1.0,
-        lambda e: e.cot or bool(e.prompt_text and elicits_reasoning([e.prompt_text])),
-    ),
+    # On every turn, system messages included (the gateway's ``cot``; for events recorded
+    # before the gateway read every turn, the engine reads their last user turn on ingestion).
+    "chain-of-thought elicited": (1.0, lambda e: e.cot),
 }
 _TOTAL = sum(weight for weight, _ in _SIGNALS.values())
 
