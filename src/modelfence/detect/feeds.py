@@ -67,7 +67,10 @@ class QueueSink:
         self.queue = q
 
     async def write(self, events: Sequence[RequestEvent]) -> None:
-        self.queue.put_nowait([e.to_dict() for e in events])  # queue.Full: the lane retries
+        try:
+            self.queue.put_nowait([e.to_dict() for e in events])
+        except queue.Full:  # the lane keeps the batch and retries
+            raise queue.Full("the detector is behind: its queue of batches is full") from None
 
     async def close(self) -> None:
         """The queue belongs to the detector process handle."""

@@ -152,7 +152,10 @@ class _Lane:
             except Exception as exc:  # noqa: BLE001 - any sink failure: keep the batch, retry
                 self.count(f"sink_error:{self.sink.name}", 1)
                 if not self.failing:
-                    log.warning("telemetry sink %s failed, buffering: %s", self.sink.name, exc)
+                    log.warning(
+                        "telemetry sink %s failed, buffering: %s: %s",
+                        self.sink.name, type(exc).__name__, exc,
+                    )
                 self.failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
