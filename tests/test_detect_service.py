@@ -172,3 +172,22 @@ async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_
     assert last.links is not None and [(x["other"], x["kinds"]) for x in last.links] == [
         ("twin", ["ip_prefix"])
     ]
+
+
+async def test_a_client_the_engine_evicted_is_forgotten_here_too_and_resumed_when_it_returns(
+    engine: AsyncEngine,
+) -> None:
+    detector = service(engine, [])
+    thief = harvester("thief", 100, seed=1)
+    for i in range(0, len(thief), 20):
+        await detector.handle(thief[i : i + 20])
+    risk = detector.engine.risks["thief"]
+    assert "thief" in detector._published and risk.risk > 0.5
+    # Seven hours on (idle_evict_hours is 6) only another client is busy.
+    await detector.handle(benign_chat("user", 30, seed=2, start=7 * 3600.0))
+    assert "thief" not in detector.engine.clients
+    assert "thief" not in detector._published and "thief" not in detector._links_at
+    await detector.handle(harvester("thief", 10, seed=3, start=7 * 3600.0 + 200))
+    assert detector.engine.risks["thief"] is risk  # its own risk, not one re-read from the store
+    record = await SqlState(engine).get("thief")
+    assert record is not None and record.level == "block"

@@ -154,6 +154,8 @@ class DetectorService:
                 if rank(record.level) >= rank("alert") and rank(record.level) > rank(previous):
                     await self.alerter.alert(record, ts)
         await self.views.after({e.client for e in events})
+        if len(self._published) > len(self.engine.clients):
+            self._forget_evicted()
         self.metrics.batches.observe(time.monotonic() - now)
         return [self._published[record.client] for _, record, _ in changed]
 
@@ -168,15 +170,25 @@ class DetectorService:
             linker.set_traits(account, traits)
         self._traits_since = read_at - TRAITS_OVERLAP
 
+    def _forget_evicted(self) -> None:
+        """Drop what is kept of clients the engine evicted (idle for ``idle_evict_hours``):
+        memory follows the active clients. One that returns is resumed from the store."""
+        for client in self._published.keys() - self.engine.clients.keys():
+            del self._published[client]
+            self._links_at.pop(client, None)
+
     async def _resume(self, clients: set[str]) -> None:
-        """Seed clients this process has not seen yet with their published risk."""
+        """Seed clients this process has not seen yet with their published risk (one it
+        evicted keeps the risk the engine still holds, which is more exact)."""
         if not clients:
             return
         for record in await self.state.get_many(sorted(clients)):
-            # Keys a reason did not have when published (value, threshold, since) default;
-            # keys of a newer release are ignored.
-            reasons = [Reason(**known(Reason, r)) for r in record.reasons]
-            self.engine.seed(record.client, record.risk, reasons, record.updated_at.timestamp())
+            if record.client not in self.engine.risks:
+                # Keys a reason did not have when published (value, threshold, since)
+                # default; keys of a newer release are ignored.
+                reasons = [Reason(**known(Reason, r)) for r in record.reasons]
+                ts = record.updated_at.timestamp()
+                self.engine.seed(record.client, record.risk, reasons, ts)
             self._published[record.client] = record
 
     async def _publish(self, records: list[ClientRecord]) -> None:
