@@ -51,6 +51,10 @@ class SpyStore(SqlKeyStore):
         self._call("changed_since")
         return await super().changed_since(since)
 
+    async def key_hashes(self, since: datetime | None = None) -> list[str]:
+        self._call("key_hashes")
+        return await super().key_hashes(since)
+
 
 class FakeClock:
     """Starts at the real time, as the store stamps changes with the real clock."""
@@ -228,3 +232,67 @@ async def test_a_store_outage_keeps_cached_keys_working(
         assert api_key not in caplog.text
     finally:
         await registry.stop()
+
+
+async def test_a_flood_of_made_up_keys_costs_the_store_only_the_lookup_budget(
+    store: SpyStore, clock: FakeClock
+) -> None:
+    refused: list[None] = []
+    registry = KeyRegistry(
+        store, SECRET, clock=clock, unindexed_lookups_per_second=20,
+        on_lookup_refused=lambda: refused.append(None),
+    )
+    record, api_key = await store.create("acme", "default")
+    await registry.refresh()  # builds the key index from every issued key
+    flood = [new_api_key() for _ in range(1_000)]
+    assert [await registry.authenticate(k) for k in flood] == [None] * 1_000
+    # 20 lookups (the budget) and the index's rare false positives; the rest refused, counted.
+    assert 20 <= store.calls["find_by_secret"] <= 30
+    assert len(refused) == 1_000 - store.calls["find_by_secret"]
+    assert await registry.authenticate(api_key) == record  # an issued key is in the index
+    clock.now += 1.0  # the budget refills: 20 more a second
+    assert [await registry.authenticate(k) for k in flood[:40]] == [None] * 40
+    assert store.calls["find_by_secret"] <= 50
+
+
+async def test_a_key_created_during_a_flood_works_once_a_poll_indexed_it(
+    store: SpyStore, clock: FakeClock
+) -> None:
+    registry = KeyRegistry(store, SECRET, clock=clock, unindexed_lookups_per_second=5)
+    await registry.refresh()
+    for _ in range(10):  # the budget is spent on made-up keys
+        await registry.authenticate(new_api_key())
+    record, api_key = await store.create("acme", "default")
+    assert await registry.authenticate(api_key) is None  # until the next poll (0.5 s)
+    await registry.refresh()
+    assert await registry.authenticate(api_key) == record
+
+
+async def test_a_store_down_at_start_leaves_unknown_keys_looked_up_as_before(
+    store: SpyStore,
+) -> None:
+    registry = KeyRegistry(store, SECRET, unindexed_lookups_per_second=1)
+    store.down = True
+    with pytest.raises(StoreError):
+        await registry.refresh()
+    store.down = False
+    for _ in range(5):  # no index yet: no budget applies
+        assert await registry.authenticate(new_api_key()) is None
+    assert store.calls["find_by_secret"] == 5
+
+
+async def test_an_index_grown_past_its_size_is_rebuilt_larger_by_the_next_poll(
+    store: SpyStore, registry: KeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("modelfence.identity.key_index.MIN_CAPACITY", 2)
+    await store.create("acme", "default")
+    await registry.refresh()
+    for _ in range(3):
+        await store.create("acme", "default")
+    await registry.refresh()  # three more: past the index's size
+    keys = [await store.create("acme", "default") for _ in range(2)]
+    await registry.refresh()  # rebuilt from every key
+    assert store.calls["key_hashes"] == 3
+    for record, api_key in keys:
+        assert await registry.authenticate(api_key) == record
+    assert registry._index is not None and registry._index.capacity == 2 * 6

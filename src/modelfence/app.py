@@ -199,7 +199,10 @@ class ModelFenceApp:
             ipv6_prefix=config.fingerprint.ipv6_prefix,
         )
         registry = KeyRegistry(
-            store, secret, on_refresh_error=lambda _exc: self.metrics.key_refresh_errors.inc()
+            store,
+            secret,
+            on_refresh_error=lambda _exc: self.metrics.key_refresh_errors.inc(),
+            on_lookup_refused=self.metrics.key_lookups_refused.inc,
         )
         await registry.start()
         backend = build_backend(

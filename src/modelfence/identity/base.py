@@ -164,3 +164,8 @@ class KeyStore(Protocol):
     async def changed_since(self, since: datetime) -> builtins.list[ApiKeyRecord]:
         """Records created, revoked or overridden at or after ``since`` (for replica caches)."""
         ...
+
+    async def key_hashes(self, since: datetime | None = None) -> builtins.list[str]:
+        """The keyed hashes of the keys changed at or after ``since`` (all keys if None):
+        what a replica's key index is built from."""
+        ...

@@ -9,7 +9,11 @@ Wiring (``app.py``)::
 
 Known keys never reach the database: the key's HMAC is looked up in a dict. A key seen for
 the first time costs one store lookup, shared by concurrent requests carrying it; unknown
-keys are remembered briefly, so a flood of bad keys cannot hammer the database. A
+keys are remembered briefly, so a flood of bad keys cannot hammer the database. A flood of
+*different* made-up keys is stopped by the key index (``key_index.py``, a Bloom filter of
+every issued key, kept by the same polls): a key in no index is looked up only within a
+budget of ``unindexed_lookups_per_second`` (a key created since the last poll is one of
+them, for at most ``poll_interval``); past it, it is answered as unknown and counted. A
 background task polls :meth:`KeyStore.changed_since` so that revocations and overrides made
 by any process (another replica, the CLI) reach every replica within about a second.
 The accounts of cached keys are cached and refreshed the same way (:meth:`account`).
@@ -27,6 +31,7 @@ from functools import partial
 
 from modelfence.errors import AccountNotFound
 from modelfence.identity.base import AccountRecord, ApiKeyRecord, KeyStore
+from modelfence.identity.key_index import KeyIndex
 from modelfence.identity.keys import looks_like_api_key
 from modelfence.identity.secret import ServerSecret
 from modelfence.periodic import Periodic
@@ -58,6 +63,23 @@ class _ExpiringSet:
         return True
 
 
+class _Budget:
+    """A token bucket: ``rate`` takes a second, at most ``rate`` at once."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class KeyRegistry:
     """Authenticates API keys from a cache kept in step with a :class:`KeyStore`.
 
@@ -67,7 +89,9 @@ class KeyRegistry:
     the poll window reaches ``overlap`` seconds back past the previous poll, so changes
     whose ``updated_at`` was stamped by a slightly slow clock, or committed late, are
     still seen. ``refresh_errors`` counts failed polls; ``on_refresh_error`` is called
-    with each failure (a metrics hook). Meanwhile cached keys keep being served.
+    with each failure (a metrics hook). Meanwhile cached keys keep being served. Until the
+    first poll has built the key index, every unknown key is looked up as before;
+    ``on_lookup_refused`` is called for each key refused without one (a metrics hook).
     """
 
     def __init__(
@@ -79,8 +103,10 @@ class KeyRegistry:
         overlap: float = 5.0,
         negative_ttl: float = 300.0,
         negative_max_size: int = 10_000,
+        unindexed_lookups_per_second: float = 50.0,
         clock: Callable[[], float] = time.time,
         on_refresh_error: Callable[[Exception], None] | None = None,
+        on_lookup_refused: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._secret = secret
@@ -92,6 +118,9 @@ class KeyRegistry:
         self._hash_by_id: dict[str, str] = {}
         self._accounts: dict[str, AccountRecord] = {}
         self._unknown = _ExpiringSet(negative_max_size, negative_ttl)
+        self._index: KeyIndex | None = None  # built by the first refresh
+        self._unindexed = _Budget(unindexed_lookups_per_second, clock())
+        self._on_lookup_refused = on_lookup_refused
         self._lookups: dict[str, asyncio.Task[ApiKeyRecord | None]] = {}
         self._synced_at = clock()
         self._poller = Periodic(
@@ -126,10 +155,19 @@ class KeyRegistry:
         record = self._by_hash.get(key_hash)
         if record is not None:
             return record
-        if self._unknown.contains(key_hash, self._clock()):
+        now = self._clock()
+        if self._unknown.contains(key_hash, now):
             return None
         lookup = self._lookups.get(key_hash)
         if lookup is None:
+            if (
+                self._index is not None
+                and key_hash not in self._index
+                and not self._unindexed.take(now)
+            ):
+                if self._on_lookup_refused is not None:
+                    self._on_lookup_refused()
+                return None
             lookup = asyncio.create_task(self._look_up(api_key, key_hash))
             self._lookups[key_hash] = lookup
             lookup.add_done_callback(partial(self._lookup_done, key_hash))
@@ -167,6 +205,11 @@ class KeyRegistry:
         """
         started = self._clock()
         since = datetime.fromtimestamp(self._synced_at - self._overlap, UTC)
+        if self._index is None or self._index.full:
+            self._index = KeyIndex.of(await self._store.key_hashes())
+        else:
+            for key_hash in await self._store.key_hashes(since):
+                self._index.add(key_hash)
         for record in await self._store.changed_since(since):
             key_hash = self._hash_by_id.get(record.key_id)
             if key_hash is not None:  # keys nobody used here are looked up when first used

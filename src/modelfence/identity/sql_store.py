@@ -203,6 +203,13 @@ class SqlKeyStore:
             _select_records().where(api_keys.c.updated_at >= since).order_by(api_keys.c.updated_at)
         )
 
+    async def key_hashes(self, since: datetime | None = None) -> builtins.list[str]:
+        query = select(api_keys.c.key_hash)
+        if since is not None:
+            query = query.where(api_keys.c.updated_at >= since)
+        async with transaction(self._engine) as conn:
+            return list((await conn.execute(query)).scalars())
+
     async def _select(self, query: Select[Any]) -> builtins.list[ApiKeyRecord]:
         async with transaction(self._engine) as conn:
             result = await conn.execute(query)

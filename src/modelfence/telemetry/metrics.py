@@ -102,6 +102,12 @@ class Metrics:
             "Failed polls of the key store; cached keys keep being served meanwhile.",
             registry=self.registry,
         )
+        self.key_lookups_refused = Counter(
+            "modelfence_key_lookups_refused",
+            "Keys in no key index answered 401 without a store lookup: the lookups of keys "
+            "missing from the index were over their budget (a flood of made-up keys).",
+            registry=self.registry,
+        )
         self.settle_errors = Counter(
             "modelfence_settle_errors",
             "Usage settlements that failed at first; they are retried in the background.",
