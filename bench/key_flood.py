@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ import numpy as np
 from overhead import machine  # bench/overhead.py: the shared machine description
 from sqlalchemy import insert
 
+from modelfence.errors import KeyLookupDeferred
 from modelfence.identity import KeyRegistry, ServerSecret, SqlKeyStore, new_api_key
 from modelfence.store import create_tables, open_engine, transaction
 from modelfence.store.schema import api_keys
@@ -61,6 +63,12 @@ async def issue(store: SqlKeyStore, url: str, n: int) -> str:
     return api_key
 
 
+async def made_up(registry: KeyRegistry) -> None:
+    """One made-up key: unknown (401 at a gateway) or not looked up (503, counted)."""
+    with contextlib.suppress(KeyLookupDeferred):
+        assert await registry.authenticate(new_api_key()) is None
+
+
 async def run(registry: KeyRegistry, honest_key: str, flood_rate: float, seconds: float,
               lookups: list[int], refused: list[int]) -> dict[str, float]:
     delays: list[float] = []
@@ -81,7 +89,7 @@ async def run(registry: KeyRegistry, honest_key: str, flood_rate: float, seconds
             due = start + n / flood_rate
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            task = asyncio.create_task(registry.authenticate(new_api_key()))
+            task = asyncio.create_task(made_up(registry))
             pending.add(task)
             task.add_done_callback(pending.discard)
         await asyncio.gather(*pending)

@@ -190,3 +190,31 @@ async def test_admin_token_guesses_are_limited_per_address_and_logged(
     # Throttled to a line a second (the events above count every failure).
     assert 1 <= len(failures) <= 5 and all("203.0.113.9" in m for m in failures)
     assert any("refusing 203.0.113.9" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_key_that_cannot_be_checked_now_is_a_503_to_retry_and_not_charged(
+    store: SpyStore,
+) -> None:
+    events: Counter[tuple[str, str]] = Counter()
+    registry = KeyRegistry(store, SECRET, unindexed_lookups_per_second=3)
+    app = Authenticate(
+        _ok, keys=registry,
+        failures=AuthFailures(
+            FailureLimiter(20), surface="api", source=Fingerprinter().source,
+            on_event=lambda surface, outcome: events.update([(surface, outcome)]),
+        ),
+    )
+    await registry.refresh()  # the key index, from every issued key
+    # Made-up keys from many addresses: three are looked up (401), the rest wait (503).
+    statuses = Counter([await _authenticate(app, new_api_key(), f"10.0.{i}.1") for i in range(50)])
+    assert statuses == {401: 3, 503: 47} and store.calls["find_by_secret"] == 3
+    assert events == {("api", "rejected"): 3}  # a 503 is no failed authentication
+    _, created = await store.create("acme", "default")  # since the last poll
+    assert await _authenticate(app, created, "198.51.100.7") == 503
+    await registry.refresh()
+    assert await _authenticate(app, created, "198.51.100.7") == 200
+    # The store down, a key not cached here: 503 (it may be good), not 500 and not 401.
+    _, uncached = await store.create("beta", "default")
+    store.down = True
+    app_down = Authenticate(_ok, keys=KeyRegistry(store, SECRET), failures=app.failures)
+    assert await _authenticate(app_down, uncached, "198.51.100.8") == 503

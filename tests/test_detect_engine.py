@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from modelfence.config import DetectionConfig
+from modelfence.detect import engine as engine_module
 from modelfence.detect.actions import Policy
 from modelfence.detect.detectors import Signal
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.risk import RiskState
 from modelfence.telemetry.events import RequestEvent
 
-from .test_detect_streams import benign_chat, harvester, natural_vectors, perturbation_sweep
+from .test_detect_streams import OIP, benign_chat, harvester, natural_vectors, perturbation_sweep
 
 CONFIG = DetectionConfig(evaluate_every=10)
 
@@ -323,3 +328,33 @@ def test_a_client_cut_from_its_entity_no_longer_carries_the_entitys_risk() -> No
     later = benign_chat("alice", 10, seed=5, start=thief[-1].ts + 10, fingerprint="own")
     after = replay(engine, later)["alice"]
     assert after.entity_members == 1 and after.level == "normal"
+
+
+def test_an_entitys_pooled_view_is_its_newest_queries_oldest_first_rows_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pooled: list[list[float]] = []
+
+    class Recording(engine_module.View):
+        def __init__(self, queries: Any, *, state: Any = None) -> None:
+            super().__init__(queries, state=state)
+            if state is None:  # an entity's pooled view
+                pooled[:] = [float(q.vector[0]) for q in self.queries]
+
+    monkeypatch.setattr(engine_module, "View", Recording)
+    engine = DetectionEngine(DetectionConfig(window=20, evaluate_every=1))
+    events = [
+        RequestEvent(
+            float(t), f"r{t}", client, "key", "default", OIP, "m", 200, account="acct",
+            input_rows=[[float(10 * t + row), 0.0] for row in range(3)],
+        )
+        for t in range(60)
+        for client in (f"member{t % 5}",)
+    ]
+    engine.process(events)
+    # Five members of one account, each window the member's newest 20 rows: the view is the
+    # newest 80 of those 100, in time order, each request's rows in the order they were sent.
+    windows = [
+        [10 * t + row for t in range(60) if t % 5 == m for row in range(3)][-20:] for m in range(5)
+    ]
+    assert pooled == [float(v) for v in sorted(v for w in windows for v in w)][-80:]

@@ -191,3 +191,29 @@ async def test_a_client_the_engine_evicted_is_forgotten_here_too_and_resumed_whe
     assert detector.engine.risks["thief"] is risk  # its own risk, not one re-read from the store
     record = await SqlState(engine).get("thief")
     assert record is not None and record.level == "block"
+
+
+async def test_links_listed_at_a_time_ahead_of_the_clock_are_listed_again(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = service(engine, [])
+    linker = detector.engine.linker
+    listed: list[float] = []
+    links_of = linker.links_of
+
+    def counted(client: str, now: float) -> Any:
+        listed.append(now)
+        return links_of(client, now)
+
+    monkeypatch.setattr(linker, "links_of", counted)
+    events = harvester("thief", 150, seed=1)
+    early = events[:20]
+    early[-1].ts += 3600.0  # one event stamped by a clock an hour ahead
+    await detector.handle(early)
+    assert listed and listed[-1] == early[-1].ts
+    before = len(listed)
+    published = []
+    for i in range(20, len(events), 5):
+        published += await detector.handle(events[i : i + 5])
+    assert published  # republished as its risk climbed, with its links listed again
+    assert len(listed) > before and all(now < early[-1].ts for now in listed[before:])

@@ -34,3 +34,12 @@ def test_a_hash_seen_again_does_not_count_and_an_index_past_its_size_is_full() -
         index.add(key_hash)
     assert index.full
     assert KeyIndex.of(hashes(3_000)).capacity == 6_000
+
+
+def test_an_index_built_at_once_answers_as_one_built_key_by_key() -> None:
+    issued = hashes(5_000)
+    at_once = KeyIndex.of(issued)
+    one_by_one = KeyIndex(at_once.capacity)
+    for key_hash in issued:
+        one_by_one.add(key_hash)
+    assert at_once._bits == one_by_one._bits and at_once.count == one_by_one.count == 5_000

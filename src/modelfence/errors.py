@@ -5,6 +5,7 @@
     ├── StoreError                the state database failed or is unreachable
     │   ├── KeyNotFound           no API key with that id
     │   └── AccountNotFound       no account with that id
+    ├── KeyLookupDeferred         a key in no key index, over the budget of lookups
     ├── LimitBackendError         the shared limit backend (Redis) failed
     └── GatewayError              anything the gateway answers with an HTTP error
         ├── BadRequest            400 invalid_request_error
@@ -35,6 +36,11 @@ class ConfigError(ModelFenceError):
 
 class StoreError(ModelFenceError):
     """The state database (SQLite or PostgreSQL) failed."""
+
+
+class KeyLookupDeferred(ModelFenceError):
+    """A key this replica's key index does not hold was not looked up: the lookups of such
+    keys (made-up ones, or one created since the last poll) are over their budget."""
 
 
 class KeyNotFound(StoreError):

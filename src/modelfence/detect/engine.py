@@ -137,8 +137,10 @@ class DetectionEngine:
         texts: list[str] = []
         for event in events:
             if not event.cot and event.prompt_text:
-                # An event recorded before the gateway read every turn: its last user turn
-                # is read here, once, rather than by each evaluation of every window it is in.
+                # The gateway reads every turn for a request for reasoning; an event recorded
+                # before it did (or built elsewhere) has its last user turn read here, once,
+                # rather than by each evaluation of every window it is in. The event is
+                # updated in place: reading it again finds the same answer.
                 event.cot = elicits_reasoning([event.prompt_text])
             if not event.input_rows:
                 texts.extend(t[:EMBED_CHARS] for t in _texts_of(event))
@@ -240,11 +242,14 @@ class DetectionEngine:
         state.members = members
         # The newest 4 windows of the members' queries, merged from the newest end: the cost
         # follows the view kept, not the entity's size (a lockstep surge can link hundreds).
+        # A member's window is in arrival order, time order but for events that arrive late
+        # (another replica's sink batch); those may leave a few queries out at the edge.
         newest = heapq.merge(
             *(reversed(self.clients[m].queries) for m in members if m in self.clients),
             key=event_ts, reverse=True,
         )
-        view = View(itertools.islice(newest, 4 * self.config.window))
+        # Oldest first again, so the rows of one batch (one timestamp) keep their order.
+        view = View(list(itertools.islice(newest, 4 * self.config.window))[::-1])
         # Per-key habits (timing, volume) of a pooled view describe no one; the rest do.
         signals = [
             s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")

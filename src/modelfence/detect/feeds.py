@@ -77,8 +77,9 @@ class QueueSink:
 
 
 class QueueFeed:
-    """Reads the sink's batches; a backlog is merged into reads of up to ``max_events``, so
-    a detector that fell behind catches up in large batches (per-batch costs, and the
+    """Reads the sink's batches; a backlog is merged into one read of whole sink batches
+    until it holds at least ``max_events`` (so it may exceed it by one sink batch), so a
+    detector that fell behind catches up in large batches (per-batch costs, and the
     embedder's per-call cost, amortise) instead of one small sink batch at a time."""
 
     _CLOSED = None

@@ -104,7 +104,7 @@ class DetectorService:
             and before.links is not None
             and before.entity == entity_of(verdict)
             and listed is not None
-            and verdict.ts - listed < LINKS_FRESH_SECONDS
+            and 0.0 <= verdict.ts - listed < LINKS_FRESH_SECONDS  # a clock ahead: relist
         ):
             return before.links
         self._links_at[verdict.client] = verdict.ts

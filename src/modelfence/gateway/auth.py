@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from modelfence.errors import AuthenticationError
+from modelfence.errors import (
+    AuthenticationError,
+    KeyLookupDeferred,
+    ServiceUnavailable,
+    StoreError,
+)
 from modelfence.gateway.context import context_of
 from modelfence.identity.base import ApiKeyRecord, Fingerprint
 from modelfence.identity.failures import AuthFailures
 from modelfence.types import ASGIApp, Receive, Scope, Send
+
+RETRY = [(b"retry-after", b"1")]
 
 
 class Authenticator(Protocol):
@@ -64,14 +71,14 @@ class Authenticate:
             raise refusal
         if self.keys.lookup_pending(secret):
             # Joins a lookup already charged: a burst carrying one new key costs one charge.
-            record = await self.keys.authenticate(secret)
+            record = await self._authenticate(secret)
             if record is None:
                 self.failures.failed(self.failures.charge(scope), "unknown API key")
                 raise AuthenticationError("Incorrect API key provided.")
             return record
         source = self.failures.charge(scope)
         try:
-            record = await self.keys.authenticate(secret)
+            record = await self._authenticate(secret)
         except BaseException:
             self.failures.forgive(source)  # the store failed (503) or the client left
             raise
@@ -80,6 +87,20 @@ class Authenticate:
             raise AuthenticationError("Incorrect API key provided.")
         self.failures.forgive(source)
         return record
+
+
+    async def _authenticate(self, secret: str) -> ApiKeyRecord | None:
+        """The key's record; a key that could not be checked now is a 503, never a 401."""
+        try:
+            return await self.keys.authenticate(secret)
+        except KeyLookupDeferred as exc:
+            raise ServiceUnavailable(str(exc), code="key_lookup_deferred", headers=RETRY) from exc
+        except StoreError as exc:
+            raise ServiceUnavailable(
+                "the key store is unavailable and this key is not cached here; retry shortly",
+                code="key_store_unavailable",
+                headers=RETRY,
+            ) from exc
 
 
 class Fingerprinting:

@@ -6,12 +6,14 @@ random, so its own bits give the filter's ``PROBES`` positions; nothing else is 
 A filter never forgets (a revoked key stays "issued": its lookup finds it revoked) and
 answers "maybe issued" for about 1 in ``1 / FALSE_POSITIVE_RATE`` made-up keys, which
 then cost the lookup they cost before. At ``BITS_PER_KEY`` bits per key, a million keys
-take 1.2 MB.
+take 1.2 MB, and an index built for them (with room to double) 2.5 MB.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+import numpy as np
 
 BITS_PER_KEY = 10
 PROBES = 7  # the best count at 10 bits per key: ~0.8% false positives
@@ -30,11 +32,19 @@ class KeyIndex:
 
     @classmethod
     def of(cls, key_hashes: Iterable[str]) -> KeyIndex:
-        """An index of ``key_hashes``, with room for as many again before it is full."""
+        """An index of ``key_hashes`` (distinct, as keys' hashes are), with room for as many
+        again before it is full. Built with array operations: a million keys take well
+        under a second on the gateway's loop, where one ``add`` each would take ~10 s."""
         hashes = list(key_hashes)
         index = cls(2 * len(hashes))
-        for key_hash in hashes:
-            index.add(key_hash)
+        if hashes:
+            # Big-endian 32-bit words of the hash are the 8-hex-digit slices _positions reads.
+            words = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=">u4")
+            probes = words.reshape(len(hashes), 8)[:, :PROBES].astype(np.uint64)
+            flags = np.zeros(index._bits_count, dtype=bool)
+            flags[(probes % index._bits_count).ravel()] = True
+            index._bits = bytearray(np.packbits(flags, bitorder="little").tobytes())
+            index.count = len(hashes)
         return index
 
     @property

@@ -13,7 +13,8 @@ keys are remembered briefly, so a flood of bad keys cannot hammer the database. 
 *different* made-up keys is stopped by the key index (``key_index.py``, a Bloom filter of
 every issued key, kept by the same polls): a key in no index is looked up only within a
 budget of ``unindexed_lookups_per_second`` (a key created since the last poll is one of
-them, for at most ``poll_interval``); past it, it is answered as unknown and counted. A
+them, for at most ``poll_interval``); past it, it is refused (the gateway answers 503 with
+``Retry-After``) and counted. A
 background task polls :meth:`KeyStore.changed_since` so that revocations and overrides made
 by any process (another replica, the CLI) reach every replica within about a second.
 The accounts of cached keys are cached and refreshed the same way (:meth:`account`).
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 
-from modelfence.errors import AccountNotFound
+from modelfence.errors import AccountNotFound, KeyLookupDeferred
 from modelfence.identity.base import AccountRecord, ApiKeyRecord, KeyStore
 from modelfence.identity.key_index import KeyIndex
 from modelfence.identity.keys import looks_like_api_key
@@ -72,7 +73,8 @@ class _Budget:
         self._at = now
 
     def take(self, now: float) -> bool:
-        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        # A clock stepped back adds nothing, and takes nothing away.
+        self._tokens = min(self._rate, self._tokens + max(0.0, now - self._at) * self._rate)
         self._at = now
         if self._tokens < 1.0:
             return False
@@ -145,7 +147,9 @@ class KeyRegistry:
         """The record of ``api_key`` (revoked ones included: check ``.active``), or None.
 
         Raises :class:`~modelfence.errors.StoreError` only for a key not yet cached while
-        the store is down: the caller should answer 503, not 401.
+        the store is down, and :class:`~modelfence.errors.KeyLookupDeferred` for a key in
+        no key index while the budget of their lookups is spent: the caller should answer
+        503 (retry), not 401, since the key may be good.
         """
         if not looks_like_api_key(api_key):
             return None
@@ -167,7 +171,10 @@ class KeyRegistry:
             ):
                 if self._on_lookup_refused is not None:
                     self._on_lookup_refused()
-                return None
+                raise KeyLookupDeferred(
+                    "too many keys this replica has not indexed yet (made-up keys, or one "
+                    "created in the last second) are being looked up; retry in a second"
+                )
             lookup = asyncio.create_task(self._look_up(api_key, key_hash))
             self._lookups[key_hash] = lookup
             lookup.add_done_callback(partial(self._lookup_done, key_hash))
