@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,12 @@ async def test_a_restarted_detector_resumes_published_risk(engine: AsyncEngine) 
     assert record is not None and record.level == "block"
 
 
-async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_changes_or_a_minute_passed(
-    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    detector = service(engine, [])
-    linker = detector.engine.linker
+def links_listed(
+    detector: DetectorService, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, float]]:
+    """(client, event time) of every listing of links the detector makes from now on."""
     listed: list[tuple[str, float]] = []
+    linker = detector.engine.linker
     links_of = linker.links_of
 
     def counted(client: str, now: float) -> Any:
@@ -153,6 +154,14 @@ async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_
         return links_of(client, now)
 
     monkeypatch.setattr(linker, "links_of", counted)
+    return listed
+
+
+async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_changes_or_a_minute_passed(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = service(engine, [])
+    listed = links_listed(detector, monkeypatch)
     events = sorted(
         harvester("thief", 150, seed=1, ip_prefix="net")
         + harvester("twin", 100, seed=2, start=100.0, ip_prefix="net"),
@@ -166,7 +175,7 @@ async def test_a_republished_member_lists_its_links_afresh_only_when_its_entity_
     # (its entity changed) and then at most once a minute over the 300 s it is seen.
     assert len(published) > len(times) + 3
     assert len(times) <= 2 + 300 // 60
-    assert all(b - a >= 60.0 for a, b in zip(times[2:], times[3:], strict=False))
+    assert all(b - a >= 60.0 for a, b in itertools.pairwise(times[2:]))
     last = await SqlState(engine).get("thief")
     assert last is not None and last.entity is not None
     assert last.links is not None and [(x["other"], x["kinds"]) for x in last.links] == [
@@ -197,23 +206,15 @@ async def test_links_listed_at_a_time_ahead_of_the_clock_are_listed_again(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     detector = service(engine, [])
-    linker = detector.engine.linker
-    listed: list[float] = []
-    links_of = linker.links_of
-
-    def counted(client: str, now: float) -> Any:
-        listed.append(now)
-        return links_of(client, now)
-
-    monkeypatch.setattr(linker, "links_of", counted)
+    listed = links_listed(detector, monkeypatch)
     events = harvester("thief", 150, seed=1)
     early = events[:20]
     early[-1].ts += 3600.0  # one event stamped by a clock an hour ahead
     await detector.handle(early)
-    assert listed and listed[-1] == early[-1].ts
+    assert listed and listed[-1][1] == early[-1].ts
     before = len(listed)
     published = []
     for i in range(20, len(events), 5):
         published += await detector.handle(events[i : i + 5])
     assert published  # republished as its risk climbed, with its links listed again
-    assert len(listed) > before and all(now < early[-1].ts for now in listed[before:])
+    assert len(listed) > before and all(now < early[-1].ts for _, now in listed[before:])

@@ -88,7 +88,6 @@ class Authenticate:
         self.failures.forgive(source)
         return record
 
-
     async def _authenticate(self, secret: str) -> ApiKeyRecord | None:
         """The key's record; a key that could not be checked now is a 503, never a 401."""
         try:

@@ -35,6 +35,7 @@ from modelfence.identity.base import AccountRecord, ApiKeyRecord, KeyStore
 from modelfence.identity.key_index import KeyIndex
 from modelfence.identity.keys import looks_like_api_key
 from modelfence.identity.secret import ServerSecret
+from modelfence.limits.gcra import Rate, admit
 from modelfence.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -65,21 +66,20 @@ class _ExpiringSet:
 
 
 class _Budget:
-    """A token bucket: ``rate`` takes a second, at most ``rate`` at once."""
+    """``rate`` units a second, ``rate`` at once: the limits' GCRA, on a clock that never
+    goes back (one stepped back neither refills the budget nor drains it)."""
 
-    def __init__(self, rate: float, now: float) -> None:
-        self._rate = rate
-        self._tokens = rate
-        self._at = now
+    def __init__(self, rate: float) -> None:
+        self._rate = Rate(rate, period=1.0)
+        self._tat = 0.0
+        self._latest = 0.0
 
     def take(self, now: float) -> bool:
-        # A clock stepped back adds nothing, and takes nothing away.
-        self._tokens = min(self._rate, self._tokens + max(0.0, now - self._at) * self._rate)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        self._latest = max(self._latest, now)
+        verdict = admit(self._rate, self._tat, self._latest)
+        if verdict.allowed:
+            self._tat = verdict.tat
+        return verdict.allowed
 
 
 class KeyRegistry:
@@ -121,7 +121,7 @@ class KeyRegistry:
         self._accounts: dict[str, AccountRecord] = {}
         self._unknown = _ExpiringSet(negative_max_size, negative_ttl)
         self._index: KeyIndex | None = None  # built by the first refresh
-        self._unindexed = _Budget(unindexed_lookups_per_second, clock())
+        self._unindexed = _Budget(unindexed_lookups_per_second)
         self._on_lookup_refused = on_lookup_refused
         self._lookups: dict[str, asyncio.Task[ApiKeyRecord | None]] = {}
         self._synced_at = clock()

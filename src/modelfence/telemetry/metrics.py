@@ -104,8 +104,8 @@ class Metrics:
         )
         self.key_lookups_refused = Counter(
             "modelfence_key_lookups_refused",
-            "Keys in no key index answered 401 without a store lookup: the lookups of keys "
-            "missing from the index were over their budget (a flood of made-up keys).",
+            "Keys in no key index answered 503 (key_lookup_deferred) without a store lookup: "
+            "the lookups of keys missing from the index were over their budget.",
             registry=self.registry,
         )
         self.settle_errors = Counter(
