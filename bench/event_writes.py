@@ -6,11 +6,11 @@ ModelFence's own ``create_tables``, and writes realistic request events into
 ``request_events`` from one writer, as one telemetry lane does, for ``--seconds`` per case:
 
 - ``SqlSink``: the gateway's and detector's real sink (``modelfence.telemetry.sinks.SqlSink``:
-  rows built by ``event_row``, one SQLAlchemy ``insert`` of the batch on asyncpg, one
-  transaction per batch), at batch sizes ``--batches`` (default 1, 100, 500, 2000; the
-  configured ``telemetry.batch_size`` is 500);
-- ``COPY``: the same rows (built by the same ``event_row``) sent with asyncpg's
-  ``copy_records_to_table``, one transaction per batch;
+  records in the driver's types, ``detail`` through orjson, one driver-level ``executemany``
+  of the batch on asyncpg, one transaction per batch), at batch sizes ``--batches`` (default
+  1, 100, 500, 2000; the configured ``telemetry.batch_size`` is 500);
+- ``COPY``: the same rows (built by ``event_row``, ``detail`` through orjson) sent with
+  asyncpg's ``copy_records_to_table``, one transaction per batch;
 - both again with the two secondary indexes (``ts`` and ``(client, ts)``) dropped, to show
   what they cost on the write path.
 
@@ -257,8 +257,8 @@ async def main(args: argparse.Namespace) -> int:
           + ").\n")
     print(f"Command: `{command}`\n")
     print(f"One writer, {args.seconds:g} s per case, {POOL:,} distinct events cycled "
-          "(75% chat, 15% embeddings, 10% OIP; prompt text not stored); rows built by "
-          "`event_row` in every case; table truncated between cases.\n")
+          "(75% chat, 15% embeddings, 10% OIP; prompt text not stored); rows built in "
+          "the writing process in every case; table truncated between cases.\n")
     print("| writer | batch | secondary indexes | events/s | p50 ms per batch | "
           "p99 ms per batch | client CPU µs/event | PostgreSQL CPU µs/event | "
           "bytes/event (heap + indexes) | MB per million events |")

@@ -328,11 +328,17 @@ def main() -> None:
     parser.add_argument("--max-conns", type=int, default=512, help="open loop: connection cap")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to wait for answers after the last request is sent")
-    parser.add_argument("--body", required=True, help="JSON body with an @N@ placeholder")
+    body = parser.add_mutually_exclusive_group(required=True)
+    body.add_argument("--body", help="JSON body with an @N@ placeholder")
+    body.add_argument("--body-file", help="the same, from a file (bodies past a command "
+                      "line's 128 KB argument limit)")
     parser.add_argument("--header", action="append", default=[], help="'Name: value'")
     parser.add_argument("--out", required=True, help="where the JSON result is written")
     args = parser.parse_args()
 
+    if args.body_file:
+        with open(args.body_file, encoding="utf-8") as handle:
+            args.body = handle.read()
     maker = RequestMaker(args.url, json.loads(args.body), args.header)
     if args.mode == "open":
         coro = open_loop(maker, args.rate, args.duration, args.warmup, args.preconnect,

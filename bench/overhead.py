@@ -22,13 +22,21 @@ For each target:
    pinned to core 1 and the load generator + fake upstream on core 0: req/s, and req/s per
    proxy core (req/s divided by the cores the proxy actually used, which is what counts when
    the load generator and upstream, sharing one core, cannot saturate the proxy);
-4. with ``--profile``: one more closed-loop run under py-spy on each ModelFence target; a
+4. for direct, floor and ModelFence with memory and Redis limits: open loop at
+   ``--large-rate`` req/s with a chat prompt of about 100k tokens (~400 KB) and with a
+   64-row classifier batch (Open Inference Protocol), ``--large-duration`` s each;
+5. with ``--profile``: one more closed-loop run under py-spy on each ModelFence target; a
    flame graph SVG and a top-functions table land in bench/results/.
+
+The goals are ratios and differences against the floor proxy of the same run: throughput
+per core >= 65% of the floor's with memory limits and >= 50% with Redis limits; added
+latency p50 within 0.2 ms (memory) / 0.5 ms (Redis) of the floor's and p99 within 0.5 ms;
+time to first chunk within 0.2 ms; the large bodies within 2 ms of the floor's p50.
 
 Writes bench/results/overhead-<stamp>.json (raw latencies included) and the results table
 into docs/BENCHMARKS.md between the ``overhead:begin``/``overhead:end`` markers.
 
-    python bench/overhead.py                 # full run (~6 minutes)
+    python bench/overhead.py                 # full run (~8 minutes)
     python bench/overhead.py --quick         # a few seconds per target, for development
     python bench/overhead.py --quick --targets direct,floor,modelfence-memory --profile
 """
@@ -76,16 +84,29 @@ CHAT_BODY = {"model": "fake-chat", "max_tokens": 16,
 STREAM_BODY = {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": True},
                "fake_chunks": 5, "fake_chunk_delay": 0.005}
 
-# The issue's targets.
-GOAL_P50_MEMORY_MS = 0.9
-GOAL_DETECTION_MS = 0.1  # "zero" within what repeated runs of one target differ by
-GOAL_P99_MEMORY_MS = 2.0
-GOAL_P50_REDIS_MS = 1.3
-GOAL_RPS_PER_CORE = 3000.0
-GOAL_X_LITELLM = 35.0
-GOAL_SHARE_OF_FLOOR = 0.40
-GOAL_TTFC_MS = 0.6
+CHAT_PATH = "/v1/chat/completions"
+# Large bodies: a prompt of about 100k tokens (~400 KB) and a 64-row classifier batch.
+BIG_PROMPT_BODY = {"model": "fake-chat", "max_tokens": 16, "messages": [
+    {"role": "user", "content": "request @N@: " + "lorem ipsum dolor sit amet " * 15_000}]}
+BATCH_MODEL = "fake-digits"
+BATCH_PATH = f"/v2/models/{BATCH_MODEL}/infer"
+BATCH_BODY = {"id": "@N@", "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [64, 64],
+                                       "data": [(i * 37 % 17) / 16 for i in range(64 * 64)]}]}
+LARGE_BODIES = {"big_prompt": (BIG_PROMPT_BODY, CHAT_PATH),
+                "batch64": (BATCH_BODY, BATCH_PATH)}
+MAX_ARG_BODY = 100_000  # longer bodies reach the load generator through a file
 
+# The targets: ratios and differences against the floor proxy measured in the same run.
+GOAL_SHARE_OF_FLOOR_MEMORY = 0.65  # closed-loop req/s per core, memory limits
+GOAL_SHARE_OF_FLOOR_REDIS = 0.50  # the same with Redis limits
+GOAL_P50_BEYOND_FLOOR_MEMORY_MS = 0.2  # added p50 at --rate, beyond the floor's added p50
+GOAL_P50_BEYOND_FLOOR_REDIS_MS = 0.5
+GOAL_P99_BEYOND_FLOOR_MS = 0.5  # added p99, memory and Redis
+GOAL_TTFC_BEYOND_FLOOR_MS = 0.2  # added time to first chunk p50, memory and Redis
+GOAL_LARGE_BEYOND_FLOOR_MS = 2.0  # large bodies: added p50 beyond the floor's, same body
+GOAL_DETECTION_MS = 0.1  # "zero" within what repeated runs of one target differ by
+
+LARGE_TARGETS = ("direct", "floor", "modelfence-memory", "modelfence-redis")
 LOADGEN_CORE, PROXY_CORE = 0, 1
 NOISY_CORES = 0.3  # other work above this many cores makes a run's verdicts unreliable
 
@@ -283,7 +304,9 @@ def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
            "concurrent_requests": 1_000_000, "usd_per_day": 1e9}  # the largest allowed
     config = {
         "server": {"host": "127.0.0.1", "port": port},
-        "upstreams": [{"name": "fake", "url": upstream, "kind": "openai", "models": ["*"]}],
+        "upstreams": [{"name": "fake", "url": upstream, "kind": "openai", "models": ["*"]},
+                      {"name": "fake-oip", "url": upstream, "kind": "oip",
+                       "models": [BATCH_MODEL]}],
         "store": f"sqlite:///{workdir / 'modelfence.db'}",
         "admin_token": ADMIN_TOKEN,
         "secret": "bench-secret-" + os.urandom(16).hex(),
@@ -445,15 +468,21 @@ def summarize_us(values: list[int]) -> dict[str, float]:
 
 def run_load(target: Target, mode: str, body: dict[str, Any], args: argparse.Namespace,
              watch: dict[str, int | None], duration: float,
-             rate: float | None = None) -> dict[str, Any]:
+             rate: float | None = None, path: str = CHAT_PATH) -> dict[str, Any]:
     """One load-generator run; CPU of the watched processes sampled over its measured window."""
-    cmd = [sys.executable, str(BENCH / "loadgen.py"), "--url",
-           target.base + "/v1/chat/completions", "--mode", mode, "--duration", str(duration),
-           "--warmup", str(args.warmup), "--body", json.dumps(body)]
+    cmd = [sys.executable, str(BENCH / "loadgen.py"), "--url", target.base + path,
+           "--mode", mode, "--duration", str(duration), "--warmup", str(args.warmup)]
     fd, name = tempfile.mkstemp(prefix="loadgen-", suffix=".json")
     os.close(fd)
     out_file = Path(name)
     err_file = out_file.with_suffix(".err")
+    body_file = out_file.with_suffix(".body")
+    text = json.dumps(body)
+    if len(text) > MAX_ARG_BODY:
+        body_file.write_text(text)
+        cmd += ["--body-file", str(body_file)]
+    else:
+        cmd += ["--body", text]
     cmd += ["--out", str(out_file)]
     if mode == "open":
         cmd += ["--rate", str(rate or args.rate)]
@@ -491,6 +520,7 @@ def run_load(target: Target, mode: str, body: dict[str, Any], args: argparse.Nam
             popen.kill()
             popen.wait()
         out_file.unlink(missing_ok=True)
+        body_file.unlink(missing_ok=True)
         stderr = err_file.read_text(errors="replace")
         err_file.unlink(missing_ok=True)
     if result is None or not before or not after:
@@ -528,8 +558,27 @@ def log_warnings(proc: Proc, limit: int = 5) -> list[str]:
     return [f"{n}× {m}" for m, n in counts.most_common(limit)]
 
 
+def measure_large(target: Target, args: argparse.Namespace,
+                  watch: dict[str, int | None]) -> dict[str, Any]:
+    """Open loop at ``--large-rate`` with each large body: latency and proxy CPU per request."""
+    out: dict[str, Any] = {}
+    for name, (body, path) in LARGE_BODIES.items():
+        say(f"{target.name}: open loop {args.large_rate:g} req/s for {args.large_duration:g}s "
+            f"({name})")
+        run = run_load(target, "open", body, args, watch, args.large_duration,
+                       args.large_rate, path)
+        latency = summarize_us(run.pop("latency_us"))
+        run.pop("ttfb_us")
+        run.pop("send_lag_us")
+        cpu = run["cpu_s"].get("proxy")
+        out[name] = {"latency": latency, "ok": run["ok"], "invalid": run.get("invalid"),
+                     "proxy_cpu_us_per_req": cpu / run["ok"] * 1e6 if cpu and run["ok"] else None}
+        say(f"{target.name}: {name} p50 {latency['p50']:.3f} ms, p99 {latency['p99']:.3f} ms")
+    return out
+
+
 def measure_target(target: Target, args: argparse.Namespace, upstream: Proc,
-                   redis_pid: int | None) -> dict[str, Any]:
+                   redis_pid: int | None, large: bool = False) -> dict[str, Any]:
     watch: dict[str, int | None] = {"upstream": upstream.pid}
     if target.proc is not None:
         watch["proxy"] = target.proc.pid
@@ -604,6 +653,11 @@ def measure_target(target: Target, args: argparse.Namespace, upstream: Proc,
     say(f"{target.name}: TTFC p50 {out['stream_ttfc']['p50']:.3f} ms, "
         f"p99 {out['stream_ttfc']['p99']:.3f} ms"
         + (f", {run['errors']} errors {run['error_examples'][:2]}" if run["errors"] else ""))
+    if large and args.large_duration > 0:
+        out["large"] = measure_large(target, args, watch)
+        warnings += [r["invalid"] for r in out["large"].values() if r.get("invalid")]
+        if warnings:
+            out["warnings"] = warnings
     return out
 
 
@@ -814,6 +868,13 @@ def build_rows(results: dict[str, dict[str, Any]], baseline: dict[str, float]) -
         per_core = row["closed_rps_per_core"]
         row["vs_floor"] = per_core / floor if per_core and floor else None
         row["vs_litellm"] = per_core / lite if per_core and lite else None
+        direct_large = results.get("direct", {}).get("large", {})
+        for body, run in r.get("large", {}).items():
+            base = direct_large.get(body)
+            if base is not None:
+                row[f"{body}_p50_added"] = run["latency"]["p50"] - base["latency"]["p50"]
+                row[f"{body}_p99_added"] = run["latency"]["p99"] - base["latency"]["p99"]
+            row[f"{body}_cpu_us"] = run.get("proxy_cpu_us_per_req")
         rows.append(row)
     return rows
 
@@ -844,38 +905,55 @@ def markdown_table(rows: list[dict[str, Any]], rate: float) -> str:
 
 
 def goals(rows: list[dict[str, Any]], rate: float) -> list[tuple[str, bool | None, str]]:
+    """The targets, each against the floor proxy of the same run (ratios and differences)."""
     by = {r["name"]: r for r in rows}
-    mem, red = by.get("modelfence-memory"), by.get("modelfence-redis")
+    floor, mem, red = by.get("floor"), by.get("modelfence-memory"), by.get("modelfence-redis")
     out: list[tuple[str, bool | None, str]] = []
 
-    def check(label: str, value: float | None, goal: float, higher: bool, unit: str) -> None:
+    def check(label: str, value: float | None, goal: float, higher: bool, unit: str,
+              what: str = "") -> None:
         if value is None or math.isnan(value):
             out.append((label, None, "not measured"))
             return
         ok = value >= goal if higher else value <= goal
         shown = "not at that rate" if value == float("inf") else (
             f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}") + unit
-        out.append((label, ok, f"{shown} (goal {'≥' if higher else '≤'} {goal:g}{unit})"))
+        out.append((label, ok, f"{shown}{what} (goal {'≥' if higher else '≤'} {goal:g}{unit})"))
 
     def at_rate(row: dict[str, Any] | None, key: str) -> float | None:
         # measured at a lower rate because the target could not sustain this one: a fail
         if row and row.get("open_rate") not in (None, rate):
             return float("inf")
-        return row[key] if row else None
+        return row.get(key) if row else None
 
-    check(f"added p50 at {rate:g} req/s, memory backend", at_rate(mem, "p50_added"),
-          GOAL_P50_MEMORY_MS, False, " ms")
-    check(f"added p99 at {rate:g} req/s, memory backend", at_rate(mem, "p99_added"),
-          GOAL_P99_MEMORY_MS, False, " ms")
-    check(f"added p50 at {rate:g} req/s, Redis backend", at_rate(red, "p50_added"),
-          GOAL_P50_REDIS_MS, False, " ms")
-    check("req/s per core (closed loop, memory)", mem["closed_rps_per_core"] if mem else None,
-          GOAL_RPS_PER_CORE, True, "")
-    check("per-core throughput vs LiteLLM", mem["vs_litellm"] if mem else None, GOAL_X_LITELLM, True, "×")
-    check("per-core throughput vs floor proxy", mem["vs_floor"] * 100 if mem and mem["vs_floor"] else None,
-          GOAL_SHARE_OF_FLOOR * 100, True, "%")
-    check("added time to first chunk p50, memory backend", mem["ttfc_p50_added"] if mem else None,
-          GOAL_TTFC_MS, False, " ms")
+    def beyond_floor(row: dict[str, Any] | None, key: str) -> float | None:
+        ours, theirs = at_rate(row, key), floor.get(key) if floor else None
+        return None if ours is None or theirs is None else ours - theirs
+
+    def share(row: dict[str, Any] | None) -> float | None:
+        return row["vs_floor"] * 100 if row and row.get("vs_floor") else None
+
+    check("closed-loop req/s per core vs floor proxy, memory limits", share(mem),
+          GOAL_SHARE_OF_FLOOR_MEMORY * 100, True, "%")
+    check("closed-loop req/s per core vs floor proxy, Redis limits", share(red),
+          GOAL_SHARE_OF_FLOOR_REDIS * 100, True, "%")
+    beyond = " beyond the floor's"
+    check(f"added p50 at {rate:g} req/s, memory limits", beyond_floor(mem, "p50_added"),
+          GOAL_P50_BEYOND_FLOOR_MEMORY_MS, False, " ms", beyond)
+    check(f"added p50 at {rate:g} req/s, Redis limits", beyond_floor(red, "p50_added"),
+          GOAL_P50_BEYOND_FLOOR_REDIS_MS, False, " ms", beyond)
+    for label, row in (("memory", mem), ("Redis", red)):
+        check(f"added p99 at {rate:g} req/s, {label} limits", beyond_floor(row, "p99_added"),
+              GOAL_P99_BEYOND_FLOOR_MS, False, " ms", beyond)
+    for label, row in (("memory", mem), ("Redis", red)):
+        check(f"added time to first chunk p50, {label} limits",
+              beyond_floor(row, "ttfc_p50_added"), GOAL_TTFC_BEYOND_FLOOR_MS, False, " ms", beyond)
+    for body, label in (("big_prompt", "100k-token prompt"), ("batch64", "64-row batch")):
+        key = f"{body}_p50_added"
+        ours, theirs = (mem or {}).get(key), (floor or {}).get(key)
+        check(f"added p50 with a {label}, memory limits",
+              None if ours is None or theirs is None else ours - theirs,
+              GOAL_LARGE_BEYOND_FLOOR_MS, False, " ms", beyond)
     on, off = at_rate(by.get("modelfence-detection"), "p50_added"), at_rate(mem, "p50_added")
     check("detection on minus off, added p50 (the hot path only hands events over)",
           on - off if on is not None and off is not None else None, GOAL_DETECTION_MS, False, " ms")
@@ -885,6 +963,26 @@ def goals(rows: list[dict[str, Any]], rate: float) -> list[tuple[str, bool | Non
         out = [(label, ok, f"{detail}; unreliable: other work used up to {max(loads):.2f} cores")
                for label, ok, detail in out]
     return out
+
+
+def large_table(rows: list[dict[str, Any]]) -> str:
+    """Added latency and proxy CPU with the large bodies, for the targets that ran them."""
+    measured = [r for r in rows if any(k.endswith("_cpu_us") and k != "cpu_us" for k in r)
+                or r["name"] == "direct"]
+    if len(measured) < 2:
+        return ""
+    head = ("| target | 100k-token prompt: p50 added ms | p99 added ms | proxy CPU µs/req "
+            "| 64-row batch: p50 added ms | p99 added ms | proxy CPU µs/req |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in measured:
+        if r["name"] == "direct":
+            continue
+        cells = []
+        for body in ("big_prompt", "batch64"):
+            cells += [fmt(r.get(f"{body}_p50_added"), ".3f"), fmt(r.get(f"{body}_p99_added"), ".3f"),
+                      fmt(r.get(f"{body}_cpu_us"), ",.0f")]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_docs(section: str, path: Path) -> None:
@@ -935,6 +1033,12 @@ def report(results: dict[str, dict[str, Any]], again: dict[str, Any] | None,
         table,
         "",
     ]
+    large = large_table(rows)
+    if large:
+        lines += [(f"Large bodies, open loop {args.large_rate:g} req/s for {args.large_duration:g} s "
+                   "each: a chat prompt of about 100k tokens (405 KB) and a 64-row, 64-feature "
+                   "classifier batch (Open Inference Protocol); added to direct's latency with "
+                   "the same body."), "", large, ""]
     other = [r[k]["other_load_cores"] for r in results.values() for k in ("open", "stream", "closed")
              if isinstance(r.get(k), dict) and "other_load_cores" in r[k]]
     if other:
@@ -970,6 +1074,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--closed-duration", type=float, default=None,
                    help="closed-loop seconds (10); 0 skips the closed loop")
     p.add_argument("--concurrency", type=int, default=48, help="closed-loop connections")
+    p.add_argument("--large-rate", type=float, default=20.0,
+                   help="open-loop requests/s with the large bodies (100k-token prompt, "
+                        "64-row batch)")
+    p.add_argument("--large-duration", type=float, default=None,
+                   help="seconds per large body (10); 0 skips them")
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per run (2)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="don't pin proxy / generator to cores with taskset")
@@ -994,6 +1103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"duration": (3, 20), "stream_duration": (2, 10), "closed_duration": (3, 10),
+                "large_duration": (3, 10),
                 "warmup": (0.5, 2), "profile_duration": (4, 10)}
     for key, (q, full) in defaults.items():
         if getattr(args, key) is None:
@@ -1126,7 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
                     target = start_litellm(upstream_url, workdir, args.pin, args.litellm_venv)
                 assert target is not None
                 verify(target)
-                results[name] = measure_target(target, args, upstream, redis_pid)
+                results[name] = measure_target(target, args, upstream, redis_pid,
+                                               large=name in LARGE_TARGETS)
                 if args.profile and name.startswith("modelfence"):
                     results[name]["profile"] = profile_target(target, args, stamp)
             except Exception as exc:  # noqa: BLE001 - one broken target must not sink the rest

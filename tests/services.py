@@ -81,8 +81,9 @@ def ensure_postgres() -> str:
 
 
 @contextmanager
-def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A throw-away ``redis-server`` on a spare port, for tests that kill it mid-run."""
+def private_redis(*options: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A throw-away ``redis-server`` on a spare port, for tests that kill it mid-run;
+    ``options`` are more of its command-line arguments (``"--requirepass", "s3cret"``)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -90,7 +91,7 @@ def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
+             "--appendonly", "no", "--dir", workdir, *options],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -559,3 +559,17 @@ async def test_build_backend_picks_by_name() -> None:
     )
     assert isinstance(shared, GuardedBackend)  # Redis never goes unguarded
     await shared.close()
+
+
+async def test_a_backend_that_settles_at_once_never_waits(backend: LimitBackend) -> None:
+    """Admission awaits such a settle directly, unshielded: it must finish in one step, or
+    a client gone mid-request could leave its lease held."""
+    decision = await backend.admit(ask(Quota(concurrent_requests=1)))
+    assert decision.lease is not None
+    settling = backend.settle(decision.lease, 0, 0.0)
+    if not backend.settles_at_once:
+        await settling
+        return
+    with pytest.raises(StopIteration):
+        settling.send(None)  # type: ignore[attr-defined]
+    assert (await backend.admit(ask(Quota(concurrent_requests=1), decision.lease.key_id))).allowed

@@ -66,7 +66,7 @@ from modelfence.gateway.router import Router
 from modelfence.gateway.routing import ModelAccess, PatternTable, allow_list
 from modelfence.gateway.source_mark import SourceMarking
 from modelfence.gateway.telemetry import EmitEvents
-from modelfence.gateway.upstream import AiohttpTransport, Transport
+from modelfence.gateway.upstream import AiohttpTransport, Transport, upstream_session
 from modelfence.gateway.watermark import OutputWatermark
 from modelfence.identity import (
     ApiKeyRecord,
@@ -210,9 +210,7 @@ class ModelFenceApp:
             on_fallback=self.metrics.backend_failure,
             on_release=self.metrics.limit_release,
         )
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
-        )
+        session = upstream_session()
         transports: dict[str, Transport] = {
             u.name: AiohttpTransport(
                 u.name,

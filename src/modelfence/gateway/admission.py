@@ -9,7 +9,6 @@ it is settled to the usage the upstream reported and the concurrency lease is re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -22,7 +21,14 @@ from modelfence.gateway.context import RequestContext, Usage, context_of
 from modelfence.gateway.routing import PatternTable
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.identity.trust import Standing
-from modelfence.limits.base import AdmissionRequest, Allowance, Decision, LimitBackend, Quota
+from modelfence.limits.base import (
+    AdmissionRequest,
+    Allowance,
+    Decision,
+    Lease,
+    LimitBackend,
+    Quota,
+)
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
@@ -268,17 +274,19 @@ class Admission:
             if decision.lease is not None:
                 usage = ctx.usage or Usage()
                 used_usd = cost(price, usage.prompt_tokens, usage.completion_tokens)
-                settle = asyncio.ensure_future(
-                    self.backend.settle(decision.lease, usage.total, used_usd)
-                )
-                # Settling must survive the request task being cancelled mid-stream.
-                self._settling.add(settle)
-                settle.add_done_callback(self._settled)
-                with contextlib.suppress(Exception):  # counted and logged in _settled
-                    await asyncio.shield(settle)
+                settling = self._settle(decision.lease, usage.total, used_usd)
+                if self.backend.settles_at_once:
+                    await settling  # never waits, so a cancellation cannot cut it short
+                else:
+                    # Settling must survive the request task being cancelled mid-stream.
+                    task = asyncio.ensure_future(settling)
+                    self._settling.add(task)
+                    task.add_done_callback(self._settling.discard)
+                    await asyncio.shield(task)
 
-    def _settled(self, task: asyncio.Task[None]) -> None:
-        self._settling.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+    async def _settle(self, lease: Lease, tokens: int, usd: float) -> None:
+        try:
+            await self.backend.settle(lease, tokens, usd)
+        except Exception as exc:  # noqa: BLE001 - the answer is sent: count and log, go on
             self.metrics.settle_errors.inc()
-            log.warning("usage settlement failed: %s", task.exception())
+            log.warning("usage settlement failed: %s", exc)

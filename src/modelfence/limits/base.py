@@ -8,7 +8,9 @@ through one Lua script call). Every backend implements :class:`LimitBackend`.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -105,8 +107,24 @@ class Quota:
         )
 
 
-def new_lease_id() -> str:
-    return secrets.token_hex(16)
+class _LeaseIds:
+    """Lease ids unique across replicas and restarts: a random prefix per process (drawn
+    again in a forked child) and a counter. Ids name leases, they guard nothing, so they
+    need no fresh randomness per request (a system call each, on the hot path)."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
+
+
+new_lease_id = _LeaseIds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +200,10 @@ class Decision:
 
 class LimitBackend(Protocol):
     """Storage + algorithm for admission. All methods are safe under concurrency."""
+
+    settles_at_once: bool
+    """True when :meth:`settle` never waits (state in this process): no cancellation can
+    cut it short, so a caller may await it directly instead of shielding it in a task."""
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         """Decide every dimension atomically; reserve tokens, dollars and a lease if allowed."""

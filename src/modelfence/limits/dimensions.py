@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import Literal
 
@@ -56,10 +57,15 @@ def rate_checks(request: AdmissionRequest) -> list[RateCheck]:
         ("fingerprint", "fp", request.fingerprint, quota.fingerprint_requests_per_minute, 1),
     ]
     return [
-        RateCheck(dimension, scope, subject, Rate(limit, PERIOD_SECONDS), cost)
+        RateCheck(dimension, scope, subject, per_minute(limit), cost)
         for dimension, scope, subject, limit, cost in wanted
         if subject is not None and limit is not None
     ]
+
+
+@lru_cache(maxsize=4096)  # a few tiers' limits, and their shares under detection
+def per_minute(limit: float) -> Rate:
+    return Rate(limit, PERIOD_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +139,7 @@ def settle_check(lease: Lease, tokens_used: int) -> RateCheck | None:
     if limit is None:
         return None
     units = tokens_used - lease.tokens_reserved
-    return RateCheck("tokens", "k", lease.key_id, Rate(limit, PERIOD_SECONDS), units)
+    return RateCheck("tokens", "k", lease.key_id, per_minute(limit), units)
 
 
 def lease_id_of(request: AdmissionRequest) -> str:

@@ -23,7 +23,7 @@ The Lua scripts in ``lua/`` repeat these few lines for Redis; keep them in step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Epoch seconds (~1.7e9) carry ~2.4e-7 s of rounding per addition, so a bucket filled to
 # the brim by many small steps may overshoot ``B * T`` by a few microseconds. This slack
@@ -38,25 +38,22 @@ class Rate:
     limit: float
     period: float = 60.0
     burst: float | None = None
+    # Derived once (every admission reads them several times per bucket):
+    interval: float = field(init=False, repr=False, compare=False)
+    """Emission interval ``T``: seconds one unit occupies the bucket."""
+    capacity: float = field(init=False, repr=False, compare=False)
+    """Bucket size ``B`` in units."""
+    tolerance: float = field(init=False, repr=False, compare=False)
+    """``B * T``: the most seconds of backlog the bucket holds."""
 
     def __post_init__(self) -> None:
         if not (self.limit > 0 and self.period > 0 and (self.burst is None or self.burst > 0)):
             raise ValueError(f"limit, period and burst must be positive: {self}")
-
-    @property
-    def interval(self) -> float:
-        """Emission interval ``T``: seconds one unit occupies the bucket."""
-        return self.period / self.limit
-
-    @property
-    def capacity(self) -> float:
-        """Bucket size ``B`` in units."""
-        return self.limit if self.burst is None else self.burst
-
-    @property
-    def tolerance(self) -> float:
-        """``B * T``: the most seconds of backlog the bucket holds."""
-        return self.capacity * self.interval
+        interval = self.period / self.limit
+        capacity = self.limit if self.burst is None else self.burst
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(self, "capacity", capacity)
+        object.__setattr__(self, "tolerance", capacity * interval)
 
 
 @dataclass(frozen=True, slots=True)

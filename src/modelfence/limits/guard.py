@@ -46,6 +46,8 @@ class GuardedBackend:
     ... )
     """
 
+    settles_at_once = False  # a round trip: settles are shielded in a task
+
     def __init__(
         self,
         primary: LimitBackend,

@@ -47,6 +47,8 @@ def _slot(check: RateCheck) -> Slot:
 class MemoryBackend:
     """:class:`~modelfence.limits.base.LimitBackend` keeping state in this process."""
 
+    settles_at_once = True
+
     def __init__(
         self,
         *,

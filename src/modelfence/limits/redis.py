@@ -1,8 +1,10 @@
 """Limits shared by every replica through Redis: one Lua call per admission, one per settle.
 
 The scripts (``lua/admit.lua``, ``lua/settle.lua``) are shipped in the package and
-registered once, when the backend is built; redis-py sends ``EVALSHA`` and reloads a script
-the server has forgotten (``NOSCRIPT``, e.g. after a restart). Time comes from Redis
+registered once, when the backend is built; the client sends ``EVALSHA`` and reloads a
+script the server has forgotten (``NOSCRIPT``, e.g. after a restart). One server is reached
+over one pipelined connection (:mod:`modelfence.fastredis`: the scripts of many requests
+share each round trip, at a fraction of redis-py's CPU per call); a cluster through redis-py. Time comes from Redis
 ``TIME`` inside the script, so replicas with skewed clocks still agree.
 
 Keys (parts percent-escaped, so no two subjects share a name and none breaks a hash tag)::
@@ -40,6 +42,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib.resources import files
 from typing import Any, cast
 from urllib.parse import quote
@@ -50,6 +53,7 @@ from redis.commands.core import AsyncScript
 
 from modelfence.config import LimitsConfig
 from modelfence.errors import LimitBackendError
+from modelfence.fastredis import PipelinedRedis, Script, supported
 from modelfence.limits.base import (
     ALLOWANCE_WINDOW_DAYS,
     AccountUsage,
@@ -80,6 +84,11 @@ ACCOUNT_TTL_SECONDS = (ALLOWANCE_WINDOW_DAYS + 1) * DAY_SECONDS  # outlives the 
 ACCOUNT_MAX_FIELDS = 64  # two per day in the window, and a few days' slack before pruning
 
 
+@lru_cache(maxsize=65_536)  # a request names up to nine keys, most of them seen before
+def _key(namespace: str, scope: str, subject: str, name: str) -> str:
+    return f"{namespace}:{{{scope}:{quote(subject, safe='')}}}:{name}"
+
+
 def _script(name: str) -> str:
     return (files("modelfence.limits") / "lua" / name).read_text(encoding="utf-8")
 
@@ -95,18 +104,25 @@ def _translated(action: str) -> Iterator[None]:
 class RedisBackend:
     """:class:`~modelfence.limits.base.LimitBackend` on Redis, safe across replicas.
 
-    ``client`` must decode responses (``decode_responses=True``); :meth:`from_url` makes one.
+    ``client`` must decode responses (``decode_responses=True``); :meth:`from_url` makes one:
+    a :class:`~modelfence.fastredis.PipelinedRedis` for one server, redis-py for a cluster.
     """
 
+    settles_at_once = False  # a round trip: settles are shielded in a task
+
     def __init__(
-        self, client: Redis | RedisCluster, *, lease_ttl_seconds: float = 900.0, namespace: str = "mf"
+        self,
+        client: Redis | RedisCluster | PipelinedRedis,
+        *,
+        lease_ttl_seconds: float = 900.0,
+        namespace: str = "mf",
     ) -> None:
         self._client = client
         self._cluster = is_cluster(client)
         self._lease_ttl = lease_ttl_seconds
         self._namespace = quote(namespace, safe="")
-        self._admit: AsyncScript = client.register_script(_script("admit.lua"))
-        self._settle: AsyncScript = client.register_script(_script("settle.lua"))
+        self._admit: AsyncScript | Script = client.register_script(_script("admit.lua"))
+        self._settle: AsyncScript | Script = client.register_script(_script("settle.lua"))
 
     @classmethod
     def from_url(
@@ -118,12 +134,20 @@ class RedisBackend:
         namespace: str = "mf",
         max_connections: int = 64,
     ) -> RedisBackend:
-        """A backend with its own connections (see :func:`modelfence.redisconn.connect`);
-        every call gives up after the timeout."""
-        client = connect(
-            url, timeout_seconds=timeout_seconds, decode_responses=True,
-            max_connections=max_connections,
-        )
+        """A backend with its own connection(s); every call gives up after the timeout.
+
+        One server is reached over one pipelined connection (:mod:`modelfence.fastredis`);
+        a cluster, or a URL with options, through redis-py (:func:`modelfence.redisconn.
+        connect`, at most ``max_connections`` per node).
+        """
+        client: Redis | RedisCluster | PipelinedRedis
+        if supported(url):
+            client = PipelinedRedis(url, timeout_seconds=timeout_seconds)
+        else:
+            client = connect(
+                url, timeout_seconds=timeout_seconds, decode_responses=True,
+                max_connections=max_connections,
+            )
         return cls(client, lease_ttl_seconds=lease_ttl_seconds, namespace=namespace)
 
     @classmethod
@@ -136,7 +160,7 @@ class RedisBackend:
 
     def key(self, scope: str, subject: str, name: str) -> str:
         """The Redis key of ``name`` for ``subject``; ``{scope:subject}`` is the hash tag."""
-        return f"{self._namespace}:{{{scope}:{quote(subject, safe='')}}}:{name}"
+        return _key(self._namespace, scope, subject, name)
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         quota, key_id = request.quota, request.key_id
@@ -260,7 +284,7 @@ class RedisBackend:
 
     @staticmethod
     async def _run(
-        script: AsyncScript, keys: Sequence[str], args: Sequence[str | int | float]
+        script: AsyncScript | Script, keys: Sequence[str], args: Sequence[str | int | float]
     ) -> Any:
         with _translated("limit script"):
             return await script(keys=keys, args=args)

@@ -215,6 +215,11 @@ class Metrics:
         self._caps[id(self.unmarked_rows)] = (self.models,)
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        # A value a cap kept as it is stays kept, so a hit on the raw values is the child
+        # the capped ones would find (and a value the cap turns into ``other`` never hits).
+        child = self._children.get((id(metric), *labels))
+        if child is not None:
+            return child
         caps = self._caps.get(id(metric))
         if caps is None:
             caps = self._caps[id(metric)] = tuple(LabelCap() for _ in labels)
