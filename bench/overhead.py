@@ -979,8 +979,8 @@ def large_table(rows: list[dict[str, Any]]) -> str:
             continue
         cells = []
         for body in ("big_prompt", "batch64"):
-            cells += [fmt(r.get(f"{body}_p50_added"), ".3f"), fmt(r.get(f"{body}_p99_added"), ".3f"),
-                      fmt(r.get(f"{body}_cpu_us"), ",.0f")]
+            cells += [fmt(r.get(f"{body}_p50_added"), ".3f"),
+                      fmt(r.get(f"{body}_p99_added"), ".3f"), fmt(r.get(f"{body}_cpu_us"), ",.0f")]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -72,7 +72,8 @@ async def call(app: Any, key: str, n: int) -> None:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/chat/completions",
              "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"authorization", b"Bearer " + key.encode()),
+             "headers": [(b"host", b"127.0.0.1:8000"),
+                         (b"authorization", b"Bearer " + key.encode()),
                          (b"content-type", b"application/json"),
                          (b"content-length", b"%d" % len(body))],
              "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {}}

@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from urllib.parse import urlsplit
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,7 +46,9 @@ def test_which_urls_it_takes(url: str, expected: bool) -> None:
 def test_commands_are_resp_arrays_of_bulk_strings() -> None:
     assert _pack(["SET", "k", 1.5, 2]) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n1.5\r\n$1\r\n2\r\n"
     # lengths count bytes, not characters, and bytes pass through untouched
-    assert _pack(["SET", "é", b"\x00\xff"]) == b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$2\r\n\x00\xff\r\n"
+    assert _pack(["SET", "é", b"\x00\xff"]) == (
+        b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$2\r\n\x00\xff\r\n"
+    )
 
 
 async def test_concurrent_callers_each_get_their_own_reply(redis_url: str) -> None:
@@ -84,7 +87,7 @@ async def test_a_cancelled_caller_does_not_take_the_next_reply(redis_url: str) -
         await client.ping()  # connected, so both commands below go out at once
         slow = asyncio.ensure_future(client.execute("ECHO", "first"))
         fast = asyncio.ensure_future(client.execute("ECHO", "second"))
-        await asyncio.sleep(0)  # both are written
+        await asyncio.sleep(0)  # both are queued (they leave in one write at the next turn)
         slow.cancel()
         assert await fast == "second"
         assert await client.execute("ECHO", "third") == "third"
@@ -204,3 +207,97 @@ async def test_a_reply_nobody_asked_for_closes_the_connection() -> None:
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+class SlowAuthServer:
+    """Speaks just enough RESP: AUTH answered after ``delay`` seconds, PING at once; counts
+    the connections it accepted."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def drop(self) -> None:
+        """Close every open connection, as a restarting server would."""
+        for writer in self.writers:
+            writer.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        parser = hiredis.Reader()
+        try:
+            while data := await reader.read(4096):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    if command[0].upper() == b"AUTH":
+                        await asyncio.sleep(self.delay)
+                        writer.write(b"+OK\r\n")
+                    else:
+                        writer.write(b"+PONG\r\n")
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://:pw@127.0.0.1:{port}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_callers_arriving_together_share_one_connect() -> None:
+    server = SlowAuthServer(delay=0.05)
+    async with server as url:
+        client = PipelinedRedis(url, timeout_seconds=1.0)
+        try:
+            assert await asyncio.gather(*(client.execute("PING") for _ in range(20))) == [
+                "PONG"
+            ] * 20
+            assert server.connections == 1
+        finally:
+            await client.aclose()
+
+
+async def test_a_connect_whose_callers_all_left_is_not_reused_once_closed() -> None:
+    """Every caller cancelled while the connect was under way: the connection it made is
+    kept, and when it is lost later the next command connects again instead of queuing on
+    the dead one until its deadline."""
+    server = SlowAuthServer(delay=0.1)
+    async with server as url:
+        client = PipelinedRedis(url, timeout_seconds=0.5)
+        try:
+            waiting = asyncio.ensure_future(client.execute("PING"))
+            await asyncio.sleep(0.02)
+            waiting.cancel()
+            await asyncio.sleep(0.2)  # the connect completes with nobody waiting
+            assert await client.execute("PING") == "PONG"
+            assert server.connections == 1
+            server.drop()
+            await asyncio.sleep(0.05)  # the client sees the connection closed
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await client.execute("PING") == "PONG"
+            assert loop.time() - started < 0.4  # a new connect, not a wait for the deadline
+            assert server.connections == 2
+        finally:
+            await client.aclose()
+
+
+async def test_closing_during_a_connect_cancels_no_caller() -> None:
+    server = SlowAuthServer(delay=0.1)
+    async with server as url:
+        client = PipelinedRedis(url, timeout_seconds=1.0)
+        waiting = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0.02)
+        await client.aclose()
+        # the caller is answered on a connection of its own, not cancelled
+        assert await waiting == "PONG"
+        await client.aclose()

@@ -564,6 +564,7 @@ async def test_build_backend_picks_by_name() -> None:
 async def test_a_backend_that_settles_at_once_never_waits(backend: LimitBackend) -> None:
     """Admission awaits such a settle directly, unshielded: it must finish in one step, or
     a client gone mid-request could leave its lease held."""
+    assert backend.settles_at_once is isinstance(backend, MemoryBackend)  # Redis: a round trip
     decision = await backend.admit(ask(Quota(concurrent_requests=1)))
     assert decision.lease is not None
     settling = backend.settle(decision.lease, 0, 0.0)

@@ -38,15 +38,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from modelfence.redisurl import SINGLE_SCHEMES
+
 Arg = str | int | float | bytes
 
 
 def supported(url: str) -> bool:
     """Whether ``url`` names one server with no options this client does not take."""
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
+    if parts.scheme not in SINGLE_SCHEMES:
         return False
-    options = parse_qs(parts.query)
+    options = parse_qs(parts.query, keep_blank_values=True)
     return set(options) <= {"db"} and (parts.scheme == "unix" or not parts.query)
 
 
@@ -88,6 +90,9 @@ class _Connection(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one command; its reply (or error) completes the returned future."""
         future = self._loop.create_future()
+        if self.closed:  # never written: safe to send again on a new connection
+            future.set_exception(ConnectionLost("Redis connection already closed"))
+            return future
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(packed)
@@ -129,8 +134,8 @@ class _Connection(asyncio.Protocol):
         deadline = self._waiting[0][1]
         if self._loop.time() >= deadline:
             late = RedisTimeoutError(f"Timeout reading from Redis ({self._timeout:g} s)")
-            self._fail(RedisConnectionError("Redis connection closed: an earlier command timed out"),
-                       first=late)
+            behind = RedisConnectionError("Redis connection closed: an earlier command timed out")
+            self._fail(behind, first=late)
             return
         self._timer = self._loop.call_at(deadline, self._check_deadline)
 
@@ -178,9 +183,7 @@ class PipelinedRedis:
     >>> await admit(keys=["mf:{k:1}:requests"], args=[1, 60])
     """
 
-    def __init__(
-        self, url: str, *, timeout_seconds: float, connect_timeout_seconds: float | None = None
-    ) -> None:
+    def __init__(self, url: str, *, timeout_seconds: float) -> None:
         if not supported(url):
             raise ValueError(f"not a single-server Redis URL without options: {url!r}")
         parts = urlsplit(url)
@@ -195,9 +198,6 @@ class PipelinedRedis:
         else:
             self._db = int(parts.path.strip("/") or 0)
         self._timeout = timeout_seconds
-        self._connect_timeout = (
-            timeout_seconds if connect_timeout_seconds is None else connect_timeout_seconds
-        )
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
 
@@ -220,32 +220,42 @@ class PipelinedRedis:
         await self.execute("PING")
 
     async def aclose(self) -> None:
+        """Close the connection; a connect under way is closed once made (its waiters see
+        a closed connection and connect again, as any later command does)."""
         if self._connecting is not None:
-            self._connecting.cancel()
+            self._connecting.add_done_callback(_close_made)
             self._connecting = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
     async def _connected(self) -> _Connection:
-        connection = self._connection
-        if connection is not None and not connection.closed:
-            return connection
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-        connecting = self._connecting
-        try:
-            connection = await asyncio.shield(connecting)
-        finally:
-            if self._connecting is connecting and connecting.done():
-                self._connecting = None
-        return connection
+        """The open connection, made first if need be; every caller waiting meanwhile
+        shares one connect, which no caller's cancellation interrupts."""
+        while True:
+            connection = self._connection
+            if connection is not None and not connection.closed:
+                return connection
+            if self._connecting is None:
+                connecting = asyncio.ensure_future(self._connect())
+                connecting.add_done_callback(self._connect_done)
+                self._connecting = connecting
+            connection = await asyncio.shield(self._connecting)
+            if not connection.closed:
+                return connection
+
+    def _connect_done(self, connecting: asyncio.Task[_Connection]) -> None:
+        if self._connecting is not connecting:  # given up by aclose, which closes it
+            return
+        self._connecting = None
+        if not connecting.cancelled() and connecting.exception() is None:
+            self._connection = connecting.result()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         where = self._path if self._scheme == "unix" else f"{self._host}:{self._port}"
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self._timeout):
                 if self._scheme == "unix":
                     _, connection = await loop.create_unix_connection(
                         lambda: _Connection(self._timeout), self._path
@@ -255,26 +265,38 @@ class PipelinedRedis:
                     _, connection = await loop.create_connection(
                         lambda: _Connection(self._timeout), self._host, self._port, ssl=tls
                     )
-                try:
-                    for command in self._handshake():
-                        await connection.send(_pack(command))
-                except BaseException:
-                    connection.close()
-                    raise
         except TimeoutError as exc:
             raise RedisTimeoutError(f"Timeout connecting to Redis at {where}") from exc
         except OSError as exc:
             raise RedisConnectionError(f"Error connecting to Redis at {where}: {exc}") from exc
-        except ResponseError as exc:
-            raise RedisConnectionError(f"Redis at {where} refused the handshake: {exc}") from exc
-        self._connection = connection
+        try:  # AUTH and SELECT go out together; each reply within the command timeout
+            replies = await asyncio.gather(
+                *(connection.send(_pack(command)) for command in self._handshake()),
+                return_exceptions=True,
+            )
+        except BaseException:
+            connection.close()
+            raise
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            connection.close()
+            if isinstance(errors[0], ResponseError):
+                raise RedisConnectionError(
+                    f"Redis at {where} refused the handshake: {errors[0]}"
+                ) from errors[0]
+            raise errors[0]
         return connection
 
     def _handshake(self) -> list[tuple[Arg, ...]]:
         commands: list[tuple[Arg, ...]] = []
         if self._password is not None:
-            auth: tuple[Arg, ...] = ("AUTH", self._password)
-            commands.append(auth if self._username is None else ("AUTH", self._username, self._password))
+            user = () if self._username is None else (self._username,)
+            commands.append(("AUTH", *user, self._password))
         if self._db:
             commands.append(("SELECT", self._db))
         return commands
+
+
+def _close_made(connecting: asyncio.Task[_Connection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()

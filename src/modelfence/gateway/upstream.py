@@ -31,7 +31,11 @@ _HOP_HEADERS = frozenset(
 # What every upstream call says of itself. ``identity``: answers are parsed, rewritten and
 # relayed as they come, so the session must not ask for compressed ones (aiohttp would ask
 # for gzip by default, and the session leaves bodies as they arrive).
-FIXED_HEADERS = (("user-agent", f"modelfence/{__version__}"), ("accept-encoding", "identity"))
+FIXED_HEADERS = (
+    ("user-agent", f"modelfence/{__version__}"),
+    ("accept", "*/*"),
+    ("accept-encoding", "identity"),
+)
 
 
 def upstream_session() -> aiohttp.ClientSession:
@@ -135,7 +139,7 @@ class AiohttpTransport:
         )
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        headers = {**self._fixed, **dict(request.headers), "content-type": request.content_type}
+        headers = {**dict(request.headers), **self._fixed, "content-type": request.content_type}
         try:
             response = await self._session.request(
                 request.method,

@@ -114,7 +114,8 @@ class _LeaseIds:
 
     def __init__(self) -> None:
         self._reseed()
-        os.register_at_fork(after_in_child=self._reseed)
+        if hasattr(os, "register_at_fork"):  # not on Windows, where nothing forks
+            os.register_at_fork(after_in_child=self._reseed)
 
     def _reseed(self) -> None:
         self._prefix = secrets.token_hex(8)

@@ -65,6 +65,7 @@ def rate_checks(request: AdmissionRequest) -> list[RateCheck]:
 
 @lru_cache(maxsize=4096)  # a few tiers' limits, and their shares under detection
 def per_minute(limit: float) -> Rate:
+    """The rate of ``limit`` units a minute, made once (rates are frozen)."""
     return Rate(limit, PERIOD_SECONDS)
 
 

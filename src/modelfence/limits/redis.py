@@ -4,8 +4,9 @@ The scripts (``lua/admit.lua``, ``lua/settle.lua``) are shipped in the package a
 registered once, when the backend is built; the client sends ``EVALSHA`` and reloads a
 script the server has forgotten (``NOSCRIPT``, e.g. after a restart). One server is reached
 over one pipelined connection (:mod:`modelfence.fastredis`: the scripts of many requests
-share each round trip, at a fraction of redis-py's CPU per call); a cluster through redis-py. Time comes from Redis
-``TIME`` inside the script, so replicas with skewed clocks still agree.
+share each round trip, at a fraction of redis-py's CPU per call); a cluster through
+redis-py. Time comes from Redis ``TIME`` inside the script, so replicas with skewed clocks
+still agree.
 
 Keys (parts percent-escaped, so no two subjects share a name and none breaks a hash tag)::
 
@@ -84,9 +85,10 @@ ACCOUNT_TTL_SECONDS = (ALLOWANCE_WINDOW_DAYS + 1) * DAY_SECONDS  # outlives the 
 ACCOUNT_MAX_FIELDS = 64  # two per day in the window, and a few days' slack before pruning
 
 
-@lru_cache(maxsize=65_536)  # a request names up to nine keys, most of them seen before
-def _key(namespace: str, scope: str, subject: str, name: str) -> str:
-    return f"{namespace}:{{{scope}:{quote(subject, safe='')}}}:{name}"
+@lru_cache(maxsize=65_536)  # API keys, accounts, networks: a request names a few, seen before
+def _tag(namespace: str, scope: str, subject: str) -> str:
+    """``namespace:{scope:subject}``, the subject escaped: the hash tag of its keys."""
+    return f"{namespace}:{{{scope}:{quote(subject, safe='')}}}"
 
 
 def _script(name: str) -> str:
@@ -160,7 +162,7 @@ class RedisBackend:
 
     def key(self, scope: str, subject: str, name: str) -> str:
         """The Redis key of ``name`` for ``subject``; ``{scope:subject}`` is the hash tag."""
-        return _key(self._namespace, scope, subject, name)
+        return f"{_tag(self._namespace, scope, subject)}:{name}"
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         quota, key_id = request.quota, request.key_id
