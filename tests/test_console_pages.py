@@ -16,6 +16,7 @@ import pytest
 
 from modelfence.detect.alerts import Alerter
 from modelfence.detect.state import ClientRecord, SqlState
+from modelfence.models.gguf import gguf_tokenizer
 from modelfence.store import open_engine
 from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 from modelfence.watermark.lexical import LexicalMark
@@ -53,6 +54,14 @@ async def state(gateway: GatewayProcess, tmp_path: Path) -> AsyncIterator[SqlSta
     engine = open_engine(f"sqlite:///{tmp_path / 'state.db'}")
     yield SqlState(engine)
     await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def converted_tokenizer() -> None:
+    """Text forensics reads the demo tokenizer converted from its GGUF file; the first
+    conversion on a machine takes longer than the browser waits, so it is made here, in
+    the cache the gateway reads (``models.gguf.gguf_tokenizer``)."""
+    gguf_tokenizer()
 
 
 @pytest.fixture
@@ -190,7 +199,7 @@ def test_the_overview_and_the_evidence_export_tell_what_happened(
 
 
 def test_a_leaked_text_is_traced_to_its_client_in_words(
-    gateway: GatewayProcess, browser: ConsoleClient
+    gateway: GatewayProcess, browser: ConsoleClient, converted_tokenizer: None
 ) -> None:
     for client in ("leaker", "bystander"):
         gateway.create_key(client)
@@ -240,7 +249,9 @@ async def test_the_reason_filter_matches_a_reasons_code_not_a_json_key(
     assert ROW.findall(browser.get("/clients", reason="machine_timing").text) == ["timed"]
 
 
-def test_a_long_pasted_text_in_any_script_fits_the_form_limit(browser: ConsoleClient) -> None:
+def test_a_long_pasted_text_in_any_script_fits_the_form_limit(
+    browser: ConsoleClient, converted_tokenizer: None
+) -> None:
     response = browser.post("/forensics", {"text": "名前、" * 19_000})  # 57,000 characters
     # It reaches the verifier (which knows no client here) and comes back with the page.
     assert response.status_code != 413 and "名前、名前、" in response.text

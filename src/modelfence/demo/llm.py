@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from modelfence.models.gguf import find_gguf
+from modelfence.models.gguf import default_cache_dir, find_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -181,12 +181,6 @@ class Generation:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-def default_cache_dir() -> Path:
-    """``$MODELFENCE_CACHE_DIR``, or ``~/.cache/modelfence``."""
-    env = os.environ.get("MODELFENCE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "modelfence"
 
 
 class SmolLM:

@@ -45,13 +45,11 @@ class TextVerdict:
 
 @cache
 def demo_tokenizer() -> Tokenize:
-    """The demo LLM's tokenizer, read from its GGUF file (imports transformers: seconds)."""
-    from transformers import AutoTokenizer
+    """The demo LLM's tokenizer (imports transformers: seconds; converted from the GGUF file
+    once, then read from the cache)."""
+    from modelfence.models.gguf import gguf_tokenizer
 
-    from modelfence.models.gguf import find_gguf
-
-    gguf = find_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer()
     return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 
