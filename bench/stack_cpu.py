@@ -112,10 +112,8 @@ async def measure(args: argparse.Namespace) -> list[float]:
     app = create_app(config)
     await app.startup()
     assert app.services is not None
-    # The app builds its stages around the transports it holds: swap in the memory
-    # upstream, then build them again (bench only; nothing else touches these).
+    # The proxy stage looks its transport up in this mapping on every call.
     app.services.transports["fake"] = MemoryUpstream()  # type: ignore[assignment]
-    app._app = app._build(app.services)
     _, key = await app.services.store.create(client="bench", tier="default")
     results = []
     try:

@@ -56,7 +56,6 @@ _ORJSON_STRICT = (
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
-_SQLITE_DATETIME = "%04d-%02d-%02d %02d:%02d:%02d.%06d"  # SQLAlchemy's, with microseconds
 # Bind markers of the drivers' paramstyles (sqlite3: qmark, asyncpg: numeric_dollar).
 _MARKERS: dict[str, Callable[[int], str]] = {
     "qmark": lambda _: "?",
@@ -117,11 +116,14 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def _sqlite_ts(ts: float) -> str:
-    """``ts`` as SQLAlchemy stores a ``UtcDateTime`` in SQLite: text, which is what queries
-    on ``ts`` compare (with bounds SQLAlchemy writes the same way)."""
-    t = _utc(ts)
-    return _SQLITE_DATETIME % (t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond)
+def _ts_binder(engine: AsyncEngine) -> Callable[[float], Any]:
+    """``ts`` as the column's own type binds it on this database (SQLite keeps text, which
+    is what queries on ``ts`` compare), so driver-level inserts store what SQLAlchemy's do."""
+    column = request_events.c.ts.type
+    bind = column.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+    if bind is None:
+        return _utc
+    return lambda ts: bind(_utc(ts))
 
 
 def _insert_sql(conn: AsyncConnection) -> str:
@@ -163,8 +165,7 @@ class SqlSink:
         self.clock = clock
         self._next_retention = 0.0
         self._detail = _DETAILS[store_prompt_text]
-        # SQLite keeps datetimes as text (see UtcDateTime); asyncpg takes aware datetimes.
-        self._ts = _sqlite_ts if engine.dialect.name == "sqlite" else _utc
+        self._ts = _ts_binder(engine)
 
     def _record(self, event: RequestEvent) -> tuple[Any, ...]:
         """The values of ``_INSERTED`` for one event."""
