@@ -23,6 +23,8 @@ from modelfence.errors import ModelFenceError
 from modelfence.testing.processes import http_json
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 BROKER_TOKEN = "test-broker-token-0123456789"
 RELEASE = "/confidential/v1/release"
 

@@ -20,4 +20,6 @@ def test_demo_runs_and_reports(tmp_path: object) -> None:
     assert "summary" in out and "limit decisions" in out
     assert "who was flagged" in out and "thief" in out
     assert "newcomer (a new, unverified account): This account is on probation" in out
+    assert "hydra (24 accounts signed up in one second): one sign-up surge of 24 accounts" in out
+    assert "0 of 24 queries answered" in out and "gets no answers yet" in out
     assert "demo finished" in out

@@ -18,6 +18,8 @@ from modelfence.testing.processes import GatewayProcess, http_json
 
 from .conftest import GatewayFactory
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 CHAT = orjson.dumps({"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]})
 
 

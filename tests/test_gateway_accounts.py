@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,7 +15,10 @@ import pytest
 from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 
 from .conftest import GatewayFactory
+from .test_admin_names import private_database
 from .test_gateway_e2e import upstream_requests
+
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
 
 ALLOWANCES = {
     "probation": {"rows_per_day": 10, "rows_per_30_days": 100},
@@ -168,3 +173,48 @@ def test_probation_answers_are_graded(gateway: GatewayProcess) -> None:
     assert alternatives(gateway.create_key("new", account=account_id())) == {1}
     verified = gateway.create_key("old", account=account_id(), metadata={"verified": True})
     assert alternatives(verified) == {5}
+
+
+@pytest.fixture
+def surge_store(postgres_url: str) -> Iterator[str]:
+    """A database of its own: a surge in the shared one would hold the accounts other tests
+    create within the hour. Set up before the gateways, so dropped after they stop."""
+    with private_database(postgres_url) as url:
+        yield url
+
+
+def test_accounts_created_in_a_sign_up_surge_are_held_on_every_replica(
+    surge_store: str, start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    shared = {
+        "store": surge_store,
+        "limits": {"backend": redis_url},
+        "accounts": {"allowances": ALLOWANCES, "surge": {"min_history_hours": 12, "windows": {1: 3}}},
+    }
+    replicas = [start_gateway(name=f"surge{i}", **shared) for i in range(2)]
+    now = datetime.now(UTC)
+    for hour in range(24):  # a day of ordinary sign-ups: one an hour
+        created = (now - timedelta(hours=24 - hour)).isoformat()
+        replicas[0].create_key(f"past-{hour}", account=f"past-{hour}", metadata={"created_at": created})
+    keys = [replicas[i % 2].create_key(f"burst-{i}", account=f"burst-{i}") for i in range(30)]
+    vouched = replicas[0].create_key("burst-paid", account="paid", metadata={"paid_usd": 25.0})
+    for replica in replicas:
+        deadline = time.monotonic() + 5
+        while (answer := embed(replica, keys[-1], 1))[0] != 429:  # each replica polls the store
+            assert time.monotonic() < deadline, "the surge did not reach the gateway"
+            time.sleep(0.1)
+        _, headers, body = answer
+        assert body["error"]["code"] == "probation_limit" and headers["x-modelfence-trust"] == "probation"
+        message = body["error"]["message"]
+        assert "surge" in message and "gets no answers yet" in message and "verified or the account has paid" in message
+        assert "retry-after" not in headers
+        assert embed(replica, keys[0], 1)[0] == 429  # the first of the crowd too, once found
+        assert embed(replica, vouched, 1)[0] == 200  # paid: released
+        metrics = httpx.get(replica.url + "/metrics").text
+        assert "modelfence_signup_surges_total" in metrics
+        assert "modelfence_signup_surges_total 0.0" not in metrics
+        status, view = http_json("GET", f"{replica.url}/admin/v1/signups", token=replica.admin_token)
+        assert status == 200 and view["enabled"] and view["surges"][-1]["accounts"] >= 30
+        assert view["windows"] == [{"hours": 1.0, "signups": 31, "expected": view["windows"][0]["expected"]}]
+        assert 0.1 < view["windows"][0]["expected"] < 0.2  # 24 sign-ups in the week the baseline reads
+        assert http_json("GET", f"{replica.url}/admin/v1/signups")[0] == 401

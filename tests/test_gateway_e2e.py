@@ -19,6 +19,8 @@ from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_js
 
 from .conftest import ADMIN_TOKEN, GatewayFactory
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 MESSAGES = [{"role": "user", "content": "What is the answer?"}]
 
 

@@ -20,6 +20,8 @@ from modelfence.testing.processes import GatewayProcess, ServiceProcess, free_po
 
 from .conftest import ADMIN_TOKEN, GatewayFactory, base_config
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -22,6 +22,8 @@ from modelfence.testing.processes import GatewayProcess, ServiceProcess
 
 from .conftest import PROFILE, base_config
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 EXAMPLES = 150 if PROFILE == "ci" else 600
 MAX_TOP_LOGPROBS = 5  # the default tier's request policy cap
 

@@ -16,6 +16,8 @@ from modelfence.testing.processes import GatewayProcess, http_json
 from .conftest import GatewayFactory
 from .services import private_redis
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 pytestmark = [pytest.mark.redis]
 
 MESSAGES = [{"role": "user", "content": "What is the answer?"}]

@@ -22,6 +22,7 @@ from modelfence.identity import (
     SqlKeyStore,
     new_api_key,
 )
+from modelfence.identity.base import AccountRecord
 from modelfence.store import create_tables, open_engine
 
 from .test_store_database import scratch_engine
@@ -54,6 +55,10 @@ class SpyStore(SqlKeyStore):
     async def key_hashes(self, since: datetime | None = None) -> list[str]:
         self._call("key_hashes")
         return await super().key_hashes(since)
+
+    async def accounts_changed_since(self, since: datetime) -> list[AccountRecord]:
+        self._call("accounts_changed_since")
+        return await super().accounts_changed_since(since)
 
 
 class FakeClock:

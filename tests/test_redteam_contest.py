@@ -20,7 +20,7 @@ from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.replay import replay_events
 from modelfence.redteam.replay_detection import START_TS, by_client
 from modelfence.redteam.tariff import example_config
-from modelfence.redteam.thieves import NaiveThief, RotatingThief
+from modelfence.redteam.thieves import HydraThief, NaiveThief, RotatingThief
 from modelfence.redteam.thieves.base import DAY, Budget
 from modelfence.redteam.traffic import (
     CHAT,
@@ -245,3 +245,23 @@ def test_a_week_old_account_that_detection_demotes_meets_probation_after_its_fir
     plans = [replace(p, at=i * 0.5) for i, p in enumerate(plans)]  # all before the detector's first batch
     met = contest.run(plans, [profile], []).honest["demoted"]
     assert {"refused", "probation", "probation_after_week"} <= met and "account_budget" not in met
+
+
+def test_a_hydra_signing_up_in_bulk_is_held_once_its_sign_up_surge_is_found() -> None:
+    def hydra() -> HydraThief:
+        return HydraThief("classifier", 1_000, seed=3, target=4_000, days=2.0)
+
+    rng = np.random.default_rng(0)  # a steady business: ~500 sign-ups a day, from a week before
+    times = np.sort(rng.uniform(-7 * DAY, 2 * DAY, size=4_500))
+    signups = [(f"customer-{i}", float(at)) for i, at in enumerate(times)]
+    undefended = Contest(CONFIG, None).run([], [], [hydra()]).campaigns["hydra-1000/classifier"]
+    contest = Contest(CONFIG, DetectionEngine(CONFIG.detection, embedder=HashingEmbedder()))
+    defended = contest.run([], [], [hydra()], signups=signups).campaigns["hydra-1000/classifier"]
+    [surge] = contest.signups.surges
+    assert surge.accounts >= len(defended.senders)  # every account that signed up, as one crowd
+    bought = [sum(p.units for p, _ in outcome.answered) for outcome in (undefended, defended)]
+    assert bought[0] >= 4_000 and bought[1] < 0.05 * bought[0]  # the first crowd's first answers
+    assert len(defended.refused_early) > 0.9 * len(defended.senders)  # the hydra target's "within 2 days"
+    held = sum(bool(contest.signups.held(START_TS + at)) for _, at in signups)
+    assert held < 60  # the customers who signed up in those hours, not the week's
+    assert Contest(CONFIG, None).signups.surges == ()  # undefended: no watch at work

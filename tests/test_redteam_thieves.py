@@ -36,6 +36,7 @@ from modelfence.redteam.thieves import (
     WhiteBoxThief,
     adaptive_library,
     hydra_library,
+    paced_hydra_library,
 )
 from modelfence.redteam.thieves.base import DAY, GIVE_UP, Budget, Knowledge, Thief, text_pool
 from modelfence.redteam.traffic import ClientProfile, PlannedRequest
@@ -43,7 +44,7 @@ from modelfence.telemetry.events import RequestEvent
 
 CONFIG = DetectionConfig.model_validate({})
 SMALL = Scale(classifier_images=256, embedding_texts=192, chat_prompts=40, days=2.0, one_batch_accounts=(6,),
-              rotation_accounts=(3,), hydra_accounts=(10, 100))
+              rotation_accounts=(3,), hydra_accounts=(10, 100), hydra_paced_accounts=(10,))
 
 
 def _profiles(thief: Thief) -> dict[str, ClientProfile]:
@@ -199,7 +200,9 @@ def test_every_thief_keeps_to_its_budget_and_its_own_addresses() -> None:
         prefixes.update(p.ip.rsplit(".", 1)[0] for p in profiles.values())
         plans = thief.plans()
         assert plans and all(p.client in profiles for p in plans)
-        assert all(0 <= p.at < thief.budget.days * DAY and p.purpose in ("extraction", "cover") for p in plans)
+        assert thief.horizon - thief.budget.days * DAY < thief.budget.days * DAY  # it starts within the run
+        assert all(thief.horizon - thief.budget.days * DAY <= p.at < thief.horizon for p in plans)
+        assert all(p.purpose in ("extraction", "cover") for p in plans)
         assert thief.spend(plans).usd <= thief.budget.usd  # type: ignore[attr-defined]
     assert max(prefixes.values()) == 1  # no two accounts of any two thieves share a /24
     assert all(int(prefix.split(".")[1]) * 256 + int(prefix.split(".")[2]) >= 40_000
@@ -371,6 +374,8 @@ def test_hydra_timers_are_independent_where_a_shared_script_would_be_linked() ->
 
 def test_hydra_library_of_ten_thousand_accounts_buys_each_target() -> None:
     thieves = hydra_library(Scale(), seed=1)
+    firsts = sorted(t.plans()[0].at for t in thieves)  # one after another, not one crowd
+    assert min(np.diff(firsts)) > 0.7 * DAY and firsts[-1] < 7 * DAY
     accounts = sum(len(t.accounts()) for t in thieves)
     plans = [t.plans() for t in thieves]
     assert accounts == 3 * (100 + 1000 + 10_000)
@@ -435,3 +440,27 @@ def test_adaptive_library_with_white_box() -> None:
     assert [t.name for t in thieves if t.strategy == "white-box"] == [
         "white-box/chat", "white-box/embeddings", "white-box/classifier"]
     assert len(thieves) == 3 * 5 + 1  # five strategies per asset, the in-distribution variant once
+
+
+def test_paced_hydras_take_turns_within_the_week() -> None:
+    thieves = paced_hydra_library(Scale(), seed=3)
+    spans = [(t.plans()[0].at, t.plans()[-1].at) for t in thieves]
+    assert [t.name for t in thieves] == [f"hydra-paced100-1000/{a}" for a in ("chat", "classifier", "embeddings")]
+    assert all(end < later for (_, end), (later, _) in pairwise(spans))  # never two at once
+    assert all(t.horizon <= 7 * DAY for t in thieves) and spans[-1][1] < 7 * DAY
+    for thief in thieves:  # each still buys its whole target, within the week
+        assert thief.spend(thief.plans()).units == Scale().hydra_target(thief.asset)  # type: ignore[attr-defined]
+
+
+def test_a_paced_hydra_signs_its_accounts_up_one_after_another_and_still_buys_its_target() -> None:
+    thief = HydraThief("classifier", 1000, seed=2, target=4000, signups_per_day=200.0, start=DAY)
+    plans = thief.plans()
+    first: dict[str, float] = {}
+    for plan in plans:
+        first.setdefault(plan.client, plan.at)
+    slots = {name: int(name.rsplit("/", 1)[1]) for name in first}
+    assert all(at >= DAY + slots[name] * DAY / 200 for name, at in first.items())  # not before its sign-up
+    assert thief.name == "hydra-paced200-1000/classifier"
+    assert sum(p.units for p in plans if p.purpose == "extraction") == 4000
+    days = (plans[-1].at - DAY) / DAY
+    assert days < 2 and len(first) < 400  # a day or two, a few hundred accounts, each sending more

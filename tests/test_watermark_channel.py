@@ -33,6 +33,8 @@ from modelfence.watermark.text_logits import TEXT_PURPOSE, GreenListProcessor
 
 from .conftest import GatewayFactory
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 RING = WatermarkKeyring(ServerSecret(b"test-secret-0123456789abcdef"))  # base_config's secret
 KEY = RING.channel_key()
 NOW = 1_700_000_000.0

@@ -19,6 +19,8 @@ from modelfence.watermark.labels import label_mark
 from .conftest import GatewayFactory
 from .test_policy_gateway import post
 
+GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
+
 RING = WatermarkKeyring(ServerSecret(b"test-secret-0123456789abcdef"))  # base_config's secret
 ROWS = np.array([(i // 60, i % 60) for i in range(3000)], dtype=float)  # distinct rows
 PROBS = [0.05, 0.7, 0.1, 0.15]

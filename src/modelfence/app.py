@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from modelfence import __version__
-from modelfence.admin.accounts import accounts_router
+from modelfence.admin.accounts import accounts_router, signups_router
 from modelfence.admin.api import create_admin_app
 from modelfence.admin.capabilities import capabilities_router
 from modelfence.admin.confidential import confidential_audit_router, create_broker_app
@@ -77,6 +77,7 @@ from modelfence.identity import (
     SqlKeyStore,
     load_server_secret,
 )
+from modelfence.identity.signups import SignupWatch
 from modelfence.identity.trust import TrustPolicy
 from modelfence.limits import LimitBackend, Quota, build_backend, quota_for
 from modelfence.operations import Operation
@@ -105,6 +106,7 @@ class Services:
     engine: AsyncEngine
     store: SqlKeyStore
     registry: KeyRegistry
+    signups: SignupWatch
     backend: LimitBackend
     session: aiohttp.ClientSession
     transports: dict[str, Transport]
@@ -198,11 +200,13 @@ class ModelFenceApp:
             ipv4_prefix=config.fingerprint.ipv4_prefix,
             ipv6_prefix=config.fingerprint.ipv6_prefix,
         )
+        signups = SignupWatch(config.accounts.surge, on_surge=self.metrics.signup_surge)
         registry = KeyRegistry(
             store,
             secret,
             on_refresh_error=lambda _exc: self.metrics.key_refresh_errors.inc(),
             on_lookup_refused=self.metrics.key_lookups_refused.inc,
+            signups=signups,
         )
         await registry.start()
         backend = build_backend(
@@ -238,6 +242,7 @@ class ModelFenceApp:
             engine=engine,
             store=store,
             registry=registry,
+            signups=signups,
             backend=backend,
             session=session,
             transports=transports,
@@ -358,7 +363,7 @@ class ModelFenceApp:
                 per_fingerprint=limits.per_fingerprint,
             )
 
-        trust = TrustPolicy(config.accounts, registry)
+        trust = TrustPolicy(config.accounts, registry, surges=services.signups)
         fingerprinter = Fingerprinter.from_config(config)
         api_failures, admin_failures, broker_failures = (
             AuthFailures(
@@ -472,6 +477,7 @@ class ModelFenceApp:
             failures=admin_failures,
             routers=[
                 accounts_router(services.store, trust),
+                signups_router(services.signups, enabled=config.accounts.surge.enabled),
                 policy_router(config.policy, limits.tiers, self.risk),
                 detection_router(detection.state, operator),
                 forensics_router(forensics, config.forensics),

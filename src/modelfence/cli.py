@@ -216,7 +216,7 @@ def calibrate(
 @app.command()
 def redteam(
     suite: Annotated[str, typer.Option(help="ci (about 8 minutes on 2 cores) or full (the baseline, about 25)")] = "ci",
-    scenario: Annotated[str | None, typer.Option(help="run only these scenarios (comma-separated names; adaptive and hydra are the v2 week-long replays)")] = None,
+    scenario: Annotated[str | None, typer.Option(help="run only these scenarios (comma-separated names; adaptive, hydra and paced-hydra are the v2 week-long replays)")] = None,
     gateway: Annotated[str | None, typer.Option(help="drive this gateway (admin token from $MODELFENCE_ADMIN_TOKEN) instead of starting a demo stack")] = None,
     output: Annotated[Path, typer.Option(help="folder for results.json, report.md and plots")] = Path("redteam-results"),
     seed: Annotated[int, typer.Option(help="seed for every random choice")] = 0,

@@ -204,7 +204,7 @@ class LimitsConfig(_Frozen):
 
 MAX_ALLOWANCE = 10**15  # rows or tokens over a day or 30 days; beyond it, leave the field unset
 
-AllowanceUnits = Annotated[int, Field(ge=1, le=MAX_ALLOWANCE, strict=True)]
+AllowanceUnits = Annotated[int, Field(ge=0, le=MAX_ALLOWANCE, strict=True)]  # 0: none until the level changes
 
 
 class AllowanceConfig(_Frozen):
@@ -233,6 +233,41 @@ def _default_allowances() -> dict[TrustLevelName, AllowanceConfig]:
     }
 
 
+def _held() -> AllowanceConfig:
+    return AllowanceConfig(rows_per_day=0, tokens_per_day=0)
+
+
+class SurgeConfig(_Frozen):
+    """Sign-up surges (``identity/signups.py``): unverified, unpaid accounts created while
+    sign-ups run far above their baseline are held on probation with ``allowance``
+    (default: nothing until they verify, pay or age out of probation).
+
+    ``windows`` maps a window in hours to the least ratio of sign-ups to the baseline's
+    expectation that counts as a surge in it; ``p_value`` is the one-sided Poisson test's
+    level per test and ``min_excess`` the fewest extra accounts a surge needs.
+    """
+
+    enabled: bool = True
+    baseline_days: float = Field(7.0, gt=0, le=90)
+    min_history_hours: float = Field(24.0, gt=0, le=24 * 90)
+    windows: dict[Annotated[float, Field(ge=1 / 60, le=24 * 7)], Annotated[float, Field(ge=1.0, le=1_000)]] = Field(
+        default_factory=lambda: {0.25: 4.0, 1.0: 3.0, 6.0: 2.0, 24.0: 1.5}
+    )
+    min_excess: int = Field(20, ge=1, le=1_000_000, strict=True)
+    p_value: float = Field(1e-6, gt=0, lt=1)
+    allowance: AllowanceConfig = Field(default_factory=_held)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> SurgeConfig:
+        if not self.windows:
+            raise ValueError("accounts.surge.windows needs at least one window (hours: ratio)")
+        if max(self.windows) > self.baseline_days * 24:
+            raise ValueError("accounts.surge.windows: a window longer than baseline_days has no baseline")
+        if self.min_history_hours > self.baseline_days * 24:
+            raise ValueError("accounts.surge.min_history_hours: more than baseline_days holds; no surge could be found")
+        return self
+
+
 class AccountsConfig(_Frozen):
     """Trust per account (organisation), and the allowance each trust level gets.
 
@@ -254,6 +289,7 @@ class AccountsConfig(_Frozen):
         "elevated", description="the hardening profile (policy.tiers) probation gets at least"
     )
     allowances: dict[TrustLevelName, AllowanceConfig] = Field(default_factory=_default_allowances)
+    surge: SurgeConfig = Field(default_factory=SurgeConfig)
 
     @field_validator("allowances")
     @classmethod

@@ -3,13 +3,15 @@
 ``PUT /admin/v1/accounts/{account}`` takes the account's sign-up and billing metadata
 (stored as keyed hashes; fields left out are kept); ``GET`` shows the record, its trust
 level with the reason and the allowance that level gets, and the account's keys.
+``GET /admin/v1/signups`` shows this replica's sign-up surge watch: the recent sign-ups
+against their baseline, and the surges whose unverified accounts are held.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -21,6 +23,7 @@ from modelfence.admin.schemas import AccountFields, Key
 from modelfence.config import AllowanceConfig, TrustLevelName
 from modelfence.identity.accounts import InvalidMetadata
 from modelfence.identity.base import AccountRecord, KeyStore
+from modelfence.identity.signups import SignupWatch
 from modelfence.identity.trust import TrustPolicy
 
 log = logging.getLogger(__name__)
@@ -87,5 +90,47 @@ def accounts_router(store: KeyStore, trust: TrustPolicy) -> APIRouter:
     @router.get("/{account}", responses=error_responses(404))
     async def get_account(account: AccountPath) -> Account:
         return await view(await store.get_account(account))
+
+    return router
+
+
+class SignupWindow(BaseModel):
+    hours: float
+    signups: int
+    expected: float | None = Field(description="what the baseline predicts; null until it has a day of history")
+
+
+class SignupSurge(BaseModel):
+    start: datetime
+    end: datetime
+    accounts: int = Field(description="sign-ups between start and end, honest newcomers included")
+    expected: float
+    window_hours: float = Field(description="the window whose test found it")
+
+
+class Signups(BaseModel):
+    enabled: bool
+    windows: list[SignupWindow]
+    surges: list[SignupSurge] = Field(
+        description="unverified, unpaid accounts created inside one are held (accounts.surge.allowance)"
+    )
+
+
+def signups_router(watch: SignupWatch, *, enabled: bool) -> APIRouter:
+    router = APIRouter(prefix="/v1/signups", tags=["accounts"], responses=error_responses(401))
+
+    @router.get("")
+    async def get_signups() -> Signups:
+        """Sign-ups against their baseline, and the surges this replica found."""
+        now = time.time()
+        return Signups(
+            enabled=enabled,
+            windows=[SignupWindow(hours=h, signups=n, expected=e) for h, n, e in watch.windows(now)],
+            surges=[
+                SignupSurge(start=datetime.fromtimestamp(s.start, UTC), end=datetime.fromtimestamp(s.end, UTC),
+                            accounts=s.accounts, expected=round(s.expected, 2), window_hours=s.window_hours)
+                for s in watch.surges
+            ],
+        )
 
     return router

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ CHAT_MODEL = "smollm2-135m-instruct"
 LEAK_TOKENS = 200  # a leaked answer of this length names its client (docs/WATERMARK.md)
 EMBED_MODEL = "minilm-l6-v2"
 CLASSIFIER = "digits"
+HYDRA_ACCOUNTS = 24
+HISTORY_SIGNUPS = 84  # a week of ordinary sign-ups before the demo: one every two hours
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Session:
     """One actor's view of the gateway, and the tally of what it got back."""
 
     gateway_url: str
-    api_key: str
+    api_keys: Sequence[str]  # one key per account; an actor of many accounts takes turns
     address: str  # sent as X-Forwarded-For; the demo gateway trusts loopback as its proxy
     requests: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
@@ -63,6 +66,11 @@ class Session:
     @property
     def headers(self) -> dict[str, str]:
         return {"x-forwarded-for": self.address}
+
+    @property
+    def api_key(self) -> str:
+        """The key of the current request (``requests`` counts it already)."""
+        return self.api_keys[(self.requests - 1) % len(self.api_keys)]
 
     @property
     def client(self) -> openai.OpenAI:
@@ -101,6 +109,8 @@ class Actor:
     address: str  # where the actor's requests come from
     api_key: str | None = None  # a fixed (bad) key instead of a created one
     account: str | None = None  # the account its key belongs to (registered as new)
+    signed_up_days_ago: float | None = None  # the account's sign-up, when not now
+    accounts: int = 1  # more: that many accounts "<account>-<n>", one key each, used in turn
 
 
 def chat(question: str, *, stream: bool = False) -> Step:
@@ -255,7 +265,11 @@ ACTORS: list[Actor] = [
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),
     Actor("newcomer", "default", "new account, batches", [classify(300 + 32 * i, 32) for i in range(4)],
-          address="198.51.100.140", account="newco"),
+          address="198.51.100.140", account="newco", signed_up_days_ago=2),
+    # Two dozen accounts signed up in one second, each sending one extraction query: no
+    # account alone is unusual, the crowd is a sign-up surge and every account is held.
+    Actor("hydra", "default", f"{HYDRA_ACCOUNTS} new accounts", [probe(2000 + i) for i in range(HYDRA_ACCOUNTS)],
+          address="198.18.0.90", account="hydra", accounts=HYDRA_ACCOUNTS),
     Actor("mallory", "default", "made-up key", [chat("hello")], address="192.0.2.99",
           api_key="mf_" + "x" * 43),
     Actor("thief", "default", "extraction sweep", [probe(i) for i in range(90)],
@@ -266,6 +280,51 @@ ACTORS: list[Actor] = [
         for n in range(1, 4)
     ),
 ]
+
+
+def _keys(gateway: GatewayProcess, actor: Actor) -> list[str]:
+    """The actor's keys: its fixed one, or one created per account (backdated sign-ups)."""
+    if actor.api_key is not None:
+        return [actor.api_key]
+    metadata = None
+    if actor.signed_up_days_ago is not None:
+        signed_up = datetime.now(UTC) - timedelta(days=actor.signed_up_days_ago)
+        metadata = {"created_at": signed_up.isoformat()}
+    if actor.accounts == 1:
+        return [gateway.create_key(actor.name, actor.tier, account=actor.account, metadata=metadata)]
+    return [gateway.create_key(f"{actor.name}-{n}", actor.tier, account=f"{actor.account}-{n}", metadata=metadata)
+            for n in range(actor.accounts)]
+
+
+def _sign_up_history(gateway: GatewayProcess) -> None:
+    """A week of sign-ups before the demo, as the operator's own store would hold: the
+    baseline the sign-up surge watch compares the demo's accounts with."""
+    now = datetime.now(UTC)
+    for n in range(HISTORY_SIGNUPS):
+        created = now - timedelta(days=7) + timedelta(hours=2 * n)
+        status, body = http_json("PUT", f"{gateway.url}/admin/v1/accounts/customer-{n}",
+                                 {"created_at": created.isoformat(), "paid_usd": 20.0}, token=gateway.admin_token)
+        if status != 200:
+            raise RuntimeError(f"registering a past account failed: {status} {body}")
+
+
+def _await_surge(gateway: GatewayProcess, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The surges the gateway found, once its registry's poll has seen the new accounts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, view = http_json("GET", gateway.url + "/admin/v1/signups", token=gateway.admin_token)
+        surges: list[dict[str, Any]] = view.get("surges", [])
+        if surges or time.monotonic() > deadline:
+            return surges
+        time.sleep(0.1)
+
+
+def _surge_line(surges: Sequence[dict[str, Any]]) -> str:
+    if not surges:
+        return "no sign-up surge found"
+    surge = surges[-1]
+    return (f"one sign-up surge of {surge['accounts']} accounts where {surge['expected']:.1f} were expected, "
+            "every unverified one held")
 
 
 def demo_config(upstream_url: str, workdir: Path,
@@ -494,14 +553,9 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
                 console.print(f"  gateway ready on {gateway.url} (SQLite, in-process limits)")
                 sealed, serving = _confidential_summary(gateway, upstream)
                 console.print(f"  {sealed}\n", highlight=False)
-                sessions = {
-                    a.name: Session(
-                        gateway.url,
-                        a.api_key or gateway.create_key(a.name, a.tier, account=a.account),
-                        a.address,
-                    )
-                    for a in actors
-                }
+                _sign_up_history(gateway)
+                sessions = {a.name: Session(gateway.url, _keys(gateway, a), a.address) for a in actors}
+                surges = _await_surge(gateway)
                 with Live(
                     _table(actors, sessions, "running …"), console=console, refresh_per_second=8
                 ) as live:
@@ -522,13 +576,22 @@ def run_demo(console: Console, actors: Sequence[Actor] = ACTORS) -> int:
         )
         flagged = _detections(console, scored.get("data", []), sessions)
         probation = sessions["newcomer"].refusals.get("probation_limit")
-        console.print(f"newcomer (a new, unverified account): {probation or 'never limited'}\n",
+        console.print(f"newcomer (a new, unverified account): {probation or 'never limited'}",
                       highlight=False)
+        hydra = sessions["hydra"]
+        console.print(
+            f"hydra ({HYDRA_ACCOUNTS} accounts signed up in one second): {_surge_line(surges)}; "
+            f"{hydra.statuses[200]} of {hydra.requests} queries answered. "
+            f"{hydra.refusals.get('probation_limit', '')}\n",
+            highlight=False,
+        )
         console.print(forensics)
         ok = (
             sessions["alice"].statuses[200] == len(actors[0].steps)
             and sessions["trial-user"].statuses[429] > 0
             and probation is not None
+            and surges
+            and hydra.statuses[200] == 0
             and "thief" in flagged
             and not flagged & {"alice", "bob"}
             and named == {"leak": "carol", "clone": "copycat"}

@@ -148,6 +148,13 @@ def _account_denial(
         code, widens = "account_budget", ""
         head = f"This account ({standing.level}) has reached its allowance of {limits}."
     trust = [(b"x-modelfence-trust", standing.level.encode())]
+    if 0 in (getattr(allowance, f"{measure}_per_day"), getattr(allowance, f"{measure}_per_30_days")):
+        held = (  # no request is small enough: a held account, or a level allowed none
+            f"This account is on probation ({standing.reason}): it gets no answers yet."
+            if standing.level == "probation" and not standing.by_operator
+            else f"{head} No request fits it."
+        )
+        return RateLimited(f"{held}{widens}", code=code, headers=[*headers, *trust])
     if math.isinf(decision.retry_after):
         return RateLimited(
             f"{head} This request alone needs more {measure} than that; send fewer inputs "

@@ -17,7 +17,9 @@ them, for at most ``poll_interval``); past it, it is refused (the gateway answer
 ``Retry-After``) and counted. A
 background task polls :meth:`KeyStore.changed_since` so that revocations and overrides made
 by any process (another replica, the CLI) reach every replica within about a second.
-The accounts of cached keys are cached and refreshed the same way (:meth:`account`).
+The accounts of cached keys are cached and refreshed the same way (:meth:`account`), and
+every account's sign-up is shown to the sign-up surge watch (``signups.py``), the first
+poll reaching back as far as its baseline reads.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from modelfence.identity.base import AccountRecord, ApiKeyRecord, KeyStore
 from modelfence.identity.key_index import KeyIndex
 from modelfence.identity.keys import looks_like_api_key
 from modelfence.identity.secret import ServerSecret
+from modelfence.identity.signups import SignupWatch
 from modelfence.limits.gcra import Rate, admit
 from modelfence.periodic import Periodic
 
@@ -94,6 +97,7 @@ class KeyRegistry:
     with each failure (a metrics hook). Meanwhile cached keys keep being served. Until the
     first poll has built the key index, every unknown key is looked up as before;
     ``on_lookup_refused`` is called for each key refused without one (a metrics hook).
+    ``signups``: the watch every polled account's sign-up time is shown to.
     """
 
     def __init__(
@@ -109,8 +113,10 @@ class KeyRegistry:
         clock: Callable[[], float] = time.time,
         on_refresh_error: Callable[[Exception], None] | None = None,
         on_lookup_refused: Callable[[], None] | None = None,
+        signups: SignupWatch | None = None,
     ) -> None:
         self._store = store
+        self._signups = signups
         self._secret = secret
         self._poll_interval = poll_interval
         self._overlap = overlap
@@ -222,9 +228,21 @@ class KeyRegistry:
             if key_hash is not None:  # keys nobody used here are looked up when first used
                 await self._load_account(record)
                 self._by_hash[key_hash] = record
-        for account in await self._store.accounts_changed_since(since):
+        reach = None
+        if self._signups is not None and self._signups.known_since is None:
+            # The first poll reaches back as far as the surge baseline reads.
+            reach = started - self._signups.history_seconds
+            since = min(since, datetime.fromtimestamp(reach, UTC))
+        changed = await self._store.accounts_changed_since(since)
+        for account in changed:
             if account.account_id in self._accounts:
                 self._accounts[account.account_id] = account
+        if self._signups is not None:
+            # A sign-up dated in the future counts as now; the tests run off the event loop.
+            signups = [(a.account_id, min(a.created_at.timestamp(), started)) for a in changed]
+            await asyncio.to_thread(self._signups.observe_many, signups)
+            if reach is not None:  # only once the week was read: a failed poll reads it again
+                self._signups.known_since = reach
         self._synced_at = started
 
     async def start(self) -> None:

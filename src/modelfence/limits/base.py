@@ -61,10 +61,11 @@ class Allowance:
         )
 
     def scaled(self, share: float) -> Allowance:
-        """The share one replica may spend alone (degraded mode), at least one unit."""
+        """The share one replica may spend alone (degraded mode): at least one unit of a
+        limit that allows any (a limit of 0 stays 0)."""
 
         def part(value: int | None) -> int | None:
-            return None if value is None else max(math.floor(value * share), 1)
+            return value if not value else max(math.floor(value * share), 1)
 
         return Allowance(
             rows_per_day=part(self.rows_per_day),

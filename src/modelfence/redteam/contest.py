@@ -9,8 +9,10 @@ gateway's answer. ``Contest`` plays the gateway's admission decisions in time or
    above scale the limits; ``degrade`` degrades the answer), as ``gateway/detection.py``;
 2. when defended, the account's trust (``identity/trust.py``: each client is its own
    account, signed up at ``ClientProfile.signed_up`` or else at its first request, so a
-   thief's fresh account starts on probation, as does one detection demoted) and the
-   allowance of that level, charged with the request's inputs, as ``gateway/admission.py``;
+   thief's fresh account starts on probation, as does one detection demoted; one created
+   during a sign-up surge, which the watch finds among every account's sign-up, is held)
+   and the allowance of that level, charged with the request's inputs, as
+   ``gateway/admission.py``;
 3. the real in-process limit backend (``limits/memory.py``) with the deployment's tiers,
    prices and the real request parsers' token estimates, on the events' own clock;
 4. the events, refused ones included (a live gateway records those too), go to the real
@@ -46,6 +48,7 @@ from modelfence.config import Config
 from modelfence.detect.actions import NORMAL, Action, rank
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.identity.base import AccountRecord
+from modelfence.identity.signups import SignupWatch
 from modelfence.identity.trust import Standing, TrustPolicy
 from modelfence.limits.base import AdmissionRequest
 from modelfence.limits.memory import MemoryBackend
@@ -67,6 +70,7 @@ ANSWERED, THROTTLED, BLOCKED = 200, 429, 403
 FRICTIONS = ("refused", "degraded", "blocked", "tightened", "probation", "probation_after_week",
              "account_budget")
 ACCOUNT_DENIALS = ("account_rows", "account_tokens")
+EARLY_DAYS = 2.0  # "refused within two days" of a campaign's start (the hydra target)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class CampaignOutcome:
     accounts_created: int = 0  # initial accounts plus rotations (what Budget.accounts bounds)
     senders: set[str] = field(default_factory=set)  # identities that sent at least one request
     accounts_flagged: int = 0
+    refused_early: set[str] = field(default_factory=set)  # identities refused (429/403) in the campaign's first two days
     units_before_first_flag: int | None = None  # extraction units answered before any account's alert
 
 
@@ -145,21 +150,31 @@ class Contest:
         self._owner: dict[str, _Slot] = {}  # identity in use -> its slot
         self._worst: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._accounts: dict[str, AccountRecord] = {}  # client -> its account, once it sent
-        self.trust = TrustPolicy(config.accounts, self, clock=lambda: self.now)
+        # The store's sign-ups as they happen: every honest customer's (``run(signups=)``),
+        # and each thief account's when it is created.
+        self.signups = SignupWatch(config.accounts.surge)
+        self.trust = TrustPolicy(config.accounts, self, surges=self.signups, clock=lambda: self.now)
 
     def account(self, account_id: str) -> AccountRecord | None:
         """The account of the client ``account_id`` once it has sent (the trust lookup)."""
         return self._accounts.get(account_id)
 
     def run(
-        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief]
+        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief],
+        *, signups: Sequence[tuple[str, float]] = (),
     ) -> ContestResult:
-        return asyncio.run(self._run(plans, profiles, thieves))
+        """``signups``: (account, virtual seconds) of every account the store holds besides
+        the thieves', in time order, each shown to the surge watch when its time comes; the
+        store's history starts at the first of them (or at the start, if none is earlier)."""
+        return asyncio.run(self._run(plans, profiles, thieves, signups))
 
     async def _run(
-        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief]
+        self, plans: Sequence[PlannedRequest], profiles: Iterable[ClientProfile], thieves: Sequence[Thief],
+        signups: Sequence[tuple[str, float]],
     ) -> ContestResult:
         started = time.perf_counter()
+        self.signups.known_since = START_TS + min([0.0, *(at for _, at in signups[:1])])
+        next_signup = 0
         honest_profiles = {p.name: p for p in profiles}
         result = ContestResult(self.engine is not None, {t.name: CampaignOutcome(t.name) for t in thieves},
                                {name: set() for name in honest_profiles})
@@ -202,6 +217,10 @@ class Contest:
                 if sender is not None:
                     profile = sender.identity  # rotated earlier in this window
                 self.now = START_TS + at
+                while self.engine is not None and next_signup < len(signups) and signups[next_signup][1] <= at:
+                    account, signed_up = signups[next_signup]
+                    self.signups.observe(account, START_TS + signed_up)
+                    next_signup += 1
                 event = event_for(plan, profile, ts=self.now, request_id=f"contest-{result.events:09d}")
                 result.events += 1
                 answer = await self._admit(plan, profile, event)
@@ -272,6 +291,7 @@ class Contest:
             record = self._accounts[profile.name] = AccountRecord(
                 profile.name, datetime.fromtimestamp(signed_up, UTC), verified=profile.verified,
                 paid_usd=profile.paid_usd)
+            self.signups.observe(profile.name, record.created_at.timestamp())  # as the trust check reads it
         return record
 
     def _capped(self, record: AccountRecord, standing: Standing) -> tuple[str, ...]:
@@ -320,6 +340,8 @@ class Contest:
             outcome.throttled += 1
         else:
             outcome.blocked += 1
+        if at < slot.thief.horizon - (slot.thief.budget.days - EARLY_DAYS) * DAY:
+            outcome.refused_early.add(slot.identity.name)
         reaction = slot.thief.react(plan, status, at)
         if reaction.rotate:
             if outcome.accounts_created >= slot.thief.budget.accounts:
@@ -336,7 +358,7 @@ class Contest:
             retry_at = max(retry_at, answer.room_at)  # the same account: see the module docstring
         # A retry past the campaign's days is not sent (a 429 that can never pass, e.g. a
         # request larger than a tightened quota, would otherwise be retried for ever).
-        if retry_at is not None and retry_at < slot.thief.budget.days * DAY:
+        if retry_at is not None and retry_at < slot.thief.horizon:
             heapq.heappush(queue, (max(retry_at, horizon), order, plan, plan.client))
             order += 1
         return order

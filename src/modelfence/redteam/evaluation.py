@@ -30,7 +30,13 @@ from modelfence.detect.embedding import CachedEmbedder, Embedder, load_embedder
 from modelfence.detect.engine import DetectionEngine
 from modelfence.detect.reference import Reference
 from modelfence.redteam.contest import FRICTIONS, CampaignOutcome, Contest, ContestResult
-from modelfence.redteam.populations.week import GROUP_OF, GROUPS, HonestWeek, stratified_sample
+from modelfence.redteam.populations.week import (
+    GROUP_OF,
+    GROUPS,
+    RECENT_SIGNUP,
+    HonestWeek,
+    stratified_sample,
+)
 from modelfence.redteam.prompts import (
     load_evaluation_documents,
     load_evaluation_prompts,
@@ -48,11 +54,11 @@ from modelfence.redteam.theft import (
     trajectory,
     wilson,
 )
-from modelfence.redteam.thieves import Scale, adaptive_library, hydra_library
-from modelfence.redteam.thieves.base import Asset, Knowledge, Thief, text_pool
+from modelfence.redteam.thieves import Scale, adaptive_library, hydra_library, paced_hydra_library
+from modelfence.redteam.thieves.base import DAY, Asset, Knowledge, Thief, text_pool
 from modelfence.redteam.traffic import ClientProfile
 
-Kind = Literal["adaptive", "hydra"]
+Kind = Literal["adaptive", "hydra", "paced-hydra"]
 QUALITY_SHARE = 0.95  # "accounts needed": accounts that had sent when quality reached this share of undefended
 REPLAY_EMBEDDING_CACHE = 200_000  # distinct texts of a run; only speed depends on it
 
@@ -72,6 +78,8 @@ def _library(kind: Kind, size: Size, seed: int, reference: Reference, embedder: 
     """A fresh library (thieves keep state while they run, so each contest gets its own)."""
     if kind == "hydra":
         return hydra_library(size.scale, seed=seed)
+    if kind == "paced-hydra":
+        return paced_hydra_library(size.scale, seed=seed)
     return adaptive_library(size.scale, seed=seed, knowledge=Knowledge.published(),
                             white_box=Knowledge.white_box(reference), embedder=embedder)
 
@@ -90,13 +98,19 @@ def evaluate(kind: Kind, size: Size, *, seed: int, rng: Callable[[str], np.rando
     customers = week.customers()
     sampled, weights = stratified_sample(customers, size.sample, rng("honest-sample"))
     plans, profiles = week.generate(load_evaluation_prompts(), load_evaluation_documents(), sampled)
+    # Every customer's sign-up, sampled or not: the store holds the whole population's
+    # accounts, so the sign-up surge watch sees the real arrival rate, not the sample's.
+    # Its history starts a week before the week: earlier sign-ups are only the customers
+    # still here two years on, far fewer a day than a business signs up.
+    signups = sorted(((c.name, at) for c in customers if (at := week.account(c).signed_up) >= -RECENT_SIGNUP[0] * DAY),
+                     key=lambda s: s[1])
     generated = time.perf_counter()
     runs: dict[bool, ContestResult] = {}
     thieves: list[Thief] = []
     for defended in (False, True):
         thieves = _library(kind, size, seed, reference, embedder)
         engine = DetectionEngine(config.detection, embedder=embedder, reference=reference) if defended else None
-        runs[defended] = Contest(config, engine).run(plans, profiles, thieves)
+        runs[defended] = Contest(config, engine).run(plans, profiles, thieves, signups=signups)
     judged = time.perf_counter()
     attacks = _judge(thieves, runs, _assessors(seed, embedder))
     honest = _honest(customers, profiles, weights, runs)
@@ -132,6 +146,7 @@ def _side(assessor: Assessor, outcome: CampaignOutcome) -> dict[str, Any]:
             "requests": outcome.requests, "answered_requests": len(answered) + outcome.cover_answered,
             "throttled": outcome.throttled, "blocked": outcome.blocked, "degraded": outcome.degraded,
             "accounts_used": len(outcome.senders), "accounts_flagged": outcome.accounts_flagged,
+            "accounts_refused_early": len(outcome.refused_early),
             "usd": round(outcome.usd, 4), "units_before_first_flag": outcome.units_before_first_flag}
 
 
@@ -233,8 +248,8 @@ def markdown_tables(kind: Kind, attacks: Sequence[Mapping[str, Any]], honest: Ma
     lines = [(f"**Theft ({kind})** — quality: classifier clone fidelity, embedding student cosine, "
               "chat task coverage (proxy); undefended → defended."), "",
              ("| attack | asset | accounts (budget) | units bought | quality (no-query baseline) | accounts used "
-              "| USD | theft reduction | accounts needed for 95% | accounts flagged |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| USD | theft reduction | accounts needed for 95% | accounts flagged | accounts refused in 2 days |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in attacks:
         u, d = row["undefended"], row["defended"]
         lines.append(
@@ -243,7 +258,8 @@ def markdown_tables(kind: Kind, attacks: Sequence[Mapping[str, Any]], honest: Ma
             f"| {u['accounts_used']:,} → {d['accounts_used']:,} | {u['usd']:.2f} → {d['usd']:.2f} "
             f"| {_pct(row['theft_reduction'])} | {_needed(row['needed_for_95']['undefended'])} → "
             f"{_needed(row['needed_for_95']['defended'])} "
-            f"| {d['accounts_flagged']:,} of {d['accounts_used']:,} |")
+            f"| {d['accounts_flagged']:,} of {d['accounts_used']:,} "
+            f"| {d['accounts_refused_early']:,} of {d['accounts_used']:,} |")
     lines += ["", (f"**Honest friction ({kind})** — share of honest clients that ever met a refusal, a degraded "
                    "answer or a block over the week (probation caps apply to defended runs only; their 429s are "
                    "refusals); weighted sample, 95% Wilson interval."),

@@ -282,11 +282,13 @@ SCENARIOS: dict[str, ScenarioFn] = {
                          "undefended and defended: what each thief got, what honest customers met"),
     "hydra": _contest("hydra", "a week of honest customers (v2) with hydra campaigns of 100 to 10,000 "
                       "accounts at ~26 requests a day each, undefended and defended"),
+    "paced-hydra": _contest("paced-hydra", "a week of honest customers (v2) with hydras of 1,000 accounts "
+                            "that sign up at a pace a sign-up surge watch lets through, one asset at a time"),
 }
 # Scenarios that model the gateway instead of calling one: a run of only these starts no stack.
-REPLAY_ONLY = frozenset({"replay-scale", "replay-detection", "adaptive", "hydra"})
+REPLAY_ONLY = frozenset({"replay-scale", "replay-detection", "adaptive", "hydra", "paced-hydra"})
 # The v2 yardstick (a week of customers, both sides): run when named, not by default.
-OPT_IN = frozenset({"adaptive", "hydra"})
+OPT_IN = frozenset({"adaptive", "hydra", "paced-hydra"})
 
 
 async def run_suite(ctx: Context, names: Sequence[str], on_done: Callable[[ScenarioResult], None] | None = None) -> list[ScenarioResult]:

@@ -62,6 +62,7 @@ SUITES = {
                 sample={}, days=2.0, calibration_clients=200,
                 scale=Scale(classifier_images=1000, embedding_texts=512, chat_prompts=120, days=2.0,
                             one_batch_accounts=(4,), rotation_accounts=(4,), hydra_accounts=(20,),
+                            hydra_paced_accounts=(20,),
                             hydra_chat_prompts=120, hydra_embedding_texts=128, hydra_classifier_images=256)),
     ),
     "full": Suite(

@@ -13,9 +13,13 @@ microseconds on every request otherwise.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+
+if TYPE_CHECKING:
+    from modelfence.identity.signups import Surge
 
 # Sub-millisecond buckets at the low end: gateway overhead lives there.
 _LATENCY_BUCKETS = (
@@ -106,6 +110,17 @@ class Metrics:
             "modelfence_key_lookups_refused",
             "Keys in no key index answered 503 (key_lookup_deferred) without a store lookup: "
             "the lookups of keys missing from the index were over their budget.",
+            registry=self.registry,
+        )
+        self.signup_surges = Counter(
+            "modelfence_signup_surges",
+            "Sign-up surges found or extended: unverified accounts created in them are held "
+            "(accounts.surge).",
+            registry=self.registry,
+        )
+        self.signup_surge_accounts = Gauge(
+            "modelfence_signup_surge_accounts",
+            "Accounts created in the latest sign-up surge, as of its last extension.",
             registry=self.registry,
         )
         self.settle_errors = Counter(
@@ -245,6 +260,10 @@ class Metrics:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._child(self.upstream_errors, upstream, kind).inc()  # type: ignore[attr-defined]
+
+    def signup_surge(self, surge: Surge) -> None:
+        self.signup_surges.inc()
+        self.signup_surge_accounts.set(surge.accounts)
 
     def backend_failure(self, mode: str) -> None:
         self._child(self.backend_failures, mode).inc()  # type: ignore[attr-defined]

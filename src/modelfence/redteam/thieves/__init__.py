@@ -5,7 +5,12 @@ interface the contest plays them through; ``library.py`` builds the sets a run s
 
 from modelfence.redteam.thieves.base import Budget, Knowledge, Reaction, Thief, text_pool
 from modelfence.redteam.thieves.hydra import HydraThief
-from modelfence.redteam.thieves.library import Scale, adaptive_library, hydra_library
+from modelfence.redteam.thieves.library import (
+    Scale,
+    adaptive_library,
+    hydra_library,
+    paced_hydra_library,
+)
 from modelfence.redteam.thieves.naive import NaiveThief, RotatingThief
 from modelfence.redteam.thieves.one_batch import OneBatchThief
 from modelfence.redteam.thieves.paced import PacedThief
@@ -26,5 +31,6 @@ __all__ = [
     "WhiteBoxThief",
     "adaptive_library",
     "hydra_library",
+    "paced_hydra_library",
     "text_pool",
 ]

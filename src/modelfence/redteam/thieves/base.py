@@ -112,12 +112,16 @@ GIVE_UP = Reaction()
 class Thief(Protocol):
     """One campaign. ``name`` is unique in a run; every profile it returns has role
     ``"attacker"`` and ``campaign == name``; plans name one of ``accounts()`` as client,
-    carry purpose ``"extraction"`` or ``"cover"`` and lie in ``[0, budget.days * DAY)``."""
+    carry purpose ``"extraction"`` or ``"cover"`` and lie before ``horizon`` (virtual
+    seconds: ``budget.days`` after the campaign's start)."""
 
     name: str
     strategy: str
     asset: Asset
     budget: Budget
+
+    @property
+    def horizon(self) -> float: ...
 
     def accounts(self) -> list[ClientProfile]: ...
 

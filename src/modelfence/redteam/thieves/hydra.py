@@ -12,6 +12,10 @@ a few texts. The rest are small extraction batches: 4–8 images, 4–16 texts, 
 chain-of-thought task under a varied system frame. The campaign stops when its data target
 is bought, so with thousands of accounts most send a request or two.
 
+A paced hydra (``signups_per_day``) knows about sign-up surge watches: its accounts sign up
+one after another at that rate, each sending only from then on, so the crowd never stands
+out from the business's own newcomers and each account it has sends more.
+
 The timers are drawn as one superposed process (candidate times uniform over the
 accounts, thinned by each account's own diurnal weight, then by its quiet period), which
 is the same in law as independent per-account processes and costs only the requests
@@ -44,17 +48,29 @@ class HydraThief(Campaign):
 
     def __init__(self, asset: Asset, accounts: int = 1000, requests_per_day: float = 26.0, cover_share: float = 0.3,
                  *, seed: int = 0, target: int | None = None, days: float = 7.0, name: str | None = None,
-                 subnet_base: int = SUBNET_BASE) -> None:
-        if requests_per_day <= 0 or not 0 <= cover_share < 1:
-            raise ValueError("a hydra needs requests_per_day > 0 and 0 <= cover_share < 1")
+                 subnet_base: int = SUBNET_BASE, start: float = 0.0, signups_per_day: float | None = None) -> None:
+        if requests_per_day <= 0 or not 0 <= cover_share < 1 or start < 0:
+            raise ValueError("a hydra needs requests_per_day > 0, 0 <= cover_share < 1 and start >= 0")
+        if signups_per_day is not None and signups_per_day <= 0:
+            raise ValueError("signups_per_day must be above 0 (None: every account at once)")
+        self.start = start  # seconds into the run: a library's hydras take turns, not one crowd
+        # Paced: account k signs up k / signups_per_day days after the start and sends
+        # nothing before, so the crowd stays under a sign-up surge watch's floors.
+        self.signups_per_day = signups_per_day
         if self._peak(requests_per_day) * QUIET_SECONDS >= 1:
             raise ValueError(f"{requests_per_day} requests a day do not fit between quiet periods of "
                              f"{QUIET_SECONDS:.0f} s")
-        super().__init__(asset, name=name or f"{self.strategy}-{accounts}/{asset}", seed=seed, target=target,
+        paced = "" if signups_per_day is None else f"-paced{signups_per_day:g}"
+        super().__init__(asset, name=name or f"{self.strategy}{paced}-{accounts}/{asset}", seed=seed, target=target,
                          budget=Budget(accounts=accounts, days=days, usd=GENEROUS_USD), slots=accounts,
                          subnet_base=subnet_base)
         self.requests_per_day = requests_per_day
         self.cover_share = cover_share
+
+    @property
+    def horizon(self) -> float:
+        """Its days count from its start."""
+        return self.start + self.budget.days * DAY
 
     @staticmethod
     def _peak(requests_per_day: float) -> float:
@@ -75,12 +91,19 @@ class HydraThief(Campaign):
         keep = rng.random(count) * ceiling < wanted / (1 - wanted * QUIET_SECONDS)
         order = np.argsort(times[keep], kind="stable")
         out_times, out_accounts = [], []
+        opens = self._opens(len(phases))
         for at, account in zip(times[keep][order].tolist(), accounts[keep][order].tolist(), strict=True):
-            if at - last[account] >= QUIET_SECONDS:
+            if at >= opens[account] and at - last[account] >= QUIET_SECONDS:
                 last[account] = at
                 out_times.append(at)
                 out_accounts.append(account)
         return out_times, out_accounts
+
+    def _opens(self, accounts: int) -> np.ndarray:
+        """When each account may first send: at the start, or paced one after another."""
+        if self.signups_per_day is None:
+            return np.full(accounts, self.start)
+        return self.start + np.arange(accounts) * (DAY / self.signups_per_day)
 
     def _plan(self) -> list[PlannedRequest]:
         rng = self.rng("plan")
@@ -93,7 +116,7 @@ class HydraThief(Campaign):
         stretch = max(600.0, 1.5 * needed / (accounts * self.requests_per_day / DAY))
         plans: list[PlannedRequest] = []
         last = np.full(accounts, -np.inf)
-        start = 0.0
+        start = self.start
         while requests.left > 0 and start < self.horizon:
             end = min(self.horizon, start + stretch)
             for at, account in zip(*self.arrivals(rng, start, end, phases, last), strict=True):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from modelfence.detect.embedding import Embedder
 from modelfence.redteam.replay_attacks import SUBNET_BASE
-from modelfence.redteam.thieves.base import ASSETS, Asset, Budget, Knowledge, Thief
+from modelfence.redteam.thieves.base import ASSETS, DAY, Asset, Budget, Knowledge, Thief
 from modelfence.redteam.thieves.campaign import GENEROUS_USD
 from modelfence.redteam.thieves.hydra import HydraThief
 from modelfence.redteam.thieves.naive import NaiveThief, RotatingThief
@@ -36,6 +36,11 @@ class Scale:
     one_batch_accounts: tuple[int, ...] = (8, 32)
     rotation_accounts: tuple[int, ...] = (3, 10)
     hydra_accounts: tuple[int, ...] = (100, 1000, 10000)
+    # Hydras that sign up at a pace a sign-up surge watch lets through: 100 a day on top of
+    # the honest week's ~500, ~425 from day 1 on counting its first day without newcomers
+    # (the watch's day window needs 1.5x; docs/DETECTION.md).
+    hydra_paced_accounts: tuple[int, ...] = (1000,)
+    hydra_paced_signups_per_day: float = 100.0
     hydra_requests_per_day: float = 26.0
     hydra_chat_prompts: int = 3000
     hydra_embedding_texts: int = 1536
@@ -89,11 +94,28 @@ def adaptive_library(scale: Scale, *, seed: int, knowledge: Knowledge, white_box
 
 
 def hydra_library(scale: Scale, *, seed: int) -> list[Thief]:
-    """A hydra of each size in ``scale.hydra_accounts`` against each asset."""
+    """A hydra of each size in ``scale.hydra_accounts`` against each asset, starting in
+    turn, evenly over the days: campaigns that all signed up in the same hour would be one
+    crowd, each caught by the others' sign-up surge."""
     subnets = _Subnets(HYDRA_SUBNET_BASE)
+    runs = [(n, asset) for n in scale.hydra_accounts for asset in ASSETS]
     return [
         HydraThief(asset, n, scale.hydra_requests_per_day, seed=seed, target=scale.hydra_target(asset),
-                   days=scale.days, subnet_base=subnets.take(n))
-        for n in scale.hydra_accounts
-        for asset in ASSETS
+                   days=scale.days, subnet_base=subnets.take(n), start=(i + 0.5) / len(runs) * scale.days * DAY)
+        for i, (n, asset) in enumerate(runs)
+    ]
+
+
+def paced_hydra_library(scale: Scale, *, seed: int) -> list[Thief]:
+    """Hydras that know about sign-up surge watches (``scale.hydra_paced_*``), one asset at
+    a time: each starts once the previous one has bought its target (a thief running two
+    would add their paces), and all end with the run, whose honest week they share."""
+    subnets = _Subnets(HYDRA_SUBNET_BASE)
+    starts = (0.05, 0.4, 0.7)  # shares of the run: chat needs the longest, embeddings the least
+    return [
+        HydraThief(asset, n, scale.hydra_requests_per_day, seed=seed, target=scale.hydra_target(asset),
+                   days=(1 - share) * scale.days, subnet_base=subnets.take(n), start=share * scale.days * DAY,
+                   signups_per_day=scale.hydra_paced_signups_per_day)
+        for n in scale.hydra_paced_accounts
+        for asset, share in zip(("chat", "classifier", "embeddings"), starts, strict=True)
     ]
