@@ -27,6 +27,7 @@ import numpy as np
 
 from modelfence.config import AccountsConfig
 from modelfence.identity.base import AccountRecord, ApiKeyRecord
+from modelfence.identity.signups import SignupWatch
 from modelfence.identity.trust import TrustPolicy
 from modelfence.limits import AdmissionRequest, LimitBackend, MemoryBackend, Quota
 from modelfence.limits.base import Allowance
@@ -73,15 +74,30 @@ async def paired(backend: LimitBackend, runs: int) -> tuple[list[float], list[fl
     return timings
 
 
-def trust_lookup(runs: int) -> list[float]:
+def trust_lookup(runs: int, *, surges: bool = False, cached: bool = True) -> list[float]:
+    """``TrustPolicy.standing`` per request; with ``surges``, beside a sign-up watch that found
+    a surge (a week of 500 sign-ups a day and a crowd of 1,000); ``cached=False`` assesses
+    the account afresh each time (what a cache miss costs, once a minute per account)."""
     created = datetime.now(UTC) - timedelta(days=2)
     record = AccountRecord("acct", created_at=created)
-    policy = TrustPolicy(AccountsConfig.model_validate({}), _Accounts(record))
+    config = AccountsConfig.model_validate({})
+    watch = None
+    if surges:
+        watch = SignupWatch(config.surge, known_since=created.timestamp() - 8 * 86_400)
+        rng = np.random.default_rng(0)
+        week = np.sort(created.timestamp() - 8 * 86_400 + rng.uniform(0, 8 * 86_400, size=4_000))
+        crowd = created.timestamp() - 86_400 + rng.uniform(0, 1_800, size=1_000)
+        watch.observe_many([(f"a{i}", float(at)) for i, at in enumerate([*week, *crowd])])
+        assert watch.surges, "the bench's crowd should be a surge"
+    policy = TrustPolicy(config, _Accounts(record), surges=watch)
     key = ApiKeyRecord("key_1", "svc", "default", "mf_x", created, account="acct")
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
-        policy.standing(key, "normal")
+        if cached:
+            policy.standing(key, "normal")
+        else:
+            policy.assess(record, "normal", time.time())
         samples.append(time.perf_counter() - started)
     return samples
 
@@ -111,6 +127,8 @@ async def main(redis_url: str, runs: int) -> None:
         print(f"{name:6} tier limits only      {micros(without)}")
         print(f"{name:6} + account allowance   {micros(with_)}   added p50 {added * 1e6:6.1f} µs")
     print(f"trust lookup (cached account)  {micros(trust_lookup(runs))}")
+    print(f"  with a sign-up surge watch     {micros(trust_lookup(runs, surges=True))}")
+    print(f"  uncached, with the watch       {micros(trust_lookup(runs, surges=True, cached=False))}")
 
 
 async def _memory() -> LimitBackend:

@@ -117,7 +117,7 @@ class Signups(BaseModel):
 
 
 def signups_router(watch: SignupWatch, *, enabled: bool) -> APIRouter:
-    router = APIRouter(prefix="/v1/signups", tags=["accounts"], responses=error_responses(401))
+    router = APIRouter(prefix="/v1/signups", tags=["accounts"], responses=error_responses(401, 503))
 
     @router.get("")
     async def get_signups() -> Signups:

@@ -292,7 +292,8 @@ def _keys(gateway: GatewayProcess, actor: Actor) -> list[str]:
         metadata = {"created_at": signed_up.isoformat()}
     if actor.accounts == 1:
         return [gateway.create_key(actor.name, actor.tier, account=actor.account, metadata=metadata)]
-    return [gateway.create_key(f"{actor.name}-{n}", actor.tier, account=f"{actor.account}-{n}", metadata=metadata)
+    # One client name for all its accounts: forensics corrects for every client it tests.
+    return [gateway.create_key(actor.name, actor.tier, account=f"{actor.account}-{n}", metadata=metadata)
             for n in range(actor.accounts)]
 
 
