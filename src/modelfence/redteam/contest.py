@@ -173,7 +173,7 @@ class Contest:
         signups: Sequence[tuple[str, float]],
     ) -> ContestResult:
         started = time.perf_counter()
-        self.signups.known_since = START_TS + min([0.0, *(at for _, at in signups[:1])])
+        self.signups.known_since = START_TS + (min(0.0, signups[0][1]) if signups else 0.0)
         next_signup = 0
         honest_profiles = {p.name: p for p in profiles}
         result = ContestResult(self.engine is not None, {t.name: CampaignOutcome(t.name) for t in thieves},
