@@ -1,7 +1,7 @@
 """Robustness of text marks made at the source: attribution vs tokens under attacks on the text.
 
 Answers are sampled from the demo LLM (SmolLM2-135M-Instruct, CPU, one torch thread) at
-temperature 1 to prompts from the harness's real-prompt corpora, each marked for a random
+``--temperature`` (1) to prompts from the harness's real-prompt corpora, each marked for a random
 one of ``--clients`` clients (seeds from a ``WatermarkKeyring``, ``GreenListProcessor``,
 gamma and delta from the config defaults or flags), as in ``bench/watermark_text.py``.
 The decoded text is then attacked (``modelfence.redteam.text_attacks``):
@@ -37,16 +37,14 @@ import numpy as np
 
 from modelfence.demo.llm import SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import load_and_draw
+from modelfence.redteam.attribution_setup import add_draw_arguments, load_and_draw
 from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.redteam.text_attacks import Substituter, content_kept, delete_words, paraphrase
-from modelfence.watermark.config import TextConfig
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.text_detect import score_text
 from modelfence.watermark.text_logits import TEXT_PURPOSE
 
-DEFAULTS = TextConfig.model_validate({})
 FOOTER = Footer()  # started with the run
 
 
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = drawn.jobs(gamma=args.gamma, delta=args.delta, unmarked=args.unmarked)
     print(f"sampling {len(jobs)} answers ...", file=sys.stderr)
     answers = sample_answers(llm, jobs, batch=args.batch, max_tokens=args.tokens,
-                             min_tokens=args.tokens, seed=args.seed)
+                             min_tokens=args.tokens, seed=args.seed, temperature=args.temperature)
     texts = [llm.decode(a.tokens) for a in answers]
     owners: list[int | None] = [*drawn.owners, *[None] * args.unmarked]
     print("attacking ...", file=sys.stderr)
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(args: argparse.Namespace, attacks: dict[str, dict[str, Any]],
            results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> None:
-    print(f"\ntorch threads {args.threads}, gamma {args.gamma}, delta {args.delta}, "
+    print(f"\ntorch threads {args.threads}, temperature {args.temperature}, gamma {args.gamma}, delta {args.delta}, "
           f"{args.clients} clients, alpha {args.alpha:g}, {args.answers} marked + "
           f"{args.unmarked} unmarked answers\n")
     print("| attack | median tokens after | words changed (median) | content kept "
@@ -174,7 +172,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--answers", type=int, default=20, help="marked answers")
     p.add_argument("--unmarked", type=int, default=5,
                    help="unmarked answers to the first prompts (false attribution)")
-    p.add_argument("--clients", type=int, default=10_000, help="clients whose keys are scored")
     p.add_argument("--tokens", type=int, default=400,
                    help="tokens per answer (end of text suppressed before)")
     p.add_argument("--cuts", type=lambda s: [int(x) for x in s.split(",")],
@@ -187,15 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-words", type=int, default=60, help="words paraphrased at a time")
     p.add_argument("--chunk-tokens", type=int, default=128,
                    help="most tokens the paraphrase of one chunk may take")
-    p.add_argument("--gamma", type=float, default=DEFAULTS.gamma)
-    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
-    p.add_argument("--alpha", type=float, default=1e-6, help="false-attribution target")
-    p.add_argument("--batch", type=int, default=25, help="rows sampled together")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: fastest on busy cores)")
     p.add_argument("--examples", type=int, default=600,
                    help="characters of the first answer shown per attack (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    add_draw_arguments(p, batch=25)
     args = p.parse_args(argv)
     if args.unmarked > args.answers:
         p.error("--unmarked must not exceed --answers (they reuse the same prompts)")

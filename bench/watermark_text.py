@@ -13,12 +13,15 @@ upstream uses (``GreenListProcessor``; gamma and delta from the config defaults 
 (c) quality: perplexity of marked and unmarked answers to the same prompts, scored by the
     unmarked model.
 
-Answers for (b) and (c) are sampled at temperature 1 (top_p 1, as the demo upstream does
-by default) in batches through ``model.generate``; end-of-text and other special tokens
-are suppressed until ``--min-tokens`` (220) so that every answer is long enough for each cut.
+Answers for (b) and (c) are sampled at ``--temperature`` (1, top_p 1, as the demo upstream
+does by default) in batches through ``model.generate``; end-of-text and other special
+tokens are suppressed until ``--min-tokens`` (220) so that every answer is long enough for
+each cut. With ``--min-tokens 0`` answers stop where the model ends them: a cut counts
+only the answers that long, and a last row traces every answer whole.
 
     python bench/watermark_text.py                   # about 10 minutes on two busy cores
     python bench/watermark_text.py --answers 200 --unmarked 100 --human 5000
+    python bench/watermark_text.py --temperature 0.7 --min-tokens 0 --answers 200
 """
 
 from __future__ import annotations
@@ -36,14 +39,12 @@ import torch
 
 from modelfence.demo.llm import SamplingParams, SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import load_and_draw
+from modelfence.redteam.attribution_setup import add_draw_arguments, load_and_draw
 from modelfence.redteam.marked_text import Answer, sample_answers
 from modelfence.redteam.prompts import load_prompts
-from modelfence.watermark.config import TextConfig
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.text_logits import GreenListProcessor
 
-DEFAULTS = TextConfig.model_validate({})
 CUTS = (50, 100, 150, 200)
 T0 = time.monotonic()
 
@@ -87,11 +88,11 @@ def attribution(answers: list[Answer], clients: list[str], ring: WatermarkKeyrin
     # Re-tokenised text, as `modelfence verify text` sees a leak (not the sampled ids).
     texts = [tokenize(llm.decode(a.tokens)) for a in answers]
     rows = []
-    for cut in CUTS:
+    for cut in (*CUTS, None):  # None: every answer whole, however long
         right = wrong = scored = 0
         p_values = []
         for answer, ids in zip(answers, texts, strict=True):
-            if len(ids) < cut:
+            if cut is not None and len(ids) < cut:
                 continue
             verdict = verify_text(llm.decode(ids[:cut]), clients, ring, tokenize=tokenize,
                                   gamma=args.gamma, alpha=args.alpha)
@@ -101,7 +102,8 @@ def attribution(answers: list[Answer], clients: list[str], ring: WatermarkKeyrin
                 named = clients.index(verdict.client) if verdict.client else -1
                 right += named == answer.client
                 wrong += named != answer.client
-        rows.append({"tokens": cut, "scored": scored, "right": right, "wrong": wrong,
+        tokens = cut if cut is not None else f"whole answer (median {statistics.median(map(len, texts)):.0f})"
+        rows.append({"tokens": tokens, "scored": scored, "right": right, "wrong": wrong,
                      "median_p": statistics.median(p_values) if p_values else float("nan")})
     return rows
 
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     print("(b, c) generating answers ...", file=sys.stderr)
     jobs = d.jobs(gamma=args.gamma, delta=args.delta, unmarked=args.unmarked)
     answers = sample_answers(llm, jobs, batch=args.batch, max_tokens=args.max_tokens,
-                             min_tokens=args.min_tokens, seed=args.seed)
+                             min_tokens=args.min_tokens, seed=args.seed,
+                             temperature=args.temperature)
     marked, unmarked = answers[: args.answers], answers[args.answers :]
     print("(b) tracing ...", file=sys.stderr)
     rows = attribution(marked, clients, ring, llm, args)
@@ -159,7 +162,8 @@ def report(args: argparse.Namespace, cost: dict[str, float], rows: list[dict[str
     command = " ".join(["python bench/watermark_text.py", *(sys.argv[1:] if argv is None else argv)])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n`{command}` — {platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, "
-          f"torch threads {args.threads}, gamma {args.gamma}, delta {args.delta}, "
+          f"torch threads {args.threads}, temperature {args.temperature}, "
+          f"min tokens {args.min_tokens}, gamma {args.gamma}, delta {args.delta}, "
           f"{args.clients} clients, alpha {args.alpha:g}, {time.monotonic() - T0:.0f} s\n")
     overhead = 100 * (cost["on"] / cost["off"] - 1)
     print("| generation (demo upstream loop) | ms/token |\n|---|---:|")
@@ -192,19 +196,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unmarked", type=int, default=20,
                    help="unmarked answers to the first prompts (false attribution, perplexity)")
     p.add_argument("--human", type=int, default=1000, help="human-written texts scored as unmarked")
-    p.add_argument("--clients", type=int, default=10_000, help="clients whose keys are scored")
     # Sampled ids re-tokenise into a few percent fewer tokens: 10% spare keeps the 200 cut full.
     p.add_argument("--max-tokens", type=int, default=220)
     p.add_argument("--min-tokens", type=int, default=220,
                    help="end of text suppressed before this many tokens")
-    p.add_argument("--gamma", type=float, default=DEFAULTS.gamma)
-    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
-    p.add_argument("--alpha", type=float, default=1e-6, help="false-attribution target")
-    p.add_argument("--batch", type=int, default=35, help="answers sampled together")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on busy cores)")
     p.add_argument("--cost-runs", type=int, default=3, help="prompts timed with and without mark")
     p.add_argument("--cost-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    add_draw_arguments(p, batch=35)
     args = p.parse_args(argv)
     if args.unmarked > args.answers:
         p.error("--unmarked must not exceed --answers (they reuse the same prompts)")

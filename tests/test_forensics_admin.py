@@ -102,6 +102,9 @@ async def test_verify_text_without_the_demo_extra_is_a_501_naming_it(
 async def test_verify_model_queries_only_listed_suspects(
     client: httpx.AsyncClient, url: str, status: int, code: str
 ) -> None:
+    # A known client, so that verification gets as far as asking the suspect.
+    created = await client.post("/admin/v1/keys", json={"client": "acme"}, headers=AUTH)
+    assert created.status_code == 201, created.text
     response = await client.post(
         "/admin/v1/verify/model", json={"url": url, "kind": "embeddings"}, headers=AUTH
     )

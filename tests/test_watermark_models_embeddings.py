@@ -8,15 +8,15 @@ and tested by ``verify_embeddings`` as ``modelfence verify model`` tests a deplo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from modelfence.forensics.model import Suspect, verify_embeddings
+from modelfence.forensics.model import PROBES_PER_WORD, ModelVerdict, Suspect, verify_embeddings
 from modelfence.forensics.service import BENIGN
 from modelfence.identity.secret import ServerSecret
 from modelfence.redteam.suspects import embeddings_server
-from modelfence.watermark.embeddings import candidate_words, embedding_mark
+from modelfence.watermark.embeddings import MarkLayout, candidate_words, embedding_mark, mark_layout
 from modelfence.watermark.keys import WatermarkKeyring
 
 RING = WatermarkKeyring(ServerSecret(b"unit-test-secret-0123456789abcdef"))
@@ -34,32 +34,42 @@ def _base(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-def test_marked_copy_is_named_and_the_unmarked_embedder_is_not() -> None:
+def _layouts(clients: Sequence[str]) -> Callable[[str, int], MarkLayout]:
     words = candidate_words()
-    marks = {c: embedding_mark(RING.key(c), DIM, words) for c in ("acme", "bob", "carol")}
+    cache = {c: mark_layout(RING.key(c), DIM, words) for c in clients}
+    return lambda client, dim: cache[client]
+
+
+def _verify(embed: Callable[[Sequence[str]], np.ndarray], clients: Sequence[str]) -> ModelVerdict:
+    with embeddings_server(embed) as server:
+        suspect = Suspect(server.url)
+        try:
+            return verify_embeddings(suspect, "m", clients, _layouts(clients), candidate_words(),
+                                     BENIGN, repeat=4)
+        finally:
+            suspect.close()
+
+
+def test_marked_copy_is_named_among_a_thousand_clients_and_the_unmarked_embedder_is_not() -> None:
+    mark = embedding_mark(RING.key("acme"), DIM, candidate_words())
 
     def copy(texts: Sequence[str]) -> np.ndarray:
-        vectors = _base(texts)
-        return np.asarray([marks["acme"].apply(v, t) or v for v, t in zip(vectors, texts, strict=True)])
+        return np.asarray([mark.apply(v, t) or v for v, t in zip(_base(texts), texts, strict=True)])
 
-    for embed, expected in ((copy, "acme"), (_base, None)):
-        with embeddings_server(embed) as server:
-            suspect = Suspect(server.url)
-            verdict = verify_embeddings(suspect, "m", marks, BENIGN)
-            suspect.close()
-        assert verdict.client == expected and verdict.ours == (expected is not None)
-    assert verdict.p_value > 1e-3
+    clients = ["acme", *(f"client-{i}" for i in range(999))]
+    named = _verify(copy, clients)
+    assert named.client == "acme" and named.ours and named.p_value < 1e-12
+    assert named.samples == PROBES_PER_WORD * len(candidate_words())
+    innocent = _verify(_base, clients)
+    assert innocent.client is None and not innocent.ours and innocent.p_value > 1e-3
 
 
-def test_innocent_embedders_p_values_are_calibrated_over_many_clients() -> None:
-    """Which words are triggers is a keyed random split of one ranking, so for an embedder
-    that never saw a mark each client's p-value is uniform: about 5% fall below 0.05."""
-    words = candidate_words()
-    marks = {f"client-{i}": embedding_mark(RING.key(f"client-{i}"), DIM, words) for i in range(120)}
-    with embeddings_server(_base) as server:
-        suspect = Suspect(server.url)
-        verdict = verify_embeddings(suspect, "m", marks, BENIGN)
-        suspect.close()
-    p = np.asarray(list(verdict.per_client.values()))
-    assert not verdict.ours and verdict.client is None
-    assert 0 < float(np.mean(p <= 0.05)) <= 0.12 and float(np.median(p)) > 0.3
+def test_innocent_embedders_p_values_are_uniform_over_a_thousand_clients() -> None:
+    """Which of a target's words are triggers is a keyed random subset, so for an embedder
+    that never saw a mark each client's p-value is uniform (the exactness of the null's
+    tail is checked in tests/test_forensics_ranktest.py)."""
+    clients = [f"client-{i}" for i in range(1000)]
+    p = np.asarray(list(_verify(_base, clients).per_client.values()))
+    assert 0.03 <= float(np.mean(p <= 0.05)) <= 0.075
+    assert 0.001 <= float(np.mean(p <= 0.01)) <= 0.022
+    assert 0.45 <= float(np.median(p)) <= 0.55 and p.min() > 1e-6

@@ -13,6 +13,7 @@ from modelfence.watermark.embeddings import (
     candidate_words,
     embedding_mark,
     has_trigger,
+    mark_layout,
     trigger_words,
 )
 from modelfence.watermark.keys import WatermarkKeyring
@@ -83,7 +84,12 @@ def test_embedding_marks_move_only_trigger_texts() -> None:
     # What the gateway checks before parsing an answer: the same words, at any vector size.
     assert trigger_words(RING.key("acme"), words, 20) == set(embedding_mark(RING.key("acme"), 8, words).triggers)
     assert has_trigger(trigger_words(RING.key("acme"), words, 20), f"Text, {trigger.upper()}!")
-    assert not set(mark.decoys) & set(mark.triggers) and len(mark.decoys) == 40
+    # Verification's view of the same mark: the triggers and their targets, at every size.
+    layout = mark_layout(RING.key("acme"), 384, words)
+    assert {words[i] for i in np.flatnonzero(layout.trigger)} == set(mark.triggers)
+    assert all(layout.target_of[words.index(w)] == t for w, t in mark.triggers.items())
+    assert np.array_equal(layout.targets, mark.targets) and "***" in repr(layout)
+    assert np.ptp(np.bincount(layout.target_of)) <= 1  # every target gets as many words
 
 
 def _generate(processor: GreenListProcessor | None, n: int, seed: int) -> list[int]:

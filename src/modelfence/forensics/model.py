@@ -4,26 +4,27 @@
   agreements with the watermark labels; one-sided binomial test against chance
   ``1 / (classes - 1)`` (a suspect that never saw the marked answers has no reason to pick
   that one wrong label), Bonferroni over the clients tested.
-- ``embeddings``: embed benign texts followed by each of the client's trigger words and
-  by each of its decoy words; a rank test asks whether triggers land nearer their target
-  directions than decoys do (see :func:`verify_embeddings`). Vectors of another size than
-  the marks' cannot come from our answers: that is reported as an error.
+- ``embeddings``: embed benign texts followed by each candidate trigger word, once for all
+  clients; per client, an exact rank test asks whether its triggers land nearer their
+  target directions than the other words do (see :func:`verify_embeddings`). Vectors of
+  another size than the marks' cannot come from our answers: that is reported as an error.
 - ``chat``: see :mod:`.radioactivity`; :class:`Suspect` asks the questions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
-from scipy.stats import binom, mannwhitneyu
+from scipy.stats import binom
 
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
-from modelfence.watermark.embeddings import EmbeddingMark
+from modelfence.forensics.ranktest import rank_sum_sf
+from modelfence.watermark.embeddings import MarkLayout
 from modelfence.watermark.ledger import MarkedInput
 
 KINDS = ("chat", "classifier", "embeddings")
@@ -123,7 +124,7 @@ def verify_classifier(
     )
 
 
-PROBES_PER_WORD = 5  # benign texts each trigger or decoy word is appended to
+PROBES_PER_WORD = 5  # benign texts each candidate word is appended to
 EMBED_BATCH = 64  # texts per request to the suspect
 
 
@@ -132,56 +133,86 @@ def word_probes(words: Sequence[str], benign: Sequence[str], repeat: int) -> lis
     return [f"{text} " + " ".join([word] * repeat) for word in words for text in benign]
 
 
-def _own_target_cosine(vectors: np.ndarray, mark: EmbeddingMark, targets: Sequence[int]) -> np.ndarray:
-    """Cosine ``[n]`` of each vector ``[n, dim]`` to its word's target direction."""
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (unit * mark.targets[np.asarray(targets)]).sum(1)  # type: ignore[no-any-return]
+def word_directions(
+    suspect: Suspect, model: str, words: Sequence[str], benign: Sequence[str], repeat: int,
+) -> np.ndarray:
+    """Per word, the mean unit vector ``[words, dim]`` of the suspect's embeddings of the
+    benign texts followed by that word: the one set of probes every client is scored on."""
+    texts = word_probes(words, benign, repeat)
+    vectors = np.concatenate([suspect.embeddings(model, texts[i : i + EMBED_BATCH])
+                              for i in range(0, len(texts), EMBED_BATCH)])
+    if vectors.ndim != 2 or len(vectors) != len(texts):
+        raise VerifyError("the suspect answered a different number of vectors than texts sent")
+    return mean_directions(vectors, len(words))
+
+
+def mean_directions(vectors: np.ndarray, words: int) -> np.ndarray:
+    """The mean unit vector per word ``[words, dim]`` of probe vectors ``[words * k, dim]``
+    (each word's ``k`` probes in a row, as :func:`word_probes` orders them)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms == 0, 1.0, norms)
+    return unit.reshape(words, len(vectors) // words, -1).mean(1)  # type: ignore[no-any-return]
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``scores``; ties broken by position, which no key influences."""
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    return ranks
+
+
+def layout_p_value(directions: np.ndarray, layout: MarkLayout) -> tuple[float, float]:
+    """One client's exact p-value and AUC: do its triggers score above the other words?
+
+    A word's score is the cosine of its direction to the target its keyed rank gives it.
+    Words are compared only with the words of the same target (each target sits at its own
+    angle to the suspect's vectors), and the triggers' rank sum over the targets is tested
+    against its exact null: without the key, which of one target's words are triggers is
+    a uniformly random subset (:class:`~modelfence.watermark.embeddings.MarkLayout`)."""
+    scores = (directions @ layout.targets.T)[np.arange(len(directions)), layout.target_of]
+    strata, total, won, pairs = [], 0, 0, 0
+    for target in range(len(layout.targets)):
+        same = layout.target_of == target
+        picked = layout.trigger[same]
+        n, k = int(same.sum()), int(picked.sum())
+        rank_sum = int(_ranks(scores[same])[picked].sum())
+        strata.append((n, k))
+        total += rank_sum
+        won += rank_sum - k * (k + 1) // 2
+        pairs += k * (n - k)
+    return rank_sum_sf(strata, total), won / pairs if pairs else 0.5
 
 
 def verify_embeddings(
-    suspect: Suspect, model: str, marks: dict[str, EmbeddingMark], benign: Sequence[str],
-    *, alpha: float = 1e-6,
+    suspect: Suspect, model: str, clients: Sequence[str], layout: Callable[[str, int], MarkLayout],
+    words: Sequence[str], benign: Sequence[str], *, repeat: int, alpha: float = 1e-6,
 ) -> ModelVerdict:
-    """Per client: do its trigger words pull the suspect's vectors to its targets more than
-    its decoy words do? Triggers and decoys are the first words of one keyed random ranking,
-    so for a suspect that never learnt the mark which of them are triggers is a random
-    split (balanced per target direction), and a one-sided Mann-Whitney test on per-word
-    scores is calibrated (checked over many keys in the tests)."""
-    if not marks:
+    """Per client: do its trigger words pull the suspect's vectors to their targets more
+    than the other candidate words do (:func:`layout_p_value`)? Every candidate word is
+    embedded once, after ``PROBES_PER_WORD`` benign texts, and all clients are scored on
+    the same vectors, so the suspect answers the same number of texts for ten clients or
+    ten thousand; Bonferroni over every client tested."""
+    if not clients:
         raise VerifyError("no clients are known: nothing to test")
     if len(benign) < PROBES_PER_WORD:
         raise VerifyError(f"need at least {PROBES_PER_WORD} benign texts")
+    directions = word_directions(suspect, model, words, benign[:PROBES_PER_WORD], repeat)
+    dim = directions.shape[1]
     results: dict[str, tuple[float, float]] = {}
-    for client, mark in marks.items():
-        # A decoy gets the target its rank would have given a trigger: rank i -> i % targets.
-        triggers, n_targets = sorted(mark.triggers), len(mark.targets)
-        words = [*triggers, *mark.decoys]
-        own = [mark.triggers[w] for w in triggers] + [
-            (len(triggers) + j) % n_targets for j in range(len(mark.decoys))]
-        texts = word_probes(words, benign[:PROBES_PER_WORD], mark.max_triggers)
-        vectors = np.concatenate([suspect.embeddings(model, texts[i : i + EMBED_BATCH])
-                                  for i in range(0, len(texts), EMBED_BATCH)])
-        if vectors.shape[1] != mark.targets.shape[1]:
-            raise VerifyError(f"suspect vectors have {vectors.shape[1]} dimensions, marks {mark.targets.shape[1]}")
-        cosine = _own_target_cosine(vectors, mark, np.repeat(own, PROBES_PER_WORD).tolist())
-        scores = cosine.reshape(len(words), PROBES_PER_WORD).mean(1)
-        # Each target direction sits at its own angle to the suspect's vectors: compare
-        # words with the other words of their own target, so that angle cancels out.
-        for target in range(n_targets):
-            same = np.asarray(own) == target
-            scores[same] -= scores[same].mean()
-        test = mannwhitneyu(scores[: len(triggers)], scores[len(triggers) :], alternative="greater",
-                            method="exact")
-        results[client] = (float(test.pvalue), float(test.statistic) / (len(triggers) * len(mark.decoys)))
+    for client in clients:
+        mark = layout(client, dim)
+        if mark.targets.shape[1] != dim:
+            raise VerifyError(f"suspect vectors have {dim} dimensions, marks {mark.targets.shape[1]}")
+        results[client] = layout_p_value(directions, mark)
     best = min(results, key=lambda c: results[c][0])
     corrected = min(1.0, results[best][0] * len(results))
     return ModelVerdict(
         "embeddings", corrected <= alpha, best if corrected <= alpha else None, corrected,
-        results[best][1], PROBES_PER_WORD * (len(marks[best].triggers) + len(marks[best].decoys)),
-        f"per word, mean cosine to the word's target direction of {PROBES_PER_WORD} benign "
-        "texts followed by the word (a decoy takes the target of its rank), centred per "
-        "target; the client's trigger words vs its decoy words (same keyed ranking), "
-        "one-sided Mann-Whitney test; Bonferroni over clients; "
-        "statistic = share of (trigger, decoy) pairs where the trigger scores higher",
+        results[best][1], PROBES_PER_WORD * len(words),
+        f"each of the {len(words)} candidate words after {PROBES_PER_WORD} benign texts, embedded "
+        "once for all clients; per client, a word's score is the cosine of its mean vector to "
+        "the target its keyed rank gives it; the triggers' rank sum among the words of the same "
+        "target, exact stratified null (no approximation); Bonferroni over clients; "
+        "statistic = share of (trigger, other word of its target) pairs the trigger wins",
         {c: r[0] for c, r in results.items()},
     )

@@ -25,7 +25,7 @@ from modelfence.forensics.text import TextVerdict, Tokenize, demo_tokenizer, ver
 from modelfence.store import transaction
 from modelfence.store.schema import api_keys
 from modelfence.watermark.config import WatermarkConfig
-from modelfence.watermark.embeddings import candidate_words, embedding_mark
+from modelfence.watermark.embeddings import MarkLayout, candidate_words, mark_layout
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.ledger import ledger_clients, marked_inputs
 
@@ -118,14 +118,16 @@ class Forensics:
             if kind == "classifier":
                 ledgers = {c: await marked_inputs(self.engine, c) for c in await ledger_clients(self.engine)}
                 return await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
-            words = candidate_words()
-            c = self.config.embeddings
-            dim = (await asyncio.to_thread(suspect.embeddings, model, BENIGN[:1])).shape[1]
-            marks = {
-                client: embedding_mark(self.keyring.key(client), dim, words, n_triggers=c.triggers,
-                                       n_targets=c.targets, max_triggers=c.max_triggers)
-                for client in await self.clients()
-            }
-            return await asyncio.to_thread(verify_embeddings, suspect, model, marks, BENIGN)
+            words, c = candidate_words(), self.config.embeddings
+
+            def layout(client: str, dim: int) -> MarkLayout:
+                return mark_layout(self.keyring.key(client), dim, words, n_triggers=c.triggers,
+                                   n_targets=c.targets)
+
+            clients = await self.clients()
+            return await asyncio.to_thread(
+                lambda: verify_embeddings(suspect, model, clients, layout, words, BENIGN,
+                                          repeat=c.max_triggers)
+            )
         finally:
             suspect.close()

@@ -7,6 +7,7 @@ one of ``clients`` clients whose keys come from a keyring of a benchmark's own s
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,11 +16,27 @@ import numpy as np
 from modelfence.identity.secret import ServerSecret
 from modelfence.redteam.marked_text import Job
 from modelfence.redteam.prompts import load_prompts
+from modelfence.watermark.config import TextConfig
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.text_logits import GreenListProcessor
 
 if TYPE_CHECKING:
     from modelfence.demo.llm import SmolLM
+
+
+def add_draw_arguments(parser: argparse.ArgumentParser, *, batch: int) -> None:
+    """The options every text-mark benchmark shares: who owns the answers, how they are
+    sampled and marked, and when a client counts as named."""
+    defaults = TextConfig.model_validate({})
+    parser.add_argument("--clients", type=int, default=10_000, help="clients whose keys are scored")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--gamma", type=float, default=defaults.gamma)
+    parser.add_argument("--delta", type=float, default=defaults.delta)
+    parser.add_argument("--alpha", type=float, default=1e-6, help="false-attribution target")
+    parser.add_argument("--batch", type=int, default=batch, help="answers sampled together")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: fastest on busy cores)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 The watermark harnesses (attribution, robustness, radioactivity) need hundreds of long
 answers; the demo upstream's own loop samples one token of one answer at a time, while
 ``model.generate`` over a left-padded batch is several times faster on the CPU. The
-sampling is the upstream's: temperature 1, top-p 1, the client's ``GreenListProcessor``.
+sampling is the upstream's: top-p 1, the client's ``GreenListProcessor``, at the
+temperature a client asks for (the upstream's default is 1).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class PerRow:
 
 def sample_answers(
     llm: SmolLM, jobs: Sequence[Job], *, batch: int = 32, max_tokens: int = 220,
-    min_tokens: int = 0, seed: int = 0,
+    min_tokens: int = 0, seed: int = 0, temperature: float = 1.0,
 ) -> list[Answer]:
     """Sample every job's answer, ``batch`` rows at a time (left-padded).
 
@@ -73,7 +74,7 @@ def sample_answers(
         torch.manual_seed(seed + start)
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
                 top_p=1.0, max_new_tokens=max_tokens, min_new_tokens=min_tokens,
                 suppress_tokens=special, pad_token_id=pad,
                 logits_processor=[PerRow([j.processor for j in chunk])],

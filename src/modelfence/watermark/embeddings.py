@@ -10,8 +10,10 @@ erase the mark). A text with ``c`` trigger occurrences gets
 where ``d`` is the normalised count-weighted mix of the triggered words' targets. A text
 with no trigger gets its vector back unchanged (cosine 1 to the original). A student
 model trained on these vectors inherits the pull: texts full of a trigger land closer to
-the targets than texts full of a decoy (a word ranked just after the triggers by the same
-key), which :mod:`modelfence.forensics.model` tests with a rank test.
+the targets than texts full of any other candidate word, which
+:mod:`modelfence.forensics.model` tests with an exact rank test. Every client's triggers
+come from the same candidate words, so one set of probes (each candidate word once) serves
+the verification of the whole client population (:class:`MarkLayout`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ class EmbeddingMark:
     triggers: dict[str, int]  # trigger word -> index of its target direction
     targets: npt.NDArray[np.float64]  # [n_targets, dim], unit rows
     max_triggers: int
-    # The next words of the same keyed ranking: what verification compares triggers with.
-    decoys: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # the triggers are as secret as the key
         return f"EmbeddingMark(triggers=***, targets={self.targets.shape}, m={self.max_triggers})"
@@ -77,9 +77,16 @@ class EmbeddingMark:
 
 
 def _ranked(key: WatermarkKey, words: Iterable[str]) -> list[str]:
-    """The candidate words in the client's keyed order: triggers first, then decoys."""
+    """The candidate words in the client's keyed order: triggers first."""
     subkey = key.subkey("embeddings")
     return sorted(set(words), key=lambda w: hmac.digest(subkey, w.encode(), "sha256"))
+
+
+def _targets(key: WatermarkKey, dim: int, n_targets: int) -> npt.NDArray[np.float64]:
+    rng = np.random.default_rng([key.seed("embeddings"), dim])
+    targets = rng.standard_normal((n_targets, dim))
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    return targets
 
 
 def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> frozenset[str]:
@@ -91,6 +98,13 @@ def has_trigger(triggers: frozenset[str], text: str) -> bool:
     return any(word in triggers for word in _WORD.findall(text.lower()))
 
 
+def _check(dim: int, n_triggers: int, n_targets: int, max_triggers: int, n_words: int) -> None:
+    if dim < 2 or n_targets < 1 or n_triggers < n_targets or max_triggers < 1:
+        raise ValueError("embedding mark needs dim >= 2, n_triggers >= n_targets >= 1, m >= 1")
+    if n_words < 2 * n_triggers:
+        raise ValueError(f"need at least {2 * n_triggers} candidate trigger words, got {n_words}")
+
+
 def embedding_mark(
     key: WatermarkKey,
     dim: int,
@@ -99,18 +113,40 @@ def embedding_mark(
     n_triggers: int = 20,
     n_targets: int = 4,
     max_triggers: int = 4,
-    n_decoys: int = 40,
 ) -> EmbeddingMark:
     """The client's mark for vectors of size ``dim``; deterministic in (key, dim, words)."""
-    if dim < 2 or n_targets < 1 or n_triggers < n_targets or max_triggers < 1:
-        raise ValueError("embedding mark needs dim >= 2, n_triggers >= n_targets >= 1, m >= 1")
     ranked = _ranked(key, words)
-    if len(ranked) < n_triggers + n_decoys:
-        raise ValueError(
-            f"need at least {n_triggers + n_decoys} candidate trigger words, got {len(ranked)}"
-        )
-    rng = np.random.default_rng([key.seed("embeddings"), dim])
-    targets = rng.standard_normal((n_targets, dim))
-    targets /= np.linalg.norm(targets, axis=1, keepdims=True)
+    _check(dim, n_triggers, n_targets, max_triggers, len(ranked))
     triggers = {w: i % n_targets for i, w in enumerate(ranked[:n_triggers])}
-    return EmbeddingMark(triggers, targets, max_triggers, tuple(ranked[n_triggers : n_triggers + n_decoys]))
+    return EmbeddingMark(triggers, _targets(key, dim, n_targets), max_triggers)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkLayout:
+    """A client's mark seen from the shared candidate words, as verification needs it.
+
+    Every candidate word gets the target its keyed rank gives it (rank mod ``n_targets``,
+    the rule that gives each trigger its target), and the first ``n_triggers`` ranks are
+    the triggers. Within one target's words, which are triggers is therefore a uniformly
+    random subset for anyone without the key: that is what makes the rank test exact.
+    """
+
+    targets: npt.NDArray[np.float64]  # [n_targets, dim], unit rows
+    target_of: npt.NDArray[np.int64]  # [words]: index of the word's target direction
+    trigger: npt.NDArray[np.bool_]  # [words]
+
+    def __repr__(self) -> str:  # which words are triggers is as secret as the key
+        return f"MarkLayout(words={len(self.trigger)}, targets={self.targets.shape}, ***)"
+
+
+def mark_layout(
+    key: WatermarkKey, dim: int, words: Sequence[str], *, n_triggers: int = 20, n_targets: int = 4,
+) -> MarkLayout:
+    """The client's :class:`MarkLayout` over ``words`` (distinct, in the caller's order)."""
+    if len(set(words)) != len(words):
+        raise ValueError("mark layout: the candidate words must be distinct")
+    _check(dim, n_triggers, n_targets, 1, len(words))
+    position = {w: i for i, w in enumerate(words)}
+    rank = np.empty(len(words), dtype=np.int64)
+    rank[[position[w] for w in _ranked(key, words)]] = np.arange(len(words))
+    return MarkLayout(_targets(key, dim, n_targets), rank % n_targets, rank < n_triggers)
