@@ -272,7 +272,7 @@ def test_a_suspect_model_is_tested_only_where_the_config_allows(
     assert page.status_code == 200, page.text[:500]
     assert "No client's mark found: the answers point to nobody" in page.text
     assert re.search(r"best p-value\s+[0-9.e+-]+ after allowing", page.text)
-    assert "<td>leaker</td>" in page.text and "Mann-Whitney" in page.text
+    assert "<td>leaker</td>" in page.text and "exact stratified null" in page.text
     assert f'value="{fake_upstream.url}"' in page.text  # the form keeps what was typed
 
     for url in ("http://169.254.169.254/latest/meta-data", fake_upstream.url.replace(
