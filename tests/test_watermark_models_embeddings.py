@@ -11,11 +11,15 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
+from modelfence.forensics.errors import VerifyError
 from modelfence.forensics.model import PROBES_PER_WORD, ModelVerdict, Suspect, verify_embeddings
 from modelfence.forensics.service import BENIGN
 from modelfence.identity.secret import ServerSecret
 from modelfence.redteam.suspects import embeddings_server
+from modelfence.watermark.config import WatermarkConfig
 from modelfence.watermark.embeddings import MarkLayout, candidate_words, embedding_mark, mark_layout
 from modelfence.watermark.keys import WatermarkKeyring
 
@@ -73,3 +77,14 @@ def test_innocent_embedders_p_values_are_uniform_over_a_thousand_clients() -> No
     assert 0.03 <= float(np.mean(p <= 0.05)) <= 0.075
     assert 0.001 <= float(np.mean(p <= 0.01)) <= 0.022
     assert 0.45 <= float(np.median(p)) <= 0.55 and p.min() > 1e-6
+
+
+def test_a_suspect_without_usable_vectors_is_a_clear_error() -> None:
+    for answer in (lambda texts: np.ones((len(texts), 1)), lambda texts: np.ones((max(0, len(texts) - 1), DIM))):
+        with pytest.raises(VerifyError, match="one vector of 2 or more numbers per text"):
+            _verify(answer, ["acme"])
+
+
+def test_the_config_refuses_fewer_triggers_than_targets_naming_the_keys() -> None:
+    with pytest.raises(ValidationError, match=r"watermark\.embeddings\.triggers \(2\) must be at least"):
+        WatermarkConfig.model_validate({"embeddings": {"triggers": 2, "targets": 4}})

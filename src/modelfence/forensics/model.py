@@ -6,8 +6,9 @@
   that one wrong label), Bonferroni over the clients tested.
 - ``embeddings``: embed benign texts followed by each candidate trigger word, once for all
   clients; per client, an exact rank test asks whether its triggers land nearer their
-  target directions than the other words do (see :func:`verify_embeddings`). Vectors of
-  another size than the marks' cannot come from our answers: that is reported as an error.
+  target directions than the other words do (see :func:`verify_embeddings`). The marks
+  are derived at the suspect's own vector size; answers that are not one vector per text,
+  all of one size, are reported as an error.
 - ``chat``: see :mod:`.radioactivity`; :class:`Suspect` asks the questions.
 """
 
@@ -96,7 +97,7 @@ class Suspect:
         try:
             items = sorted(payload["data"], key=lambda d: d["index"])
             return np.asarray([d["embedding"] for d in items], dtype=float)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise VerifyError("the suspect's answer is not an embeddings list") from exc
 
 
@@ -139,11 +140,15 @@ def word_directions(
     """Per word, the mean unit vector ``[words, dim]`` of the suspect's embeddings of the
     benign texts followed by that word: the one set of probes every client is scored on."""
     texts = word_probes(words, benign, repeat)
-    vectors = np.concatenate([suspect.embeddings(model, texts[i : i + EMBED_BATCH])
-                              for i in range(0, len(texts), EMBED_BATCH)])
-    if vectors.ndim != 2 or len(vectors) != len(texts):
-        raise VerifyError("the suspect answered a different number of vectors than texts sent")
-    return mean_directions(vectors, len(words))
+    batches = []
+    for i in range(0, len(texts), EMBED_BATCH):
+        batch = suspect.embeddings(model, texts[i : i + EMBED_BATCH])
+        if batch.ndim != 2 or len(batch) != len(texts[i : i + EMBED_BATCH]) or batch.shape[1] < 2:
+            raise VerifyError("the suspect did not answer one vector of 2 or more numbers per text")
+        if batches and batch.shape[1] != batches[0].shape[1]:
+            raise VerifyError("the suspect answered vectors of different sizes")
+        batches.append(batch)
+    return mean_directions(np.concatenate(batches), len(words))
 
 
 def mean_directions(vectors: np.ndarray, words: int) -> np.ndarray:
@@ -197,13 +202,8 @@ def verify_embeddings(
     if len(benign) < PROBES_PER_WORD:
         raise VerifyError(f"need at least {PROBES_PER_WORD} benign texts")
     directions = word_directions(suspect, model, words, benign[:PROBES_PER_WORD], repeat)
-    dim = directions.shape[1]
-    results: dict[str, tuple[float, float]] = {}
-    for client in clients:
-        mark = layout(client, dim)
-        if mark.targets.shape[1] != dim:
-            raise VerifyError(f"suspect vectors have {dim} dimensions, marks {mark.targets.shape[1]}")
-        results[client] = layout_p_value(directions, mark)
+    results = {client: layout_p_value(directions, layout(client, directions.shape[1]))
+               for client in clients}
     best = min(results, key=lambda c: results[c][0])
     corrected = min(1.0, results[best][0] * len(results))
     return ModelVerdict(

@@ -5,9 +5,11 @@ Keys never appear here: they are derived from the server secret (see :mod:`.keys
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from modelfence.watermark.labels import MAX_RATE
+
+MAX_TRIGGERS = 1000  # of the ~2,355 candidate words: the rest are what triggers are compared with
 
 
 class _Frozen(BaseModel):
@@ -31,6 +33,17 @@ class EmbeddingsConfig(_Frozen):
     triggers: int = Field(20, ge=1, description="trigger words per client")
     targets: int = Field(4, ge=1, description="secret target directions per client")
     max_triggers: int = Field(4, ge=1, description="trigger count at which the target takes over")
+
+    @model_validator(mode="after")
+    def _enough_triggers(self) -> EmbeddingsConfig:
+        if self.triggers < self.targets:
+            raise ValueError(
+                f"watermark.embeddings.triggers ({self.triggers}) must be at least "
+                f"watermark.embeddings.targets ({self.targets}): every target needs a trigger"
+            )
+        if self.triggers > MAX_TRIGGERS:
+            raise ValueError(f"watermark.embeddings.triggers must be at most {MAX_TRIGGERS}")
+        return self
 
 
 class TextConfig(_Frozen):
