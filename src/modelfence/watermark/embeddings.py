@@ -83,6 +83,7 @@ def _ranked(key: WatermarkKey, words: Iterable[str]) -> list[str]:
 
 
 def _targets(key: WatermarkKey, dim: int, n_targets: int) -> npt.NDArray[np.float64]:
+    """The client's secret unit directions for vectors of size ``dim``."""
     rng = np.random.default_rng([key.seed("embeddings"), dim])
     targets = rng.standard_normal((n_targets, dim))
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
@@ -98,13 +99,6 @@ def has_trigger(triggers: frozenset[str], text: str) -> bool:
     return any(word in triggers for word in _WORD.findall(text.lower()))
 
 
-def _check(dim: int, n_triggers: int, n_targets: int, max_triggers: int, n_words: int) -> None:
-    if dim < 2 or n_targets < 1 or n_triggers < n_targets or max_triggers < 1:
-        raise ValueError("embedding mark needs dim >= 2, n_triggers >= n_targets >= 1, m >= 1")
-    if n_words < 2 * n_triggers:
-        raise ValueError(f"need at least {2 * n_triggers} candidate trigger words, got {n_words}")
-
-
 def embedding_mark(
     key: WatermarkKey,
     dim: int,
@@ -114,11 +108,16 @@ def embedding_mark(
     n_targets: int = 4,
     max_triggers: int = 4,
 ) -> EmbeddingMark:
-    """The client's mark for vectors of size ``dim``; deterministic in (key, dim, words)."""
-    ranked = _ranked(key, words)
-    _check(dim, n_triggers, n_targets, max_triggers, len(ranked))
-    triggers = {w: i % n_targets for i, w in enumerate(ranked[:n_triggers])}
-    return EmbeddingMark(triggers, _targets(key, dim, n_targets), max_triggers)
+    """The client's mark for vectors of size ``dim``; deterministic in (key, dim, words).
+
+    Built from the client's :class:`MarkLayout`, so the marks the gateway applies and the
+    ones verification tests cannot drift apart."""
+    if max_triggers < 1:
+        raise ValueError("embedding mark needs max_triggers >= 1")
+    distinct = list(dict.fromkeys(words))
+    layout = mark_layout(key, dim, distinct, n_triggers=n_triggers, n_targets=n_targets)
+    triggers = {distinct[i]: int(layout.target_of[i]) for i in np.flatnonzero(layout.trigger)}
+    return EmbeddingMark(triggers, layout.targets, max_triggers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +144,10 @@ def mark_layout(
     """The client's :class:`MarkLayout` over ``words`` (distinct, in the caller's order)."""
     if len(set(words)) != len(words):
         raise ValueError("mark layout: the candidate words must be distinct")
-    _check(dim, n_triggers, n_targets, 1, len(words))
+    if dim < 2 or n_targets < 1 or n_triggers < n_targets:
+        raise ValueError("embedding mark needs dim >= 2 and n_triggers >= n_targets >= 1")
+    if len(words) < 2 * n_triggers:
+        raise ValueError(f"need at least {2 * n_triggers} candidate trigger words, got {len(words)}")
     position = {w: i for i, w in enumerate(words)}
     rank = np.empty(len(words), dtype=np.int64)
     rank[[position[w] for w in _ranked(key, words)]] = np.arange(len(words))
