@@ -237,9 +237,14 @@ def metrics(base: str) -> dict[str, float]:
 
 
 def telemetry_fates(samples: dict[str, float]) -> dict[str, float]:
-    prefix = 'modelfence_telemetry_events_total{fate="'
-    return {name[len(prefix):-2]: value for name, value in samples.items()
-            if name.startswith(prefix)}
+    """The gateway's event fates, and the detector's (which writes ``request_events``) as
+    ``store_<fate>``: drops in either count."""
+    fates: dict[str, float] = {}
+    for prefix, label in (('modelfence_telemetry_events_total{fate="', ""),
+                          ('modelfence_detector_stored_events_total{fate="', "store_")):
+        fates.update((label + name[len(prefix):-2], value) for name, value in samples.items()
+                     if name.startswith(prefix))
+    return fates
 
 
 def stored_rows(db: Path) -> int:
@@ -253,7 +258,7 @@ def settle_events(base: str, db: Path, expected: int, timeout: float = 60.0) -> 
     last, still_since = -1, time.monotonic()
     while True:
         rows, fates = stored_rows(db), telemetry_fates(metrics(base))
-        dropped = sum(v for k, v in fates.items() if k.startswith("dropped"))
+        dropped = sum(v for k, v in fates.items() if "dropped" in k)
         total = rows + int(dropped)
         if total != last:
             last, still_since = total, time.monotonic()
@@ -285,7 +290,7 @@ def summarize(tally: Tally, samples_rss: list[dict[str, Any]], args: argparse.Na
     limited = {f"limited-{i}": tally.admitted_by_key[key]
                for i, key in enumerate(args.limited_keys)}
     over = {name: max(0, admitted - math.floor(allowed)) for name, admitted in limited.items()}
-    dropped = sum(v for k, v in fates.items() if k.startswith("dropped"))
+    dropped = sum(v for k, v in fates.items() if "dropped" in k)
     first, last = samples_rss[0], samples_rss[-1]
     return {
         "machine": machine(),

@@ -4,12 +4,14 @@
 the floor proxy pays too) take half the CPU and a 2-core VM moves every figure by tens of
 percent. This drives the real ASGI app (every stage: keys, fingerprints, limits, request
 policy, hardening, watermarks, telemetry) in-process with an upstream transport that answers
-from memory, so what it prints is the stack's own CPU per request (all threads: the event
-builds and the store writes count), steady enough to compare two commits:
+from memory, so what it prints is the stack's own CPU per request (all threads of the gateway process:
+the event builds and the store writes count; with ``--detection``, the detector child's
+CPU does not), steady enough to compare two commits:
 
     python bench/stack_cpu.py                               # memory limits, telemetry on
     python bench/stack_cpu.py --backend redis://127.0.0.1:6379/0
     python bench/stack_cpu.py --no-telemetry --rounds 5
+    python bench/stack_cpu.py --detection                   # events to a detector child
     PYTHONPATH=/path/to/other/checkout/src python bench/stack_cpu.py   # another commit
     python bench/stack_cpu.py --profile                     # cProfile of the measured loop
 
@@ -107,7 +109,9 @@ async def measure(args: argparse.Namespace) -> list[float]:
         "store": f"sqlite:///{workdir}/modelfence.db", "admin_token": "a" * 32,
         "secret": "bench-secret-" + "s" * 32, "secret_file": f"{workdir}/secret",
         "limits": {"backend": args.backend, "tiers": {"default": UNLIMITED}},
-        "detection": {"enabled": False}, "telemetry": {"enabled": not args.no_telemetry},
+        "detection": {"enabled": args.detection, "feed": "process", "embedder": "hashing",
+                      "shadow": True},
+        "telemetry": {"enabled": not args.no_telemetry},
         "log_level": "warning"})
     app = create_app(config)
     await app.startup()
@@ -142,6 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="memory", help="limits.backend (memory)")
     parser.add_argument("--no-telemetry", action="store_true", help="telemetry.enabled: false")
+    parser.add_argument("--detection", action="store_true",
+                        help="detection on (shadow, a detector child fed through its queue)")
     parser.add_argument("--requests", type=int, default=5000, help="per round (5000)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
@@ -154,7 +160,8 @@ def main() -> None:
     except ImportError:
         pass
     rounds = asyncio.run(measure(args))
-    print(f"limits {args.backend}, telemetry {'off' if args.no_telemetry else 'on'}: "
+    print(f"limits {args.backend}, telemetry {'off' if args.no_telemetry else 'on'}, "
+          f"detection {'on' if args.detection else 'off'}: "
           f"CPU µs per request min {min(rounds):.1f} (rounds: "
           + ", ".join(f"{r:.1f}" for r in rounds) + ")")
 

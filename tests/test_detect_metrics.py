@@ -3,18 +3,22 @@ in-gateway detector's metrics on the gateway's ``/metrics``."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from modelfence.cli import app
 from modelfence.config import parse_config
 from modelfence.detect.feeds import RedisStreamSink
 from modelfence.errors import ConfigError
+from modelfence.store import open_engine
+from modelfence.store.schema import request_events
 from modelfence.testing.processes import (
     ServiceProcess,
     free_port,
@@ -30,6 +34,7 @@ from .test_detect_streams import harvester
 PARTITIONS = 4
 AGE = 20.0  # seconds: how old the events already are when written to the streams
 LAG = "modelfence_detector_lag_seconds"
+STORED = "modelfence_detector_stored_events_total"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -100,6 +105,11 @@ async def test_a_detect_worker_serves_its_lag_on_metrics(tmp_path: Path) -> None
                 clients
             )
             assert metric_sum(samples, "modelfence_detector_errors_total") == 0
+            # The worker writes the events it read to request_events: the gateways do not.
+            samples = wait_for(worker.url, STORED, n)
+            assert metric_sum(samples, STORED, fate="written") == n
+            assert metric_sum(samples, STORED) == 2 * n  # emitted, then written
+            assert await stored_events(config["store"]) == n
             # Labels are bounded: no client ever names a series.
             _status, text = http_json("GET", worker.url + "/metrics")
             assert "thief" not in text and "img" not in text
@@ -138,6 +148,22 @@ def test_in_gateway_detection_reports_on_the_gateway_metrics(
     # The gateway's own metrics are still there beside them.
     chat = {"route": "/v1/chat/completions", "outcome": "ok"}
     assert metric_sum(samples, "modelfence_requests_total", **chat) == requests
+    # Events leave the gateway through the detector's queue alone (one sink, no database
+    # write in the gateway); the detector child writes them to request_events.
+    samples = wait_for(gateway.url, STORED, 2 * requests, timeout=30)
+    assert metric_sum(samples, STORED, fate="written") == requests
+    assert metric_sum(samples, "modelfence_telemetry_events_total", fate="written") == requests
+    assert asyncio.run(stored_events(gateway.config["store"])) == requests
+
+
+async def stored_events(store: str) -> int:
+    engine = open_engine(store)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(request_events)))
+                       .scalar_one())
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,6 @@ from modelfence.store import create_tables, open_engine, transaction
 from modelfence.telemetry.metrics import Metrics
 from modelfence.telemetry.pipeline import EventPipeline, PipelineSettings, Sink
 from modelfence.telemetry.sinks import OtelSink, SqlSink
-from modelfence.throttled_log import ThrottledLog
 from modelfence.types import ASGIApp, Receive, Scope, Send
 from modelfence.watermark.channel import MarkIssuer
 from modelfence.watermark.keys import WatermarkKeyring
@@ -295,16 +294,22 @@ class ModelFenceApp:
         return out
 
     async def _open_telemetry(self, out: Detection, engine: AsyncEngine) -> None:
-        """The event pipeline: the state database, OTel spans, and the detector feed."""
+        """The event pipeline: OTel spans, and the detector feed or the state database.
+
+        With detection on, events leave the gateway through the feed alone and the detector
+        writes them to ``request_events``: no database writes compete with the proxy.
+        """
         config, metrics = self.config, self.metrics
         telemetry, settings = config.telemetry, config.detection
-        sinks: list[Sink] = [
-            SqlSink(
-                engine,
-                store_prompt_text=telemetry.store_prompt_text,
-                retention_days=telemetry.retention_days,
+        sinks: list[Sink] = []
+        if not settings.enabled:
+            sinks.append(
+                SqlSink(
+                    engine,
+                    store_prompt_text=telemetry.store_prompt_text,
+                    retention_days=telemetry.retention_days,
+                )
             )
-        ]
         if telemetry.otel_spans:
             sinks.append(OtelSink())
         if out.redis is not None:
@@ -315,16 +320,8 @@ class ModelFenceApp:
             sinks.append(out.detector.sink())
         out.pipeline = EventPipeline(
             sinks,
-            settings=PipelineSettings(
-                queue_size=telemetry.queue_size,
-                queue_bytes=telemetry.queue_bytes,
-                batch_size=telemetry.batch_size,
-                buffer_events=telemetry.buffer_events,
-                buffer_bytes=telemetry.buffer_bytes,
-                retry_max_seconds=telemetry.retry_max_seconds,
-            ),
+            settings=PipelineSettings.of(telemetry),
             count=_EventCounts(metrics),
-            on_dropped=_alert_dropped,
         )
         if out.detector is not None:
             out.detector.start()
@@ -546,8 +543,6 @@ class _EventCounts:
         child.inc(n)
 
 
-_drop_alerts = ThrottledLog(log, interval=10.0)
-
 
 def _open_broker(settings: ConfidentialConfig) -> KeyBroker | None:
     """The key broker for sealed model parts, and its security level said at start-up."""
@@ -603,10 +598,6 @@ def capabilities(config: Config) -> dict[str, Any]:
         },
     }
 
-
-def _alert_dropped(sink: str, n: int) -> None:
-    # Loss of telemetry is an operational alert: detection is blind for those events.
-    _drop_alerts.error("ALERT telemetry: %d events for sink %s were dropped", n, sink)
 
 
 def create_app(config: Config) -> ModelFenceApp:

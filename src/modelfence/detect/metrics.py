@@ -25,6 +25,12 @@ from modelfence.telemetry.events import RequestEvent
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STAGES = ("feed", "store")  # values of the errors' stage label
+# Fates of the events the detector writes to ``request_events`` (the telemetry pipeline's,
+# its sink's name taken off): a bounded label.
+STORED_FATES = (
+    "emitted", "written", "rejected", "sink_error", "dropped_queue_full",
+    "dropped_queue_bytes", "dropped_sink", "dropped_shutdown", "dropped_build_error",
+)
 
 
 class DetectorMetrics:
@@ -64,6 +70,15 @@ class DetectorMetrics:
             registry=self.registry,
         )
         self._errors = {stage: self.errors.labels(stage) for stage in STAGES}
+        self.stored = Counter(
+            "modelfence_detector_stored_events",
+            "Events this detector handed to the state database's request_events, by fate: "
+            "emitted, then written or rejected, or dropped (queue full, sink buffer full, "
+            "shutdown); sink_error counts failed writes, retried.",
+            ["fate"],
+            registry=self.registry,
+        )
+        self._stored = {fate: self.stored.labels(fate) for fate in STORED_FATES}
 
     def read(self, events: int) -> None:
         self.events.inc(events)
@@ -76,6 +91,10 @@ class DetectorMetrics:
 
     def error(self, stage: str) -> None:
         self._errors[stage].inc()
+
+    def store_event(self, fate: str, n: int) -> None:
+        """The event pipeline's ``count`` (``written:store`` is counted as ``written``)."""
+        self._stored[fate.partition(":")[0]].inc(n)
 
     def snapshot(self) -> list[Metric]:
         """The registry's current values, picklable (what the child sends the gateway)."""

@@ -42,6 +42,8 @@ from modelfence.errors import ModelFenceError
 from modelfence.redisconn import connect
 from modelfence.redisurl import is_redis_url
 from modelfence.store import create_tables, open_engine
+from modelfence.telemetry.pipeline import EventPipeline, PipelineSettings
+from modelfence.telemetry.sinks import SqlSink
 
 if TYPE_CHECKING:
     from modelfence.detect.engine import DetectionEngine
@@ -114,6 +116,19 @@ async def run_service(
             public_url=detection.public_url,
             dedup_seconds=detection.alert_dedup_seconds,
         )
+        metrics = metrics or DetectorMetrics()
+        # The gateways send events here only: this detector writes its share of them.
+        archive = EventPipeline(
+            [
+                SqlSink(
+                    engine,
+                    store_prompt_text=config.telemetry.store_prompt_text,
+                    retention_days=config.telemetry.retention_days,
+                )
+            ],
+            settings=PipelineSettings.of(config.telemetry),
+            count=metrics.store_event,
+        )
         service = DetectorService(
             build_engine(config),
             SqlState(engine),
@@ -121,13 +136,19 @@ async def run_service(
             shared=RedisState(shared) if shared is not None else None,
             shadow=detection.shadow,
             metrics=metrics,
+            archive=archive.emit,
         )
+        await archive.start()
         log.info("detector running (pid %d)", os.getpid())
         if on_ready is not None:
             on_ready()
-        await service.run(feed)
+        try:
+            await service.run(feed)
+        finally:
+            await archive.stop()
     finally:
         await engine.dispose()
+
 
 
 def _exit_with_parent() -> None:

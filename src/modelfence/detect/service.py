@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -76,9 +76,11 @@ class DetectorService:
         shared: RedisState | None = None,
         shadow: bool = False,
         metrics: DetectorMetrics | None = None,
+        archive: Callable[[RequestEvent], object] | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.engine = engine
+        self.archive = archive  # takes each event read, for request_events; never waits
         self.state = state
         self.alerter = alerter
         self.shared = shared
@@ -222,6 +224,9 @@ class DetectorService:
             if events is None:
                 raise Done
             self.metrics.read(len(events))
+            if self.archive is not None:
+                for event in events:
+                    self.archive(event)
             try:
                 stage = "store"
                 if events:

@@ -30,10 +30,13 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from modelfence.telemetry.events import RequestEvent, approx_bytes
 from modelfence.throttled_log import ThrottledLog
+
+if TYPE_CHECKING:
+    from modelfence.config import TelemetryConfig
 
 log = logging.getLogger("modelfence.telemetry")
 
@@ -87,6 +90,18 @@ class PipelineSettings:
     buffer_bytes: int = 256 * 2**20
     retry_min_seconds: float = 0.1
     retry_max_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, telemetry: TelemetryConfig) -> PipelineSettings:
+        """The settings ``telemetry`` gives a pipeline (the gateway's and a detector's)."""
+        return cls(
+            queue_size=telemetry.queue_size,
+            queue_bytes=telemetry.queue_bytes,
+            batch_size=telemetry.batch_size,
+            buffer_events=telemetry.buffer_events,
+            buffer_bytes=telemetry.buffer_bytes,
+            retry_max_seconds=telemetry.retry_max_seconds,
+        )
 
     def __post_init__(self) -> None:
         sizes = (self.queue_size, self.queue_bytes, self.batch_size, self.buffer_events,
@@ -208,7 +223,7 @@ class EventPipeline:
         self.settings = settings or PipelineSettings()
         self.stats: Counter[str] = Counter()
         self._extra_count = count
-        self._on_dropped = on_dropped or _log_dropped
+        self._on_dropped = on_dropped or alert_dropped
         self._queue: asyncio.Queue[tuple[EventSource, int]] = asyncio.Queue(
             self.settings.queue_size
         )
@@ -331,5 +346,10 @@ def _materialise(item: EventSource) -> RequestEvent | None:
         return None
 
 
-def _log_dropped(sink: str, n: int) -> None:
-    log.error("telemetry: %d events for sink %s were dropped", n, sink)
+_drop_alerts = ThrottledLog(log, interval=DROP_LOG_SECONDS)
+
+
+def alert_dropped(sink: str, n: int) -> None:
+    """The default ``on_dropped``: lost telemetry is an operational alert (detection, or the
+    record of requests, is blind for those events), logged at most every few seconds."""
+    _drop_alerts.error("ALERT telemetry: %d events for sink %s were dropped", n, sink)
