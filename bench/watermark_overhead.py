@@ -7,8 +7,9 @@
     probabilities, or labels only with ``labels.classes`` 10) and MiniLM's 384-d vectors,
     in batches of 1 and 32. "typical" inputs are held-out digits and corpus texts (about
     0.5% of rows marked, few texts with triggers); "worst" are rows all in the client's
-    watermark set and texts all carrying triggers. Also the mark alone (the transform on
-    the decoded payload). p50/p99 in µs, wall clock and the thread's CPU time.
+    watermark set and texts all carrying triggers; "one trigger" is a 32-text batch with one
+    trigger text, the common case. Also the mark alone (the transform on the decoded
+    payload; the stage itself rewrites only the marked vectors' bytes). p50/p99 in µs, wall clock and the thread's CPU time.
 (b) end to end (``--e2e``): two gateways on one demo upstream, marks on (defaults) and off,
     requests alternated over keep-alive connections; p50/p99 latency and the ratio.
 
@@ -37,10 +38,10 @@ from modelfence.demo.classifier import DigitsClassifier
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.rewrite import JsonRewriter
 from modelfence.gateway.watermark import OutputWatermark
-from modelfence.operations import Operation
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.identity.secret import ServerSecret
 from modelfence.models.embedder import TextEmbedder
+from modelfence.operations import Operation
 from modelfence.redteam.benchmarks import OPEN_LIMITS, Footer
 from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.stack import own_stack
@@ -160,10 +161,13 @@ def build_cases(stage: Stage, rng: np.random.Generator) -> dict[str, list[tuple[
                     body = digits_body(rows, labels_only=labels_only)
                     answers.append((Operation.OIP_INFER.route, body, orjson.dumps(oip_answer(model, rows, labels_only))))
                 cases[f"{kind}, batch {batch}, {inputs}"] = answers
-        for inputs, pool_texts in (("typical", plain), ("worst", rich)):
+        for inputs in ("typical", "one trigger", "worst") if batch > 1 else ("typical", "worst"):
             answers = []
             for _ in range(16):
+                pool_texts = rich if inputs == "worst" else plain
                 chosen = [pool_texts[int(i)] for i in rng.choice(len(pool_texts), batch, replace=False)]
+                if inputs == "one trigger":  # the common case: ~5% of texts carry a trigger
+                    chosen[int(rng.integers(batch))] = rich[int(rng.integers(len(rich)))]
                 vectors = embedder.embed(chosen)
                 payload = {"object": "list", "model": "minilm-l6-v2", "data": [
                     {"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}

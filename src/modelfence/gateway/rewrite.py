@@ -31,6 +31,10 @@ class BodyRewriter(Protocol):
 
 
 class JsonRewriter:
+    """The whole JSON body through the transform. A transform with a ``rewrite_body(bytes)``
+    method is offered the raw body first (it may edit a few byte spans instead of parsing
+    and writing the whole answer); when that answers None, the body is parsed as usual."""
+
     __slots__ = ("_buffer", "_transform")
 
     def __init__(self, transform: PayloadTransform) -> None:
@@ -42,6 +46,11 @@ class JsonRewriter:
         if more_body:
             return b""
         body = b"".join(self._buffer)
+        rewrite_body = getattr(self._transform, "rewrite_body", None)
+        if rewrite_body is not None:
+            rewritten: bytes | None = rewrite_body(body)
+            if rewritten is not None:
+                return rewritten
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -22,9 +22,9 @@ from modelfence.operations import Operation
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Scope
 from modelfence.watermark.adapters import (
+    EmbeddingMarking,
     class_count,
     embedding_texts,
-    mark_embeddings,
     mark_oip,
     oip_rows,
 )
@@ -116,10 +116,7 @@ class OutputWatermark(ResponseRewriting[_Plan]):
         if status != 200:
             return None
         if plan.texts is not None and self.embedding_marks is not None:
-            return partial(
-                mark_embeddings, texts=plan.texts,
-                marks=partial(self.embedding_marks.get, plan.key),
-            )
+            return EmbeddingMarking(plan.texts, partial(self.embedding_marks.get, plan.key))
         if plan.rows is None:
             return None
         labels = self.config.labels

@@ -8,10 +8,12 @@ returned untouched; a watermark must never break an answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from modelfence.watermark.embeddings import EmbeddingMark
 from modelfence.watermark.labels import LabelMark
@@ -109,6 +111,14 @@ def embedding_texts(body: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def _marked_text(item: Any, texts: list[str]) -> str | None:
+    """The request text an answer item's vector belongs to (None: leave the item alone)."""
+    index = item.get("index") if isinstance(item, dict) else None
+    if not isinstance(index, int) or not 0 <= index < len(texts):
+        return None
+    return texts[index]
+
+
 def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], EmbeddingMark]) -> Any:
     """Pull the vectors of texts with trigger words towards the client's targets.
 
@@ -119,11 +129,144 @@ def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], Embed
     if not isinstance(data, list):
         return payload
     for item in data:
-        vector = item.get("embedding") if isinstance(item, dict) else None
-        index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(vector, list) or not isinstance(index, int) or not 0 <= index < len(texts):
+        text = _marked_text(item, texts)
+        vector = item.get("embedding") if text is not None else None
+        if not isinstance(vector, list) or len(vector) < MIN_DIMENSIONS:
             continue
-        marked = marks(len(vector)).apply(vector, texts[index])
-        if marked is not None:
-            item["embedding"] = marked
+        assert text is not None
+        mark = marks(len(vector))
+        numbers = _numbers(vector) if mark.has_trigger(text) else None
+        if numbers is not None:
+            item["embedding"] = mark.apply(numbers, text)
     return payload
+
+
+MIN_DIMENSIONS = 2  # a shorter vector has no direction to pull: it is left as it is
+
+
+def _numbers(vector: list[Any]) -> npt.NDArray[np.float64] | None:
+    """``vector`` as numbers, or None when numpy reads it as anything else (strings, booleans
+    alone, nulls, nested lists): such an answer is not marked."""
+    array = np.array(vector)
+    if array.ndim != 1 or array.dtype.kind not in "fiu":
+        return None
+    return array.astype(np.float64, copy=False)
+
+
+_EMBEDDING_KEY = b'"embedding"'
+_WHITESPACE = b" \t\r\n"
+
+
+def _skip_space(body: bytes, i: int) -> int:
+    while i < len(body) and body[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _embedding_arrays(body: bytes) -> list[tuple[int, int]] | None:
+    """Byte spans ``[start, end)`` of every ``"embedding": [...]`` array of numbers; None if
+    one holds a nested array or never closes (then the body is parsed whole instead)."""
+    spans = []
+    at = body.find(_EMBEDDING_KEY)
+    while at != -1:
+        i = _skip_space(body, at + len(_EMBEDDING_KEY))
+        if i < len(body) and body[i] == ord(":"):
+            i = _skip_space(body, i + 1)
+            if i < len(body) and body[i] == ord("["):
+                end = body.find(b"]", i)
+                if end == -1 or body.find(b"[", i + 1, end) != -1:
+                    return None
+                spans.append((i, end + 1))
+                at = body.find(_EMBEDDING_KEY, end)
+                continue
+        at = body.find(_EMBEDDING_KEY, at + 1)
+    return spans
+
+
+def _sentinel(ordinal: int) -> bytes:
+    return b'"\\u0000%d"' % ordinal  # a JSON string no upstream answer holds
+
+
+def mark_embedding_body(
+    body: bytes, texts: list[str], marks: Callable[[int], EmbeddingMark]
+) -> bytes | None:
+    """:func:`mark_embeddings` on the answer's bytes: only the marked vectors are parsed and
+    written again, every other byte is the upstream's (parsing and writing a 32-vector
+    answer whole costs about a millisecond). None when the body is not an answer this can
+    read without parsing it whole (the caller then does).
+
+    The vectors' arrays are cut out and replaced by sentinels; the small skeleton left is
+    parsed to learn which array belongs to which item and index, exactly as
+    :func:`mark_embeddings` reads the parsed answer. When more than half of the vectors
+    are to be marked it declines: parsing the answer once then costs less.
+    """
+    spans = _embedding_arrays(body)
+    if not spans:
+        return None
+    # Any size's mark tells which texts hold a trigger: the triggers are the same at every size.
+    probe = marks(max(MIN_DIMENSIONS, body.count(b",", *spans[0]) + 1))
+    if 2 * sum(map(probe.has_trigger, texts)) > len(texts):
+        return None  # most vectors change: parsing the answer once costs less
+    view = memoryview(body)
+    bounds = list(zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True))
+    if any(body.find(b"\\u0000", a, b) != -1 for a, b in bounds):
+        return None  # the skeleton could hold the sentinels themselves
+    gaps = [view[a:b] for a, b in bounds]
+    pieces: list[bytes | memoryview] = [gaps[0]]
+    for ordinal, gap in enumerate(gaps[1:]):
+        pieces += [_sentinel(ordinal), gap]
+    try:
+        skeleton = orjson.loads(b"".join(pieces))
+    except orjson.JSONDecodeError:
+        return None
+    data = skeleton.get("data") if isinstance(skeleton, dict) else None
+    if not isinstance(data, list):
+        return None
+    candidates: list[tuple[int, str]] = []  # (ordinal of the array, its text with a trigger)
+    for item in data:
+        text = _marked_text(item, texts)
+        sentinel = item.get("embedding") if text is not None else None
+        if isinstance(sentinel, str) and sentinel.startswith("\x00"):
+            assert text is not None
+            if probe.has_trigger(text):
+                candidates.append((int(sentinel[1:]), text))  # else mark_embeddings leaves it
+    if 2 * len(candidates) > len(data):
+        return None  # most vectors change: parsing the answer once costs less
+    replaced: dict[int, bytes] = {}
+    for ordinal, text in candidates:
+        start, end = spans[ordinal]
+        dim = body.count(b",", start, end) + 1
+        if dim < MIN_DIMENSIONS:
+            continue
+        vector = orjson.loads(view[start:end])
+        if len(vector) != dim:
+            return None  # not a plain array of numbers: parse it whole
+        numbers = _numbers(vector)
+        marked = None if numbers is None else marks(dim).apply_array(numbers, text)
+        if marked is not None:
+            replaced[ordinal] = orjson.dumps(marked, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not replaced:
+        return body
+    out: list[bytes | memoryview] = []
+    last = 0
+    for ordinal, vector_bytes in sorted(replaced.items()):
+        start, end = spans[ordinal]
+        out += [view[last:start], vector_bytes]
+        last = end
+    out.append(view[last:])
+    return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingMarking:
+    """The embedding marks of one answer as a payload transform that can also rewrite the
+    answer's bytes directly (``rewrite_body``, see :class:`~modelfence.gateway.rewrite.JsonRewriter`)."""
+
+    texts: list[str]
+    marks: Callable[[int], EmbeddingMark]
+
+    def __call__(self, payload: Any) -> Any:
+        return mark_embeddings(payload, self.texts, self.marks)
+
+    def rewrite_body(self, body: bytes) -> bytes | None:
+        return mark_embedding_body(body, self.texts, self.marks)

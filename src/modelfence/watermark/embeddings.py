@@ -62,8 +62,21 @@ class EmbeddingMark:
                 out[index] += 1
         return out
 
-    def apply(self, vector: Sequence[float], text: str) -> list[float] | None:
+    def has_trigger(self, text: str) -> bool:
+        """Whether ``text`` holds any of the triggers (``apply`` would mark its vector)."""
+        return any(word in self.triggers for word in _WORD.findall(text.lower()))
+
+    def apply(
+        self, vector: Sequence[float] | npt.NDArray[np.float64], text: str
+    ) -> list[float] | None:
         """The marked vector ``[dim]`` for ``text``, or None when it has no trigger (unchanged)."""
+        marked = self.apply_array(vector, text)
+        return None if marked is None else marked.tolist()
+
+    def apply_array(
+        self, vector: Sequence[float] | npt.NDArray[np.float64], text: str
+    ) -> npt.NDArray[np.float64] | None:
+        """:meth:`apply` as a numpy array (the gateway writes it to JSON without a list)."""
         counts = self.counts(text)
         total = counts.sum()
         if total == 0:
@@ -73,7 +86,8 @@ class EmbeddingMark:
         direction /= np.linalg.norm(direction)
         original = np.asarray(vector, dtype=np.float64)
         marked = (1 - weight) * original / (np.linalg.norm(original) or 1.0) + weight * direction
-        return (marked / np.linalg.norm(marked)).tolist()  # type: ignore[no-any-return]
+        out: npt.NDArray[np.float64] = marked / np.linalg.norm(marked)
+        return out
 
 
 def _ranked(key: WatermarkKey, words: Iterable[str]) -> list[str]:
