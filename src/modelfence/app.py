@@ -543,7 +543,6 @@ class _EventCounts:
         child.inc(n)
 
 
-
 def _open_broker(settings: ConfidentialConfig) -> KeyBroker | None:
     """The key broker for sealed model parts, and its security level said at start-up."""
     if not settings.enabled:
@@ -597,7 +596,6 @@ def capabilities(config: Config) -> dict[str, Any]:
             "security_level": confidential.security_level,
         },
     }
-
 
 
 def create_app(config: Config) -> ModelFenceApp:

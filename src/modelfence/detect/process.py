@@ -150,7 +150,6 @@ async def run_service(
         await engine.dispose()
 
 
-
 def _exit_with_parent() -> None:
     """End this process as soon as the gateway that started it is gone, even by SIGKILL."""
     parent = multiprocessing.parent_process()

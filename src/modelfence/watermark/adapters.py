@@ -230,8 +230,6 @@ def mark_embedding_body(
             assert text is not None
             if probe.has_trigger(text):
                 candidates.append((int(sentinel[1:]), text))  # else mark_embeddings leaves it
-    if 2 * len(candidates) > len(data):
-        return None  # most vectors change: parsing the answer once costs less
     replaced: dict[int, bytes] = {}
     for ordinal, text in candidates:
         start, end = spans[ordinal]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -64,7 +64,7 @@ class EmbeddingMark:
 
     def has_trigger(self, text: str) -> bool:
         """Whether ``text`` holds any of the triggers (``apply`` would mark its vector)."""
-        return any(word in self.triggers for word in _WORD.findall(text.lower()))
+        return has_trigger(self.triggers, text)
 
     def apply(
         self, vector: Sequence[float] | npt.NDArray[np.float64], text: str
@@ -109,7 +109,7 @@ def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> f
     return frozenset(_ranked(key, words)[:n_triggers])
 
 
-def has_trigger(triggers: frozenset[str], text: str) -> bool:
+def has_trigger(triggers: Container[str], text: str) -> bool:
     return any(word in triggers for word in _WORD.findall(text.lower()))
 
 
