@@ -37,7 +37,7 @@ import orjson
 from modelfence.demo.classifier import DigitsClassifier
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.rewrite import JsonRewriter
-from modelfence.gateway.watermark import OutputWatermark
+from modelfence.gateway.watermark import OutputWatermark, RegionMarks
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.identity.secret import ServerSecret
 from modelfence.models.embedder import TextEmbedder
@@ -46,9 +46,10 @@ from modelfence.redteam.benchmarks import OPEN_LIMITS, Footer
 from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.stack import own_stack
 from modelfence.redteam.traffic import DIGITS_INFER, digits_body, embeddings_body
-from modelfence.watermark.config import WatermarkConfig
+from modelfence.watermark.config import RegionsConfig, WatermarkConfig
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.labels import label_mark
+from modelfence.watermark.regions import InputProfile
 
 CLIENT = "bench-client"
 OFF = {"watermark": {"labels": {"enabled": False}, "embeddings": {"enabled": False}}}
@@ -61,14 +62,21 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 class Stage:
     """The gateway's watermark stage with the default config (labels-only answers marked)."""
 
-    def __init__(self) -> None:
-        config = WatermarkConfig.model_validate({"labels": {"classes": 10}})
+    def __init__(self, profile: InputProfile | None = None) -> None:
+        """With ``profile``, the ``digits`` model has region marks with it (the defaults)."""
+        labels: dict[str, Any] = {"classes": 10}
+        if profile is not None:
+            labels["regions"] = {"digits": {"profile_file": "(fitted in memory)"}}
+        config = WatermarkConfig.model_validate({"labels": labels})
         self.keyring = WatermarkKeyring(ServerSecret(b"bench-secret-0123456789abcdef0123"))
-        self.stage = OutputWatermark(None, config=config, keyring=self.keyring, ledger=None)  # type: ignore[arg-type]
+        regions = RegionMarks(config, {"digits": profile}) if profile is not None else None
+        self.stage = OutputWatermark(None, config=config, keyring=self.keyring, ledger=None,  # type: ignore[arg-type]
+                                     regions=regions)
         self.key = ApiKeyRecord("k1", CLIENT, "default", "mf_", datetime.now(UTC))
 
     def scope(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        ctx = RequestContext(route=route, started=0.0, request_id="bench", key=self.key, body=body)
+        ctx = RequestContext(route=route, started=0.0, request_id="bench", key=self.key, body=body,
+                             path_model="digits" if route == Operation.OIP_INFER.route else None)
         return {SCOPE_KEY: ctx}
 
     async def rewrite(self, route: str, body: dict[str, Any], raw: bytes) -> bytes:
@@ -176,6 +184,30 @@ def build_cases(stage: Stage, rng: np.random.Generator) -> dict[str, list[tuple[
     return cases
 
 
+def region_cases(rng: np.random.Generator) -> tuple[Stage, dict[str, list[tuple[str, dict[str, Any], bytes]]]]:
+    """A stage with region marks on ``digits`` (profile: the model's training split, the
+    config's defaults) and its answers: real digits (almost never off-distribution) and
+    noisy ones (nearly all off, so nearly every row is marked)."""
+    from sklearn.model_selection import train_test_split
+
+    model = DigitsClassifier.train()
+    digits, labels = DigitsClassifier.dataset()
+    train, held = train_test_split(digits, test_size=0.25, random_state=0, stratify=labels)
+    defaults = RegionsConfig(profile_file="-")
+    stage = Stage(InputProfile.fit(train, honest_rate=defaults.honest_rate, ridge=defaults.ridge))
+    noisy = np.clip(held + rng.normal(0, 1.0, held.shape), 0, 16).astype(np.float32)
+    cases: dict[str, list[tuple[str, dict[str, Any], bytes]]] = {}
+    for batch in (1, 32):
+        for inputs, pool in (("real digits", held), ("noisy digits", noisy)):
+            answers = []
+            for _ in range(16):
+                rows = pool[rng.choice(len(pool), batch, replace=False)]
+                answers.append((Operation.OIP_INFER.route, digits_body(rows),
+                                orjson.dumps(oip_answer(model, rows, False))))
+            cases[f"region marks, probabilities, batch {batch}, {inputs}"] = answers
+    return stage, cases
+
+
 def end_to_end(requests: int, rng: np.random.Generator) -> list[str]:
     digits, _ = DigitsClassifier.dataset()
     texts = list(load_prompts().all())
@@ -230,6 +262,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     stage = Stage()
     rows = time_cases(stage, build_cases(stage, rng), args.runs)
+    rows += time_cases(*region_cases(rng), args.runs)
     print(f"## Watermark stage per answer, in process ({args.runs} answers per case)\n")
     print("| answer | bytes | stage wall p50 / p99 µs | stage CPU p50 / p99 µs | "
           "mark alone wall p50 / p99 µs | mark alone CPU p50 / p99 µs |")

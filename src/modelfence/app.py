@@ -67,7 +67,7 @@ from modelfence.gateway.routing import ModelAccess, PatternTable, allow_list
 from modelfence.gateway.source_mark import SourceMarking
 from modelfence.gateway.telemetry import EmitEvents
 from modelfence.gateway.upstream import AiohttpTransport, Transport, upstream_session
-from modelfence.gateway.watermark import OutputWatermark
+from modelfence.gateway.watermark import OutputWatermark, RegionMarks
 from modelfence.identity import (
     ApiKeyRecord,
     AuthFailures,
@@ -92,6 +92,7 @@ from modelfence.types import ASGIApp, Receive, Scope, Send
 from modelfence.watermark.channel import MarkIssuer
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.ledger import MarkLedger
+from modelfence.watermark.regions import load_profiles
 
 log = logging.getLogger("modelfence")
 
@@ -379,6 +380,7 @@ class ModelFenceApp:
         lexical_upstreams = marked_upstreams(lexical, [u.name for u in config.upstreams])
         text_marks = config.watermark.text
         marks = MarkIssuer(keyring, text_marks) if text_marks.enabled else None
+        profiles = load_profiles(config.watermark.labels.regions)
         pipeline, actions = detection.pipeline, detection.actions
         inference = _stack(
             Proxy(transports=transports, metrics=metrics),
@@ -417,6 +419,7 @@ class ModelFenceApp:
                 lambda app: OutputWatermark(
                     app, config=config.watermark, keyring=keyring, ledger=services.ledger,
                     metrics=metrics,
+                    regions=RegionMarks(config.watermark, profiles) if profiles else None,
                 ),
                 lambda app: LexicalWatermark(
                     app, config=lexical, keyring=keyring, upstreams=lexical_upstreams
@@ -464,7 +467,7 @@ class ModelFenceApp:
             }
         )
         shared = RedisState(detection.redis) if detection.redis is not None else None
-        forensics = Forensics(services.engine, keyring, config.watermark)
+        forensics = Forensics(services.engine, keyring, config.watermark, profiles)
         # One set of operator actions for the admin API and the console alike.
         operator = OperatorActions(detection.state, Policy(config.detection), shared=shared)
         admin = create_admin_app(

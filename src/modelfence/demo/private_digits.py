@@ -34,6 +34,7 @@ from modelfence.demo.classifier import PIXEL_MAX, DigitsClassifier
 PUBLIC_FILE = "public.npz"
 SEALED_FILE = "head.sealed"
 PLATFORM_KEY_FILE = "platform.key"
+PROFILE_FILE = "profile.npz"  # the training inputs and labels: where real queries lie
 ARTIFACT_ID = "digits-head"
 WORKER_CONFIG = json.dumps({"output": "probabilities", "decimals": 2}).encode()
 HIDDEN = 64
@@ -47,9 +48,12 @@ def prepare(folder: Path, kek: bytes, *, seed: int = 0) -> Ed25519PrivateKey:
     from sklearn.neural_network import MLPClassifier
 
     x_train, _, y_train, _ = _split(seed)
+    # The inputs the model was trained on, for the gateway's region marks
+    # (watermark.labels.regions.digits.profile_file).
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    np.savez(folder / PROFILE_FILE, inputs=x_train, labels=y_train)
     network = MLPClassifier(hidden_layer_sizes=(HIDDEN,), max_iter=400, random_state=seed)
     network.fit(x_train / PIXEL_MAX, y_train)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     # PyTorch's nn.Linear layout, weight [out, in]: what the worker and split_module use.
     np.savez(folder / PUBLIC_FILE, **{"hidden.weight": network.coefs_[0].T.astype(np.float32),
                                       "hidden.bias": network.intercepts_[0].astype(np.float32)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -216,13 +217,15 @@ def classify(start: int, count: int) -> Step:
     return lambda session: _infer(session, _digits()[start : start + count])
 
 
-def copy_labels(start: int, count: int, shift: int = 0) -> Step:
+def copy_labels(start: int, count: int, noise: int | None = None) -> Step:
     """Buy labels for ``count`` digits and keep them, to train a copy of the classifier;
-    ``shift`` moves each image by that many pixels to the right (cheap extra data)."""
+    with ``noise`` (a seed), each image gets pixel noise first (cheap extra data)."""
 
     def step(session: Session) -> None:
-        images = np.roll(_digits()[start : start + count].reshape(-1, 8, 8), shift, axis=2)
-        images = images.reshape(-1, 64)
+        images = _digits()[start : start + count]
+        if noise is not None:
+            jitter = np.random.default_rng(noise).normal(0, 1.0, images.shape)
+            images = np.clip(images + jitter, 0, 16).astype(np.float32)
         body = _infer(session, images)
         if body is not None:
             tensor = next(t for t in body["outputs"] if len(t["shape"]) == 2)
@@ -257,10 +260,11 @@ ACTORS: list[Actor] = [
     Actor("carol", "default", "keeps a long answer", [
         keep_answer("Write a short story about a lighthouse keeper who finds a message in a bottle."),
     ], address="198.51.100.23"),
-    # Every digit as it is and shifted by a pixel: about 18 of its 3,594 bought labels carry
-    # its mark (0.5%), so the copy is named however the marked inputs fall.
+    # Every digit as it is and once with pixel noise: the noisy copies lie off the model's
+    # real inputs, so their labels carry the copycat's region mark, and a copy trained on
+    # them learns it even when its training stops early.
     Actor("copycat", "default", "buys labels to copy",
-          [copy_labels(i, 150, shift) for shift in (0, 1) for i in range(0, 1797, 150)],
+          [copy_labels(i, 150, noise) for noise in (None, 1) for i in range(0, 1797, 150)],
           address="203.0.113.60"),
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),
@@ -345,6 +349,9 @@ def demo_config(upstream_url: str, workdir: Path,
         "admin_token": secrets.token_urlsafe(24),
         "server": {"trusted_proxies": ["127.0.0.0/8"]},  # actors name their address in XFF
         "forensics": {"allowed_suspect_urls": ["127.0.0.1"]},  # the copied model, on loopback
+        # Off-distribution digits are answered by each client's region mark.
+        "watermark": {"labels": {"regions": {CLASSIFIER: {
+            "profile_file": str(workdir / "digits" / private_digits.PROFILE_FILE)}}}},
         "limits": {
             "backend": "memory",
             "tiers": {
@@ -476,12 +483,18 @@ def _detections(
 
 
 def _copy_classifier(stolen: Sequence[tuple[np.ndarray, np.ndarray]]) -> Any:
-    """The copycat's own classifier, trained on the labels it bought until it fits them all."""
+    """The copycat's own classifier, trained the careful way: it stops when a tenth of its
+    bought labels, held out, stop improving (so it does not memorise single answers)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     images = np.concatenate([x for x, _ in stolen])
     labels = np.concatenate([y for _, y in stolen])
-    return MLPClassifier((256,), max_iter=1000, tol=1e-6, random_state=0).fit(images / 16, labels)
+    network = MLPClassifier((256,), early_stopping=True, validation_fraction=0.1,
+                            n_iter_no_change=5, max_iter=30, random_state=0)
+    with warnings.catch_warnings():  # stopping at max_iter is the point, not news
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return network.fit(images / 16, labels)
 
 
 def _trace(gateway: GatewayProcess, sessions: dict[str, Session]) -> tuple[Table, dict[str, str | None]]:
@@ -509,9 +522,10 @@ def _trace(gateway: GatewayProcess, sessions: dict[str, Session]) -> tuple[Table
                 token=gateway.admin_token, timeout=300,
             )
         named["clone"] = verdict.get("client") if status == 200 else None
-        table.add_row(f"a classifier trained on {sum(len(y) for _, y in stolen)} bought labels",
+        table.add_row(f"a classifier trained on {sum(len(y) for _, y in stolen)} bought labels, "
+                      "stopped early",
                       named["clone"] or "nobody", f"{verdict.get('p_value', 1.0):.1e}",
-                      f"label mark, {verdict.get('samples', 0)} marked inputs re-asked")
+                      f"region mark, {verdict.get('samples', 0)} noisy probes asked")
     return table, named
 
 

@@ -25,6 +25,7 @@ def _run(ctx: typer.Context, action: Callable[[Forensics], Awaitable[Report]]) -
     from modelfence.identity import load_server_secret
     from modelfence.store import create_tables, open_engine
     from modelfence.watermark.keys import WatermarkKeyring
+    from modelfence.watermark.regions import load_profiles
 
     async def run() -> Report:
         config = load_config(ctx.find_root().obj)
@@ -33,7 +34,8 @@ def _run(ctx: typer.Context, action: Callable[[Forensics], Awaitable[Report]]) -
             await create_tables(engine)
             secret = load_server_secret(config.secret, config.secret_file)
             keyring = WatermarkKeyring(secret, version=config.watermark.key_version)
-            return await action(Forensics(engine, keyring, config.watermark))
+            profiles = load_profiles(config.watermark.labels.regions)
+            return await action(Forensics(engine, keyring, config.watermark, profiles))
         finally:
             await engine.dispose()
 

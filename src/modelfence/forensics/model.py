@@ -27,8 +27,10 @@ from modelfence.forensics.errors import SuspectUnreachable, VerifyError
 from modelfence.forensics.ranktest import rank_sum_sf
 from modelfence.watermark.embeddings import MarkLayout
 from modelfence.watermark.ledger import MarkedInput
+from modelfence.watermark.regions import MIN_CLASSES, Probes, RegionMark, region_p_value
 
 KINDS = ("chat", "classifier", "embeddings")
+ROWS_PER_REQUEST = 256  # classifier rows a request to the suspect
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +74,31 @@ class Suspect:
             raise SuspectUnreachable(f"suspect {self.url}{path} did not answer JSON") from exc
 
     def labels(self, model: str, rows: Sequence[Sequence[float]]) -> list[int]:
+        return self.classify(model, rows)[0]
+
+    def classify(self, model: str, rows: Sequence[Sequence[float]]) -> tuple[list[int], int | None]:
+        """The suspect's label per row, and its class count when it answers probabilities;
+        ``ROWS_PER_REQUEST`` rows a request."""
+        labels: list[int] = []
+        classes = None
+        for start in range(0, len(rows), ROWS_PER_REQUEST):
+            chunk, classes = self._classify(model, rows[start : start + ROWS_PER_REQUEST])
+            labels.extend(chunk)
+        return labels, classes
+
+    def _classify(
+        self, model: str, rows: Sequence[Sequence[float]],
+    ) -> tuple[list[int], int | None]:
         payload = self.post(f"/v2/models/{quote(model, safe='')}/infer", {"inputs": [{
             "name": "input", "datatype": "FP32", "shape": [len(rows), len(rows[0])],
-            "data": [v for row in rows for v in row]}]})
+            "data": [float(v) for row in rows for v in row]}]})
         for tensor in payload.get("outputs", []) if isinstance(payload, dict) else []:
             shape, data = tensor.get("shape"), tensor.get("data")
             if isinstance(shape, list) and len(shape) == 2 and shape[0] == len(rows):
-                return np.asarray(data, dtype=float).reshape(shape).argmax(1).tolist()  # type: ignore[no-any-return]
+                labels = np.asarray(data, dtype=float).reshape(shape).argmax(1).tolist()
+                return labels, int(shape[1])
             if isinstance(shape, list) and shape and shape[0] == len(rows):
-                return [int(v) for v in np.asarray(data).ravel()]
+                return [int(v) for v in np.asarray(data).ravel()], None
         raise VerifyError("the suspect's answer has no label or probability output per row")
 
     def chat(self, model: str, prompt: str, max_tokens: int) -> str:
@@ -101,18 +119,27 @@ class Suspect:
             raise VerifyError("the suspect's answer is not an embeddings list") from exc
 
 
-def verify_classifier(
-    suspect: Suspect, model: str, ledgers: dict[str, list[MarkedInput]], *, alpha: float = 1e-6,
-) -> ModelVerdict:
-    ledgers = {c: rows for c, rows in ledgers.items() if rows}
-    if not ledgers:
-        raise VerifyError("no marked classifier inputs are recorded: nothing to test")
+def _dawn_results(
+    suspect: Suspect, model: str, ledgers: dict[str, list[MarkedInput]],
+) -> dict[str, tuple[float, int, int]]:
+    """Per client with recorded marked inputs: (p, agreements, inputs)."""
     results: dict[str, tuple[float, int, int]] = {}
     for client, rows in ledgers.items():
+        if not rows:
+            continue
         answers = suspect.labels(model, [r.features for r in rows])
         agree = sum(a == r.label for a, r in zip(answers, rows, strict=True))
         chance = max(1.0 / (r.n_classes - 1) for r in rows)
         results[client] = (float(binom.sf(agree - 1, len(rows), chance)), agree, len(rows))
+    return results
+
+
+def verify_classifier(
+    suspect: Suspect, model: str, ledgers: dict[str, list[MarkedInput]], *, alpha: float = 1e-6,
+) -> ModelVerdict:
+    results = _dawn_results(suspect, model, ledgers)
+    if not results:
+        raise VerifyError("no marked classifier inputs are recorded: nothing to test")
     best = min(results, key=lambda c: results[c][0])
     p, agree, n = results[best]
     corrected = min(1.0, p * len(results))
@@ -123,6 +150,62 @@ def verify_classifier(
         "binomial test vs chance 1/(classes-1); Bonferroni over clients; statistic = agreement",
         {c: r[0] for c, r in results.items()},
     )
+
+
+def verify_regions(
+    suspect: Suspect, model: str, clients: Sequence[str],
+    rules: Callable[[str], Sequence[RegionMark]], probes: Probes,
+    ledgers: dict[str, list[MarkedInput]], *, classes: int | None, alpha: float = 1e-6,
+) -> ModelVerdict:
+    """Region marks (:func:`~modelfence.watermark.regions.region_p_value`) for every client,
+    on one probe set asked once. A client's ``rules`` are one per key version it may have
+    been served under (Bonferroni over them); where a client also has DAWN marks in
+    ``ledgers``, its p-value is the smaller of the two doubled; then Bonferroni over every
+    client tested."""
+    if not clients:
+        raise VerifyError("no clients are known: nothing to test")
+    if len(probes.noisy) == 0:
+        raise VerifyError("the profile gave no off-distribution probes: raise probe_noise")
+    answers, seen = suspect.classify(model, probes.noisy.tolist())
+    classes = classes or seen
+    if classes is None:
+        raise VerifyError("the suspect answers labels only: set watermark.labels.classes")
+    if classes < MIN_CLASSES:
+        raise VerifyError(f"region marks need {MIN_CLASSES} or more classes; the model has {classes}")
+    if probes.labels is not None:
+        base, source = probes.labels.tolist(), "the profile's true labels"
+    else:
+        centres, where = np.unique(probes.clean, axis=0, return_inverse=True)
+        base = np.asarray(suspect.classify(model, centres.tolist())[0])[where.ravel()].tolist()
+        source = "its answers on the clean rows"
+    regions = {c: _best_version(rules(c), probes, base, answers, classes) for c in clients}
+    dawn = _dawn_results(suspect, model, ledgers)
+    per_client = {
+        c: min(1.0, 2 * min(p, dawn[c][0])) if c in dawn else p for c, (p, _, _) in regions.items()
+    }
+    best = min(per_client, key=per_client.__getitem__)
+    corrected = min(1.0, per_client[best] * len(per_client))
+    _, hits, moved = regions[best]
+    return ModelVerdict(
+        "classifier", corrected <= alpha, best if corrected <= alpha else None, corrected,
+        hits / moved if moved else 0.0, len(probes.noisy),
+        f"region marks: {len(probes.noisy)} off-distribution probes (profile rows plus noise), "
+        f"moves from {source} grouped by the client's (cell, label); hits = moves equal to the "
+        "client's keyed shift; exact null: each group's shift uniform on 1..classes-1 (the "
+        "convolution of the groups' laws, no approximation); clients with recorded DAWN marks: "
+        "2 x the smaller p; Bonferroni over clients; statistic = hits / moved answers",
+        per_client,
+    )
+
+
+def _best_version(
+    rules: Sequence[RegionMark], probes: Probes, base: Sequence[int], answers: Sequence[int],
+    classes: int,
+) -> tuple[float, int, int]:
+    """The smallest of one client's per-version results, its p times the versions tried."""
+    results = [region_p_value(rule, probes.noisy, base, answers, classes) for rule in rules]
+    p, hits, moved = min(results)
+    return min(1.0, p * len(results)), hits, moved
 
 
 PROBES_PER_WORD = 5  # benign texts each candidate word is appended to

@@ -6,7 +6,8 @@ Shared by ``modelfence verify`` and the admin routes, so both give the same verd
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,6 +20,7 @@ from modelfence.forensics.model import (
     Suspect,
     verify_classifier,
     verify_embeddings,
+    verify_regions,
 )
 from modelfence.forensics.radioactivity import DEFAULT_PROBES, verify_chat
 from modelfence.forensics.text import TextVerdict, Tokenize, demo_tokenizer, verify_text
@@ -28,6 +30,7 @@ from modelfence.watermark.config import WatermarkConfig
 from modelfence.watermark.embeddings import MarkLayout, candidate_words, mark_layout
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.ledger import ledger_clients, marked_inputs
+from modelfence.watermark.regions import InputProfile, RegionMark, region_mark
 
 # Benign probe sentences for the embedding test (the trigger probes append triggers to them).
 BENIGN = tuple(
@@ -76,6 +79,7 @@ class Forensics:
     engine: AsyncEngine
     keyring: WatermarkKeyring
     config: WatermarkConfig
+    profiles: Mapping[str, InputProfile] = field(default_factory=dict)
 
     async def clients(self) -> list[str]:
         async with transaction(self.engine) as conn:
@@ -117,7 +121,26 @@ class Forensics:
                 )
             if kind == "classifier":
                 ledgers = {c: await marked_inputs(self.engine, c) for c in await ledger_clients(self.engine)}
-                return await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
+                profile = self.profiles.get(model)
+                if profile is None:
+                    return await asyncio.to_thread(verify_classifier, suspect, model, ledgers)
+                settings = self.config.labels.regions[model]
+                versions = range(1, self.keyring.version + 1)
+
+                def rules(client: str) -> list[RegionMark]:
+                    return [region_mark(self.keyring.key(client, v), profile, settings.cell_bits)
+                            for v in versions]
+
+                clients = sorted(set(await self.clients()) | set(ledgers))
+                # The ledger has no model column: with DAWN off on this model, its records
+                # belong to other models (or to an earlier config) and are left out.
+                dawn = ledgers if settings.dawn_rate > 0 else {}
+                return await asyncio.to_thread(
+                    lambda: verify_regions(
+                        suspect, model, clients, rules, profile.probes(settings.probe_noise),
+                        dawn, classes=self.config.labels.classes,
+                    )
+                )
             words, c = candidate_words(), self.config.embeddings
 
             def layout(client: str, dim: int) -> MarkLayout:

@@ -9,6 +9,7 @@ non-200 answers and unauthenticated requests pass through untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,10 +38,12 @@ from modelfence.watermark.embeddings import (
     trigger_words,
 )
 from modelfence.watermark.keys import WatermarkKey, WatermarkKeyring
-from modelfence.watermark.labels import LabelMark, label_marks
+from modelfence.watermark.labels import UNMARKED, LabelMark, RowMark, label_marks
 from modelfence.watermark.ledger import MarkedInput, MarkLedger
+from modelfence.watermark.regions import InputProfile, RegionMark, RegionRowMark, region_mark
 
 MAX_MODELS_SEEN = 1024
+REGION_RULE_BYTES = 64 << 20  # clients' region rules kept built; past it the cache starts over
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +82,66 @@ class EmbeddingMarks:
         return mark
 
 
+class RegionMarks:
+    """Per-model input profiles and per-client region rules (:mod:`..watermark.regions`):
+    which rows of a profiled model's request are off-distribution, and their marks."""
+
+    def __init__(self, config: WatermarkConfig, profiles: Mapping[str, InputProfile]) -> None:
+        self._config = config.labels
+        self._profiles = profiles
+        self._rules: dict[tuple[str, int, str], RegionMark] = {}
+        self._rule_bytes = 0
+
+    def __contains__(self, model: str) -> bool:
+        return model in self._profiles
+
+    def marks(self, key: WatermarkKey, model: str, rows: npt.NDArray[np.float64]) -> list[RowMark]:
+        """One mark per row: the region rule's off-distribution, DAWN at the model's
+        ``dawn_rate`` (or none) for the rest."""
+        settings, profile = self._config.regions[model], self._profiles[model]
+        off = profile.off(rows)
+        if settings.dawn_rate > 0:
+            marks: list[RowMark] = list(label_marks(
+                key, rows, rate=settings.dawn_rate, quantum=self._config.quantum))
+        else:
+            marks = [UNMARKED] * len(rows)
+        if off.any():
+            rule = self._rule(key, model, profile, settings.cell_bits)
+            cells = rule.cells(rows[off]).tolist()
+            for i, cell in zip(np.flatnonzero(off).tolist(), cells, strict=True):
+                marks[i] = RegionRowMark(rule, cell)
+        return marks
+
+    def _rule(self, key: WatermarkKey, model: str, profile: InputProfile, bits: int) -> RegionMark:
+        slot = (key.client, key.version, model)
+        rule = self._rules.get(slot)
+        if rule is None:
+            size = rule_bytes(bits, profile.features)
+            if self._rule_bytes + size > REGION_RULE_BYTES:
+                self._rules.clear()
+                self._rule_bytes = 0
+            rule = self._rules[slot] = region_mark(key, profile, bits)
+            self._rule_bytes += size
+        return rule
+
+
+def rule_bytes(bits: int, features: int) -> int:
+    """What one cached rule holds: its directions and the profile mean it points to."""
+    return (bits + 1) * features * 8
+
+
 class OutputWatermark(ResponseRewriting[_Plan]):
     def __init__(
         self, app: ASGIApp, *, config: WatermarkConfig, keyring: WatermarkKeyring,
         ledger: MarkLedger | None, metrics: Metrics | None = None,
+        regions: RegionMarks | None = None,
     ) -> None:
         super().__init__(app)
         self.config = config
         self.keyring = keyring
         self.ledger = ledger
         self.metrics = metrics
+        self.regions = regions
         self.embedding_marks = EmbeddingMarks(config) if config.embeddings.enabled else None
         # Class count per model, from its probability answers: what lets a labels-only
         # answer be marked when watermark.labels.classes is not set. Model names come from
@@ -100,7 +153,10 @@ class OutputWatermark(ResponseRewriting[_Plan]):
         if ctx.key is None:
             return None
         operation = ctx.operation
-        if operation is Operation.OIP_INFER and self.config.labels.enabled and self.config.labels.rate > 0:
+        if operation is Operation.OIP_INFER and self.config.labels.enabled and (
+            self.config.labels.rate > 0
+            or (self.regions is not None and (ctx.path_model or "") in self.regions)
+        ):
             rows = oip_rows(ctx.body)
             return None if rows is None else _Plan(self.keyring.key(ctx.key.client), rows=rows)
         if operation is Operation.EMBEDDINGS and self.embedding_marks is not None:
@@ -120,16 +176,23 @@ class OutputWatermark(ResponseRewriting[_Plan]):
         if plan.rows is None:
             return None
         labels = self.config.labels
-        marks = label_marks(plan.key, plan.rows, rate=labels.rate, quantum=labels.quantum)
+        model = context_of(scope).path_model or "-"
+        marks: Sequence[RowMark]
+        if self.regions is not None and model in self.regions:
+            marks = self.regions.marks(plan.key, model, plan.rows)
+        else:
+            marks = label_marks(plan.key, plan.rows, rate=labels.rate, quantum=labels.quantum)
 
-        def record(row: npt.NDArray[np.float64], mark: LabelMark, label: int, classes: int) -> None:
-            if self.ledger is not None:
+        def record(row: npt.NDArray[np.float64], mark: RowMark, label: int, classes: int) -> None:
+            if isinstance(mark, RegionRowMark):
+                if self.metrics is not None:
+                    self.metrics.region_row(model)
+            elif isinstance(mark, LabelMark) and self.ledger is not None:
+                # Region marks are verified on probes, so only DAWN's marked rows are kept.
                 self.ledger.record(MarkedInput(
                     plan.key.client, plan.key.version, mark.digest.hex(), row.tolist(), label,
                     classes,
                 ))
-
-        model = context_of(scope).path_model or "-"
 
         def unmarked() -> None:
             if self.metrics is not None:

@@ -186,6 +186,14 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.region_rows = Counter(
+            "modelfence_watermark_region_rows",
+            "Classifier rows answered by a client's region mark: off the distribution of the "
+            "model's profile (watermark.labels.regions), label moved by the client's keyed "
+            "shift. Real users' share should stay near the profile's honest_rate.",
+            ["model"],
+            registry=self.registry,
+        )
         self.connections_closed = Counter(
             "modelfence_connections_closed",
             "Connections the server closed on a slow or oversized client: head or body not "
@@ -228,6 +236,7 @@ class Metrics:
         self._caps: dict[int, tuple[LabelCap, ...]] = {}
         self._caps[id(self.requests)] = (LabelCap(), self.models, LabelCap(), LabelCap())
         self._caps[id(self.unmarked_rows)] = (self.models,)
+        self._caps[id(self.region_rows)] = (self.models,)
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
         # A value a cap kept as it is stays kept, so a hit on the raw values is the child
@@ -297,6 +306,10 @@ class Metrics:
     def unmarked_row(self, model: str) -> None:
         self.models.learn(model)  # only answers the upstream served (200) get here
         self._child(self.unmarked_rows, model).inc()  # type: ignore[attr-defined]
+
+    def region_row(self, model: str) -> None:
+        self.models.learn(model)
+        self._child(self.region_rows, model).inc()  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

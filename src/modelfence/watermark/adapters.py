@@ -16,15 +16,17 @@ import numpy.typing as npt
 import orjson
 
 from modelfence.watermark.embeddings import EmbeddingMark
-from modelfence.watermark.labels import LabelMark
+from modelfence.watermark.labels import RowMark
 from modelfence.watermark.probs import argmax, swap_to_label
 
 # Called for every marked row: (input row [features], its mark, watermark label, classes).
-OnMarked = Callable[[npt.NDArray[np.float64], LabelMark, int, int], None]
+OnMarked = Callable[[npt.NDArray[np.float64], RowMark, int, int], None]
 
 
 def oip_rows(body: dict[str, Any]) -> npt.NDArray[np.float64] | None:
-    """The ``[N, features]`` input of a v2 inference request, or None if it is not one tensor."""
+    """The ``[N, features]`` input of a v2 inference request, or None if it is not one tensor.
+    Inputs of more dimensions (images ``[N, 1, 8, 8]``) are flattened per row, so that
+    a model's marks do not depend on the shape a client chose to send."""
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         return None
@@ -33,6 +35,8 @@ def oip_rows(body: dict[str, Any]) -> npt.NDArray[np.float64] | None:
         rows = np.asarray(data, dtype=np.float64).reshape(shape)
     except (TypeError, ValueError):
         return None
+    if rows.ndim > 2 and len(rows) > 0:
+        return rows.reshape(len(rows), -1)
     return rows if rows.ndim == 2 else None
 
 
@@ -63,7 +67,7 @@ def class_count(payload: Any, n: int) -> int | None:
 
 
 def mark_oip(
-    payload: Any, rows: npt.NDArray[np.float64], marks: Sequence[LabelMark], *,
+    payload: Any, rows: npt.NDArray[np.float64], marks: Sequence[RowMark], *,
     classes: int | None, on_marked: OnMarked, on_unmarked: Callable[[], None] = lambda: None,
 ) -> Any:
     """Give each marked row its watermark label in every output tensor, consistently.

@@ -16,6 +16,26 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class RegionsConfig(_Frozen):
+    """Region marks for one classifier model (see :mod:`.regions`)."""
+
+    profile_file: str = Field(
+        description="the model's real inputs: .npy rows [n, features], or .npz with `inputs` "
+        "and, for stronger verification, `labels`"
+    )
+    honest_rate: float = Field(
+        0.0025, gt=0, le=MAX_RATE, description="share of real inputs beyond the threshold"
+    )
+    ridge: float = Field(3e-6, gt=0, le=1, description="covariance ridge, share of mean variance")
+    cell_bits: int = Field(4, ge=1, le=8, description="keyed directions cutting inputs into cells")
+    probe_noise: float = Field(
+        0.25, gt=0, description="verification probes' noise, in root mean feature variances"
+    )
+    dawn_rate: float = Field(
+        0.0, ge=0, le=MAX_RATE, description="DAWN marks on this model's in-distribution rows"
+    )
+
+
 class LabelsConfig(_Frozen):
     enabled: bool = True
     rate: float = Field(MAX_RATE, ge=0, le=MAX_RATE, description="share of inputs marked")
@@ -25,6 +45,9 @@ class LabelsConfig(_Frozen):
     )
     ledger_per_client: int = Field(
         5000, ge=0, description="marked inputs recorded per client for `verify model`"
+    )
+    regions: dict[str, RegionsConfig] = Field(
+        default_factory=dict, description="model name -> region marks (replace DAWN marks there)"
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,16 @@ from modelfence.watermark.keys import WatermarkKey
 
 MAX_RATE = 0.005  # DAWN marks at most 0.5% of queries; more costs benign accuracy
 _TWO_64 = float(2**64)
+
+
+class RowMark(Protocol):
+    """What the answer rewriting needs of any label mark: whether the row is marked, and
+    its marked label given the true one."""
+
+    @property
+    def marked(self) -> bool: ...
+
+    def label(self, true_label: int, n_classes: int) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,9 @@ class LabelMark:
         """The keyed wrong label for a marked row (never ``true_label``; ``n_classes`` ≥ 2)."""
         offset = 1 + int.from_bytes(self.digest[8:16], "big") % (n_classes - 1)
         return (true_label + offset) % n_classes
+
+
+UNMARKED = LabelMark(bytes(32), marked=False)  # a row no mark applies to
 
 
 def label_mark(key: WatermarkKey, row: npt.ArrayLike, *, rate: float, quantum: float) -> LabelMark:

@@ -210,3 +210,32 @@ def run_jbda(
         fresh = fresh[rng.permutation(len(fresh))[:remaining]]
         known = np.concatenate([known, fresh])
         labels = np.concatenate([labels, oracle(fresh).argmax(axis=1)])
+
+
+def fit_early_stopped(
+    thief: Any, images: np.ndarray, answers: np.ndarray, *, seed: int, max_epochs: int = 30,
+    patience: int = 5, validation: float = 0.1,
+) -> int:
+    """Train ``thief`` as a careful thief does: hold out ``validation`` of its purchases,
+    stop when their accuracy (against the answers bought) has not improved for
+    ``patience`` epochs, keep the best epoch's weights. Returns the epochs trained."""
+    import torch
+
+    order = np.random.default_rng(seed).permutation(len(images))
+    held = order[: max(1, int(len(images) * validation))]
+    train = order[len(held):]
+    best, stale, state, epochs = -1.0, 0, None, 0
+    for epochs in range(1, max_epochs + 1):
+        thief.fit(images[train], answers[train], nb_epochs=1, batch_size=32, verbose=False)
+        accuracy = float((thief.predict(images[held]).argmax(1) == answers[held].argmax(1)).mean())
+        if accuracy > best:
+            best, stale = accuracy, 0
+            state = {k: v.detach().clone() for k, v in thief.model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    if state is not None:
+        with torch.no_grad():
+            thief.model.load_state_dict(state)
+    return epochs
