@@ -126,7 +126,8 @@ class RegionMarks:
 
 
 def rule_bytes(bits: int, features: int) -> int:
-    """What one cached rule holds: its directions and the profile mean it points to."""
+    """An upper bound on one cached rule: its directions, plus the profile mean it only
+    refers to (shared by every rule, counted anyway so the bound never undercounts)."""
     return (bits + 1) * features * 8
 
 
