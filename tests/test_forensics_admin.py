@@ -129,3 +129,13 @@ def test_an_empty_allow_list_refuses_every_url_and_says_how_to_allow() -> None:
 def test_bad_allow_list_entries_are_config_errors(entry: str) -> None:
     with pytest.raises(ValidationError, match="allowed_suspect_urls"):
         Config.model_validate({"forensics": {"allowed_suspect_urls": [entry]}})
+
+@pytest.mark.parametrize("seed", ["7", 7.0, -1, 2**63, True])
+async def test_a_bad_chat_seed_is_a_422_naming_seed(client: httpx.AsyncClient, seed: Any) -> None:
+    response = await client.post(
+        "/admin/v1/verify/model",
+        json={"url": "http://127.0.0.1:1/v1", "kind": "chat", "seed": seed},
+        headers=AUTH,
+    )
+    assert response.status_code == 422, response.text
+    assert error_of(response)["param"] == "seed"

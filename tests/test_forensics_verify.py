@@ -90,3 +90,6 @@ def test_cli_verify_reports_errors(tmp_path: Path) -> None:
                                  "http://127.0.0.1:9", "--kind", "chat", "--prompts", str(prompts),
                                  "--client", "nobody"])
     assert result.exit_code == 1 and "unknown client 'nobody'" in result.output
+    result = runner.invoke(app, ["--config", str(config), "verify", "model", "--url",
+                                 "http://127.0.0.1:9", "--kind", "chat", "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.output

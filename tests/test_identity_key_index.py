@@ -37,9 +37,12 @@ def test_a_hash_seen_again_does_not_count_and_an_index_past_its_size_is_full() -
 
 
 def test_an_index_built_at_once_answers_as_one_built_key_by_key() -> None:
+    """Same bits either way. The counts may differ by the few new hashes that ``add`` took
+    for ones already in (false positives, ~0.15 expected over 5,000 adds here)."""
     issued = hashes(5_000)
     at_once = KeyIndex.of(issued)
     one_by_one = KeyIndex(at_once.capacity)
     for key_hash in issued:
         one_by_one.add(key_hash)
-    assert at_once._bits == one_by_one._bits and at_once.count == one_by_one.count == 5_000
+    assert at_once._bits == one_by_one._bits and at_once.count == 5_000
+    assert 4_995 <= one_by_one.count <= 5_000

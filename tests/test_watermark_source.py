@@ -151,8 +151,10 @@ def test_verify_model_chat_names_the_client_whose_marks_a_suspect_speaks_in(
     gateway = gateway_on(start_gateway, marking_upstream)
     carol = gateway.create_key("src-carol")
     gateway.create_key("src-dave")
+    # Seeded, as the other tests here: unseeded, a probe this short (~135 distinct pairs)
+    # sometimes falls short of p <= 1e-6 (seeds 1, 2 and 7 gave 1e-14, 2e-13 and 5e-9).
     probe = {"kind": "chat", "prompts": [PHOTOSYNTHESIS, DRAGON, "Describe a busy market."],
-             "max_tokens": 48}
+             "max_tokens": 48, "seed": 1}
 
     def verify_model(url: str, **extra: Any) -> dict[str, Any]:
         status, verdict = http_json("POST", gateway.url + "/admin/v1/verify/model",
@@ -165,8 +167,10 @@ def test_verify_model_chat_names_the_client_whose_marks_a_suspect_speaks_in(
     assert speaks_carol["ours"] and speaks_carol["client"] == "src-carol", speaks_carol
     assert speaks_carol["p_value"] <= 1e-6 and speaks_carol["samples"] >= 60
     assert "unsupervised (2 clients)" in speaks_carol["method"]
+    assert "sampled with seed 1" in speaks_carol["method"]
     supervised_dave = verify_model(gateway.url, api_key=carol, client="src-dave")
     assert not supervised_dave["ours"] and supervised_dave["client"] is None, supervised_dave
+    assert supervised_dave["samples"] == speaks_carol["samples"]  # the seed: the same answers
     never_saw = verify_model(marking_upstream.url)
     assert not never_saw["ours"] and never_saw["p_value"] > 1e-4, never_saw
     status, error = http_json("POST", gateway.url + "/admin/v1/verify/model",

@@ -47,10 +47,13 @@ class ModelRequest(BaseModel):
     )
     client: Name | None = Field(None, description="supervised: test only this client's keys")
     max_tokens: MaxTokens = 128
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="asks the suspect to sample reproducibly"
+    )
 
     def chat_probe(self) -> ChatProbe:
         prompts = tuple(self.prompts) if self.prompts else DEFAULT_PROBES
-        return ChatProbe(prompts, self.client, self.max_tokens)
+        return ChatProbe(prompts, self.client, self.max_tokens, self.seed)
 
 
 def forensics_router(forensics: Forensics, config: ForensicsConfig) -> APIRouter:

@@ -89,11 +89,15 @@ def verify_model_command(
         str | None, typer.Option(help="chat: supervised, test only this client's keys")
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, max=1024, help="chat: tokens per answer")] = 128,
+    seed: Annotated[
+        int | None,
+        typer.Option(min=0, max=2**63 - 1, help="chat: ask the suspect to sample reproducibly"),
+    ] = None,
 ) -> None:
     """Query a suspect model and test it for a client's marks (JSON report)."""
     probe = ChatProbe(
         tuple(line.strip() for line in _read(prompts).splitlines() if line.strip())
         if prompts else DEFAULT_PROBES,
-        client, max_tokens,
+        client, max_tokens, seed,
     )
     _run(ctx, lambda f: f.model(url, kind, model, api_key, chat=probe))

@@ -101,10 +101,14 @@ class Suspect:
                 return [int(v) for v in np.asarray(data).ravel()], None
         raise VerifyError("the suspect's answer has no label or probability output per row")
 
-    def chat(self, model: str, prompt: str, max_tokens: int) -> str:
-        payload = self.post("/v1/chat/completions", {
+    def chat(self, model: str, prompt: str, max_tokens: int, seed: int | None = None) -> str:
+        """One sampled answer; ``seed`` asks an OpenAI-style suspect to sample reproducibly."""
+        body: dict[str, Any] = {
             "model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 1.0})
+            "max_tokens": max_tokens, "temperature": 1.0}
+        if seed is not None:
+            body["seed"] = seed
+        payload = self.post("/v1/chat/completions", body)
         try:
             return str(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError) as exc:

@@ -54,6 +54,7 @@ def verify_chat(
     suspect: Suspect, model: str, clients: Sequence[str], keyring: WatermarkKeyring, *,
     tokenize: Tokenize, prompts: Sequence[str] = DEFAULT_PROBES, client: str | None = None,
     max_tokens: int = 128, gamma: float = 0.25, alpha: float = DEFAULT_ALPHA,
+    seed: int | None = None,
 ) -> ModelVerdict:
     if client is not None and client not in clients:
         raise VerifyError(f"unknown client {client!r}: supervised mode tests a known client")
@@ -62,7 +63,7 @@ def verify_chat(
         raise VerifyError("no clients are known: nothing to test")
     if not prompts or not all(p.strip() for p in prompts):
         raise VerifyError("the suspect needs non-empty prompts to answer")
-    answers = [suspect.chat(model, prompt, max_tokens) for prompt in prompts]
+    answers = [suspect.chat(model, prompt, max_tokens, seed) for prompt in prompts]
     pairs = distinct_pairs(tokenize(answer) for answer in answers)
     n = len(pairs[0])
     if n == 0:
@@ -77,7 +78,8 @@ def verify_chat(
     mode = f"supervised (client {client}'s keys)" if client else f"unsupervised ({len(tested)} clients)"
     return ModelVerdict(
         "chat", ours, candidates[best][0] if ours else None, corrected, z, n,
-        f"radioactivity, {mode}: {len(answers)} answers of up to {max_tokens} tokens, distinct "
+        f"radioactivity, {mode}: {len(answers)} answers of up to {max_tokens} tokens"
+        f"{'' if seed is None else f' sampled with seed {seed}'}, distinct "
         "(previous, token) pairs scored once, one-sided exact binomial test vs gamma, "
         "Bonferroni over clients x key versions; statistic = z of the best key",
         {f"{c}@v{v}": float(p_values[i]) for i in order[:TOP_CLIENTS] for c, v in [candidates[i]]},

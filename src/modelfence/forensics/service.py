@@ -72,6 +72,7 @@ class ChatProbe:
     prompts: tuple[str, ...] = DEFAULT_PROBES
     client: str | None = None  # supervised: only this client's keys; None: every client
     max_tokens: int = 128
+    seed: int | None = None  # asks the suspect to sample reproducibly, so a verdict can be rerun
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ class Forensics:
                     lambda: verify_chat(
                         suspect, model, clients, self.keyring, tokenize=tokenize,
                         prompts=probe.prompts, client=probe.client, max_tokens=probe.max_tokens,
-                        gamma=self.config.text.gamma,
+                        gamma=self.config.text.gamma, seed=probe.seed,
                     )
                 )
             if kind == "classifier":
