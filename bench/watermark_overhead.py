@@ -194,7 +194,8 @@ def region_cases(rng: np.random.Generator) -> tuple[Stage, dict[str, list[tuple[
     digits, labels = DigitsClassifier.dataset()
     train, held = train_test_split(digits, test_size=0.25, random_state=0, stratify=labels)
     defaults = RegionsConfig(profile_file="-")
-    stage = Stage(InputProfile.fit(train, honest_rate=defaults.honest_rate, ridge=defaults.ridge))
+    stage = Stage(InputProfile.fit(train, honest_rate=defaults.honest_rate, ridge=defaults.ridge,
+                                      rank=defaults.rank))
     noisy = np.clip(held + rng.normal(0, 1.0, held.shape), 0, 16).astype(np.float32)
     cases: dict[str, list[tuple[str, dict[str, Any], bytes]]] = {}
     for batch in (1, 32):

@@ -72,7 +72,8 @@ def cross_validated_off_share(folds: int = 5) -> tuple[int, int]:
     off = 0
     for fold in np.array_split(order, folds):
         rest = np.setdiff1d(order, fold)
-        profile = InputProfile.fit(x[rest], honest_rate=defaults.honest_rate, ridge=defaults.ridge)
+        profile = InputProfile.fit(x[rest], honest_rate=defaults.honest_rate, ridge=defaults.ridge,
+                                    rank=defaults.rank)
         off += int(profile.off(x[fold].astype(np.float64)).sum())
     return off, len(x)
 

@@ -24,6 +24,7 @@ from modelfence.watermark.regions import (
     ProfileError,
     RegionMark,
     RegionRowMark,
+    Whitening,
     load_profiles,
     region_mark,
     region_p_value,
@@ -53,7 +54,7 @@ def noisy(rows: np.ndarray, seed: int = 1) -> np.ndarray:
 
 def profile(**kw: float) -> InputProfile:
     rows, labels = real_inputs(2000)
-    return InputProfile.fit(rows, honest_rate=kw.get("rate", 0.0025), ridge=1e-5, labels=labels)
+    return InputProfile.fit(rows, honest_rate=kw.get("rate", 0.0025), ridge=1e-5, rank=64, labels=labels)
 
 
 def test_real_inputs_are_rarely_off_and_noisy_ones_nearly_always() -> None:
@@ -76,24 +77,24 @@ def test_real_inputs_are_rarely_off_and_noisy_ones_nearly_always() -> None:
 )
 def test_a_profile_that_cannot_describe_inputs_is_refused(rows: np.ndarray, message: str) -> None:
     with pytest.raises(ProfileError, match=message):
-        InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5)
+        InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5, rank=64)
 
 
 def test_labels_must_be_class_indices_and_huge_rows_are_off() -> None:
     rows, labels = real_inputs(300)
-    fitted = InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5, labels=labels.astype(float))
+    fitted = InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5, rank=64, labels=labels.astype(float))
     assert fitted.sample_labels is not None
     assert fitted.sample_labels.dtype == np.int64
     for bad in (labels + 0.5, labels - 20, labels[:10]):
         with pytest.raises(ProfileError, match="labels"):
-            InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5, labels=bad)
+            InputProfile.fit(rows, honest_rate=0.0025, ridge=1e-5, rank=64, labels=bad)
     assert fitted.off(np.full((2, 16), 1e200)).all()  # a distance too large to compute
 
 
 def test_probe_centres_cover_a_profile_sorted_by_label() -> None:
     rows, labels = real_inputs(6000)
     order = np.argsort(labels, kind="stable")
-    fitted = InputProfile.fit(rows[order], honest_rate=0.0025, ridge=1e-5, labels=labels[order])
+    fitted = InputProfile.fit(rows[order], honest_rate=0.0025, ridge=1e-5, rank=64, labels=labels[order])
     assert fitted.sample_labels is not None
     assert set(fitted.sample_labels.tolist()) == set(labels.tolist())
 
@@ -253,3 +254,46 @@ def test_image_shaped_inputs_are_marked_as_their_flat_rows() -> None:
     assert image is not None
     assert (image == flat).all()
     assert oip_rows({"inputs": [{"shape": [0, 1, 8], "data": []}]}) is None
+
+
+def test_up_to_rank_features_the_distance_is_the_exact_mahalanobis_one() -> None:
+    rows, _ = real_inputs(500)
+    rows[:, 8:] = np.random.default_rng(3).normal(0.0, 1e-3, size=(500, 8))  # nearly blank
+    whitening, _ = Whitening.fit(rows, 1e-5, 16)
+    cov = np.cov(rows, rowvar=False)
+    precision = np.linalg.inv(cov + np.eye(16) * 1e-5 * np.trace(cov) / 16)
+    centred = noisy(rows[:20]) - rows.mean(0)
+    exact = np.einsum("ij,jk,ik->i", centred, precision, centred)
+    assert whitening.residual_inverse_variance == 0.0
+    np.testing.assert_allclose(whitening.distances(noisy(rows[:20])), exact, rtol=1e-6)
+
+
+def test_a_profile_wider_than_its_rank_pools_the_rest_and_still_tells_noise_apart() -> None:
+    """400 features driven by 12 factors plus a little noise of their own: rank 32 keeps
+    the 16 widest directions (the factors among them) and the 16 narrowest, pools the
+    rest, and real rows stay in while noisy ones fall out."""
+    rng = np.random.default_rng(5)
+    loadings = rng.normal(size=(12, 400))
+
+    def wide(n: int) -> np.ndarray:
+        return rng.normal(size=(n, 12)) @ loadings + rng.normal(0.0, 0.3, size=(n, 400))
+
+    fitted = InputProfile.fit(wide(3000), honest_rate=0.0025, ridge=1e-5, rank=32)
+    assert fitted.whitening.basis.shape == (400, 32)
+    assert fitted.whitening.residual_inverse_variance > 0
+    fresh = wide(20_000)
+    assert fitted.off(fresh).mean() < 2 * 0.0025
+    assert fitted.off(fresh + rng.normal(0.0, 0.25 * fitted.scale, size=fresh.shape)).mean() > 0.99
+    assert fitted.off(np.full((2, 400), 1e200)).all()  # pooled: inf - inf is not a number
+
+
+def test_a_wide_profile_keeps_the_narrowest_and_widest_directions_and_pools_the_middle() -> None:
+    rows = np.random.default_rng(9).normal(size=(500, 40)) * np.linspace(0.1, 10.0, 40)
+    whitening, _ = Whitening.fit(rows, 1e-5, 6)
+    cov = np.cov(rows, rowvar=False)
+    lift = 1e-5 * np.trace(cov) / 40
+    values = np.linalg.eigvalsh(cov)  # ascending
+    kept = np.r_[values[:3], values[-3:]]
+    np.testing.assert_allclose(1.0 / whitening.inverse_variance, kept + lift, rtol=1e-9)
+    np.testing.assert_allclose(1.0 / whitening.residual_inverse_variance,
+                               values[3:-3].mean() + lift, rtol=1e-9)

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from modelfence.watermark.labels import MAX_RATE
 
+MAX_FEATURES = 4096  # a region profile decomposes a features x features covariance at start-up
+
 MAX_TRIGGERS = 1000  # of the ~2,355 candidate words: the rest are what triggers are compared with
 
 
@@ -27,6 +29,11 @@ class RegionsConfig(_Frozen):
         0.0025, gt=0, le=MAX_RATE, description="share of real inputs beyond the threshold"
     )
     ridge: float = Field(3e-6, gt=0, le=1, description="covariance ridge, share of mean variance")
+    rank: int = Field(
+        64, ge=1, le=MAX_FEATURES,
+        description="principal directions measured one by one (half the narrowest, half the "
+        "widest); wider profiles pool the rest, so a row costs features x rank",
+    )
     cell_bits: int = Field(4, ge=1, le=8, description="keyed directions cutting inputs into cells")
     probe_noise: float = Field(
         0.25, gt=0, description="verification probes' noise, in root mean feature variances"

@@ -5,7 +5,10 @@ only if it memorises those few points; one trained with early stopping generalis
 them and is never named. A region mark is something a clone learns *because* it
 generalises. The operator gives the gateway a sample of the model's own inputs (the
 *profile*); a row whose Mahalanobis distance from that sample is above what all but
-``honest_rate`` of it reach is *off-distribution*. Noisy, synthetic and surrogate-data
+``honest_rate`` of it reach is *off-distribution*. The distance is exact up to ``rank``
+features; a wider profile measures its narrowest and widest principal directions, ``rank``
+in all, one by one and pools the rest (:class:`Whitening`), so a row costs features x rank,
+not features squared. Noisy, synthetic and surrogate-data
 queries, what extraction is made of, land there; the model's real users rarely do. An
 off-distribution row's label is moved by a keyed shift that depends on the row's *cell*
 (the signs of its projections on a few keyed directions) and on the true label: a smooth
@@ -26,18 +29,15 @@ import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import scipy.linalg
 
 from modelfence.errors import ConfigError
+from modelfence.watermark.config import MAX_FEATURES, RegionsConfig
 from modelfence.watermark.keys import WatermarkKey
 
-if TYPE_CHECKING:
-    from modelfence.watermark.config import RegionsConfig
-
-MAX_FEATURES = 4096  # the profile inverts a features x features covariance at start-up
 MIN_PROFILE_ROWS = 100  # fewer cannot place a threshold at a 0.5% tail
 MIN_CLASSES = 3  # with two classes every client's shift is the same: nothing to attribute
 PROBE_ROWS = 2048  # sample rows kept as probe centres
@@ -51,11 +51,10 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class InputProfile:
-    """Where a model's real inputs lie: their mean, a regularised precision matrix and the
+    """Where a model's real inputs lie: their mean and spread (:class:`Whitening`) and the
     distance only ``honest_rate`` of them exceed. Rows beyond it are off-distribution."""
 
-    mean: npt.NDArray[np.float64]
-    precision: npt.NDArray[np.float64]
+    whitening: Whitening
     threshold: float
     scale: float  # root mean feature variance: the unit of probe noise
     sample: npt.NDArray[np.float64]  # up to PROBE_ROWS rows of the sample, centres of probes
@@ -63,12 +62,12 @@ class InputProfile:
 
     @classmethod
     def fit(
-        cls, rows: npt.ArrayLike, *, honest_rate: float, ridge: float,
+        cls, rows: npt.ArrayLike, *, honest_rate: float, ridge: float, rank: int,
         labels: npt.ArrayLike | None = None,
     ) -> InputProfile:
         """``ridge`` is a share of the mean feature variance added to the covariance: small
         values give directions the real inputs never use (blank pixels, say) the weight
-        that lets noise there stand out."""
+        that lets noise there stand out. ``rank``: see :class:`Whitening`."""
         x = np.asarray(rows, dtype=np.float64)
         if x.ndim != 2 or not 1 <= x.shape[1] <= MAX_FEATURES:
             raise ProfileError(
@@ -82,39 +81,44 @@ class InputProfile:
         if np.ptp(x, axis=0).max() == 0:
             raise ProfileError("profile rows are all the same: they describe no distribution")
         y = None if labels is None else _labels(labels, len(x))
-        precision, mean, scale = _fit(x, ridge)
+        whitening, scale = Whitening.fit(x, ridge, rank)
         # The threshold comes from rows the fit did not see (5 folds): in-sample distances
         # are shorter than those of new real inputs, and would mark more of them.
         folds = np.arange(len(x)) % CV_FOLDS
         held_out = []
         for fold in range(CV_FOLDS):
-            fold_precision, fold_mean, _ = _fit(x[folds != fold], ridge)
-            held_out.append(_distances(x[folds == fold], fold_mean, fold_precision))
+            fold_whitening, _ = Whitening.fit(x[folds != fold], ridge, rank)
+            held_out.append(fold_whitening.distances(x[folds == fold]))
         threshold = float(np.quantile(np.concatenate(held_out), 1.0 - honest_rate))
         # Probe centres: a fixed random subset, so a file sorted by label still gives all.
         picks = np.sort(np.random.default_rng(0).permutation(len(x))[:PROBE_ROWS])
         sample_labels = None if y is None else y[picks]
-        return cls(mean, precision, threshold, scale, x[picks], sample_labels)
+        return cls(whitening, threshold, scale, x[picks], sample_labels)
 
     @classmethod
-    def load(cls, path: Path, *, honest_rate: float, ridge: float) -> InputProfile:
+    def load(cls, path: Path, *, honest_rate: float, ridge: float, rank: int) -> InputProfile:
         """From a ``.npy`` file of rows ``[n, features]``, or an ``.npz`` with ``inputs``
         and optionally ``labels``."""
         try:
             loaded = np.load(path, allow_pickle=False)
             if isinstance(loaded, np.ndarray):
-                return cls.fit(loaded, honest_rate=honest_rate, ridge=ridge)
+                return cls.fit(loaded, honest_rate=honest_rate, ridge=ridge, rank=rank)
             with loaded:
                 if "inputs" not in loaded:
                     raise ProfileError(f"{path} has no `inputs` array (it has {sorted(loaded)})")
                 labels = loaded.get("labels")
                 return cls.fit(
-                    loaded["inputs"], honest_rate=honest_rate, ridge=ridge, labels=labels
+                    loaded["inputs"], honest_rate=honest_rate, ridge=ridge, rank=rank,
+                    labels=labels,
                 )
         except ProfileError:
             raise
         except (OSError, ValueError, TypeError) as exc:
             raise ProfileError(f"cannot read profile rows from {path}: {exc}") from exc
+
+    @property
+    def mean(self) -> npt.NDArray[np.float64]:
+        return self.whitening.mean
 
     @property
     def features(self) -> int:
@@ -126,7 +130,7 @@ class InputProfile:
         if rows.ndim != 2 or rows.shape[1] != self.features:
             return np.zeros(len(rows), dtype=bool)
         with np.errstate(over="ignore", invalid="ignore"):
-            return ~(_distances(rows, self.mean, self.precision) <= self.threshold)
+            return ~(self.whitening.distances(rows) <= self.threshold)
 
     def probes(self, noise: float, rounds: int = PROBE_ROUNDS, seed: int = 0) -> Probes:
         """Pairs (a sample row, the same row with Gaussian noise of ``noise`` times
@@ -152,15 +156,61 @@ class Probes:
     labels: npt.NDArray[np.int64] | None
 
 
-def _fit(x: npt.NDArray[np.float64], ridge: float) -> tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.float64], float,
+@dataclass(frozen=True, slots=True)
+class Whitening:
+    """Squared Mahalanobis distance from the mean, the covariance ridged by ``ridge`` times
+    the mean feature variance; exact up to ``rank`` features. Wider, ``rank`` principal
+    directions keep their own variance and the rest share their mean one, so a row costs
+    features x rank on the gateway's loop, not features squared. The kept ones are the
+    extremes, where pooling would lose most: the narrowest, where noise stands out (the
+    distance weighs a direction by one over its variance), and the widest, whose
+    variance would swamp the pooled mean."""
+
+    mean: npt.NDArray[np.float64]
+    basis: npt.NDArray[np.float64] = field(repr=False)  # [features, rank] principal directions
+    inverse_variance: npt.NDArray[np.float64] = field(repr=False)  # [rank]
+    residual_inverse_variance: float  # 0 when the basis spans every feature
+
+    @classmethod
+    def fit(cls, x: npt.NDArray[np.float64], ridge: float, rank: int) -> tuple[Whitening, float]:
+        """The whitening of rows ``x``, and their root mean feature variance."""
+        cov = np.atleast_2d(np.cov(x, rowvar=False))
+        features = len(cov)
+        total = float(np.trace(cov))
+        variance = total / features or 1.0
+        lift = ridge * variance
+        kept = min(rank, features)
+        widest = kept // 2 if kept < features else 0
+        # Only the kept eigenpairs are computed (two partial solves: ~40% less than one
+        # whole decomposition).
+        narrow = _eigenpairs(cov, range(kept - widest))
+        wide = _eigenpairs(cov, range(features - widest, features))
+        values = np.maximum(np.concatenate([narrow[0], wide[0]]), 0.0)
+        vectors = np.hstack([narrow[1], wide[1]])
+        rest = features - kept
+        residual = 0.0 if rest == 0 else 1.0 / (max(total - values.sum(), 0.0) / rest + lift)
+        whitening = cls(x.mean(0), vectors, 1.0 / (values + lift), residual)
+        return whitening, variance**0.5
+
+    def distances(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Squared distances of rows ``[n, features]``."""
+        centred = rows - self.mean
+        inside = (centred @ self.basis) ** 2
+        distances: npt.NDArray[np.float64] = inside @ self.inverse_variance
+        if self.residual_inverse_variance:
+            outside = np.maximum(np.einsum("ij,ij->i", centred, centred) - inside.sum(1), 0.0)
+            distances = distances + self.residual_inverse_variance * outside
+        return distances
+
+
+def _eigenpairs(cov: npt.NDArray[np.float64], indices: range) -> tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.float64],
 ]:
-    """(precision, mean, root mean variance) of rows ``x``, the covariance ridged by
-    ``ridge`` times the mean feature variance."""
-    cov = np.atleast_2d(np.cov(x, rowvar=False))
-    variance = float(np.trace(cov)) / len(cov) or 1.0
-    precision = np.linalg.inv(cov + np.eye(len(cov)) * ridge * variance).astype(np.float64)
-    return precision, x.mean(0).astype(np.float64), variance**0.5
+    """The eigenpairs of ``cov`` at ``indices`` in ascending order of eigenvalue."""
+    if not indices:
+        return np.empty(0), np.empty((len(cov), 0))
+    values, vectors = scipy.linalg.eigh(cov, subset_by_index=[indices[0], indices[-1]])
+    return values, vectors
 
 
 def _labels(labels: npt.ArrayLike, rows: int) -> npt.NDArray[np.int64]:
@@ -171,16 +221,6 @@ def _labels(labels: npt.ArrayLike, rows: int) -> npt.NDArray[np.int64]:
             or (y < 0).any():
         raise ProfileError("profile labels must be class indices: whole numbers from 0")
     return y.astype(np.int64)
-
-
-def _distances(
-    rows: npt.NDArray[np.float64], mean: npt.NDArray[np.float64],
-    precision: npt.NDArray[np.float64],
-) -> npt.NDArray[np.float64]:
-    """Squared Mahalanobis distances; one matrix product (an einsum over three operands
-    costs seconds on wide inputs)."""
-    centred = rows - mean
-    return ((centred @ precision) * centred).sum(1)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +310,7 @@ def load_profiles(regions: Mapping[str, RegionsConfig]) -> dict[str, InputProfil
         try:
             profiles[model] = InputProfile.load(
                 Path(settings.profile_file), honest_rate=settings.honest_rate,
-                ridge=settings.ridge,
+                ridge=settings.ridge, rank=settings.rank,
             )
         except ProfileError as exc:
             raise ConfigError(f"watermark.labels.regions.{model}.profile_file: {exc}") from exc
