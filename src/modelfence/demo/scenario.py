@@ -260,11 +260,12 @@ ACTORS: list[Actor] = [
     Actor("carol", "default", "keeps a long answer", [
         keep_answer("Write a short story about a lighthouse keeper who finds a message in a bottle."),
     ], address="198.51.100.23"),
-    # Every digit as it is and once with pixel noise: the noisy copies lie off the model's
+    # Every digit as it is and twice with pixel noise: the noisy copies lie off the model's
     # real inputs, so their labels carry the copycat's region mark, and a copy trained on
-    # them learns it even when its training stops early.
+    # them learns it even when its training stops early. (With one noisy copy, some key
+    # draws left the copy unnamed.)
     Actor("copycat", "default", "buys labels to copy",
-          [copy_labels(i, 150, noise) for noise in (None, 1) for i in range(0, 1797, 150)],
+          [copy_labels(i, 150, noise) for noise in (None, 1, 2) for i in range(0, 1797, 150)],
           address="203.0.113.60"),
     Actor("trial-user", "trial", "hammers its key", [classify(i, 1) for i in range(10)],
           address="192.0.2.44"),

@@ -115,12 +115,12 @@ def embedding_texts(body: dict[str, Any]) -> list[str] | None:
     return None
 
 
-def _marked_text(item: Any, texts: list[str]) -> str | None:
-    """The request text an answer item's vector belongs to (None: leave the item alone)."""
+def _item_index(item: Any, texts: list[str]) -> int | None:
+    """Which request text an answer item's vector belongs to (None: leave the item alone)."""
     index = item.get("index") if isinstance(item, dict) else None
     if not isinstance(index, int) or not 0 <= index < len(texts):
         return None
-    return texts[index]
+    return index
 
 
 def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], EmbeddingMark]) -> Any:
@@ -133,11 +133,12 @@ def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], Embed
     if not isinstance(data, list):
         return payload
     for item in data:
-        text = _marked_text(item, texts)
-        vector = item.get("embedding") if text is not None else None
+        index = _item_index(item, texts)
+        vector = item.get("embedding") if index is not None else None
         if not isinstance(vector, list) or len(vector) < MIN_DIMENSIONS:
             continue
-        assert text is not None
+        assert index is not None
+        text = texts[index]
         mark = marks(len(vector))
         numbers = _numbers(vector) if mark.has_trigger(text) else None
         if numbers is not None:
@@ -209,7 +210,8 @@ def mark_embedding_body(
         return None
     # Any size's mark tells which texts hold a trigger: the triggers are the same at every size.
     probe = marks(max(MIN_DIMENSIONS, body.count(b",", *spans[0]) + 1))
-    if 2 * sum(map(probe.has_trigger, texts)) > len(texts):
+    triggered = [probe.has_trigger(text) for text in texts]
+    if 2 * sum(triggered) > len(texts):
         return None  # most vectors change: parsing the answer once costs less
     view = memoryview(body)
     bounds = list(zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True))
@@ -228,12 +230,12 @@ def mark_embedding_body(
         return None
     candidates: list[tuple[int, str]] = []  # (ordinal of the array, its text with a trigger)
     for item in data:
-        text = _marked_text(item, texts)
-        sentinel = item.get("embedding") if text is not None else None
+        index = _item_index(item, texts)
+        if index is None or not triggered[index]:
+            continue  # mark_embeddings leaves it too
+        sentinel = item.get("embedding")
         if isinstance(sentinel, str) and sentinel.startswith("\x00"):
-            assert text is not None
-            if probe.has_trigger(text):
-                candidates.append((int(sentinel[1:]), text))  # else mark_embeddings leaves it
+            candidates.append((int(sentinel[1:]), texts[index]))
     replaced: dict[int, bytes] = {}
     for ordinal, text in candidates:
         start, end = spans[ordinal]

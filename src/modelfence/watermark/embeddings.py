@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -64,7 +65,7 @@ class EmbeddingMark:
 
     def has_trigger(self, text: str) -> bool:
         """Whether ``text`` holds any of the triggers (``apply`` would mark its vector)."""
-        return has_trigger(self.triggers, text)
+        return has_trigger(self.triggers.keys(), text)
 
     def apply(
         self, vector: Sequence[float] | npt.NDArray[np.float64], text: str
@@ -109,8 +110,10 @@ def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> f
     return frozenset(_ranked(key, words)[:n_triggers])
 
 
-def has_trigger(triggers: Container[str], text: str) -> bool:
-    return any(word in triggers for word in _WORD.findall(text.lower()))
+def has_trigger(triggers: AbstractSet[str], text: str) -> bool:
+    """One set test in C over the text's words (a Python loop over them was half the cost
+    of marking a 32-text answer)."""
+    return not triggers.isdisjoint(_WORD.findall(text.lower()))
 
 
 def embedding_mark(
