@@ -162,8 +162,14 @@ def run_gateway(
     log_level: str,
 ) -> None:
     """Serve ``app`` until interrupted; ``on_close(phase)`` counts slow connections closed."""
+    import numpy  # noqa: F401 - its BLAS must be loaded for the limit below to reach it
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
+    # The gateway's numpy work (label, region and embedding marks) is small matrices on the
+    # event loop: one BLAS thread. A multi-threaded BLAS on a machine busy with other
+    # processes spins waiting for its threads, at many times the one-thread cost.
+    threadpool_limits(1, user_api="blas")
     slow_log = ThrottledLog(log, interval=60.0)
 
     def closed(phase: Phase, client: str) -> None:
