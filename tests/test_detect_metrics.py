@@ -100,6 +100,9 @@ async def test_a_detect_worker_serves_its_lag_on_metrics(tmp_path: Path) -> None
             assert ages <= lag_sum <= ages + n * seen_within, (ages, lag_sum, seen_within)
             assert metric_sum(samples, LAG + "_bucket", le="10.0") == 0
             assert metric_sum(samples, LAG + "_bucket", le="+Inf") == n
+            # A batch's duration is observed after its audits and alerts, a moment after its
+            # events' lag: a scrape may fall between the two.
+            samples = wait_for(worker.url, "modelfence_detector_batch_duration_seconds_count", 1)
             assert metric_sum(samples, "modelfence_detector_batch_duration_seconds_count") >= 1
             assert metric_sum(samples, "modelfence_detector_verdicts_published_total") >= len(
                 clients
