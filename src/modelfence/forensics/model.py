@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 from scipy.stats import binom
 
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
@@ -177,12 +178,14 @@ def verify_regions(
     if classes < MIN_CLASSES:
         raise VerifyError(f"region marks need {MIN_CLASSES} or more classes; the model has {classes}")
     if probes.labels is not None:
-        base, source = probes.labels.tolist(), "the profile's true labels"
+        base, source = probes.labels, "the profile's true labels"
     else:
         centres, where = np.unique(probes.clean, axis=0, return_inverse=True)
-        base = np.asarray(suspect.classify(model, centres.tolist())[0])[where.ravel()].tolist()
+        base = np.asarray(suspect.classify(model, centres.tolist())[0])[where.ravel()]
         source = "its answers on the clean rows"
-    regions = {c: _best_version(rules(c), probes, base, answers, classes) for c in clients}
+    # As arrays once: every client's test reads them.
+    base, noisy_answers = np.asarray(base, dtype=np.int64), np.asarray(answers, dtype=np.int64)
+    regions = {c: _best_version(rules(c), probes, base, noisy_answers, classes) for c in clients}
     dawn = _dawn_results(suspect, model, ledgers)
     per_client = {
         c: min(1.0, 2 * min(p, dawn[c][0])) if c in dawn else p for c, (p, _, _) in regions.items()
@@ -203,8 +206,8 @@ def verify_regions(
 
 
 def _best_version(
-    rules: Sequence[RegionMark], probes: Probes, base: Sequence[int], answers: Sequence[int],
-    classes: int,
+    rules: Sequence[RegionMark], probes: Probes, base: npt.NDArray[np.int64],
+    answers: npt.NDArray[np.int64], classes: int,
 ) -> tuple[float, int, int]:
     """The smallest of one client's per-version results, its p times the versions tried."""
     results = [region_p_value(rule, probes.noisy, base, answers, classes) for rule in rules]
