@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -90,6 +91,27 @@ async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> No
     ):
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == SQLITE_BUSY_TIMEOUT_MS
+
+
+async def test_a_new_sqlite_file_locked_by_another_process_is_waited_for(tmp_path: Path) -> None:
+    # Processes starting together on a new file: one writes while another switches the
+    # file to WAL, which SQLite refuses at once ("database is locked") whatever the busy
+    # timeout. The engine must wait for the writer as it does for writes.
+    path = tmp_path / "state.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer, in the middle of its transaction
+    holder.execute("CREATE TABLE other_process (id INTEGER)")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.5, holder.commit)
+    try:
+        async with scratch_engine(f"sqlite:///{path}") as engine:
+            await create_tables(engine)
+            async with transaction(engine) as conn:
+                assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+                tables = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+        assert {"other_process", api_keys.name} <= set(tables)
+    finally:
+        holder.close()
 
 
 async def test_sqlite_ddl_is_transactional(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ become :class:`~modelfence.errors.StoreError`.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event, inspect, select, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 from modelfence.errors import ConfigError, StoreError
 from modelfence.store.schema import account_traits, accounts, metadata
@@ -63,10 +67,10 @@ def _configure_sqlite(engine: Engine) -> None:
         # and DDL, which would leave reads and CREATE TABLE outside any transaction.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        # WAL: readers never block the writer, so the gateway, the CLI and the detector
-        # can share one file. busy_timeout: a writer waits for the lock instead of failing.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # busy_timeout: a writer waits for the lock instead of failing. WAL: readers never
+        # block the writer, so the gateway, the CLI and the detector can share one file.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _enter_wal(cursor)
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -76,6 +80,27 @@ def _configure_sqlite(engine: Engine) -> None:
         # writers take the lock up front and wait their turn.
         write = connection.get_execution_options().get(_WRITE_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _enter_wal(cursor: Any) -> None:
+    """Switch the file to WAL, waiting as long as ``busy_timeout`` for other connections.
+
+    The switch reads the file, then needs the write lock; while another connection
+    writes, SQLite answers "database is locked" at once, without its busy handler (a
+    reader waiting on a writer could deadlock). Processes opening a new file together
+    (the gateway, its detector workers) would otherwise fail at start-up.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await_only(asyncio.sleep(delay))  # connect runs in SQLAlchemy's greenlet: yields
+        delay = min(delay * 2, 0.1)
 
 
 @asynccontextmanager
