@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,6 +161,30 @@ def test_embedder_batching_keeps_input_order(embedder: TextEmbedder) -> None:
     together = embedder.embed(texts)
     alone = np.stack([embedder.embed([t])[0] for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+@pytest.mark.models
+def test_embedder_passes_hold_at_most_batch_tokens(embedder: TextEmbedder) -> None:
+    # Few padded tokens per forward pass keep the activations in cache; the vectors are
+    # those of one text at a time, whatever the grouping.
+    texts = [f"sentence {i} " + "word " * (i * 7 % 23) for i in range(11)] + ["word " * 1000]
+    capped = TextEmbedder.load(batch_tokens=40)
+    shapes: list[tuple[int, int]] = []
+    session = capped._session
+
+    class Recording:
+        def run(self, names: Any, feed: dict[str, np.ndarray]) -> Any:
+            shapes.append(feed["input_ids"].shape)
+            return session.run(names, feed)
+
+    capped._session = Recording()
+    batch = capped.embed_with_usage(texts)
+    assert all(rows == 1 or rows * length <= 40 for rows, length in shapes)
+    assert sum(rows for rows, _ in shapes) == len(texts) and (1, 256) in shapes
+    assert len(shapes) < len(texts)  # short texts still share a pass
+    np.testing.assert_allclose(batch.vectors, embedder.embed(texts), atol=1e-4)
+    assert batch.token_counts == embedder.embed_with_usage(texts).token_counts
+    assert capped.embed([]).shape == (0, DIMENSIONS)
 
 
 @pytest.mark.models

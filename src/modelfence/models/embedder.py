@@ -29,6 +29,10 @@ MODEL_NAME = "minilm-l6-v2"
 DIMENSIONS = 384
 MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs; longer text is cut
 VOCAB_PATH = Path(__file__).parent / "assets" / "minilm-vocab.txt"
+# Padded tokens per forward pass. Past a few hundred, a layer's activations (tokens × 1,536
+# floats in the feed-forward part) outgrow a core's L2 cache: on one thread, prompts of ~24
+# tokens cost 6.8 ms each 64 to a pass, 5.5 ms at 256 tokens a pass (bench/embedder_passes.py).
+BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +75,22 @@ class TextEmbedder:
     model_name = MODEL_NAME
     dimensions = DIMENSIONS
 
-    def __init__(self, session: Any, tokenizer: Any, *, batch_size: int = 64) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 64,
+        batch_tokens: int = BATCH_TOKENS,
+    ) -> None:
+        if batch_size < 1 or batch_tokens < 1:
+            raise ValueError(
+                f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}"
+            )
         self._session = session
         self._tokenizer = tokenizer
         self._batch_size = batch_size
+        self._batch_tokens = batch_tokens
 
     @classmethod
     def load(
@@ -85,6 +99,7 @@ class TextEmbedder:
         vocab_path: str | os.PathLike[str] | None = None,
         *,
         batch_size: int = 64,
+        batch_tokens: int = BATCH_TOKENS,
         threads: int | None = None,
         spin: bool = False,
     ) -> TextEmbedder:
@@ -110,7 +125,7 @@ class TextEmbedder:
         tokenizer = BertWordPieceTokenizer(str(vocab_path or VOCAB_PATH), lowercase=True)
         tokenizer.enable_truncation(max_length=MAX_LENGTH)
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        return cls(session, tokenizer, batch_size=batch_size)
+        return cls(session, tokenizer, batch_size=batch_size, batch_tokens=batch_tokens)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, float32 ``[len(texts), 384]``, in input order."""
@@ -122,25 +137,42 @@ class TextEmbedder:
             raise TypeError("embed() takes a sequence of strings, not one string")
         n = len(texts)
         vectors = np.empty((n, DIMENSIONS), dtype=np.float32)
-        counts = [0] * n
-        # Batching texts of similar length together keeps padding (wasted work) small.
-        order = sorted(range(n), key=lambda i: len(texts[i]))
-        for start in range(0, n, self._batch_size):
-            idx = order[start : start + self._batch_size]
-            batch_vectors, batch_counts = self._embed_batch([texts[i] for i in idx])
-            vectors[idx] = batch_vectors
-            for i, count in zip(idx, batch_counts, strict=True):
-                counts[i] = count
-        return EmbeddingBatch(vectors=vectors, token_counts=tuple(counts))
+        if n == 0:
+            return EmbeddingBatch(vectors=vectors, token_counts=())
+        # One tokenizer call, padded to the longest text; each forward pass takes a slice.
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        counts = mask.sum(axis=1)
+        # Texts of similar length together keep padding (wasted work) small.
+        order = np.argsort(counts, kind="stable")
+        for idx in self._batches(counts[order], order):
+            longest = int(counts[idx[-1]])
+            vectors[idx] = self._forward(ids[idx, :longest], mask[idx, :longest])
+        return EmbeddingBatch(vectors=vectors, token_counts=tuple(int(c) for c in counts))
+
+    def _batches(self, lengths: np.ndarray, order: np.ndarray) -> list[np.ndarray]:
+        """Slices of ``order`` (sorted by ``lengths``, ascending) of at most ``batch_size``
+        rows and, past the first row, at most ``batch_tokens`` padded tokens."""
+        out, start, n = [], 0, len(order)
+        while start < n:
+            end = start + 1
+            while (
+                end < n
+                and end - start < self._batch_size
+                and (end - start + 1) * int(lengths[end]) <= self._batch_tokens
+            ):
+                end += 1
+            out.append(order[start:end])
+            start = end
+        return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text costs, as :meth:`embed_with_usage` counts them, without the model."""
         return [int(sum(e.attention_mask)) for e in self._tokenizer.encode_batch(list(texts))]
 
-    def _embed_batch(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        encodings = self._tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Unit vectors of one padded batch: ONNX forward, masked mean pooling, L2 norm."""
         (hidden,) = self._session.run(
             ["last_hidden_state"],
             {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
@@ -149,4 +181,4 @@ class TextEmbedder:
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         pooled /= np.maximum(norms, 1e-12)
-        return pooled.astype(np.float32, copy=False), [int(m) for m in mask.sum(axis=1)]
+        return pooled.astype(np.float32, copy=False)

@@ -1,0 +1,82 @@
+"""What a MiniLM text costs on one thread, by how many padded tokens share a forward pass.
+
+The texts are the distinct prompts of the detector bench's population
+(``bench/detector_throughput.py``: honest chat clients with real prompts and one
+extractor of every kind), cut at the detector's ``EMBED_CHARS``. For each
+``batch_tokens`` budget (``TextEmbedder``'s cap on rows × longest text per pass; "none" is
+64 rows a pass whatever their length) it prints the CPU milliseconds per text (best of
+``--repeats``, ``time.process_time``), texts/s per core, and the largest difference from
+embedding each of the first 100 texts alone (the grouping must not change a vector).
+
+    python bench/embedder_passes.py
+    python bench/embedder_passes.py --texts 400 --budgets 128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from detector_throughput import build_events, machine_line, minilm_unavailable, uptime
+
+from modelfence.detect.engine import EMBED_CHARS, _texts_of
+from modelfence.models.embedder import BATCH_TOKENS, TextEmbedder
+
+UNBOUNDED = 1 << 30
+
+
+def distinct_texts(count: int, seed: int) -> list[str]:
+    events = build_events(count * 12, seed)  # about one text in eight is new
+    texts = (t[:EMBED_CHARS] for e in events if not e.input_rows for t in _texts_of(e))
+    return list(dict.fromkeys(texts))[:count]
+
+
+def measure(texts: Sequence[str], budget: int, repeats: int) -> tuple[float, np.ndarray]:
+    embedder = TextEmbedder.load(threads=1, batch_tokens=budget)
+    embedder.embed(texts[:32])  # warm-up
+    best, vectors = float("inf"), np.empty(0)
+    for _ in range(repeats):
+        started = time.process_time()
+        vectors = embedder.embed(texts)
+        best = min(best, time.process_time() - started)
+    return best / len(texts), vectors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--texts", type=int, default=1000, help="distinct texts (default 1,000)")
+    parser.add_argument("--budgets", default=f"none,128,{BATCH_TOKENS},512",
+                        help="batch_tokens values, comma-separated; none: no cap")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args(argv)
+    if (why := minilm_unavailable()) is not None:
+        print(f"MiniLM cannot run here: {why}")
+        return 1
+    texts = distinct_texts(args.texts, args.seed)
+    tokens = TextEmbedder.load(threads=1).count_tokens(texts)
+    print(f"# embedder passes, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"machine: {machine_line()}; load {uptime()}")
+    print(f"{len(texts):,} distinct texts, tokens p50 {int(np.median(tokens))}, "
+          f"p90 {int(np.percentile(tokens, 90))}, max {max(tokens)}\n")
+    alone = np.stack([TextEmbedder.load(threads=1).embed([t])[0] for t in texts[:100]])
+    print("| batch_tokens | CPU ms/text | texts/s per core | max |Δ| vs alone |")
+    print("|---|---:|---:|---:|")
+    for name in args.budgets.split(","):
+        budget = UNBOUNDED if name == "none" else int(name)
+        per_text, vectors = measure(texts, budget, args.repeats)
+        delta = float(np.abs(vectors[:100] - alone).max())
+        print(f"| {name} | {per_text * 1e3:.2f} | {1 / per_text:,.0f} | {delta:.1e} |")
+    print(f"\nload {uptime()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
