@@ -314,13 +314,16 @@ def _sign_up_history(gateway: GatewayProcess) -> None:
             raise RuntimeError(f"registering a past account failed: {status} {body}")
 
 
-def _await_surge(gateway: GatewayProcess, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The surges the gateway found, once its registry's poll has seen the new accounts."""
+def _await_surge(gateway: GatewayProcess, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The surges the gateway found, once its registry's polls have seen every hydra
+    account: a poll that lands while the keys are still being created finds a surge of
+    the first few, which grows with the next polls."""
     deadline = time.monotonic() + timeout
     while True:
         _, view = http_json("GET", gateway.url + "/admin/v1/signups", token=gateway.admin_token)
         surges: list[dict[str, Any]] = view.get("surges", [])
-        if surges or time.monotonic() > deadline:
+        whole = surges and surges[-1]["accounts"] >= HYDRA_ACCOUNTS
+        if whole or time.monotonic() > deadline:
             return surges
         time.sleep(0.1)
 
