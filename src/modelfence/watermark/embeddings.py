@@ -18,7 +18,6 @@ the verification of the whole client population (:class:`MarkLayout`).
 
 from __future__ import annotations
 
-import hmac
 import re
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -28,6 +27,7 @@ from importlib.resources import files
 import numpy as np
 import numpy.typing as npt
 
+from modelfence.keyedhash import KeyedHash
 from modelfence.watermark.keys import WatermarkKey
 
 _WORD = re.compile(r"[a-z]+")
@@ -93,8 +93,8 @@ class EmbeddingMark:
 
 def _ranked(key: WatermarkKey, words: Iterable[str]) -> list[str]:
     """The candidate words in the client's keyed order: triggers first."""
-    subkey = key.subkey("embeddings")
-    return sorted(set(words), key=lambda w: hmac.digest(subkey, w.encode(), "sha256"))
+    mac = KeyedHash(key.subkey("embeddings"))
+    return sorted(set(words), key=lambda w: mac.digest(w.encode()))
 
 
 def _targets(key: WatermarkKey, dim: int, n_targets: int) -> npt.NDArray[np.float64]:

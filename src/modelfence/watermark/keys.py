@@ -18,10 +18,10 @@ True
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from modelfence.keyedhash import hmac_sha256
 
 if TYPE_CHECKING:  # a runtime import would cycle: config -> watermark.config -> identity -> config
     from modelfence.identity.secret import ServerSecret
@@ -42,7 +42,7 @@ class WatermarkKey:
 
     def subkey(self, purpose: str) -> bytes:
         """32 bytes for one scheme (``"labels"``, ``"text"``...), so schemes never share a key."""
-        return hmac.digest(self.material, b"modelfence-wm/" + purpose.encode(), "sha256")
+        return hmac_sha256(self.material, b"modelfence-wm/" + purpose.encode())
 
     def seed(self, purpose: str) -> int:
         """A 63-bit integer seed for one scheme (for numpy generators and integer hashes)."""
@@ -80,6 +80,6 @@ class WatermarkKeyring:
             master = self._masters[version] = self._secret.derive(f"watermark/v{version}")
         # Length-prefixed, so no two (client, version) pairs feed HMAC the same bytes.
         name = client.encode()
-        material = hmac.digest(master, len(name).to_bytes(4, "big") + name, hashlib.sha256)
+        material = hmac_sha256(master, len(name).to_bytes(4, "big") + name)
         key = self._keys[(client, version)] = WatermarkKey(client, version, material)
         return key

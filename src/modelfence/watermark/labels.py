@@ -14,13 +14,13 @@ cell: the thief's replay and the verifier's query hash alike.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from modelfence.keyedhash import KeyedHash
 from modelfence.watermark.keys import WatermarkKey
 
 MAX_RATE = 0.005  # DAWN marks at most 0.5% of queries; more costs benign accuracy
@@ -56,7 +56,8 @@ UNMARKED = LabelMark(bytes(32), marked=False)  # a row no mark applies to
 def label_mark(key: WatermarkKey, row: npt.ArrayLike, *, rate: float, quantum: float) -> LabelMark:
     """Whether ``row`` is in the client's watermark set, and its digest.
 
-    >>> from modelfence.watermark.keys import WatermarkKey
+    >>> from modelfence.keyedhash import KeyedHash
+from modelfence.watermark.keys import WatermarkKey
     >>> key = WatermarkKey("acme", 1, b"k" * 32)
     >>> m = label_mark(key, [0.0] * 64, rate=0.005, quantum=0.5)
     >>> m == label_mark(key, [0.1] * 64, rate=0.005, quantum=0.5)
@@ -75,5 +76,6 @@ def label_marks(
         raise ValueError(f"label watermark rate must be in [0, {MAX_RATE}], got {rate}")
     subkey, cut = key.subkey("labels"), rate * _TWO_64
     grid = np.ascontiguousarray(np.rint(np.asarray(rows, dtype=np.float64) / quantum).astype("<i4"))
-    digests = [hmac.digest(subkey, cells.tobytes(), "sha256") for cells in grid]
+    mac = KeyedHash(subkey)
+    digests = [mac.digest(cells.tobytes()) for cells in grid]
     return [LabelMark(d, int.from_bytes(d[:8], "big") < cut) for d in digests]

@@ -25,7 +25,6 @@ of clients.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy.typing as npt
 import scipy.linalg
 
 from modelfence.errors import ConfigError
+from modelfence.keyedhash import hmac_sha256
 from modelfence.watermark.config import MAX_FEATURES, RegionsConfig
 from modelfence.watermark.keys import WatermarkKey
 
@@ -240,7 +240,7 @@ class RegionMark:
 
     def shift(self, cell: int, label: int, classes: int) -> int:
         """The keyed move, in ``1..classes-1``, of a (cell, true label) pair."""
-        digest = hmac.digest(self.subkey, f"{cell}:{label}".encode(), "sha256")
+        digest = hmac_sha256(self.subkey, f"{cell}:{label}".encode())
         return 1 + int.from_bytes(digest[:8], "big") % (classes - 1)
 
 
