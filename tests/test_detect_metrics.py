@@ -38,12 +38,15 @@ STORED = "modelfence_detector_stored_events_total"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def wait_for(url: str, name: str, at_least: float, timeout: float = 60.0) -> Samples:
-    """Scrape ``url`` until sample ``name`` reaches ``at_least``; the last scrape."""
+def wait_for(
+    url: str, name: str, at_least: float, timeout: float = 60.0, **labels: str
+) -> Samples:
+    """Scrape ``url`` until sample ``name`` (its series with ``labels``) reaches
+    ``at_least``; the last scrape."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape_metrics(url)
-        if metric_sum(samples, name) >= at_least or time.monotonic() > deadline:
+        if metric_sum(samples, name, **labels) >= at_least or time.monotonic() > deadline:
             return samples
         time.sleep(0.2)
 
@@ -109,7 +112,9 @@ async def test_a_detect_worker_serves_its_lag_on_metrics(tmp_path: Path) -> None
             )
             assert metric_sum(samples, "modelfence_detector_errors_total") == 0
             # The worker writes the events it read to request_events: the gateways do not.
-            samples = wait_for(worker.url, STORED, n)
+            # They are counted as emitted when read and as written after their batch's
+            # insert: wait for the second.
+            samples = wait_for(worker.url, STORED, n, fate="written")
             assert metric_sum(samples, STORED, fate="written") == n
             assert metric_sum(samples, STORED) == 2 * n  # emitted, then written
             assert await stored_events(config["store"]) == n

@@ -1,4 +1,4 @@
-"""HMAC-SHA256 that never lets go of the GIL: the request path's keyed hash.
+"""HMAC-SHA256 that keeps the GIL for short messages: the request path's keyed hash.
 
 ``hmac.digest`` releases the GIL around every call, however short the message. While any
 other thread of the process is busy (the SQLite writers, the watermark ledger, a BLAS

@@ -322,7 +322,7 @@ def _await_surge(gateway: GatewayProcess, timeout: float = 15.0) -> list[dict[st
     while True:
         _, view = http_json("GET", gateway.url + "/admin/v1/signups", token=gateway.admin_token)
         surges: list[dict[str, Any]] = view.get("surges", [])
-        whole = surges and surges[-1]["accounts"] >= HYDRA_ACCOUNTS
+        whole = bool(surges) and surges[-1]["accounts"] >= HYDRA_ACCOUNTS
         if whole or time.monotonic() > deadline:
             return surges
         time.sleep(0.1)

@@ -23,7 +23,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event, inspect, select, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.util import await_only
 
 from modelfence.errors import ConfigError, StoreError
 from modelfence.store.schema import account_traits, accounts, metadata
@@ -70,7 +69,7 @@ def _configure_sqlite(engine: Engine) -> None:
         # busy_timeout: a writer waits for the lock instead of failing. WAL: readers never
         # block the writer, so the gateway, the CLI and the detector can share one file.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        _enter_wal(cursor)
+        _enter_wal(dbapi_connection, cursor)
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -82,7 +81,7 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def _enter_wal(cursor: Any) -> None:
+def _enter_wal(dbapi_connection: Any, cursor: Any) -> None:
     """Switch the file to WAL, waiting as long as ``busy_timeout`` for other connections.
 
     The switch reads the file, then needs the write lock; while another connection
@@ -99,7 +98,8 @@ def _enter_wal(cursor: Any) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
-        await_only(asyncio.sleep(delay))  # connect runs in SQLAlchemy's greenlet: yields
+        # The connect event runs in SQLAlchemy's greenlet: this waits on the event loop.
+        dbapi_connection.run_async(lambda _driver, pause=delay: asyncio.sleep(pause))
         delay = min(delay * 2, 0.1)
 
 

@@ -56,8 +56,7 @@ UNMARKED = LabelMark(bytes(32), marked=False)  # a row no mark applies to
 def label_mark(key: WatermarkKey, row: npt.ArrayLike, *, rate: float, quantum: float) -> LabelMark:
     """Whether ``row`` is in the client's watermark set, and its digest.
 
-    >>> from modelfence.keyedhash import KeyedHash
-from modelfence.watermark.keys import WatermarkKey
+    >>> from modelfence.watermark.keys import WatermarkKey
     >>> key = WatermarkKey("acme", 1, b"k" * 32)
     >>> m = label_mark(key, [0.0] * 64, rate=0.005, quantum=0.5)
     >>> m == label_mark(key, [0.1] * 64, rate=0.005, quantum=0.5)
