@@ -1,8 +1,8 @@
 """HMAC-SHA256 that keeps the GIL for short messages: the request path's keyed hash.
 
 ``hmac.digest`` releases the GIL around every call, however short the message. While any
-other thread of the process is busy (the SQLite writers, the watermark ledger, a BLAS
-pool), the event loop's thread then waits for the GIL to come back, up to the
+other thread of the process is busy (the SQLite writers, the watermark ledger), the
+event loop's thread then waits for the GIL to come back, up to the
 interpreter's switch interval (5 ms), once per call: a gateway hashes every request's
 key and every row of a classifier batch, so one request could wait that long dozens of
 times. Here the key's padded blocks are hashed once and each message continues copies of

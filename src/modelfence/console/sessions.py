@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from modelfence.keyedhash import KeyedHash, hmac_sha256
 from modelfence.store import transaction
 from modelfence.store.schema import console_sessions
 
@@ -57,7 +57,7 @@ def csrf_token(session_id: str) -> str:
     It appears in every form; it neither reveals the id (HMAC is one-way) nor can be
     computed from the stored digest of the id.
     """
-    mac = hmac.digest(session_id.encode(), _CSRF_LABEL, "sha256")
+    mac = hmac_sha256(session_id.encode(), _CSRF_LABEL)
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
@@ -90,7 +90,7 @@ class SessionStore:
     ) -> None:
         self.engine = engine
         # Hashed first so that the key is fixed-size whatever the token's length.
-        self._key = hashlib.sha256(secret.encode()).digest()
+        self._mac = KeyedHash(hashlib.sha256(secret.encode()).digest())
         self.idle = idle
         self.lifetime = lifetime
         self.max_sessions = max_sessions
@@ -99,7 +99,7 @@ class SessionStore:
 
     def _digest(self, session_id: str) -> str:
         """What the table holds for ``session_id``: 64 hex digits, bound to the admin token."""
-        return hmac.new(self._key, session_id.encode(), hashlib.sha256).hexdigest()
+        return self._mac.digest(session_id.encode()).hex()
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)

@@ -32,13 +32,13 @@ from modelfence.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_CAPTURED_OUTPUT = 65_536  # classifier answers are small; larger ones are not parsed
 MAX_INPUT_VALUES = 16_384  # 256 rows of 64 features
-_PLAIN_NUMBERS = frozenset({int, float})  # not bool: True is no feature value
 MAX_INPUT_TEXTS = 256
 MAX_INPUT_TEXT_CHARS = 512
 # The prompt text an event carries: far more than the detector's embedder reads (256
 # tokens); hash and length are of the whole prompt.
 MAX_PROMPT_CHARS = 8192
 _PARSED_PER_RAW_BYTE = 4  # a parsed JSON tensor holds about this many bytes per raw byte
+_PLAIN_NUMBERS = frozenset({int, float})  # input values read as features; not bool
 
 
 def _text_of(content: Any) -> str:

@@ -144,16 +144,17 @@ class TextEmbedder:
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         counts = mask.sum(axis=1)
-        # Texts of similar length together keep padding (wasted work) small.
-        order = np.argsort(counts, kind="stable")
-        for idx in self._batches(counts[order], order):
+        for idx in self._batches(counts):
             longest = int(counts[idx[-1]])
             vectors[idx] = self._forward(ids[idx, :longest], mask[idx, :longest])
         return EmbeddingBatch(vectors=vectors, token_counts=tuple(int(c) for c in counts))
 
-    def _batches(self, lengths: np.ndarray, order: np.ndarray) -> list[np.ndarray]:
-        """Slices of ``order`` (sorted by ``lengths``, ascending) of at most ``batch_size``
-        rows and, past the first row, at most ``batch_tokens`` padded tokens."""
+    def _batches(self, counts: np.ndarray) -> list[np.ndarray]:
+        """The texts' indices in passes of at most ``batch_size`` rows and, past the first
+        row, ``batch_tokens`` padded tokens. Texts of similar length share a pass, which
+        keeps padding (wasted work) small."""
+        order = np.argsort(counts, kind="stable")
+        lengths = counts[order]
         out, start, n = [], 0, len(order)
         while start < n:
             end = start + 1

@@ -96,7 +96,8 @@ def _enter_wal(dbapi_connection: Any, cursor: Any) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # any SQLITE_BUSY_*
+            if not busy or time.monotonic() >= deadline:
                 raise
         # The connect event runs in SQLAlchemy's greenlet: this waits on the event loop.
         dbapi_connection.run_async(lambda _driver, pause=delay: asyncio.sleep(pause))
