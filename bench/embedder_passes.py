@@ -8,8 +8,13 @@ extractor of every kind), cut at the detector's ``EMBED_CHARS``. For each
 ``--repeats``, ``time.process_time``), texts/s per core, and the largest difference from
 embedding each of the first 100 texts alone (the grouping must not change a vector).
 
+``--quantized`` adds the model that multiplies in int8 (``TextEmbedder.load(quantized=True)``,
+the detector's ``minilm-int8``) at the default budget, side by side with float32 in the same
+run: its cost per text, and the cosine of each of its vectors to the float32 one.
+
     python bench/embedder_passes.py
     python bench/embedder_passes.py --texts 400 --budgets 128,256
+    python bench/embedder_passes.py --budgets 256 --quantized
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ def distinct_texts(count: int, seed: int) -> list[str]:
     return list(dict.fromkeys(texts))[:count]
 
 
-def measure(texts: Sequence[str], budget: int, repeats: int) -> tuple[float, np.ndarray]:
-    embedder = TextEmbedder.load(threads=1, batch_tokens=budget)
+def measure(texts: Sequence[str], budget: int, repeats: int, quantized: bool = False
+            ) -> tuple[float, np.ndarray]:
+    embedder = TextEmbedder.load(threads=1, batch_tokens=budget, quantized=quantized)
     embedder.embed(texts[:32])  # warm-up
     best, vectors = float("inf"), np.empty(0)
     for _ in range(repeats):
@@ -56,8 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="batch_tokens values, comma-separated; none: no cap")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--quantized", action="store_true",
+                        help="also the int8 model against float32 (cost, cosine)")
     args = parser.parse_args(argv)
-    if (why := minilm_unavailable()) is not None:
+    if (why := minilm_unavailable(quantized=args.quantized)) is not None:
         print(f"MiniLM cannot run here: {why}")
         return 1
     texts = distinct_texts(args.texts, args.seed)
@@ -75,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_text, vectors = measure(texts, budget, args.repeats)
         delta = float(np.abs(vectors[:100] - alone).max())
         print(f"| {name} | {per_text * 1e3:.2f} | {1 / per_text:,.0f} | {delta:.1e} |")
+    if args.quantized:
+        print(f"\n| model (batch_tokens {BATCH_TOKENS}) | CPU ms/text | texts/s per core "
+              "| cosine to float32: min / p1 / mean |")
+        print("|---|---:|---:|---|")
+        # Interleaved, best of repeats each, so the machine's drift hits both alike.
+        runs = [(measure(texts, BATCH_TOKENS, 1), measure(texts, BATCH_TOKENS, 1, True))
+                for _ in range(args.repeats)]
+        exact = runs[0][0][1]
+        for label, which in (("float32 (minilm)", 0), ("int8 (minilm-int8)", 1)):
+            per_text = min(run[which][0] for run in runs)
+            cosine = np.sum(runs[0][which][1] * exact, axis=1)
+            print(f"| {label} | {per_text * 1e3:.2f} | {1 / per_text:,.0f} | {cosine.min():.4f}"
+                  f" / {np.percentile(cosine, 1):.4f} / {cosine.mean():.4f} |")
     print(f"\nload {uptime()}")
     return 0
 

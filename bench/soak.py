@@ -341,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the run")
     parser.add_argument("--rate", type=float, default=40.0, help="requests/s, all classes")
-    parser.add_argument("--embedder", choices=["auto", "minilm", "hashing"], default="auto",
+    parser.add_argument("--embedder", choices=["auto", "minilm", "minilm-int8", "hashing"], default="auto",
                         help="the detector's query embedder")
     parser.add_argument("--enforce", action="store_true",
                         help="let detection act (default: shadow mode, it decides and records)")

