@@ -4,9 +4,9 @@ Runs the red-team harness's population-scale replay (``replay-detection``:
 :func:`modelfence.redteam.replay_detection.detection_at_scale`) once per embedder, on the
 same seed, so every run calibrates on the same honest population and scores the same other
 honest population and the same attackers; only the query embedder differs. Sizes are the
-``full`` suite's (2,000 calibration clients; 10,040 honest clients with 100 attackers of
-every replayable kind and 10 Sybil campaigns) unless ``--clients`` and ``--attackers``
-shrink them. Each embedder runs in a process of its own, one at a time unless
+``full`` suite's (2,000 calibration clients; 10,000 honest clients and 40 heavy ones, with
+100 attackers of every replayable kind and 10 Sybil campaigns) unless ``--clients`` and
+``--attackers`` shrink them. Each embedder runs in a process of its own, one at a time unless
 ``--parallel``, on one BLAS thread.
 
 Prints, per embedder: honest clients flagged (alert or above at any time) and blocked, per
@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from modelfence.config import EmbedderKind
 from modelfence.detect.embedding import load_embedder
 from modelfence.redteam.prompts import load_prompts
 from modelfence.redteam.replay_detection import detection_at_scale
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", action="store_true", help="all embedders at once")
     args = parser.parse_args(argv)
     embedders = args.embedders.split(",")
-    allowed = ("minilm", "minilm-int8", "hashing")
+    allowed = [k for k in get_args(EmbedderKind) if k != "auto"]
     if unknown := sorted(set(embedders) - set(allowed)):
         parser.error(f"--embedders: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
@@ -95,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"seed {args.seed}; {args.calibration:,} calibration clients, {args.clients:,} honest "
           f"clients, {args.attackers} attackers of each kind\n")
     sizes = (args.seed, args.clients, args.attackers, args.calibration)
-    with ProcessPoolExecutor(len(embedders) if args.parallel else 1) as pool:
+    workers = len(embedders) if args.parallel else 1
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, max_tasks_per_child=1) as pool:
         futures = {e: pool.submit(run, e, *sizes) for e in embedders}
         results = {e: f.result() for e, f in futures.items()}
     for embedder, details in results.items():

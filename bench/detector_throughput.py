@@ -38,7 +38,7 @@ Per embedder (``hashing``, and MiniLM int8 ONNX in float32 and multiplying in in
    detector down, so this run's lag is not reported.
 
     python bench/detector_throughput.py                       # all embedders, ~5 minutes
-    python bench/detector_throughput.py --embedder minilm --embedder minilm-int8
+    python bench/detector_throughput.py --embedder minilm,minilm-int8
     python bench/detector_throughput.py --embedder hashing --events 10000 --seconds 5
     python bench/detector_throughput.py --profile --embedder minilm
     python bench/detector_throughput.py --store postgresql://postgres@127.0.0.1:5432/scratch
@@ -70,13 +70,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from overhead import machine  # bench/overhead.py: the shared machine description
 from sqlalchemy import func, select
 
-from modelfence.config import Config
+from modelfence.config import Config, EmbedderKind
 from modelfence.detect.feeds import EventFeed, QueueFeed
 from modelfence.detect.metrics import DetectorMetrics
 from modelfence.detect.process import QUEUE_BATCHES, run_service
@@ -90,7 +90,7 @@ BATCH = 500  # telemetry.batch_size, and what DetectorService.run reads at most
 LINGER = 0.05  # the telemetry pipeline's BUILD_LINGER_SECONDS: how often a batch leaves
 EVENTS_PER_CHAT_CLIENT = 13  # a benign chat client's requests per simulated day (measured)
 LOAD_SHARE = 0.8  # offered rate: this share of the measured capacity
-EMBEDDERS = ("hashing", "minilm", "minilm-int8")
+EMBEDDERS = tuple(k for k in get_args(EmbedderKind) if k != "auto")
 
 
 def uptime() -> str:

@@ -42,7 +42,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 import psutil
@@ -59,6 +59,7 @@ from overhead import (  # bench/overhead.py: the shared process and HTTP helpers
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelfence.config import EmbedderKind
 from modelfence.identity.keys import new_api_key
 from modelfence.testing.processes import free_port
 
@@ -341,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the run")
     parser.add_argument("--rate", type=float, default=40.0, help="requests/s, all classes")
-    parser.add_argument("--embedder", choices=["auto", "minilm", "minilm-int8", "hashing"], default="auto",
+    parser.add_argument("--embedder", choices=get_args(EmbedderKind), default="auto",
                         help="the detector's query embedder")
     parser.add_argument("--enforce", action="store_true",
                         help="let detection act (default: shadow mode, it decides and records)")

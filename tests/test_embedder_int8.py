@@ -1,5 +1,5 @@
-"""MiniLM multiplying in int8: built once from the wheel's model, close to float32, and a
-damaged or unwritable cache never stops the detector."""
+"""MiniLM multiplying in int8: built once from the wheel's model, close to float32; a damaged
+copy is built again and a cache that cannot be written moves to a private /tmp directory."""
 
 from __future__ import annotations
 
@@ -7,15 +7,23 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from modelfence.config import Config, parse_config
 from modelfence.detect.embedding import CachedEmbedder, load_embedder
 from modelfence.errors import ConfigError
-from modelfence.models.embedder import TextEmbedder, find_model, quantized_model
+from modelfence.models.embedder import (
+    STAGING_PREFIX,
+    TextEmbedder,
+    _prune,
+    find_model,
+    quantized_model,
+)
 
 pytestmark = pytest.mark.models
 
@@ -41,12 +49,42 @@ def test_the_int8_copy_is_built_once_and_named_by_its_source(cache: Path, tmp_pa
     assert built.parent == cache / "minilm" and built.stat().st_size > 1_000_000
     written = built.stat().st_mtime_ns
     assert quantized_model(cache_dir=cache) == built and built.stat().st_mtime_ns == written
-    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no staging left over
-    # Another source file (a new wheel) gets a copy of its own.
+    kept = sorted(p.name for p in built.parent.iterdir())
+    assert kept == [built.name, built.with_suffix(".sha256").name]  # no staging left over
+    # The same model reinstalled (another file time) is the same copy; another model is not.
     source = tmp_path / "model.onnx"
     shutil.copyfile(find_model(), source)
     os.utime(source, ns=(1, 1))
-    assert quantized_model(source, cache_dir=cache).name != built.name
+    assert quantized_model(source, cache_dir=cache) == built
+    model = onnx.load(source)
+    onnx.helper.set_model_props(model, {"release": "next"})  # another file, the same weights
+    onnx.save(model, source)
+    other = quantized_model(source, cache_dir=cache)
+    assert other != built and built.exists()  # another wheel on this cache keeps its copy
+    other.unlink()
+    other.with_suffix(".sha256").unlink()
+
+
+def test_a_build_removes_copies_unused_for_a_month_and_dead_staging(tmp_path: Path) -> None:
+    now = time.time()
+
+    def made(name: str, days: float) -> Path:
+        path = tmp_path / name
+        if name.startswith(STAGING_PREFIX):
+            path.mkdir()
+        else:
+            path.write_text("x")
+        os.utime(path, (now - days * 86400, now - days * 86400))
+        return path
+
+    current = [made("minilm-l6-v2-dynamic-int8-aaaa.onnx", 90), made("minilm-l6-v2-dynamic-int8-aaaa.sha256", 90)]
+    unused = [made("minilm-l6-v2-dynamic-int8-bbbb.onnx", 40), made("minilm-l6-v2-dynamic-int8-bbbb.sha256", 31)]
+    # Built long ago, loaded yesterday (a load touches the checksum file): kept.
+    in_use = [made("minilm-l6-v2-dynamic-int8-cccc.onnx", 90), made("minilm-l6-v2-dynamic-int8-cccc.sha256", 1)]
+    dead, building = made(f"{STAGING_PREFIX}dead", 2 / 24), made(f"{STAGING_PREFIX}live", 0.1 / 24)
+    _prune(tmp_path, keep="minilm-l6-v2-dynamic-int8-aaaa")
+    assert all(p.exists() for p in (*current, *in_use, building))
+    assert not any(p.exists() for p in (*unused, dead))
 
 
 def test_int8_vectors_stay_close_to_float32(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,25 +98,32 @@ def test_int8_vectors_stay_close_to_float32(cache: Path, monkeypatch: pytest.Mon
     assert fast[0] @ fast[1] > fast[0] @ fast[2] + 0.3  # paraphrases still land together
 
 
-def test_an_unreadable_copy_is_built_again(
-    cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("damage", ["cut short", "emptied", "one byte flipped", "checksum not text"])
+def test_a_damaged_copy_is_built_again(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
     root = tmp_path / "cache"
     shutil.copytree(cache, root)
     monkeypatch.setenv("MODELFENCE_CACHE_DIR", str(root))
     built = quantized_model()
-    size = built.stat().st_size
-    with open(built, "r+b") as fh:  # a disk that lost the end of the file
-        fh.truncate(size // 3)
-    with caplog.at_level(logging.WARNING, logger="modelfence.models.embedder"):
-        embedder = TextEmbedder.load(threads=1, quantized=True)
-    assert "building the int8 MiniLM again" in caplog.text
-    assert built.stat().st_size == size
+    whole = built.read_bytes()
+    if damage == "cut short":
+        built.write_bytes(whole[: len(whole) // 3])
+    elif damage == "checksum not text":
+        built.with_suffix(".sha256").write_bytes(b"\xff\xfe")
+    elif damage == "emptied":
+        built.write_bytes(b"")
+    else:  # still a model onnxruntime loads, with one weight wrong
+        middle = len(whole) // 2
+        built.write_bytes(whole[:middle] + bytes([whole[middle] ^ 0xFF]) + whole[middle + 1 :])
+    embedder = TextEmbedder.load(threads=1, quantized=True)
+    assert built.read_bytes() == whole
+    assert quantized_model() == built  # and its checksum file says so again
     assert embedder.embed(TEXTS[:1]).shape == (1, 384)
 
 
-def test_an_unwritable_cache_builds_in_a_private_tmp(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_a_cache_that_cannot_be_written_moves_to_a_private_tmp(
+    cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -91,15 +136,39 @@ def test_an_unwritable_cache_builds_in_a_private_tmp(
     assert built.parent == private / "minilm" and built.is_file()
     assert private.stat().st_mode & 0o777 == 0o700
     assert quantized_model(cache_dir=blocked) == built  # the next start finds it there
+    # A directory that exists but refuses new files (a read-only volume) moves there too.
+    readonly = tmp_path / "read-only"
+    (readonly / "minilm").mkdir(parents=True)
+
+    def refused(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(readonly / "minilm"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", refused)
+        assert quantized_model(cache_dir=readonly) == built
 
 
-def test_a_tmp_directory_others_can_write_is_refused(
+def test_a_failure_that_is_not_the_caches_is_raised_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    planted = tmp_path / f"modelfence-{os.getuid()}"
-    planted.mkdir(mode=0o777)
-    planted.chmod(0o777)  # past the umask: anyone could swap the model file
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        quantized_model(tmp_path / "no-such-model.onnx", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / f"modelfence-{os.getuid()}").exists()  # no /tmp fallback for it
+
+
+@pytest.mark.parametrize("planted", ["symlink", "others can write"])
+def test_a_tmp_directory_not_private_to_the_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    place = tmp_path / f"modelfence-{os.getuid()}"
+    if planted == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        place.symlink_to(tmp_path / "elsewhere")
+    else:
+        place.mkdir()
+        place.chmod(0o777)  # anyone could have swapped the model file
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
     with pytest.raises(PermissionError, match="not a directory private to this user"):
@@ -110,6 +179,11 @@ def test_detection_config_names_the_int8_embedder(cache: Path, monkeypatch: pyte
     config = Config.model_validate({"detection": {"embedder": "minilm-int8"}})
     monkeypatch.setenv("MODELFENCE_CACHE_DIR", str(cache))
     embedder = load_embedder(config.detection.embedder)
-    assert isinstance(embedder, CachedEmbedder) and isinstance(embedder.inner, TextEmbedder)
+    assert isinstance(embedder, CachedEmbedder)
+    int8 = TextEmbedder.load(threads=1, quantized=True).embed(TEXTS)
+    np.testing.assert_array_equal(embedder.embed(TEXTS), int8)
+    assert not np.array_equal(load_embedder("minilm").embed(TEXTS), int8)
     with pytest.raises(ConfigError, match=r"detection\.embedder.*minilm-int8"):
         parse_config({"detection": {"embedder": "int8"}}, environ={})
+    with pytest.raises(ValueError, match="unknown embedder 'int8'"):
+        load_embedder("int8")  # type: ignore[arg-type]

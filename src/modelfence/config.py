@@ -359,6 +359,9 @@ class DetectionTierConfig(_Frozen):
         return self
 
 
+EmbedderKind = Literal["auto", "minilm", "minilm-int8", "hashing"]
+
+
 class DetectionConfig(_Frozen):
     """The detector process and how its verdicts reach the gateways."""
 
@@ -371,7 +374,7 @@ class DetectionConfig(_Frozen):
     )
     partitions: int = Field(8, ge=1, le=1024, description="Redis Streams, split by client")
     shadow: bool = Field(False, description="decide and record, never act")
-    embedder: Literal["auto", "minilm", "minilm-int8", "hashing"] = Field(
+    embedder: EmbedderKind = Field(
         "auto",
         description="auto: minilm when installed, else hashing; minilm-int8: MiniLM multiplying "
         "in int8, about twice as fast (calibrate the reference with the same embedder)",

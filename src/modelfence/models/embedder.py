@@ -23,8 +23,10 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,8 @@ VOCAB_PATH = Path(__file__).parent / "assets" / "minilm-vocab.txt"
 BATCH_TOKENS = 256
 # Bump when quantized_model() converts differently, so cached copies are built again.
 QUANTIZED_FORMAT = 1
+STAGING_PREFIX = ".minilm-int8-"
+PRUNE_DAYS = 30  # a copy no process has loaded for this long is removed by the next build
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,50 +91,111 @@ def quantized_model(
     Here the weights are int8 per output channel and each activation row is quantised at
     run time (onnxruntime's dynamic quantisation), so the int8 kernels run: 2.2x less CPU
     per text, vectors at cosine >= 0.958 (mean 0.994) of the float32 ones
-    (``bench/embedder_passes.py --quantized``). Building takes a few seconds and the
-    ``onnx`` package. The copy is named by the source file's size and time and
-    onnxruntime's version, and written whole or not at all; where the cache cannot be
-    written it goes to a private directory of this user in /tmp.
-    """
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    (``bench/embedder_passes.py --quantized``).
 
+    The copy is named by the source's contents and onnxruntime's version and kept with its
+    SHA-256: a copy that does not match (cut short, damaged) is built again, and a build
+    removes copies unused for ``PRUNE_DAYS``. Building takes a few seconds, the ``onnx``
+    package and scratch space: ~180 MB in the system temporary directory (onnxruntime's
+    tools) and ~200 MB in the cache. Where the cache itself cannot be written it goes to a
+    private directory of this user in /tmp; any other failure (no scratch space, no
+    source) is raised as it is.
+    """
     source = Path(model_path or find_model())
-    info = source.stat()
-    identity = f"{QUANTIZED_FORMAT}:{source.name}:{info.st_size}:{info.st_mtime_ns}:{ort.__version__}"
     root = (cache_dir or default_cache_dir()) / "minilm"
-    target = root / f"{MODEL_NAME}-dynamic-int8-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.onnx"
-    if target.is_file():
-        return target
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a read-only home
+        return _cached_copy(source, root)
+    except OSError as exc:
+        if not _concerns(exc, root):
+            raise
         fallback = _private_tmp() / "minilm"
         logger.warning("cannot keep the int8 MiniLM in %s (%s): using %s", root, exc, fallback)
-        fallback.mkdir(exist_ok=True)
-        return quantized_model(source, fallback.parent)
-    with tempfile.TemporaryDirectory(prefix=".minilm-int8-", dir=root) as tmp:
-        folded, built = Path(tmp) / "folded.onnx", Path(tmp) / "int8.onnx"
-        # Its constant folding turns the stored weights and their casts back into plain
-        # tensors: quantize_dynamic only quantises a MatMul whose weight is a constant.
-        # (The symbolic shape pass cannot follow this graph; onnx's own one is enough.)
-        quant_pre_process(source, folded, skip_symbolic_shape=True)
-        quantize_dynamic(folded, built, weight_type=QuantType.QInt8, per_channel=True)
+        return _cached_copy(source, fallback)
+
+
+def _concerns(exc: OSError, root: Path) -> bool:
+    """Whether ``exc`` is about ``root`` itself, a directory above it or a file in it."""
+    if exc.filename is None:
+        return False
+    path = Path(os.fsdecode(exc.filename))
+    return root.is_relative_to(path) or path.is_relative_to(root)
+
+
+def _cached_copy(source: Path, root: Path) -> Path:
+    import onnxruntime as ort
+
+    identity = f"{QUANTIZED_FORMAT}:{_sha256(source)}:{ort.__version__}"
+    name = f"{MODEL_NAME}-dynamic-int8-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    target, checksum = root / f"{name}.onnx", root / f"{name}.sha256"
+    with contextlib.suppress(OSError, ValueError):  # missing, unreadable, not text
+        if checksum.read_text().strip() == _sha256(target):
+            with contextlib.suppress(OSError):  # in use: _prune keeps it
+                os.utime(checksum)
+            return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root) as tmp:
+        built = _quantize(source, Path(tmp))
+        digest = _sha256(built)
+        with open(built, "rb+") as fh:  # on disk before it has its name: a crash leaves
+            os.fsync(fh.fileno())  # the old copy or the new one, never a cut one
         os.replace(built, target)  # another process may have won: same bytes either way
+        (Path(tmp) / "sum").write_text(digest)
+        os.replace(Path(tmp) / "sum", checksum)
+    _prune(root, keep=name)
     logger.info("built the int8 MiniLM in %s", target)
     return target
 
 
+def _quantize(source: Path, workdir: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    folded, built = workdir / "folded.onnx", workdir / "int8.onnx"
+    # Its constant folding turns the stored weights and their casts back into plain
+    # tensors: quantize_dynamic only quantises a MatMul whose weight is a constant.
+    # (The symbolic shape pass cannot follow this graph; onnx's own one is enough.)
+    quant_pre_process(source, folded, skip_symbolic_shape=True)
+    quantize_dynamic(folded, built, weight_type=QuantType.QInt8, per_channel=True)
+    return built
+
+
+def _prune(root: Path, keep: str) -> None:
+    """Copies no process has used for ``PRUNE_DAYS`` (another onnxruntime or wheel on the
+    same cache may still use its own), and staging a build killed an hour ago left."""
+    now = time.time()
+    copies: dict[str, list[Path]] = {}
+    for path in root.iterdir():
+        if path.name.startswith(STAGING_PREFIX):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > 3600:
+                    shutil.rmtree(path)
+        elif path.name.startswith(f"{MODEL_NAME}-dynamic-int8-") and path.stem != keep:
+            copies.setdefault(path.stem, []).append(path)
+    for paths in copies.values():  # a copy's checksum file is touched at every use
+        with contextlib.suppress(OSError):
+            if now - max(p.stat().st_mtime for p in paths) > PRUNE_DAYS * 86400:
+                for path in paths:
+                    path.unlink()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _private_tmp() -> Path:
-    """``/tmp/modelfence-<uid>``, made by and for this user only: a model file loaded from
-    a directory someone else could write would run what they put there."""
+    """``/tmp/modelfence-<uid>``, this user's and no one else's: a model file loaded from a
+    directory someone else could write would run what they put there."""
     path = Path(tempfile.gettempdir()) / f"modelfence-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    info = path.lstat()
+    info = path.lstat()  # a symlink is not followed: it is refused
+    # One that others could write is refused too, not repaired: what it holds is suspect.
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise PermissionError(f"{path} is not a directory private to this user")
+        raise PermissionError(
+            f"{path} is not a directory private to this user (others can read or write it, "
+            "or it is a link): remove it, or chmod 700 it if it is yours"
+        )
     return path
 
 
@@ -182,7 +247,6 @@ class TextEmbedder:
         LLM, the event loop); on a shared 2-core box it measured twice as slow.
         """
         import onnxruntime as ort
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidProtobuf
         from tokenizers import BertWordPieceTokenizer
 
         options = ort.SessionOptions()
@@ -193,15 +257,7 @@ class TextEmbedder:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         path = quantized_model(model_path) if quantized else Path(model_path or find_model())
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except (InvalidProtobuf, Fail) as exc:
-            if not quantized:
-                raise
-            logger.warning("building the int8 MiniLM again, %s is unreadable: %s", path, exc)
-            path.unlink(missing_ok=True)
-            path = quantized_model(model_path)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         tokenizer = BertWordPieceTokenizer(str(vocab_path or VOCAB_PATH), lowercase=True)
         tokenizer.enable_truncation(max_length=MAX_LENGTH)
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
