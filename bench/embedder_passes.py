@@ -11,16 +11,24 @@ embedding each of the first 100 texts alone (the grouping must not change a vect
 ``--quantized`` adds the model that multiplies in int8 (``TextEmbedder.load(quantized=True)``,
 the detector's ``minilm-int8``) at the default budget, side by side with float32 in the same
 run: its cost per text, and the cosine of each of its vectors to the float32 one.
+``--build-cost`` instead builds that model into an empty cache and prints how long it took
+and the most scratch space it held at once, in the system temporary directory
+(onnxruntime's tools) and in the cache (sampled every 10 ms).
 
     python bench/embedder_passes.py
     python bench/embedder_passes.py --texts 400 --budgets 128,256
     python bench/embedder_passes.py --budgets 256 --quantized
+    python bench/embedder_passes.py --build-cost
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from detector_throughput import build_events, machine_line, minilm_unavailable, uptime
 
 from modelfence.detect.engine import EMBED_CHARS, _texts_of
-from modelfence.models.embedder import BATCH_TOKENS, TextEmbedder
+from modelfence.models.embedder import BATCH_TOKENS, TextEmbedder, quantized_model
 
 UNBOUNDED = 1 << 30
 
@@ -55,6 +63,42 @@ def measure(texts: Sequence[str], budget: int, repeats: int, quantized: bool = F
     return best / len(texts), vectors
 
 
+def megabytes(folder: str) -> float:
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):  # a file the build just removed
+                total += os.path.getsize(os.path.join(root, name))
+    return total / 1e6
+
+
+def build_cost() -> str:
+    """One build of the int8 copy into an empty cache, with the scratch space it held."""
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as cache:
+        peaks = {scratch: 0.0, cache: 0.0}
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.01):
+                for folder, peak in list(peaks.items()):
+                    peaks[folder] = max(peak, megabytes(folder))
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        system_tmp, tempfile.tempdir = tempfile.tempdir, scratch  # onnxruntime's tools use it
+        watcher.start()
+        try:
+            started = time.perf_counter()
+            built = quantized_model(cache_dir=Path(cache))
+            seconds = time.perf_counter() - started
+        finally:
+            tempfile.tempdir = system_tmp
+            done.set()
+            watcher.join()
+        return (f"built in {seconds:.1f} s: {built.stat().st_size / 1e6:.1f} MB; peak scratch "
+                f"{peaks[scratch]:.0f} MB in the system temporary directory, "
+                f"{peaks[cache]:.0f} MB in the cache")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=int, default=1000, help="distinct texts (default 1,000)")
@@ -64,7 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--quantized", action="store_true",
                         help="also the int8 model against float32 (cost, cosine)")
+    parser.add_argument("--build-cost", action="store_true",
+                        help="only build the int8 model once, timed, with its scratch space")
     args = parser.parse_args(argv)
+    if args.build_cost:
+        print(f"machine: {machine_line()}; load {uptime()}")
+        print(build_cost())
+        return 0
     if (why := minilm_unavailable(quantized=args.quantized)) is not None:
         print(f"MiniLM cannot run here: {why}")
         return 1

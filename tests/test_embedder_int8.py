@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -122,8 +123,8 @@ def test_a_damaged_copy_is_built_again(
     assert embedder.embed(TEXTS[:1]).shape == (1, 384)
 
 
-def test_a_cache_that_cannot_be_written_moves_to_a_private_tmp(
-    cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_a_cache_that_cannot_be_made_moves_to_a_private_tmp(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -136,16 +137,27 @@ def test_a_cache_that_cannot_be_written_moves_to_a_private_tmp(
     assert built.parent == private / "minilm" and built.is_file()
     assert private.stat().st_mode & 0o777 == 0o700
     assert quantized_model(cache_dir=blocked) == built  # the next start finds it there
-    # A directory that exists but refuses new files (a read-only volume) moves there too.
-    readonly = tmp_path / "read-only"
-    (readonly / "minilm").mkdir(parents=True)
 
-    def refused(*args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(readonly / "minilm"))
 
-    with monkeypatch.context() as patch:
-        patch.setattr(tempfile, "mkdtemp", refused)
-        assert quantized_model(cache_dir=readonly) == built
+def test_a_cache_directory_that_refuses_new_files_moves_to_the_private_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A directory that exists but takes no new file (a read-only volume): made immutable,
+    # so the kernel refuses the build's staging directory whoever asks, root included.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    frozen = tmp_path / "read-only" / "minilm"
+    frozen.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not allowed here (needs CAP_LINUX_IMMUTABLE on ext4/xfs)")
+    try:
+        with pytest.raises(PermissionError):
+            tempfile.mkdtemp(dir=frozen)  # the fault is real
+        built = quantized_model(cache_dir=frozen.parent)
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)
+    assert built.parent == tmp_path / "tmp" / f"modelfence-{os.getuid()}" / "minilm"
+    assert not any(frozen.iterdir())
 
 
 def test_a_failure_that_is_not_the_caches_is_raised_as_it_is(

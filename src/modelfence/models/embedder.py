@@ -97,7 +97,7 @@ def quantized_model(
     SHA-256: a copy that does not match (cut short, damaged) is built again, and a build
     removes copies unused for ``PRUNE_DAYS``. Building takes a few seconds, the ``onnx``
     package and scratch space: ~180 MB in the system temporary directory (onnxruntime's
-    tools) and ~200 MB in the cache. Where the cache itself cannot be written it goes to a
+    tools) and as much in the cache (``bench/embedder_passes.py --build-cost``). Where the cache itself cannot be written it goes to a
     private directory of this user in /tmp; any other failure (no scratch space, no
     source) is raised as it is.
     """
