@@ -36,11 +36,16 @@ Per embedder (``hashing``, and MiniLM int8 ONNX in float32 and multiplying in in
    cProfile: where the time goes (the parts of ``DetectorService.handle``), top 10 by
    cumulative time below ``handle`` and top 10 by own time. The profiler slows the
    detector down, so this run's lag is not reported.
+4. with ``--slow-batches SECONDS``: the first embedder's lag run again with each batch
+   under a profiler of its own: how many batches took longer than SECONDS, and where the
+   slowest two spent their time (a lag's tail is a few slow batches, which a profile of the
+   whole run averages away).
 
     python bench/detector_throughput.py                       # all embedders, ~5 minutes
     python bench/detector_throughput.py --embedder minilm,minilm-int8
     python bench/detector_throughput.py --embedder hashing --events 10000 --seconds 5
     python bench/detector_throughput.py --profile --embedder minilm
+    python bench/detector_throughput.py --embedder minilm-int8 --slow-batches 1
     python bench/detector_throughput.py --store postgresql://postgres@127.0.0.1:5432/scratch
 
 ``--store`` defaults to a fresh temporary SQLite file per run; a given URL is used as it
@@ -54,6 +59,7 @@ import asyncio
 import cProfile
 import importlib.util
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -176,6 +182,7 @@ class Window:
     alerts: int = 0
     largest_entity: int = 1  # clients of the largest entity among the records published
     risks: dict[str, tuple[str, float]] = field(default_factory=dict)  # client -> level, risk
+    slow: list[tuple[float, int, pstats.Stats]] = field(default_factory=list)  # --slow-batches
 
 
 class AlertCounter(logging.Handler):
@@ -204,10 +211,15 @@ class TimedFeed:
     them at the close, and records each event's lag when its batch is acknowledged (which
     ``DetectorService.run`` does once the batch is handled and its verdicts published)."""
 
-    def __init__(self, inner: EventFeed, profiler: cProfile.Profile | None = None) -> None:
+    def __init__(
+        self, inner: EventFeed, profiler: cProfile.Profile | None = None,
+        slow: float | None = None,
+    ) -> None:
         self.inner = inner
         self.profiler = profiler
         self.window = Window()
+        self.slow = slow  # profile each batch on its own; keep those slower than this
+        self._batch: tuple[float, cProfile.Profile] | None = None
         self._started: tuple[float, float] | None = None
         self._last: list[RequestEvent] = []
 
@@ -227,10 +239,19 @@ class TimedFeed:
         self._last = events
         self.window.events += len(events)
         self.window.batches += bool(events)
+        if self.slow is not None and events:
+            self._batch = (time.perf_counter(), cProfile.Profile())
+            self._batch[1].enable()
         return events
 
     async def ack(self) -> None:
         now = time.time()
+        if self._batch is not None:
+            started, profiler = self._batch
+            profiler.disable()
+            took, self._batch = time.perf_counter() - started, None
+            if self.slow is not None and took > self.slow:
+                self.window.slow.append((took, len(self._last), pstats.Stats(profiler)))
         self.window.lags.extend(now - e.ts for e in self._last)
         self._last = []
         await self.inner.ack()
@@ -247,11 +268,11 @@ def store_url(given: str | None) -> Iterator[str]:
 
 def run_detector(
     embedder: str, store: str | None, feed: EventFeed, *, profiler: cProfile.Profile | None = None,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None, slow: float | None = None,
 ) -> tuple[Window, DetectorMetrics]:
     """One detector, built as ``modelfence detect`` builds it, until ``feed`` closes."""
     metrics = DetectorMetrics()
-    timed = TimedFeed(feed, profiler)
+    timed = TimedFeed(feed, profiler, slow)
     alerts = ALERTS.alerts
     with store_url(store) as url:
         config = Config.model_validate({"store": url, "detection": {"embedder": embedder}})
@@ -323,7 +344,7 @@ def produce(q: Any, ready: Any, events: list[dict[str, Any]], rate: float) -> No
 
 def lag_run(
     embedder: str, store: str | None, events: Sequence[RequestEvent], rate: float,
-    profiler: cProfile.Profile | None = None,
+    profiler: cProfile.Profile | None = None, slow: float | None = None,
 ) -> tuple[Window, DetectorMetrics]:
     context = multiprocessing.get_context("spawn")
     q = context.Queue(QUEUE_BATCHES)
@@ -334,7 +355,9 @@ def lag_run(
     )
     producer.start()
     try:
-        return run_detector(embedder, store, QueueFeed(q), profiler=profiler, on_ready=ready.set)
+        return run_detector(
+            embedder, store, QueueFeed(q), profiler=profiler, on_ready=ready.set, slow=slow
+        )
     finally:
         producer.join(5)
         if producer.is_alive():
@@ -449,21 +472,40 @@ def profile_lines(profiler: cProfile.Profile, window: Window) -> list[str]:
                       if name == function and path.endswith(suffix))
         out.append(f"  {label:<58} {seconds:6.2f} s  "
                    f"{1e6 * seconds / max(window.events, 1):6.0f} µs/event")
-    below_handle = (r"detect/(?!service|process)|store/|sqlalchemy/orm|sqlalchemy/engine/base|"
-                    r"onnxruntime|tokenizers|numpy/linalg")
     for key, title, restriction in (
-        ("cumulative", "cumulative time, functions below DetectorService.handle", below_handle),
+        ("cumulative", "cumulative time, functions below DetectorService.handle", BELOW_HANDLE),
         ("tottime", "own time", ""),
     ):
-        buffer = io.StringIO()
-        view = pstats.Stats(profiler, stream=buffer).sort_stats(key)
-        if restriction:
-            view.print_stats(restriction, 10)
-        else:
-            view.print_stats(10)
-        text = buffer.getvalue()
-        body = text[text.find("ncalls"):] if "ncalls" in text else text
-        out += [f"top 10 by {title}:", body.rstrip(), ""]
+        out += [f"top 10 by {title}:", top(stats, key, restriction, 10), ""]
+    return out
+
+
+BELOW_HANDLE = (r"detect/(?!service|process)|store/|sqlalchemy/orm|sqlalchemy/engine/base|"
+                r"sqlalchemy/sql/compiler|dataclasses|onnxruntime|tokenizers|numpy/linalg")
+
+
+def top(stats: pstats.Stats, key: str, restriction: str, n: int) -> str:
+    """The ``n`` first rows of a profile by ``key``, among functions matching ``restriction``."""
+    buffer = io.StringIO()
+    stats.stream = buffer  # type: ignore[attr-defined]
+    view = stats.sort_stats(key)
+    if restriction:
+        view.print_stats(restriction, n)
+    else:
+        view.print_stats(n)
+    text = buffer.getvalue()
+    return (text[text.find("ncalls"):] if "ncalls" in text else text).rstrip()
+
+
+def slow_lines(name: str, threshold: float, window: Window, shown: int = 2) -> list[str]:
+    """The batches of a lag run that took longer than ``threshold`` under their profiler."""
+    out = [(f"## slow batches: lag run again, each batch profiled on its own (cProfile), {name}: "
+            f"{len(window.slow)} of {window.batches} batches took over {threshold:g} s "
+            f"(profiled: about twice their unprofiled time)")]
+    for took, events, stats in sorted(window.slow, key=lambda b: b[0], reverse=True)[:shown]:
+        heading = (f"{took:.2f} s, {events} events; top 12 by cumulative time below "
+                   "DetectorService.handle:")
+        out += [heading, top(stats, "cumulative", BELOW_HANDLE, 12), ""]
     return out
 
 
@@ -486,6 +528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="state database URL (default: a fresh temporary SQLite per run)")
     parser.add_argument("--profile", action="store_true",
                         help="profile a second lag run of the first embedder (cProfile)")
+    parser.add_argument("--save-risks", type=Path, default=None, metavar="FILE",
+                        help="write each capacity run's published level and risk per client "
+                        "(JSON, sorted keys) to FILE, to compare two versions' verdicts")
+    parser.add_argument("--slow-batches", type=float, default=None, metavar="SECONDS",
+                        help="run the first embedder's lag run again with each batch profiled "
+                        "on its own, and print the slowest batches over SECONDS")
     args = parser.parse_args(argv)
 
     print(f"# Detector throughput — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
@@ -539,6 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"## profile: lag run again under cProfile (main thread), {name}, "
               f"{rates[name]:,.0f} events/s offered for {args.seconds:.0f} s")
         print("\n".join(profile_lines(profiler, window)))
+
+    if args.save_risks is not None:
+        args.save_risks.write_text(json.dumps(risks, sort_keys=True, indent=0) + "\n")
+        print(f"published risks written to {args.save_risks}")
+
+    if args.slow_batches is not None:  # what the lag's tail is made of
+        name = embedders[0]
+        window, _ = lag_run(name, args.store, offered_for[name], rates[name],
+                            slow=args.slow_batches)
+        print("\n".join(slow_lines(name, args.slow_batches, window)))
 
     if len(risks) > 1:
         print("\n".join(agreement_lines(risks)))

@@ -33,3 +33,11 @@ def test_keys_busy_at_other_times_or_on_other_queries_are_not_paired() -> None:
     assert lockstep_pairs([*bots, elsewhere, other_space, unlike]) == [
         ("bot0000", "bot0001"), ("bot0000", "bot0002"), ("bot0001", "bot0002"),
     ]
+
+
+def test_the_pairs_kept_do_not_depend_on_the_order_keys_are_walked_in() -> None:
+    """Keys in a crowd tie on overlap; which partners each keeps is decided by name, so the
+    engine walking its busy keys in another order links the same pairs."""
+    bots = crowd(60)
+    shuffled = bots[::7] + [b for i, b in enumerate(bots) if i % 7]
+    assert lockstep_pairs(shuffled) == lockstep_pairs(bots) == lockstep_pairs(bots[::-1])

@@ -96,6 +96,20 @@ def test_weak_evidence_that_keeps_coming_adds_up_then_decays() -> None:
     assert state.risk < 0.05 and state.top_reasons() == []
 
 
+def test_steps_of_one_evaluation_add_up_as_that_many_evaluations_at_once() -> None:
+    """An entity evaluated once for several members' evaluations takes a step for each:
+    the same CUSUM, floor and reasons' fading as that many updates at one time."""
+    for signals in ([Signal("x", 0.3, "weak")], [Signal("x", 0.05, "faint")], []):
+        stepped, one_by_one = RiskState(3600.0), RiskState(3600.0)
+        for state in (stepped, one_by_one):
+            state.update([Signal("x", 0.6, "strong")], now=0.0)
+        stepped.update(signals, now=100.0, steps=3)
+        for _ in range(3):
+            one_by_one.update(signals, now=100.0)
+        assert stepped.cusum == pytest.approx(one_by_one.cusum)
+        assert stepped.reasons["x"].score == pytest.approx(one_by_one.reasons["x"].score)
+
+
 def test_overrides_and_the_allow_list_win_over_the_detector() -> None:
     engine = DetectionEngine(DetectionConfig(evaluate_every=10, allow_list=("partner",)))
     engine.overrides = {"thief": "allow", "user": "block"}
@@ -189,6 +203,99 @@ def test_keys_working_in_lockstep_are_linked_without_sharing_a_network() -> None
     assert len({verdicts[f"sybil{i}"].entity for i in range(4)}) == 1
     assert verdicts["sybil0"].entity_members == 4
     assert verdicts["early"].entity_members == verdicts["late"].entity_members == 1
+
+
+def test_keys_idle_for_a_while_are_still_linked_when_they_return_in_lockstep() -> None:
+    """A lockstep pass looks only at keys busy in its last ten minutes; keys dropped from
+    that set while idle must be looked at again once they are busy."""
+    def bots(start: float, spacing: float) -> list[RequestEvent]:
+        sweep = perturbation_sweep("script", 80, seed=7)
+        return [
+            RequestEvent(**{**e.to_dict(), "client": f"sybil{i % 4}", "ip_prefix": f"ip-s{i % 4}",
+                            "fingerprint": f"fp-s{i % 4}", "ts": start + i * spacing})
+            for i, e in enumerate(sweep)
+        ]
+
+    engine = DetectionEngine(CONFIG)
+    # An hour of a few queries now and then (no two keys in the same ten seconds), while
+    # another client's evaluations run the passes that drop them as idle.
+    replay(engine, bots(0.0, 45.0) + natural_vectors("other", 200, seed=3), batch=10)
+    assert engine.verdict("sybil0").entity_members == 1
+    replay(engine, bots(10_000.0, 1.0) + natural_vectors("busy", 200, seed=4, start=9_000.0),
+           batch=10)
+    assert engine.verdict("sybil0").entity_members == 4
+
+
+def test_a_large_entity_is_evaluated_once_per_eight_members_and_flagged_as_soon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """24 keys on one machine sweeping in turn: the pooled view is evaluated at one member
+    evaluation in three, and the entity is flagged at the same query and ends at the same
+    level as when every member evaluation evaluates it."""
+    sweep = perturbation_sweep("script", 480, seed=7)
+    bots = [
+        RequestEvent(**{**e.to_dict(), "client": f"bot{i % 24}", "fingerprint": "one-machine",
+                        "ts": i * 2.0})
+        for i, e in enumerate(sweep)
+    ]
+
+    def run(members_per_step: int) -> tuple[int, int | None, Verdict]:
+        monkeypatch.setattr(engine_module, "ENTITY_MEMBERS_PER_STEP", members_per_step)
+        engine, pooled, flagged = DetectionEngine(CONFIG), 0, None
+        evaluate = engine.signals
+
+        def counting(view: Any) -> list[Signal]:
+            nonlocal pooled
+            pooled += view.state is None  # an entity's view belongs to no one client
+            return evaluate(view)
+
+        engine.signals = counting  # type: ignore[method-assign]
+        for i, event in enumerate(bots):
+            levels = {v.level for v in engine.process([event])}
+            if flagged is None and levels - {"normal"}:
+                flagged = i
+        return pooled, flagged, engine.verdict("bot0")
+
+    (pooled, flagged, verdict), (every, flagged_every, verdict_every) = run(8), run(10**6)
+    assert (pooled, every) == (16, 48)
+    assert flagged == flagged_every is not None
+    assert verdict.entity_members == 24 and verdict.level == verdict_every.level == "block"
+
+
+def test_an_entity_that_lost_a_member_starts_again_with_one_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The steps a large entity was due were earned by the old group: after a cut, its new
+    risk takes one step, however many evaluations the old group had not yet taken."""
+    sweep = perturbation_sweep("script", 480, seed=7)
+    bots = [
+        RequestEvent(**{**e.to_dict(), "client": f"bot{i % 24}", "fingerprint": "one-machine",
+                        "ts": i * 2.0})
+        for i, e in enumerate(sweep)
+    ]
+    engine = DetectionEngine(CONFIG)
+    events = iter(bots)
+    for event in events:  # until the 24-key entity is two member evaluations behind
+        engine.process([event])
+        entity = engine.entities.get(engine.linker.entity_of("bot0"))
+        if entity is not None and len(entity.members) == 24 and entity.due == 2:
+            break
+    taken: list[int] = []
+    update = RiskState.update
+
+    def recording(self: RiskState, signals: list[Signal], now: float, *, steps: int = 1) -> float:
+        if all(self is not r for r in engine.risks.values()):  # an entity's, not a client's
+            taken.append(steps)
+        return update(self, signals, now, steps=steps)
+
+    monkeypatch.setattr(RiskState, "update", recording)
+    assert engine.linker.set_cuts([("bot0", "bot1")])
+    engine.linker.rebuild(bots[-1].ts)
+    for event in events:
+        engine.process([event])
+        if taken:
+            break
+    assert taken == [1]
 
 
 def test_idle_clients_are_forgotten_but_their_risk_is_kept() -> None:

@@ -3,7 +3,9 @@ and never across a pair an operator cut."""
 
 from __future__ import annotations
 
-from modelfence.detect.linking import Linker
+import math
+
+from modelfence.detect.linking import JOIN, Linker
 from modelfence.telemetry.events import RequestEvent
 
 HOUR = 3600.0
@@ -31,6 +33,24 @@ def test_a_shared_network_joins_keys_while_it_is_fresh_and_fades_apart() -> None
     assert (link.other, link.kinds, link.weight) == ("b", ("ip_prefix",), 0.424)
 
 
+def test_a_rebuild_joins_and_forgets_where_the_weights_cross_the_thresholds() -> None:
+    """A rebuild compares last-seen times with the times the weights cross JOIN and a tenth
+    of full weight; a second either side of each crossing decides."""
+    joined_until = HOUR * math.log2(0.6 / JOIN)  # ip_prefix weighs 0.6
+    forgotten_after = HOUR * math.log2(10.0)
+    for now, joined, kept in (
+        (joined_until - 1.0, True, True), (joined_until + 1.0, False, True),
+        (forgotten_after - 1.0, False, True), (forgotten_after + 1.0, False, False),
+    ):
+        linker = Linker(half_life=HOUR)
+        linker.observe(seen("a", ip_prefix="198.51.100.0/24"))
+        linker.observe(seen("b", ip_prefix="198.51.100.0/24"))
+        linker.rebuild(now)
+        assert (linker.weight("ip_prefix", 0.0, now) >= JOIN) is joined
+        assert (linker.members("a") == ("a", "b")) is joined
+        assert bool(linker.links_of("a", now)) is kept
+
+
 def test_account_facts_do_not_fade_and_weak_traits_never_join_alone() -> None:
     linker = Linker(half_life=HOUR)
     for client, account in (("k1", "acct-1"), ("k2", "acct-1"), ("k3", "acct-2"), ("k4", "acct-3")):
@@ -46,6 +66,15 @@ def test_account_facts_do_not_fade_and_weak_traits_never_join_alone() -> None:
     linker.set_traits("acct-3", {"payment": "another-card"})  # the account changed its card
     linker.rebuild(1_000 * HOUR)
     assert linker.members("k3") == ("k3",)
+
+
+def test_a_trait_hub_emptied_by_new_traits_is_dropped_at_the_rebuild() -> None:
+    linker = Linker(half_life=HOUR)
+    linker.observe(seen("k1", account="acct-1"))
+    linker.set_traits("acct-1", {"email_domain": "d"})
+    linker.set_traits("acct-1", {"email_domain": "e"})  # the old domain's hub is empty now
+    linker.rebuild(1.0)
+    assert [key for key in linker._hubs if key.startswith("email_domain:")] == ["email_domain:e"]
 
 
 def test_a_cut_pair_is_never_in_one_entity_even_through_a_third_key() -> None:

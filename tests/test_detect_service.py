@@ -218,3 +218,14 @@ async def test_links_listed_at_a_time_ahead_of_the_clock_are_listed_again(
         published += await detector.handle(events[i : i + 5])
     assert published  # republished as its risk climbed, with its links listed again
     assert len(listed) > before and all(now < early[-1].ts for _, now in listed[before:])
+
+
+def test_a_published_record_has_a_column_for_each_of_its_fields() -> None:
+    """The upsert runs with many rows at once, where a key no column takes is dropped
+    without a word: a new record field needs its column (and a migration) first."""
+    from dataclasses import fields
+
+    from modelfence.detect.state import ClientRecord
+    from modelfence.store.schema import client_risk
+
+    assert {f.name for f in fields(ClientRecord)} == {c.name for c in client_risk.columns}

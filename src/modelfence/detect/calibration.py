@@ -90,7 +90,7 @@ def calibrate(
             value = pick(value, detector.default_threshold)
         thresholds[detector.code] = value
     volume = next(d for d in scorer.detectors if isinstance(d, Volume))
-    return Reference(spaces, thresholds, dict(volume.tier_median))
+    return Reference(spaces, thresholds, dict(volume.tier_median), scorer.embedder.name)
 
 
 def _client_extremes(

@@ -91,6 +91,9 @@ def lockstep_pairs(activities: Iterable[Activity]) -> list[tuple[str, str]]:
     for space, group in by_space.items():
         if len(group) < 2:
             continue
+        # By client: ties among a key's partners (a script's keys often tie at Jaccard 1)
+        # are broken by name, not by the order the engine happened to walk the keys in.
+        group.sort(key=lambda a: a.client)
         signatures = np.vstack([a.signature for a in group])
         busy = _slot_matrix(group)
         sizes = busy.sum(axis=1)

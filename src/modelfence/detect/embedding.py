@@ -23,6 +23,11 @@ DIMENSIONS = 384
 
 
 class Embedder(Protocol):
+    # What ``detection.embedder`` calls it: a reference records the embedder it was
+    # calibrated with, since thresholds placed for one embedder's vectors mean little
+    # for another's.
+    name: str
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors, float32 ``[len(texts), d]``."""
         ...
@@ -36,6 +41,8 @@ class HashingEmbedder:
     >>> bool(v[0] @ v[1] > v[0] @ v[2])
     True
     """
+
+    name = "hashing"
 
     def __init__(self, dimensions: int = DIMENSIONS) -> None:
         self.dimensions = dimensions
@@ -62,6 +69,7 @@ class CachedEmbedder:
 
     def __init__(self, inner: Embedder, size: int = 20_000) -> None:
         self.inner = inner
+        self.name = inner.name
         self.size = size
         self.hits = 0
         self.misses = 0

@@ -10,7 +10,8 @@ mode all call it with batches of :class:`~modelfence.telemetry.events.RequestEve
 
 It embeds prompts in one batch, appends each query to its client's window, links clients
 into entities, and every ``evaluate_every`` new queries of a client runs the detectors on
-the client's window (and on its entity's pooled window), accumulates risk (``risk.py``)
+the client's window (and on its entity's pooled window, at one of every ⌈members / 8⌉ of
+its members' evaluations: ``ENTITY_MEMBERS_PER_STEP``), accumulates risk (``risk.py``)
 and maps it to an action level (``actions.py``). Time is the events' own ``ts``, so replay
 at any speed gives the same verdicts as live traffic.
 """
@@ -28,7 +29,7 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import OVERRIDES, Action, Level, Policy, rank
-from modelfence.detect.coactivity import activity_of, lockstep_pairs
+from modelfence.detect.coactivity import SPAN_SECONDS, activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
@@ -74,6 +75,16 @@ def _texts_of(event: RequestEvent) -> list[str]:
 class _Entity:
     risk: RiskState
     members: tuple[str, ...] = ()
+    due: int = 0  # member evaluations since its pooled view was last evaluated
+
+
+# An entity's pooled view is evaluated at one in this many of its members' evaluations
+# (at every one while it has at most this many members, and at once when its members
+# change), and its risk then takes one step for each: a crowd of a thousand linked keys
+# costs a pooled evaluation (merging the members' windows, every detector on four windows
+# of queries, a verdict for every member) every ~1,250 of its queries instead of every 10,
+# and its risk grows as fast.
+ENTITY_MEMBERS_PER_STEP = 8
 
 
 # A key with this many queries of its own and no evidence against it is judged on its own
@@ -126,6 +137,9 @@ class DetectionEngine:
         self._population_at = float("-inf")
         self._linked_at = float("-inf")
         self._rebuilt_at = float("-inf")
+        # Client -> time of its latest request, for clients that may be busy enough to link
+        # in lockstep (see _link_lockstep): a pass walks these, not every client kept.
+        self._busy: dict[str, float] = {}
         # Called with the client's verdict at every evaluation, inside a batch too: replay
         # measures "queries before the first flag" with it, exactly, whatever the batching.
         self.listener: Callable[[Verdict], None] | None = None
@@ -184,6 +198,7 @@ class DetectionEngine:
             if not last_row:
                 continue
             self.linker.observe(event)
+            self._busy[event.client] = event.ts
             if state.since_evaluation >= self.config.evaluate_every:
                 state.since_evaluation = 0
                 touched |= self._evaluate(event.client, event.ts)
@@ -228,6 +243,8 @@ class DetectionEngine:
         risk.update(self.signals(View(state.queries, state=state)), now)
 
     def _evaluate_entity(self, client: str, now: float) -> list[str]:
+        """Evaluate the client's entity when due (see ``ENTITY_MEMBERS_PER_STEP``); returns
+        its members then, else nothing."""
         members = self.linker.members(client)
         if len(members) < 2:
             return []
@@ -235,11 +252,17 @@ class DetectionEngine:
         state = self.entities.get(entity)
         if state is None:
             state = self.entities[entity] = _Entity(self._new_risk())
-        if not set(state.members) <= set(members):
+        state.due += 1
+        if state.members == members:
+            if state.due < math.ceil(len(members) / ENTITY_MEMBERS_PER_STEP):
+                return []
+        elif not set(state.members) <= set(members):
             # Members left (a link faded or was cut): what the old group earned is not this
-            # group's, least of all the risk copied from a member that is gone.
-            state.risk = self._new_risk()
+            # group's, least of all the risk copied from a member that is gone, nor the
+            # steps it was due (a cut must not raise the rest's risk at once).
+            state.risk, state.due = self._new_risk(), 1
         state.members = members
+        steps, state.due = state.due, 0
         # The newest 4 windows of the members' queries, merged from the newest end: the cost
         # follows the view kept, not the entity's size (a lockstep surge can link hundreds).
         # A member's window is in arrival order, time order but for events that arrive late
@@ -254,7 +277,7 @@ class DetectionEngine:
         signals = [
             s for s in self.signals(view) if s.code not in ("machine_timing", "volume_vs_tier")
         ]
-        state.risk.update(signals, now)
+        state.risk.update(signals, now, steps=steps)
         # One member caught is evidence against the whole entity: its risk is never below
         # its riskiest member's own (which young members then inherit; see _implicated).
         # A member's habits are its own: they are not evidence against the others.
@@ -270,7 +293,9 @@ class DetectionEngine:
             return
         counts: dict[str, list[int]] = {}
         for state in self.clients.values():
-            counts.setdefault(state.tier, []).append(recent_queries(state.queries))
+            if state.burst[0] != state.total:
+                state.burst = (state.total, recent_queries(state.queries))
+            counts.setdefault(state.tier, []).append(state.burst[1])
         # A median of a handful of clients says little about a tier; wait for ten.
         live = {tier: float(statistics.median(c)) for tier, c in counts.items() if len(c) >= 10}
         volume.tier_median = {**live, **(self.reference.tier_medians if self.reference else {})}
@@ -283,7 +308,11 @@ class DetectionEngine:
             del self.clients[client]
 
     def _link_lockstep(self, now: float) -> None:
-        activities = (activity_of(s, now, self.reference) for s in self.clients.values())
+        # activity_of passes over a client whose latest request is older than its span; a
+        # pass's ``now`` only grows (LINK_EVERY_SECONDS), so those are dropped for good.
+        since = now - SPAN_SECONDS
+        self._busy = {c: t for c, t in self._busy.items() if t >= since and c in self.clients}
+        activities = (activity_of(self.clients[c], now, self.reference) for c in self._busy)
         for a, b in lockstep_pairs(act for act in activities if act is not None):
             self.linker.link(a, b, now)
         if now - self._rebuilt_at >= REBUILD_EVERY_SECONDS:

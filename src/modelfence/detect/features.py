@@ -65,6 +65,9 @@ class ClientState:
     # The account was seen past probation (standard or trusted). Sticky: a demotion by
     # detection itself (accounts.demote_at) does not erase the history it had.
     vouched: bool = False
+    # (total, count): the engine's count of this window's recent queries, taken when
+    # ``total`` was that; a population pass recounts only the clients that sent more since.
+    burst: tuple[int, int] = (-1, 0)
 
     def __post_init__(self) -> None:
         self.queries = deque(maxlen=self.window)

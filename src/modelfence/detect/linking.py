@@ -28,6 +28,7 @@ given set of members (its smallest member's hash).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -114,9 +115,6 @@ class _Components:
         if found is None:
             found = self._sorted[root] = tuple(sorted(self._members[root]))
         return found
-
-    def clients(self) -> list[str]:
-        return list(self._parent)
 
 
 class Linker:
@@ -238,12 +236,11 @@ class Linker:
             return {}
         return {c: t for c, t in members.items() if c in self._probation}
 
-    def _joined(self, key: str, kind: str, live: dict[str, float], now: float) -> list[str]:
-        """The members of one hub a rebuild joins: those whose link is still strong."""
-        if WEIGHTS[kind] < JOIN:
-            return []
+    def _joined(self, key: str, kind: str, live: dict[str, float], since: float) -> list[str]:
+        """The members of one hub a rebuild joins: those last seen at ``since`` or later
+        (see :meth:`_since`)."""
         evidence = self._evidence(key, kind, live)
-        return [c for c, t in evidence.items() if self.weight(kind, t, now) >= JOIN]
+        return [c for c, t in evidence.items() if t >= since]
 
     # -- entities --------------------------------------------------------------
 
@@ -253,6 +250,16 @@ class Linker:
         fade: float = 0.5 ** (max(now - last_seen, 0.0) / self.half_life)
         return WEIGHTS[kind] * fade
 
+    def _since(self, kind: str, weight: float, now: float) -> float:
+        """The oldest last-seen time at which ``kind``'s evidence still weighs ``weight`` at
+        ``now`` (-inf when it never fades, +inf when it never weighs that much): a rebuild
+        compares every member's time with it instead of computing every member's weight."""
+        if WEIGHTS[kind] < weight:
+            return math.inf
+        if kind not in FADING:
+            return -math.inf
+        return now - self.half_life * math.log2(WEIGHTS[kind] / weight)
+
     def rebuild(self, now: float) -> None:
         """Entities anew from the evidence kept at ``now``: faded links drop, cuts apply.
 
@@ -261,33 +268,38 @@ class Linker:
         """
         self._now = max(self._now, now)
         components = _Components(self._cuts)
+        kept = {kind: self._since(kind, 0.1 * weight, now) for kind, weight in WEIGHTS.items()}
+        joins = {kind: self._since(kind, JOIN, now) for kind in WEIGHTS}
         for key, members in list(self._hubs.items()):
             kind = key.partition(":")[0]
-            floor = 0.1 * WEIGHTS[kind]
-            live = {c: t for c, t in members.items() if self.weight(kind, t, now) >= floor}
-            for client in members.keys() - live.keys():
-                self._hubs_of[client].discard(key)
-            if not live:
+            live = {c: t for c, t in members.items() if t >= kept[kind]}
+            if not live:  # faded, or emptied by set_traits
+                for client in members:
+                    self._hubs_of[client].discard(key)
                 del self._hubs[key]
                 self._frame_users.pop(key, None)
                 continue
-            self._hubs[key] = live
-            joined = self._joined(key, kind, live, now)
+            if len(live) < len(members):
+                for client in members.keys() - live.keys():
+                    self._hubs_of[client].discard(key)
+                self._hubs[key] = live
+            if len(live) < 2 or joins[kind] == math.inf:  # nothing here to join
+                continue
+            joined = self._joined(key, kind, live, joins[kind])
             for client in joined:
                 components.union(joined[0], client)
         for pair, last in list(self._pairs.items()):
-            current = self.weight("lockstep", last, now)
-            if current < 0.1 * WEIGHTS["lockstep"]:
+            if last < kept["lockstep"]:
                 del self._pairs[pair]
                 for one, other in (pair, pair[::-1]):
                     partners = self._partners[one]
                     partners.discard(other)
                     if not partners:
                         del self._partners[one]
-            elif current >= JOIN:
+            elif last >= joins["lockstep"]:
                 components.union(*pair)
-        for client in self._components.clients():  # clients seen keep a component
-            components.find(client)
+        # Clients without a link are not carried over: find() makes anyone's singleton
+        # when asked, so the components hold the linked clients, not everyone ever seen.
         self._components = components
 
     def on_probation(self, client: str) -> bool:

@@ -81,16 +81,18 @@ def build_engine(config: Config) -> DetectionEngine:
 
     from modelfence.detect.embedding import load_embedder
     from modelfence.detect.engine import DetectionEngine
-    from modelfence.detect.reference import Reference
+    from modelfence.detect.reference import Reference, check_embedder
 
     # One BLAS thread: the detector's matrices are small, and a multi-threaded BLAS on a
     # machine busy with the gateway spends most of its time waiting (8× slower, measured).
     threadpool_limits(1)
     detection = config.detection
-    reference = Reference.load(detection.reference_file) if detection.reference_file else None
-    return DetectionEngine(
-        detection, embedder=load_embedder(detection.embedder), reference=reference
-    )
+    embedder = load_embedder(detection.embedder)
+    reference = None
+    if detection.reference_file:
+        reference = Reference.load(detection.reference_file)
+        check_embedder(reference, embedder.name, detection.reference_file)
+    return DetectionEngine(detection, embedder=embedder, reference=reference)
 
 
 async def run_service(

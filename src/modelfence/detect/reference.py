@@ -9,10 +9,13 @@ within (the out-of-distribution radius). Calibrated thresholds ride along in the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +44,13 @@ class Reference:
     # Tier -> the benign median of the volume statistic. Preferred over the live
     # population's median, which a large enough botnet could drag along.
     tier_medians: dict[str, float] = field(default_factory=dict)
+    # The embedder (``detection.embedder``) whose vectors the text space and thresholds
+    # were fitted to; None in references made before it was kept.
+    embedder: str | None = None
 
     def save(self, path: str | Path) -> None:
+        """Write the ``.npz``. With ``embedder`` set it holds ``meta/embedder``, which
+        releases before it was kept cannot load (they read every other prefix as a space)."""
         arrays: dict[str, np.ndarray] = {}
         for name, ref in self.spaces.items():
             arrays[f"{name}/sample"] = ref.sample
@@ -54,6 +62,8 @@ class Reference:
             arrays[f"threshold/{code}"] = np.array([value])
         for tier, value in self.tier_medians.items():
             arrays[f"tier_median/{tier}"] = np.array([value])
+        if self.embedder is not None:
+            arrays["meta/embedder"] = np.array(self.embedder)
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
 
@@ -63,7 +73,7 @@ class Reference:
             names = {
                 key.split("/")[0]
                 for key in data.files
-                if not key.startswith(("threshold/", "tier_median/"))
+                if not key.startswith(("threshold/", "tier_median/", "meta/"))
             }
             spaces = {
                 name: SpaceReference(
@@ -89,7 +99,27 @@ class Reference:
                 for key in data.files
                 if key.startswith("tier_median/")
             }
-        return cls(spaces, thresholds, medians)
+            embedder = str(data["meta/embedder"]) if "meta/embedder" in data.files else None
+        return cls(spaces, thresholds, medians, embedder)
+
+
+def check_embedder(reference: Reference, embedder: str, path: str) -> None:
+    """Refuse a reference calibrated with another embedder than the detector's: its text
+    space and thresholds were placed for other vectors, so it would flag or miss clients
+    silently. A reference that does not say (made before it was kept) is taken, warned of."""
+    if reference.embedder is None:
+        log.warning(
+            "detection.reference_file %s does not record the embedder it was calibrated with "
+            "(made by an earlier release): detection.embedder (%s here) must be that one",
+            path, embedder,
+        )
+    elif reference.embedder != embedder:
+        raise ValueError(
+            f"detection.reference_file: {path} was calibrated with embedder "
+            f"{reference.embedder!r}, but detection.embedder gives {embedder!r}; set "
+            f"detection.embedder: {reference.embedder}, or calibrate again with this "
+            "config (modelfence calibrate --config ...)"
+        )
 
 
 def nearest(vectors: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -58,19 +58,20 @@ class RiskState:
         """The risk the evidence outside ``lens``'s left-out codes adds up to."""
         return 1.0 - math.exp(-self.partial.get(lens, 0.0))
 
-    def update(self, signals: list[Signal], now: float) -> float:
-        """Add one evaluation's signals at time ``now``; return the new risk."""
+    def update(self, signals: list[Signal], now: float, *, steps: int = 1) -> float:
+        """Add one evaluation's signals at time ``now`` (``steps`` evaluations' worth: a
+        view evaluated once for several that saw the same evidence); return the new risk."""
         if self.last_ts is not None and now > self.last_ts:
             factor = 0.5 ** ((now - self.last_ts) / self.half_life_seconds)
             self.cusum *= factor
             self.partial = {lens: part * factor for lens, part in self.partial.items()}
             self._fade(factor)
         self.last_ts = now
-        self.cusum = _accumulate(self.cusum, signals)
+        self.cusum = _accumulate(self.cusum, signals, steps)
         for lens, left_out in self.without.items():
             kept = [s for s in signals if s.code not in left_out]
-            self.partial[lens] = _accumulate(self.partial.get(lens, 0.0), kept)
-        self._fade(0.9)
+            self.partial[lens] = _accumulate(self.partial.get(lens, 0.0), kept, steps)
+        self._fade(0.9**steps)
         for s in signals:
             before = self.reasons.get(s.code)
             since = before.since if before is not None and before.since is not None else now
@@ -106,7 +107,8 @@ class RiskState:
         return sorted(self.reasons.values(), key=lambda r: -r.score)[:MAX_REASONS]
 
 
-def _accumulate(cusum: float, signals: list[Signal]) -> float:
-    """One CUSUM step: the signals' noisy-or evidence, less the drift, floored at 0."""
+def _accumulate(cusum: float, signals: list[Signal], steps: int = 1) -> float:
+    """``steps`` CUSUM steps: each adds the signals' noisy-or evidence less the drift,
+    floored at 0 (so the same evidence ``steps`` times is one step of ``steps`` times it)."""
     evidence = 1.0 - math.prod(1.0 - s.score for s in signals)
-    return max(0.0, cusum + evidence - DRIFT)
+    return max(0.0, cusum + steps * (evidence - DRIFT))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +24,7 @@ from modelfence.detect.feeds import EventFeed
 from modelfence.detect.metrics import DetectorMetrics
 from modelfence.detect.published import OperatorViews
 from modelfence.detect.risk import Reason
-from modelfence.detect.state import ClientRecord, RedisState, SqlState, known
+from modelfence.detect.state import ClientRecord, RedisState, SqlState, field_values, known
 from modelfence.periodic import Done, Periodic, Sleep
 from modelfence.telemetry.events import RequestEvent
 
@@ -57,7 +56,7 @@ def record_of(
         risk=round(verdict.risk, 4),
         level=verdict.level,
         quota_share=verdict.action.quota_share,
-        reasons=[asdict(r) for r in verdict.reasons],
+        reasons=[field_values(r) for r in verdict.reasons],
         queries=verdict.queries,
         shadow=shadow,
         updated_at=datetime.now(UTC),
@@ -110,7 +109,7 @@ class DetectorService:
         ):
             return before.links
         self._links_at[verdict.client] = verdict.ts
-        return [asdict(link) for link in self.engine.linker.links_of(verdict.client, verdict.ts)]
+        return [field_values(link) for link in self.engine.linker.links_of(verdict.client, verdict.ts)]
 
     async def handle(self, events: Sequence[RequestEvent]) -> list[ClientRecord]:
         """Process one batch; returns the records that changed and were published."""

@@ -217,11 +217,13 @@ class TextEmbedder:
         *,
         batch_size: int = 64,
         batch_tokens: int = BATCH_TOKENS,
+        name: str = "minilm",
     ) -> None:
         if batch_size < 1 or batch_tokens < 1:
             raise ValueError(
                 f"batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}"
             )
+        self.name = name  # as ``detection.embedder`` names it: minilm, or minilm-int8
         self._session = session
         self._tokenizer = tokenizer
         self._batch_size = batch_size
@@ -261,7 +263,10 @@ class TextEmbedder:
         tokenizer = BertWordPieceTokenizer(str(vocab_path or VOCAB_PATH), lowercase=True)
         tokenizer.enable_truncation(max_length=MAX_LENGTH)
         tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        return cls(session, tokenizer, batch_size=batch_size, batch_tokens=batch_tokens)
+        return cls(
+            session, tokenizer, batch_size=batch_size, batch_tokens=batch_tokens,
+            name="minilm-int8" if quantized else "minilm",
+        )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, float32 ``[len(texts), 384]``, in input order."""

@@ -24,8 +24,12 @@ MIN_BURST = 10  # fewer queries than this in ten minutes is never "volume"
 
 
 def recent_queries(queries: Sequence[Query] | Iterable[Query], seconds: float = BURST_SECONDS) -> int:
-    """How many of ``queries`` (oldest first) fall in the ``seconds`` up to the latest."""
-    ordered = list(queries)
+    """How many of ``queries`` (oldest first) fall in the ``seconds`` up to the latest.
+
+    A sequence (a client's window is a deque) is read from its newest end without a copy:
+    the engine counts every client's window each population pass.
+    """
+    ordered = queries if isinstance(queries, Sequence) else list(queries)
     if not ordered:
         return 0
     start = ordered[-1].event.ts - seconds
