@@ -35,6 +35,7 @@ import yaml
 from modelfence.cli import app
 from modelfence.config import ENV_OVERRIDES, Config, parse_config
 from modelfence.errors import ConfigError
+from modelfence.models.cache import CACHE_DIR_ENV
 from modelfence.testing.processes import ServiceProcess, free_port, http_json, modelfence_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,8 +360,22 @@ def test_detector_workers_cover_every_index_once() -> None:
         assert parsed["command"] == "detect" and parsed["workers"] == replicas
         seen.add(parsed["worker"])
     assert seen == set(range(replicas))
-    assert set(env) - {"MODELFENCE_DETECT_WORKER", "MODELFENCE_DETECT_WORKERS"} <= set(ENV_OVERRIDES)
+    worker_env = {"MODELFENCE_DETECT_WORKER", "MODELFENCE_DETECT_WORKERS", CACHE_DIR_ENV}
+    assert set(env) - worker_env <= set(ENV_OVERRIDES)
     assert "MODELFENCE_ADMIN_TOKEN" not in env and "MODELFENCE_SECRET" not in env
+
+
+def test_detector_workers_have_room_to_build_the_int8_embedder() -> None:
+    """minilm-int8 is built on first use: ~180 MB of scratch in /tmp and as much in the
+    cache while it builds; a pod over an emptyDir's sizeLimit is evicted."""
+    statefulset = resource("StatefulSet", "modelfence-detect")
+    c = container(statefulset)
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    cache_dir = env_of(c)[CACHE_DIR_ENV]["value"]
+    mib = {"256Mi": 256, "512Mi": 512}
+    assert mib[volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]] >= 256
+    assert mib[volumes[mounts[cache_dir]]["emptyDir"]["sizeLimit"]] >= 512
 
 
 def test_every_secret_reference_names_a_key_of_the_template() -> None:
