@@ -373,9 +373,14 @@ def test_detector_workers_have_room_to_build_the_int8_embedder() -> None:
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
     cache_dir = env_of(c)[CACHE_DIR_ENV]["value"]
-    mib = {"256Mi": 256, "512Mi": 512}
-    assert mib[volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]] >= 256
-    assert mib[volumes[mounts[cache_dir]]["emptyDir"]["sizeLimit"]] >= 512
+
+    def mebibytes(volume: str) -> int:
+        limit: str = volumes[volume]["emptyDir"]["sizeLimit"]
+        return int(limit.removesuffix("Gi")) * 1024 if limit.endswith("Gi") else int(
+            limit.removesuffix("Mi"))
+
+    assert mebibytes(mounts["/tmp"]) >= 256
+    assert mebibytes(mounts[cache_dir]) >= 512
 
 
 def test_every_secret_reference_names_a_key_of_the_template() -> None:

@@ -117,8 +117,7 @@ class StateReader(Protocol):
 
 def _upsert(conn_dialect: str) -> Any:
     """One row's upsert, executed with a list of rows: compiled once for any number of rows
-    (a statement with the rows as VALUES is compiled again for each new count, a third of a
-    second for a thousand)."""
+    (a statement with the rows as VALUES is compiled again for each new row count)."""
     insert = postgresql.insert if conn_dialect == "postgresql" else sqlite.insert
     stmt = insert(client_risk)
     return stmt.on_conflict_do_update(
