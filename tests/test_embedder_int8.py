@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from modelfence.config import Config, parse_config
 from modelfence.detect.embedding import CachedEmbedder, load_embedder
 from modelfence.errors import ConfigError
 from modelfence.models.embedder import (
+    LOCK_NAME,
     STAGING_PREFIX,
     TextEmbedder,
     _prune,
@@ -51,7 +53,8 @@ def test_the_int8_copy_is_built_once_and_named_by_its_source(cache: Path, tmp_pa
     written = built.stat().st_mtime_ns
     assert quantized_model(cache_dir=cache) == built and built.stat().st_mtime_ns == written
     kept = sorted(p.name for p in built.parent.iterdir())
-    assert kept == [built.name, built.with_suffix(".sha256").name]  # no staging left over
+    # No staging left over; the empty lock file stays.
+    assert kept == [LOCK_NAME, built.name, built.with_suffix(".sha256").name]
     # The same model reinstalled (another file time) is the same copy; another model is not.
     source = tmp_path / "model.onnx"
     shutil.copyfile(find_model(), source)
@@ -185,6 +188,40 @@ def test_a_tmp_directory_not_private_to_the_user_is_refused(
     blocked.write_text("")
     with pytest.raises(PermissionError, match="not a directory private to this user"):
         quantized_model(cache_dir=blocked)
+
+
+def test_workers_starting_together_build_the_copy_once(tmp_path: Path) -> None:
+    # Real processes on one empty cache, as the workers of a pod that has just started.
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+        "from pathlib import Path; from modelfence.models.embedder import quantized_model; "
+        f"print(quantized_model(cache_dir=Path({str(tmp_path)!r})))"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+    assert sum("built the int8 MiniLM" in out for out in outputs) == 1, outputs
+    assert len({out.strip().splitlines()[-1] for out in outputs}) == 1  # one copy for all
+    assert not [p for p in (tmp_path / "minilm").iterdir() if p.name.startswith(STAGING_PREFIX)]
+
+
+def test_a_tmp_that_lets_others_swap_directories_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable without the sticky bit /tmp has
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with pytest.raises(PermissionError, match="no sticky bit"):
+        quantized_model(cache_dir=blocked)
+    assert not any(shared.iterdir())  # nothing was made there
+    shared.chmod(0o1777)  # with it, as on /tmp, the private directory is used
+    assert quantized_model(cache_dir=blocked).parent == shared / f"modelfence-{os.getuid()}" / "minilm"
 
 
 def test_detection_config_names_the_int8_embedder(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

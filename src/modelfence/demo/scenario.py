@@ -41,7 +41,15 @@ from modelfence.watermark.channel import MARK_SECRET_ENV
 from modelfence.watermark.keys import WatermarkKeyring
 
 CHAT_MODEL = "smollm2-135m-instruct"
-LEAK_TOKENS = 200  # a leaked answer of this length names its client (docs/WATERMARK.md)
+LEAK_TOKENS = 200  # the most each kept answer may run to
+# What carol keeps and later leaks, posted together. One story can end after some 60 tokens,
+# too few to name a client every time (docs/WATERMARK.md); three answers together name her
+# at a p-value far below the threshold however any one of them ends.
+LEAKED_PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a short story about a baker who wakes up able to hear what bread is thinking.",
+    "Describe, step by step, how a small town prepares for its first winter festival.",
+)
 EMBED_MODEL = "minilm-l6-v2"
 CLASSIFIER = "digits"
 HYDRA_ACCOUNTS = 24
@@ -257,9 +265,8 @@ ACTORS: list[Actor] = [
         classify(0, 16),
         classify(16, 16),
     ], address="198.51.100.77"),
-    Actor("carol", "default", "keeps a long answer", [
-        keep_answer("Write a short story about a lighthouse keeper who finds a message in a bottle."),
-    ], address="198.51.100.23"),
+    Actor("carol", "default", "keeps long answers", [keep_answer(q) for q in LEAKED_PROMPTS],
+          address="198.51.100.23"),
     # Every digit as it is and twice with pixel noise: the noisy copies lie off the model's
     # real inputs, so their labels carry the copycat's region mark, and a copy trained on
     # them learns it even when its training stops early. (With one noisy copy, some key
@@ -502,18 +509,20 @@ def _copy_classifier(stolen: Sequence[tuple[np.ndarray, np.ndarray]]) -> Any:
 
 
 def _trace(gateway: GatewayProcess, sessions: dict[str, Session]) -> tuple[Table, dict[str, str | None]]:
-    """Forensics: which account took the answer that leaked and the classifier that was copied."""
+    """Forensics: which account took the answers that leaked and the classifier that was copied."""
     from modelfence.redteam.suspects import classifier_server
 
-    table = Table(title="forensics: where did the leaked answer and the copied model come from?")
+    table = Table(title="forensics: where did the leaked answers and the copied model come from?")
     for column in ("evidence", "traced to", "p-value", "how"):
         table.add_column(column)
     named: dict[str, str | None] = {}
-    for text in sessions["carol"].kept_text[:1]:
-        status, verdict = http_json("POST", gateway.url + "/admin/v1/verify/text", {"text": text},
+    leaked = sessions["carol"].kept_text
+    if leaked:
+        status, verdict = http_json("POST", gateway.url + "/admin/v1/verify/text",
+                                    {"text": "\n\n".join(leaked)},
                                     token=gateway.admin_token, timeout=300)
         named["leak"] = verdict.get("client") if status == 200 else None
-        table.add_row("an answer posted online", named["leak"] or "nobody",
+        table.add_row(f"{len(leaked)} answers posted online", named["leak"] or "nobody",
                       f"{verdict.get('p_value', 1.0):.1e}",
                       f"text mark, {verdict.get('tokens_scored', 0)} token pairs")
     stolen = sessions["copycat"].kept_labels

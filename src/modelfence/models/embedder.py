@@ -19,6 +19,7 @@ uncased WordPiece vocabulary ships with ModelFence in ``models/assets/minilm-voc
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -49,6 +50,7 @@ BATCH_TOKENS = 256
 # Bump when quantized_model() converts differently, so cached copies are built again.
 QUANTIZED_FORMAT = 1
 STAGING_PREFIX = ".minilm-int8-"
+LOCK_NAME = ".build.lock"  # held while a copy is built; stays, empty
 PRUNE_DAYS = 30  # a copy no process has loaded for this long is removed by the next build
 
 
@@ -127,23 +129,36 @@ def _cached_copy(source: Path, root: Path) -> Path:
     identity = f"{QUANTIZED_FORMAT}:{_sha256(source)}:{ort.__version__}"
     name = f"{MODEL_NAME}-dynamic-int8-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     target, checksum = root / f"{name}.onnx", root / f"{name}.sha256"
+    if _verified(target, checksum):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Workers starting together on one cache build it once: the others wait for the lock
+    # (a few seconds) and find the copy, where each would have spent the CPU and ~360 MB.
+    with open(root / LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _verified(target, checksum):
+            return target
+        with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root) as tmp:
+            built = _quantize(source, Path(tmp))
+            digest = _sha256(built)
+            with open(built, "rb+") as fh:  # on disk before it has its name: a crash leaves
+                os.fsync(fh.fileno())  # the old copy or the new one, never a cut one
+            os.replace(built, target)
+            (Path(tmp) / "sum").write_text(digest)
+            os.replace(Path(tmp) / "sum", checksum)
+        _prune(root, keep=name)
+    logger.info("built the int8 MiniLM in %s", target)
+    return target
+
+
+def _verified(target: Path, checksum: Path) -> bool:
+    """Whether ``target`` is whole (its checksum file says so); marks it as used if it is."""
     with contextlib.suppress(OSError, ValueError):  # missing, unreadable, not text
         if checksum.read_text().strip() == _sha256(target):
             with contextlib.suppress(OSError):  # in use: _prune keeps it
                 os.utime(checksum)
-            return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root) as tmp:
-        built = _quantize(source, Path(tmp))
-        digest = _sha256(built)
-        with open(built, "rb+") as fh:  # on disk before it has its name: a crash leaves
-            os.fsync(fh.fileno())  # the old copy or the new one, never a cut one
-        os.replace(built, target)  # another process may have won: same bytes either way
-        (Path(tmp) / "sum").write_text(digest)
-        os.replace(Path(tmp) / "sum", checksum)
-    _prune(root, keep=name)
-    logger.info("built the int8 MiniLM in %s", target)
-    return target
+            return True
+    return False
 
 
 def _quantize(source: Path, workdir: Path) -> Path:
@@ -186,7 +201,17 @@ def _sha256(path: Path) -> str:
 def _private_tmp() -> Path:
     """``/tmp/modelfence-<uid>``, this user's and no one else's: a model file loaded from a
     directory someone else could write would run what they put there."""
-    path = Path(tempfile.gettempdir()) / f"modelfence-{os.getuid()}"
+    parent = Path(tempfile.gettempdir())
+    mode = parent.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        # Without the sticky bit anyone who can write there can rename our directory away
+        # and put theirs in its place between the check below and the model's loading.
+        raise PermissionError(
+            f"{parent} lets others rename or remove what is in it (group or world writable, "
+            "no sticky bit): set TMPDIR to a directory that does not, or MODELFENCE_CACHE_DIR "
+            "to a writable one"
+        )
+    path = parent / f"modelfence-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     info = path.lstat()  # a symlink is not followed: it is refused
