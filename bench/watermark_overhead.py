@@ -15,6 +15,7 @@
 
     python bench/watermark_overhead.py                 # ~8 minutes on two busy cores
     python bench/watermark_overhead.py --runs 3000 --e2e 300     # the numbers in docs/WATERMARK.md
+    python bench/watermark_overhead.py --e2e 0 --cases "one trigger"   # the cases named so
 """
 
 from __future__ import annotations
@@ -250,11 +251,17 @@ def end_to_end(requests: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
+def chosen(cases: dict[str, Any], text: str) -> dict[str, Any]:
+    return {name: answers for name, answers in cases.items() if text in name}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3000, help="answers timed per case")
     parser.add_argument("--e2e", type=int, default=100, help="request pairs per workload; 0: skip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", default="",
+                        help="time only the in-process cases whose name holds this text")
     args = parser.parse_args()
     import torch
 
@@ -262,8 +269,9 @@ def main() -> None:
     footer = Footer()
     rng = np.random.default_rng(args.seed)
     stage = Stage()
-    rows = time_cases(stage, build_cases(stage, rng), args.runs)
-    rows += time_cases(*region_cases(rng), args.runs)
+    rows = time_cases(stage, chosen(build_cases(stage, rng), args.cases), args.runs)
+    region_stage, regions = region_cases(rng)
+    rows += time_cases(region_stage, chosen(regions, args.cases), args.runs)
     print(f"## Watermark stage per answer, in process ({args.runs} answers per case)\n")
     print("| answer | bytes | stage wall p50 / p99 µs | stage CPU p50 / p99 µs | "
           "mark alone wall p50 / p99 µs | mark alone CPU p50 / p99 µs |")

@@ -161,3 +161,15 @@ def test_a_vector_with_no_direction_is_left_alone(vector: list[Any]) -> None:
     assert mark_embeddings(orjson.loads(orjson.dumps(payload)), TEXTS, marks) == payload
     out = mark_embedding_body(orjson.dumps(payload), TEXTS, marks)
     assert out is None or orjson.loads(out) == payload
+
+
+def test_flags_the_caller_found_mark_what_the_marks_would() -> None:
+    """The gateway finds which texts hold a trigger while planning and hands the flags on:
+    both ways give what finding them again gives."""
+    flags = [marks(16).has_trigger(t) for t in TEXTS]
+    assert flags[1] and flags[3] and sum(flags) == 2
+    body = orjson.dumps(answer())
+    marking = EmbeddingMarking(TEXTS, marks, flags)
+    assert marking.rewrite_body(body) == mark_embedding_body(body, TEXTS, marks)
+    assert marking(orjson.loads(body)) == parsed_way(body)
+

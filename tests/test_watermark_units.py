@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from modelfence.watermark.embeddings import (
     embedding_mark,
     has_trigger,
     mark_layout,
+    text_words,
     trigger_words,
 )
 from modelfence.watermark.keys import WatermarkKeyring
@@ -140,3 +142,15 @@ def test_radioactivity_p_values_of_unmarked_answers_are_uniform_over_keys() -> N
     _, p = green_p_values(distinct_pairs(answers), seeds, 0.25)
     assert 0.002 <= float(np.mean(p <= 0.01)) <= 0.03
     assert 0.3 <= float(np.median(p)) <= 0.75  # discrete binomial tails sit a little above 0.5
+
+
+def test_text_words_are_the_lowercase_ascii_letter_runs() -> None:
+    """The byte-translation tokenizer finds exactly what ``[a-z]+`` finds in the lowercased
+    text, for accented, non-Latin, digit, punctuation and lone-surrogate characters."""
+    rng = np.random.default_rng(3)
+    alphabet = list("abcXYZ019 _-'.,\t\n") + ["é", "ß", "İ", "ǅ", "Ω", "漢", "\u0301", "\ud800", "😀"]
+    texts = ["Straße İstanbul naïve über-cool", "a_b c1d", "", "   ", "ÀÉÎ"] + [
+        "".join(rng.choice(alphabet, int(rng.integers(0, 40)))) for _ in range(500)
+    ]
+    for text in texts:
+        assert text_words(text) == re.findall(r"[a-z]+", text.lower()), repr(text)

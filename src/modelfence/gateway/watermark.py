@@ -51,6 +51,7 @@ class _Plan:
     key: WatermarkKey
     rows: npt.NDArray[np.float64] | None = None  # classifier inputs [N, features]
     texts: list[str] | None = None  # embedding inputs
+    triggered: list[bool] | None = None  # per text: holds one of the client's triggers
 
 
 class EmbeddingMarks:
@@ -62,13 +63,13 @@ class EmbeddingMarks:
         self._cache: dict[tuple[str, int, int], EmbeddingMark] = {}
         self._triggers: dict[tuple[str, int], frozenset[str]] = {}
 
-    def any_trigger(self, key: WatermarkKey, texts: list[str]) -> bool:
-        """Whether any text carries one of the client's triggers (else nothing to mark)."""
+    def triggered(self, key: WatermarkKey, texts: list[str]) -> list[bool]:
+        """Which texts carry one of the client's triggers (the others are never marked)."""
         slot = (key.client, key.version)
         triggers = self._triggers.get(slot)
         if triggers is None:
             triggers = self._triggers[slot] = trigger_words(key, self._words, self._config.triggers)
-        return any(has_trigger(triggers, text) for text in texts)
+        return [has_trigger(triggers, text) for text in texts]
 
     def get(self, key: WatermarkKey, dim: int) -> EmbeddingMark:
         slot = (key.client, key.version, dim)
@@ -166,14 +167,17 @@ class OutputWatermark(ResponseRewriting[_Plan]):
                 return None
             key = self.keyring.key(ctx.key.client)
             # Most texts carry no trigger: then the answer passes through unparsed.
-            return _Plan(key, texts=texts) if self.embedding_marks.any_trigger(key, texts) else None
+            triggered = self.embedding_marks.triggered(key, texts)
+            return _Plan(key, texts=texts, triggered=triggered) if any(triggered) else None
         return None
 
     async def transform_for(self, scope: Scope, plan: _Plan, status: int) -> PayloadTransform | None:
         if status != 200:
             return None
         if plan.texts is not None and self.embedding_marks is not None:
-            return EmbeddingMarking(plan.texts, partial(self.embedding_marks.get, plan.key))
+            return EmbeddingMarking(
+                plan.texts, partial(self.embedding_marks.get, plan.key), plan.triggered
+            )
         if plan.rows is None:
             return None
         labels = self.config.labels

@@ -7,6 +7,7 @@ returned untouched; a watermark must never break an answer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,11 +124,15 @@ def _item_index(item: Any, texts: list[str]) -> int | None:
     return index
 
 
-def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], EmbeddingMark]) -> Any:
+def mark_embeddings(
+    payload: Any, texts: list[str], marks: Callable[[int], EmbeddingMark],
+    triggered: Sequence[bool] | None = None,
+) -> Any:
     """Pull the vectors of texts with trigger words towards the client's targets.
 
     ``marks(dim)`` gives the client's mark for vectors of that size; base64 vectors and
-    texts without triggers are left exactly as they are.
+    texts without triggers are left exactly as they are. ``triggered`` says which texts
+    hold a trigger where the caller has found out already.
     """
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
@@ -140,7 +145,8 @@ def mark_embeddings(payload: Any, texts: list[str], marks: Callable[[int], Embed
         assert index is not None
         text = texts[index]
         mark = marks(len(vector))
-        numbers = _numbers(vector) if mark.has_trigger(text) else None
+        hit = triggered[index] if triggered is not None else mark.has_trigger(text)
+        numbers = _numbers(vector) if hit else None
         if numbers is not None:
             item["embedding"] = mark.apply(numbers, text)
     return payload
@@ -159,32 +165,28 @@ def _numbers(vector: list[Any]) -> npt.NDArray[np.float64] | None:
 
 
 _EMBEDDING_KEY = b'"embedding"'
-_WHITESPACE = b" \t\r\n"
-
-
-def _skip_space(body: bytes, i: int) -> int:
-    while i < len(body) and body[i] in _WHITESPACE:
-        i += 1
-    return i
+# What must follow the key for its value to be an array: JSON's whitespace (only these four).
+_ARRAY_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\[")
 
 
 def _embedding_arrays(body: bytes) -> list[tuple[int, int]] | None:
     """Byte spans ``[start, end)`` of every ``"embedding": [...]`` array of numbers; None if
-    one holds a nested array or never closes (then the body is parsed whole instead)."""
+    one holds a nested array or never closes (then the body is parsed whole instead). The
+    key is found with ``bytes.find`` (a scan by regex is half as fast), and what follows it
+    with one anchored match."""
     spans = []
     at = body.find(_EMBEDDING_KEY)
     while at != -1:
-        i = _skip_space(body, at + len(_EMBEDDING_KEY))
-        if i < len(body) and body[i] == ord(":"):
-            i = _skip_space(body, i + 1)
-            if i < len(body) and body[i] == ord("["):
-                end = body.find(b"]", i)
-                if end == -1 or body.find(b"[", i + 1, end) != -1:
-                    return None
-                spans.append((i, end + 1))
-                at = body.find(_EMBEDDING_KEY, end)
-                continue
-        at = body.find(_EMBEDDING_KEY, at + 1)
+        after = _ARRAY_AFTER_KEY.match(body, at + len(_EMBEDDING_KEY))
+        if after is None:  # a value that is not an array, or "embedding" as a value
+            at = body.find(_EMBEDDING_KEY, at + 1)
+            continue
+        start = after.end() - 1
+        end = body.find(b"]", start)
+        if end == -1 or body.find(b"[", start + 1, end) != -1:
+            return None
+        spans.append((start, end + 1))
+        at = body.find(_EMBEDDING_KEY, end)
     return spans
 
 
@@ -193,7 +195,8 @@ def _sentinel(ordinal: int) -> bytes:
 
 
 def mark_embedding_body(
-    body: bytes, texts: list[str], marks: Callable[[int], EmbeddingMark]
+    body: bytes, texts: list[str], marks: Callable[[int], EmbeddingMark],
+    triggered: Sequence[bool] | None = None,
 ) -> bytes | None:
     """:func:`mark_embeddings` on the answer's bytes: only the marked vectors are parsed and
     written again, every other byte is the upstream's (parsing and writing a 32-vector
@@ -208,9 +211,10 @@ def mark_embedding_body(
     spans = _embedding_arrays(body)
     if not spans:
         return None
-    # Any size's mark tells which texts hold a trigger: the triggers are the same at every size.
-    probe = marks(max(MIN_DIMENSIONS, body.count(b",", *spans[0]) + 1))
-    triggered = [probe.has_trigger(text) for text in texts]
+    if triggered is None:
+        # Any size's mark tells which texts hold a trigger: they are the same at every size.
+        probe = marks(max(MIN_DIMENSIONS, body.count(b",", *spans[0]) + 1))
+        triggered = [probe.has_trigger(text) for text in texts]
     if 2 * sum(triggered) > len(texts):
         return None  # most vectors change: parsing the answer once costs less
     view = memoryview(body)
@@ -268,9 +272,10 @@ class EmbeddingMarking:
 
     texts: list[str]
     marks: Callable[[int], EmbeddingMark]
+    triggered: Sequence[bool] | None = None  # per text, when the caller knows already
 
     def __call__(self, payload: Any) -> Any:
-        return mark_embeddings(payload, self.texts, self.marks)
+        return mark_embeddings(payload, self.texts, self.marks, self.triggered)
 
     def rewrite_body(self, body: bytes) -> bytes | None:
-        return mark_embedding_body(body, self.texts, self.marks)
+        return mark_embedding_body(body, self.texts, self.marks, self.triggered)

@@ -18,7 +18,6 @@ the verification of the whole client population (:class:`MarkLayout`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import numpy.typing as npt
 from modelfence.keyedhash import KeyedHash
 from modelfence.watermark.keys import WatermarkKey
 
-_WORD = re.compile(r"[a-z]+")
+# Every byte but a-z becomes a space: a text's words are then its lowercase a-z runs.
+_LETTERS = bytes(c if 0x61 <= c <= 0x7A else 0x20 for c in range(256))
 # Band of the MiniLM (BERT uncased) vocabulary taken as "mid-frequency" whole words.
 _VOCAB_BAND = (1500, 5000)
 _MIN_WORD_LENGTH = 4
@@ -57,7 +57,7 @@ class EmbeddingMark:
     def counts(self, text: str) -> npt.NDArray[np.float64]:
         """Trigger occurrences in ``text`` per target direction, ``[n_targets]``."""
         out = np.zeros(len(self.targets))
-        for word in _WORD.findall(text.lower()):
+        for word in text_words(text):
             index = self.triggers.get(word)
             if index is not None:
                 out[index] += 1
@@ -110,10 +110,17 @@ def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> f
     return frozenset(_ranked(key, words)[:n_triggers])
 
 
+def text_words(text: str) -> list[str]:
+    """The runs of a-z letters in the lowercased ``text`` (other letters, digits and marks
+    separate words), found by byte translation in C: a third of a regex's cost."""
+    ascii_words = text.lower().encode("utf-8", "surrogatepass").translate(_LETTERS)
+    return ascii_words.decode("ascii").split()
+
+
 def has_trigger(triggers: AbstractSet[str], text: str) -> bool:
     """One set test in C over the text's words (a Python loop over them was half the cost
     of marking a 32-text answer)."""
-    return not triggers.isdisjoint(_WORD.findall(text.lower()))
+    return not triggers.isdisjoint(text_words(text))
 
 
 def embedding_mark(
