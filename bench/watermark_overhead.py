@@ -252,6 +252,7 @@ def end_to_end(requests: int, rng: np.random.Generator) -> list[str]:
 
 
 def chosen(cases: dict[str, Any], text: str) -> dict[str, Any]:
+    """The cases ``--cases`` names: timing one alone is steadier on a noisy machine."""
     return {name: answers for name, answers in cases.items() if text in name}
 
 

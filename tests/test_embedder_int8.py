@@ -3,6 +3,8 @@ copy is built again and a cache that cannot be written moves to a private /tmp d
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -146,7 +148,7 @@ def test_a_cache_directory_that_refuses_new_files_moves_to_the_private_tmp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A directory that exists but takes no new file (a read-only volume): made immutable,
-    # so the kernel refuses the build's staging directory whoever asks, root included.
+    # so the kernel refuses the build's lock file whoever asks, root included.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     frozen = tmp_path / "read-only" / "minilm"
@@ -191,7 +193,7 @@ def test_a_tmp_directory_not_private_to_the_user_is_refused(
 
 
 def test_workers_starting_together_build_the_copy_once(tmp_path: Path) -> None:
-    # Real processes on one empty cache, as the workers of a pod that has just started.
+    # Real processes on one empty cache, as detector workers on one host just started.
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
         "from pathlib import Path; from modelfence.models.embedder import quantized_model; "
@@ -220,8 +222,27 @@ def test_a_tmp_that_lets_others_swap_directories_is_refused(
     with pytest.raises(PermissionError, match="no sticky bit"):
         quantized_model(cache_dir=blocked)
     assert not any(shared.iterdir())  # nothing was made there
-    shared.chmod(0o1777)  # with it, as on /tmp, the private directory is used
-    assert quantized_model(cache_dir=blocked).parent == shared / f"modelfence-{os.getuid()}" / "minilm"
+    os.chown(shared, 4321, 4321)
+    shared.chmod(0o1777)  # sticky, but its owner (another user) could still swap ours
+    with pytest.raises(PermissionError, match="another user's"):
+        quantized_model(cache_dir=blocked)
+    os.chown(shared, os.getuid(), os.getgid())
+    shared.chmod(0o1777)  # as /tmp: the private directory is used
+    private = shared / f"modelfence-{os.getuid()}"
+    assert quantized_model(cache_dir=blocked).parent == private / "minilm"
+
+
+def test_a_file_system_without_locks_still_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # what NFS without lockd says
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="modelfence.models.embedder"):
+        built = quantized_model(cache_dir=tmp_path)
+    assert built.parent == tmp_path / "minilm" and built.is_file()
+    assert "building without the lock" in caplog.text
 
 
 def test_detection_config_names_the_int8_embedder(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

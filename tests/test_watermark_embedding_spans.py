@@ -172,4 +172,6 @@ def test_flags_the_caller_found_mark_what_the_marks_would() -> None:
     marking = EmbeddingMarking(TEXTS, marks, flags)
     assert marking.rewrite_body(body) == mark_embedding_body(body, TEXTS, marks)
     assert marking(orjson.loads(body)) == parsed_way(body)
-
+    # The flags decide: told no text holds a trigger, neither way marks anything.
+    none = EmbeddingMarking(TEXTS, marks, [False] * len(TEXTS))
+    assert none.rewrite_body(body) == body and none(orjson.loads(body)) == orjson.loads(body)

@@ -28,7 +28,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,10 +132,10 @@ def _cached_copy(source: Path, root: Path) -> Path:
     if _verified(target, checksum):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    # Workers starting together on one cache build it once: the others wait for the lock
-    # (a few seconds) and find the copy, where each would have spent the CPU and ~360 MB.
-    with open(root / LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Processes starting together on one cache (detector workers on one host) build it once:
+    # the others wait for the lock (a few seconds) and find the copy, where each would have
+    # spent the CPU and ~360 MB of scratch.
+    with _build_lock(root):
         if _verified(target, checksum):
             return target
         with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=root) as tmp:
@@ -143,12 +143,29 @@ def _cached_copy(source: Path, root: Path) -> Path:
             digest = _sha256(built)
             with open(built, "rb+") as fh:  # on disk before it has its name: a crash leaves
                 os.fsync(fh.fileno())  # the old copy or the new one, never a cut one
-            os.replace(built, target)
+            os.replace(built, target)  # without the lock, another may have won: same bytes
             (Path(tmp) / "sum").write_text(digest)
             os.replace(Path(tmp) / "sum", checksum)
         _prune(root, keep=name)
     logger.info("built the int8 MiniLM in %s", target)
     return target
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``root/.build.lock``. Opened read-only (a lock file another
+    user made still locks) and never through a link. Where the file system has no locks
+    (some NFS, FUSE or SMB mounts) the build goes on without one, as it safely can: each
+    builder renames whole files into place."""
+    fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.warning("cannot lock %s (%s): building without the lock", root / LOCK_NAME, exc)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _verified(target: Path, checksum: Path) -> bool:
@@ -202,14 +219,17 @@ def _private_tmp() -> Path:
     """``/tmp/modelfence-<uid>``, this user's and no one else's: a model file loaded from a
     directory someone else could write would run what they put there."""
     parent = Path(tempfile.gettempdir())
-    mode = parent.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
-        # Without the sticky bit anyone who can write there can rename our directory away
-        # and put theirs in its place between the check below and the model's loading.
+    info = parent.stat()
+    shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if shared and not (info.st_mode & stat.S_ISVTX and info.st_uid in (0, os.getuid())):
+        # Anyone who can write there (without the sticky bit), or its owner, can rename our
+        # directory away and put theirs in its place between the check below and the
+        # model's loading. (A Kubernetes emptyDir is such a directory: give the pod a
+        # MODELFENCE_CACHE_DIR it can write, as deploy/kubernetes/detect.yaml does.)
         raise PermissionError(
             f"{parent} lets others rename or remove what is in it (group or world writable, "
-            "no sticky bit): set TMPDIR to a directory that does not, or MODELFENCE_CACHE_DIR "
-            "to a writable one"
+            "no sticky bit or another user's): set MODELFENCE_CACHE_DIR to a writable "
+            "directory, or TMPDIR to one that is not shared"
         )
     path = parent / f"modelfence-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
