@@ -172,7 +172,7 @@ _ARRAY_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\[")
 def _embedding_arrays(body: bytes) -> list[tuple[int, int]] | None:
     """Byte spans ``[start, end)`` of every ``"embedding": [...]`` array of numbers; None if
     one holds a nested array or never closes (then the body is parsed whole instead). The
-    key is found with ``bytes.find`` (a scan by regex is half as fast), and what follows it
+    key is found with ``bytes.find`` (a scan by regex is slower), and what follows it
     with one anchored match."""
     spans = []
     at = body.find(_EMBEDDING_KEY)
