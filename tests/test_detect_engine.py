@@ -190,19 +190,29 @@ def test_an_embeddings_batch_counts_every_text() -> None:
 
 
 def test_keys_working_in_lockstep_are_linked_without_sharing_a_network() -> None:
-    """A Sybil campaign: distinct addresses and fingerprints, one script, round-robin."""
+    """A Sybil campaign: distinct addresses and fingerprints, one script, round-robin, among
+    honest customers busy in the same minutes on the same model. Without a reference, keys
+    are compared by how their queries differ from all the traffic: the raw means and
+    spreads of any two sets of natural inputs agree, and every young key busy in the same
+    minutes as the campaign was linked to it, honest ones too."""
     sweep = perturbation_sweep("script", 120, seed=7)
     bots = [
         RequestEvent(**{**e.to_dict(), "client": f"sybil{i % 4}", "ip_prefix": f"ip-s{i % 4}",
                         "fingerprint": f"fp-s{i % 4}", "ts": i * 1.0})
         for i, e in enumerate(sweep)
     ]
-    # Two honest keys with the same kind of inputs, busy at different times.
+    busy = [
+        RequestEvent(**{**e.to_dict(), "ip_prefix": f"ip-{e.client}", "fingerprint": f"fp-{e.client}",
+                        "ts": i * 3.0 + n})
+        for n in range(3)
+        for i, e in enumerate(natural_vectors(f"busy{n}", 40, seed=10 + n))
+    ]
+    # Two honest keys with the same kind of inputs, busy at other times.
     honest = natural_vectors("early", 40, seed=1) + natural_vectors("late", 40, seed=2, start=5_000)
-    verdicts = replay(DetectionEngine(CONFIG), bots + honest, batch=10)
+    verdicts = replay(DetectionEngine(CONFIG), bots + busy + honest, batch=10)
     assert len({verdicts[f"sybil{i}"].entity for i in range(4)}) == 1
     assert verdicts["sybil0"].entity_members == 4
-    assert verdicts["early"].entity_members == verdicts["late"].entity_members == 1
+    assert [verdicts[c].entity_members for c in ("busy0", "busy1", "busy2", "early", "late")] == [1] * 5
 
 
 def test_keys_idle_for_a_while_are_still_linked_when_they_return_in_lockstep() -> None:

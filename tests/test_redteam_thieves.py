@@ -12,7 +12,7 @@ import pytest
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.calibration import calibrate
-from modelfence.detect.coactivity import activity_of, lockstep_pairs
+from modelfence.detect.coactivity import TrafficMoments, activity_of, lockstep_pairs
 from modelfence.detect.detectors import Harvesting
 from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine, Verdict
@@ -343,13 +343,16 @@ def _lockstep_links(plans: list[PlannedRequest], profiles: dict[str, ClientProfi
     states: dict[str, ClientState] = {}
     found: set[tuple[str, str]] = set()
     checked = events[0].ts
+    traffic = TrafficMoments()
     for query in DetectionEngine(CONFIG).queries_of(events):
         now = query.event.ts
         client = query.event.client
+        traffic.add([query])
         states.setdefault(client, ClientState(client, "default", CONFIG.window)).add(query)
         if now - checked >= 15.0:
             checked = now
-            found |= set(lockstep_pairs(a for s in states.values() if (a := activity_of(s, now, None))))
+            active = (activity_of(s, now, None, traffic) for s in states.values())
+            found |= set(lockstep_pairs(a for a in active if a is not None))
     return found
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import OVERRIDES, Action, Level, Policy, rank
-from modelfence.detect.coactivity import SPAN_SECONDS, activity_of, lockstep_pairs
+from modelfence.detect.coactivity import SPAN_SECONDS, TrafficMoments, activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
@@ -140,6 +140,7 @@ class DetectionEngine:
         # Client -> time of its latest request, for clients that may be busy enough to link
         # in lockstep (see _link_lockstep): a pass walks these, not every client kept.
         self._busy: dict[str, float] = {}
+        self.traffic = TrafficMoments()  # what lockstep compares keys with where no reference cells are
         # Called with the client's verdict at every evaluation, inside a batch too: replay
         # measures "queries before the first flag" with it, exactly, whatever the batching.
         self.listener: Callable[[Verdict], None] | None = None
@@ -187,6 +188,7 @@ class DetectionEngine:
         """
         touched: set[str] = set()
         queries = self.queries_of(events)
+        self.traffic.add(queries, skip=self.reference.spaces if self.reference else ())
         for i, query in enumerate(queries):
             event = query.event
             state = self.clients.get(event.client)
@@ -312,7 +314,7 @@ class DetectionEngine:
         # pass's ``now`` only grows (LINK_EVERY_SECONDS), so those are dropped for good.
         since = now - SPAN_SECONDS
         self._busy = {c: t for c, t in self._busy.items() if t >= since and c in self.clients}
-        activities = (activity_of(self.clients[c], now, self.reference) for c in self._busy)
+        activities = (activity_of(self.clients[c], now, self.reference, self.traffic) for c in self._busy)
         for a, b in lockstep_pairs(act for act in activities if act is not None):
             self.linker.link(a, b, now)
         if now - self._rebuilt_at >= REBUILD_EVERY_SECONDS:
