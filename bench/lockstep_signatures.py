@@ -5,7 +5,8 @@ their signatures ≥ ``MIN_COSINE``). This prints, for the digits queries the ac
 ``modelfence demo`` send, the cosine of every pair under two signatures: the raw
 per-dimension means and spreads of a key's queries (the rule before the traffic's moments),
 and what ``activity_of`` uses now without a reference, the key's mean deviation from all
-the traffic's (``TrafficMoments``, fed every actor's queries as the detector is). A pair at
+the traffic's (``detect/traffic.py``, fed every actor's queries in the demo's order, a
+request of each in turn, as the detector is). A pair at
 or above the line is linked whenever its timing overlaps. Also three sets of real digits,
 uniform noise, and random honest subsets of the digits (sizes 10-128) against each other
 and against the thief, the rates at which they reach the line.
@@ -20,8 +21,9 @@ import itertools
 import numpy as np
 from sklearn.datasets import load_digits
 
-from modelfence.detect.coactivity import MIN_COSINE, TrafficMoments
+from modelfence.detect.coactivity import MIN_COSINE
 from modelfence.detect.features import Query
+from modelfence.detect.traffic import TrafficMoments
 from modelfence.telemetry.events import RequestEvent
 
 DIGITS = np.asarray(load_digits().data, dtype=np.float32)
@@ -57,11 +59,17 @@ def main() -> None:
     traffic = TrafficMoments()
     event = RequestEvent(ts=0.0, request_id="r", key_id="k", client="demo", tier="default", model="digits",
                          route="/v2/models/digits/infer", status=200)
-    for rows in actors.values():
-        traffic.add([Query(event, "vec64", row) for row in rows])
+    # In the demo's order: a request of each actor in turn, of the demo's sizes (rows).
+    sizes = {"newcomer": 32, "bob": 16, "copycat": 150}
+    requests = {a: [rows[i : i + sizes.get(a, 1)] for i in range(0, len(rows), sizes.get(a, 1))]
+                for a, rows in actors.items()}
+    for turn in range(max(len(r) for r in requests.values())):
+        for batches in requests.values():
+            for row in batches[turn] if turn < len(batches) else ():
+                traffic.add(Query(event, "vec64", row))
 
     def now(rows: np.ndarray) -> np.ndarray:
-        deviation = traffic.deviation("vec64", rows)
+        deviation = traffic.deviation("digits:vec64", rows)
         assert deviation is not None
         return deviation / np.linalg.norm(deviation)
 

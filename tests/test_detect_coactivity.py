@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelfence.detect.coactivity import (
-    MAX_PARTNERS,
-    MAX_SPACES,
-    MOMENTS_HORIZON,
-    Activity,
-    TrafficMoments,
-    lockstep_pairs,
-)
-from modelfence.detect.features import Query
+from modelfence.detect.coactivity import MAX_PARTNERS, Activity, lockstep_pairs
 from modelfence.detect.linking import Linker
-
-from .test_detect_streams import event
 
 
 def crowd(n: int, space: str = "chat") -> list[Activity]:
@@ -51,35 +41,3 @@ def test_the_pairs_kept_do_not_depend_on_the_order_keys_are_walked_in() -> None:
     bots = crowd(60)
     shuffled = bots[::7] + [b for i, b in enumerate(bots) if i % 7]
     assert lockstep_pairs(shuffled) == lockstep_pairs(bots) == lockstep_pairs(bots[::-1])
-
-
-def _queries(space: str, rows: np.ndarray) -> list[Query]:
-    return [Query(event("c", 0.0), space, row) for row in rows]
-
-
-def test_traffic_moments_merge_batches_into_the_mean_and_spread_of_all_their_queries() -> None:
-    rng = np.random.default_rng(3)
-    batches = [rng.normal(2.0, 3.0, (n, 5)) for n in (1, 7, 40, 3)]
-    traffic = TrafficMoments()
-    for batch in batches:
-        traffic.add(_queries("vec5", batch))
-    every = np.vstack(batches)
-    probe = rng.normal(0.0, 1.0, (4, 5))
-    expected = (probe.mean(axis=0) - every.mean(axis=0)) / every.std(axis=0)
-    assert np.allclose(traffic.deviation("vec5", probe), expected, rtol=1e-4)
-    assert traffic.deviation("vec6", probe) is None  # a space never seen
-    assert traffic.deviation("vec5", probe[:, :3]) is None  # rows of another width
-
-
-def test_traffic_moments_follow_the_latest_queries_and_keep_a_bounded_number_of_spaces() -> None:
-    traffic = TrafficMoments()
-    traffic.add(_queries("vec2", np.zeros((MOMENTS_HORIZON * 4, 2))))
-    traffic.add(_queries("vec2", np.ones((MOMENTS_HORIZON, 2))))
-    # Past the horizon the old queries weigh as many as the new: the mean is half-way.
-    assert np.allclose(traffic.deviation("vec2", np.full((1, 2), 0.5)), 0.0, atol=1e-3)
-    traffic.add(_queries("other", np.ones((3, 2))), skip={"other"})
-    assert traffic.deviation("other", np.ones((1, 2))) is None
-    for n in range(MAX_SPACES + 5):
-        traffic.add(_queries(f"vec{n}", np.arange(4.0).reshape(2, 2)))
-    kept = [n for n in range(MAX_SPACES + 5) if traffic.deviation(f"vec{n}", np.ones((1, 2))) is not None]
-    assert kept == list(range(5, MAX_SPACES + 5))

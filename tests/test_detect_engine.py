@@ -195,24 +195,33 @@ def test_keys_working_in_lockstep_are_linked_without_sharing_a_network() -> None
     are compared by how their queries differ from all the traffic: the raw means and
     spreads of any two sets of natural inputs agree, and every young key busy in the same
     minutes as the campaign was linked to it, honest ones too."""
+    def shifted(e: RequestEvent, **fields: Any) -> RequestEvent:
+        # Inputs away from 0, as pixels and most features are: a rule comparing plain
+        # means would find every key alike.
+        rows = [[v + 5.0 for v in row] for row in e.input_rows or []]
+        return RequestEvent(**{**e.to_dict(), "input_rows": rows, **fields})
+
     sweep = perturbation_sweep("script", 120, seed=7)
     bots = [
-        RequestEvent(**{**e.to_dict(), "client": f"sybil{i % 4}", "ip_prefix": f"ip-s{i % 4}",
-                        "fingerprint": f"fp-s{i % 4}", "ts": i * 1.0})
+        shifted(e, client=f"sybil{i % 4}", ip_prefix=f"ip-s{i % 4}", fingerprint=f"fp-s{i % 4}", ts=i * 1.0)
         for i, e in enumerate(sweep)
     ]
     busy = [
-        RequestEvent(**{**e.to_dict(), "ip_prefix": f"ip-{e.client}", "fingerprint": f"fp-{e.client}",
-                        "ts": i * 3.0 + n})
+        shifted(e, ip_prefix=f"ip-{e.client}", fingerprint=f"fp-{e.client}", ts=i * 3.0 + n)
         for n in range(3)
         for i, e in enumerate(natural_vectors(f"busy{n}", 40, seed=10 + n))
     ]
     # Two honest keys with the same kind of inputs, busy at other times.
-    honest = natural_vectors("early", 40, seed=1) + natural_vectors("late", 40, seed=2, start=5_000)
+    honest = [shifted(e) for e in natural_vectors("early", 40, seed=1) + natural_vectors("late", 40, seed=2, start=5_000)]
     verdicts = replay(DetectionEngine(CONFIG), bots + busy + honest, batch=10)
     assert len({verdicts[f"sybil{i}"].entity for i in range(4)}) == 1
     assert verdicts["sybil0"].entity_members == 4
     assert [verdicts[c].entity_members for c in ("busy0", "busy1", "busy2", "early", "late")] == [1] * 5
+    # The traffic's moments are merged in the order events came, however they were batched.
+    one_by_one = replay(DetectionEngine(CONFIG), bots + busy + honest, batch=1)
+    assert {c: (v.entity, v.risk) for c, v in one_by_one.items()} == {
+        c: (v.entity, v.risk) for c, v in verdicts.items()
+    }
 
 
 def test_keys_idle_for_a_while_are_still_linked_when_they_return_in_lockstep() -> None:

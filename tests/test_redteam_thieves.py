@@ -12,12 +12,13 @@ import pytest
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.calibration import calibrate
-from modelfence.detect.coactivity import TrafficMoments, activity_of, lockstep_pairs
+from modelfence.detect.coactivity import activity_of, lockstep_pairs
 from modelfence.detect.detectors import Harvesting
 from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.features import ClientState, Query, View, space_of
 from modelfence.detect.reference import Reference
+from modelfence.detect.traffic import TrafficMoments
 from modelfence.redteam.attacks.classifier import DigitsData
 from modelfence.redteam.populations.benign import BenignPopulation
 from modelfence.redteam.prompts import load_prompts
@@ -347,7 +348,7 @@ def _lockstep_links(plans: list[PlannedRequest], profiles: dict[str, ClientProfi
     for query in DetectionEngine(CONFIG).queries_of(events):
         now = query.event.ts
         client = query.event.client
-        traffic.add([query])
+        traffic.add(query)
         states.setdefault(client, ClientState(client, "default", CONFIG.window)).add(query)
         if now - checked >= 15.0:
             checked = now

@@ -9,10 +9,10 @@ distribution. The engine compares recently busy, young keys pairwise:
   (at least ``MIN_JACCARD``, with at least ``MIN_SHARED_SLOTS`` slots in common);
 - distribution: the cosine of their histograms over the reference cells of the same input
   space, at least ``MIN_COSINE``; without a reference, of how their mean query differs
-  from the mean of all recent traffic in that space, in units of the traffic's spread
-  (:class:`TrafficMoments`). Raw means and spreads cannot tell keys apart: any two sets
-  of digit images, or of uniform noise and digits, agree above 0.8, so the rule linked
-  every young key busy in the same minute, honest customers into botnets.
+  from the mean of the model's recent traffic in that space, in units of the traffic's
+  spread (``traffic.py``). Raw means and spreads cannot tell keys apart: any two sets of
+  digit images, or of uniform noise and digits, agree above 0.8, so the rule linked every
+  young key busy in the same minute, honest customers into botnets.
 
 Pairs that pass both are linked into one entity. Only keys with at least ``MIN_QUERIES``
 queries in the ten minutes are compared, which leaves out almost every person, and only
@@ -21,14 +21,16 @@ keys first seen in the last day: an established customer is judged on its own re
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from modelfence.detect.features import ClientState, Query
+from modelfence.detect.features import ClientState
 from modelfence.detect.reference import Reference
+from modelfence.detect.traffic import TrafficMoments, space_key
 
 SLOT_SECONDS = 10.0
 SPAN_SECONDS = 600.0
@@ -39,10 +41,6 @@ MIN_JACCARD = 0.5
 MIN_COSINE = 0.8
 MAX_PARTNERS = 20  # lockstep partners one key keeps per pass (see lockstep_pairs)
 _BLOCK = 512  # keys compared at a time: memory stays ~ 512 x keys, not keys²
-# The traffic's moments follow about this many of a space's latest queries: a drift in what
-# customers send moves them within hours, not never.
-MOMENTS_HORIZON = 10_000
-MAX_SPACES = 64  # spaces whose moments are kept (the least recently fed ones go first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,58 +51,6 @@ class Activity:
     space: str
     slots: frozenset[int]
     signature: np.ndarray  # unit vector: cell histogram, or the standardised mean deviation
-
-
-class TrafficMoments:
-    """The running mean and variance of every query of each input space, whoever sent it.
-
-    Without a reference this is what "the same kind of queries" is measured against: two
-    honest keys drawing from the traffic's distribution differ from its mean in unrelated
-    directions, while the keys of one script share the script's bias. Updated a batch at a
-    time; older queries weigh at most ``MOMENTS_HORIZON`` queries together.
-    """
-
-    def __init__(self) -> None:
-        self._spaces: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}  # weight, mean, M2
-
-    def add(self, queries: Sequence[Query], skip: Container[str] = ()) -> None:
-        """Take in a batch's queries, but those of the spaces in ``skip`` (a reference's)."""
-        by_space: dict[str, list[np.ndarray]] = {}
-        for query in queries:
-            if query.vector is not None and query.space is not None and query.space not in skip:
-                by_space.setdefault(query.space, []).append(query.vector)
-        for space, vectors in by_space.items():
-            self._merge(space, np.vstack(vectors).astype(np.float64))
-
-    def _merge(self, space: str, batch: np.ndarray) -> None:
-        # Chan et al.'s pairwise update, with the past's weight capped at the horizon.
-        n = float(len(batch))
-        mean_b = batch.mean(axis=0)
-        m2_b = ((batch - mean_b) ** 2).sum(axis=0)
-        old = self._spaces.pop(space, None)
-        if old is None or old[1].shape != mean_b.shape:
-            merged = (n, mean_b, m2_b)
-        else:
-            weight, mean, m2 = old
-            total = weight + n
-            delta = mean_b - mean
-            merged = (total, mean + delta * (n / total), m2 + m2_b + delta**2 * (weight * n / total))
-        weight, mean, m2 = merged
-        if weight > MOMENTS_HORIZON:
-            m2, weight = m2 * (MOMENTS_HORIZON / weight), float(MOMENTS_HORIZON)
-        self._spaces[space] = (weight, mean, m2)  # re-inserted: the dict's order is recency
-        if len(self._spaces) > MAX_SPACES:
-            del self._spaces[next(iter(self._spaces))]
-
-    def deviation(self, space: str, vectors: np.ndarray) -> np.ndarray | None:
-        """How the mean of ``vectors`` differs from the traffic's, per dimension, in units
-        of the traffic's spread; None for a space not (or no longer) kept."""
-        found = self._spaces.get(space)
-        if found is None or found[1].shape != vectors.shape[1:]:
-            return None
-        weight, mean, m2 = found
-        spread = np.sqrt(m2 / weight) + 1e-6
-        return ((vectors.mean(axis=0) - mean) / spread).astype(np.float32)
 
 
 def activity_of(
@@ -122,19 +68,22 @@ def activity_of(
         return None
     space = Counter(q.space for q in recent).most_common(1)[0][0]
     assert space is not None
-    vectors = np.vstack(
-        [q.vector for q in recent if q.space == space and q.vector is not None]
-    ).astype(np.float32)
     cells = reference.spaces.get(space) if reference is not None else None
     if cells is not None:
-        signature = np.bincount(cells.cells(vectors), minlength=len(cells.centroids)).astype(np.float32)
-    else:
+        vectors = np.vstack([q.vector for q in recent if q.space == space and q.vector is not None])
+        signature = np.bincount(
+            cells.cells(vectors.astype(np.float32)), minlength=len(cells.centroids)
+        ).astype(np.float32)
+    else:  # compared within one model's traffic: keys of two models are not one script's
+        same = [(space_key(q), q.vector) for q in recent if q.space == space]
+        space = Counter(key for key, _ in same).most_common(1)[0][0]
+        vectors = np.vstack([vector for key, vector in same if key == space and vector is not None])
         deviation = traffic.deviation(space, vectors)
         if deviation is None:
             return None
         signature = deviation
     norm = float(np.linalg.norm(signature))
-    if norm == 0.0:
+    if not norm > 0.0 or not math.isfinite(norm):
         return None
     slots = frozenset(int(q.event.ts // SLOT_SECONDS) for q in recent)
     return Activity(state.client, space, slots, signature / norm)

@@ -29,7 +29,7 @@ import numpy as np
 
 from modelfence.config import DetectionConfig
 from modelfence.detect.actions import OVERRIDES, Action, Level, Policy, rank
-from modelfence.detect.coactivity import SPAN_SECONDS, TrafficMoments, activity_of, lockstep_pairs
+from modelfence.detect.coactivity import SPAN_SECONDS, activity_of, lockstep_pairs
 from modelfence.detect.detectors import Detector, Signal, Volume, all_detectors, signal
 from modelfence.detect.detectors.timing import recent_queries
 from modelfence.detect.embedding import Embedder, HashingEmbedder
@@ -37,6 +37,7 @@ from modelfence.detect.features import ClientState, Query, View, event_ts, space
 from modelfence.detect.linking import Linker
 from modelfence.detect.reference import Reference
 from modelfence.detect.risk import Reason, RiskState
+from modelfence.detect.traffic import TrafficMoments
 from modelfence.telemetry.events import RequestEvent
 from modelfence.telemetry.prompts import elicits_reasoning
 
@@ -140,7 +141,9 @@ class DetectionEngine:
         # Client -> time of its latest request, for clients that may be busy enough to link
         # in lockstep (see _link_lockstep): a pass walks these, not every client kept.
         self._busy: dict[str, float] = {}
-        self.traffic = TrafficMoments()  # what lockstep compares keys with where no reference cells are
+        self.unreadable_rows = 0  # classifier rows with a value float32 cannot hold
+        # What lockstep compares keys with in the spaces the reference has no cells for.
+        self.traffic = TrafficMoments(skip=frozenset(reference.spaces) if reference else frozenset())
         # Called with the client's verdict at every evaluation, inside a batch too: replay
         # measures "queries before the first flag" with it, exactly, whatever the batching.
         self.listener: Callable[[Verdict], None] | None = None
@@ -167,10 +170,15 @@ class DetectionEngine:
         for event in events:
             space = space_of(event)
             if event.input_rows:
-                rows = np.asarray(event.input_rows, dtype=np.float32)
+                # JSON allows 1e39, which float32 reads as inf: such a row counts as a query
+                # without a vector (a distance or a mean over it says nothing), counted.
+                with np.errstate(over="ignore"):
+                    rows = np.asarray(event.input_rows, dtype=np.float32)
+                readable = np.isfinite(rows).all(axis=1)
+                self.unreadable_rows += len(rows) - int(readable.sum())
                 margins = event.output_margins or []
                 out.extend(
-                    Query(event, space, row, margins[r] if r < len(margins) else None)
+                    Query(event, space, row if readable[r] else None, margins[r] if r < len(margins) else None)
                     for r, row in enumerate(rows)
                 )
             elif texts_of := _texts_of(event):
@@ -188,7 +196,6 @@ class DetectionEngine:
         """
         touched: set[str] = set()
         queries = self.queries_of(events)
-        self.traffic.add(queries, skip=self.reference.spaces if self.reference else ())
         for i, query in enumerate(queries):
             event = query.event
             state = self.clients.get(event.client)
@@ -196,6 +203,7 @@ class DetectionEngine:
                 state = ClientState(event.client, event.tier, self.config.window)
                 self.clients[event.client] = state
             state.add(query)
+            self.traffic.add(query)
             last_row = i + 1 == len(queries) or queries[i + 1].event is not event
             if not last_row:
                 continue

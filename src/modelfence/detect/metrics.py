@@ -79,6 +79,12 @@ class DetectorMetrics:
             registry=self.registry,
         )
         self._stored = {fate: self.stored.labels(fate) for fate in STORED_FATES}
+        self.unreadable_rows = Counter(
+            "modelfence_detector_unreadable_rows",
+            "Classifier rows with a value float32 cannot hold (JSON allows 1e39): counted as "
+            "queries without a vector, which no distance, mean or cell is computed from.",
+            registry=self.registry,
+        )
 
     def read(self, events: int) -> None:
         self.events.inc(events)
