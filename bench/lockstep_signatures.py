@@ -57,16 +57,17 @@ def main() -> None:
         "newcomer": DIGITS[300:428], "bob": DIGITS[0:32], "copycat": copied(),
     }
     traffic = TrafficMoments()
-    event = RequestEvent(ts=0.0, request_id="r", key_id="k", client="demo", tier="default", model="digits",
-                         route="/v2/models/digits/infer", status=200)
+    events = {actor: RequestEvent(ts=0.0, request_id="r", key_id="k", client=actor, tier="default",
+                                  model="digits", route="/v2/models/digits/infer", status=200)
+              for actor in actors}
     # In the demo's order: a request of each actor in turn, of the demo's sizes (rows).
     sizes = {"newcomer": 32, "bob": 16, "copycat": 150}
     requests = {a: [rows[i : i + sizes.get(a, 1)] for i in range(0, len(rows), sizes.get(a, 1))]
                 for a, rows in actors.items()}
     for turn in range(max(len(r) for r in requests.values())):
-        for batches in requests.values():
+        for actor, batches in requests.items():
             for row in batches[turn] if turn < len(batches) else ():
-                traffic.add(Query(event, "vec64", row))
+                traffic.add(Query(events[actor], "vec64", row))
 
     def now(rows: np.ndarray) -> np.ndarray:
         deviation = traffic.deviation("digits:vec64", rows)

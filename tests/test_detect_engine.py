@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import pytest
 
 from modelfence.config import DetectionConfig
@@ -12,9 +14,11 @@ from modelfence.detect.actions import Policy
 from modelfence.detect.detectors import Signal
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.risk import RiskState
+from modelfence.detect.traffic import MIN_ROWS, REMAKE_ROWS
 from modelfence.telemetry.events import RequestEvent
 
 from .test_detect_streams import OIP, benign_chat, harvester, natural_vectors, perturbation_sweep
+from .test_detect_streams import event as oip_event
 
 CONFIG = DetectionConfig(evaluate_every=10)
 
@@ -217,10 +221,29 @@ def test_keys_working_in_lockstep_are_linked_without_sharing_a_network() -> None
     assert len({verdicts[f"sybil{i}"].entity for i in range(4)}) == 1
     assert verdicts["sybil0"].entity_members == 4
     assert [verdicts[c].entity_members for c in ("busy0", "busy1", "busy2", "early", "late")] == [1] * 5
-    # The traffic's moments are merged in the order events came, however they were batched.
-    one_by_one = replay(DetectionEngine(CONFIG), bots + busy + honest, batch=1)
-    assert {c: (v.entity, v.risk) for c, v in one_by_one.items()} == {
-        c: (v.entity, v.risk) for c, v in verdicts.items()
+
+
+def test_the_traffic_yardstick_does_not_depend_on_how_events_were_batched() -> None:
+    """Lockstep passes happen at fixed queries of the stream; the yardstick they read is
+    made from the queries that came before, whether those arrived one by one or in batches
+    (several yardsticks: 2,400 rows, four to a request)."""
+    rng = random.Random(5)
+    stream = sorted(
+        (oip_event(f"k{n}", i * 2.0 + n * 0.1, route=OIP, output_margins=[0.8] * 4,
+               input_rows=[[rng.gauss(5.0 + n % 3, 1.0) for _ in range(16)] for _ in range(4)])
+         for n in range(8) for i in range(75)),
+        key=lambda e: e.ts,
+    )
+    engines = {}
+    for batch in (1, 50):
+        engine = engines[batch] = DetectionEngine(CONFIG)
+        verdicts = replay(engine, stream, batch=batch)
+    made = {b: e.traffic._spaces["m:vec16"]._made_at for b, e in engines.items()}
+    assert made[1] == made[50] > MIN_ROWS + REMAKE_ROWS
+    means = [e.traffic._spaces["m:vec16"]._yardstick.mean for e in engines.values()]
+    assert all(np.array_equal(means[0], m) for m in means)
+    assert {c: v.entity for c, v in verdicts.items()} == {
+        c: engines[1].verdict(c).entity for c in verdicts
     }
 
 

@@ -49,6 +49,7 @@ LINK_EVERY_SECONDS = 15.0  # a botnet's keys should be joined within their first
 REBUILD_EVERY_SECONDS = 600.0
 # What a query is about shows in its opening; embedding cost grows with length.
 EMBED_CHARS = 512
+CLAMP = 1e15  # the largest magnitude a classifier input keeps (see queries_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ class DetectionEngine:
         # Client -> time of its latest request, for clients that may be busy enough to link
         # in lockstep (see _link_lockstep): a pass walks these, not every client kept.
         self._busy: dict[str, float] = {}
-        self.unreadable_rows = 0  # classifier rows with a value float32 cannot hold
+        self.clamped_rows = 0  # classifier rows with a value beyond ±CLAMP
         # What lockstep compares keys with in the spaces the reference has no cells for.
         self.traffic = TrafficMoments(skip=frozenset(reference.spaces) if reference else frozenset())
         # Called with the client's verdict at every evaluation, inside a batch too: replay
@@ -170,16 +171,18 @@ class DetectionEngine:
         for event in events:
             space = space_of(event)
             if event.input_rows:
-                # JSON allows 1e39, which float32 reads as inf: such a row counts as a query
-                # without a vector (a distance or a mean over it says nothing), counted.
-                with np.errstate(over="ignore"):
-                    rows = np.asarray(event.input_rows, dtype=np.float32)
-                readable = np.isfinite(rows).all(axis=1)
-                self.unreadable_rows += len(rows) - int(readable.sum())
+                rows = np.asarray(event.input_rows, dtype=np.float64)
+                # JSON allows up to 1.8e308; float32 holds 3.4e38 and squares of 1e20
+                # overflow it. Rows beyond CLAMP are clamped (and counted): still far out,
+                # and every distance, norm and mean over them stays finite.
+                beyond = (np.abs(rows) > CLAMP).any(axis=1)
+                if beyond.any():
+                    self.clamped_rows += int(beyond.sum())
+                    rows = np.clip(rows, -CLAMP, CLAMP)
                 margins = event.output_margins or []
                 out.extend(
-                    Query(event, space, row if readable[r] else None, margins[r] if r < len(margins) else None)
-                    for r, row in enumerate(rows)
+                    Query(event, space, row, margins[r] if r < len(margins) else None)
+                    for r, row in enumerate(rows.astype(np.float32))
                 )
             elif texts_of := _texts_of(event):
                 out.extend(Query(event, space, next(embedded)) for _ in texts_of)

@@ -79,10 +79,10 @@ class DetectorMetrics:
             registry=self.registry,
         )
         self._stored = {fate: self.stored.labels(fate) for fate in STORED_FATES}
-        self.unreadable_rows = Counter(
-            "modelfence_detector_unreadable_rows",
-            "Classifier rows with a value float32 cannot hold (JSON allows 1e39): counted as "
-            "queries without a vector, which no distance, mean or cell is computed from.",
+        self.clamped_rows = Counter(
+            "modelfence_detector_clamped_rows",
+            "Classifier rows with a value beyond ±1e15 (JSON allows 1.8e308), clamped to it "
+            "so that every distance, norm and mean the detectors take stays finite.",
             registry=self.registry,
         )
 

@@ -89,7 +89,7 @@ class DetectorService:
         self._links_at: dict[str, float] = {}  # client -> event time its links were listed
         self._unpublished: dict[str, ClientRecord] = {}
         self._overrides_at = 0.0
-        self._unreadable = 0  # the engine's unreadable rows counted so far
+        self._clamped = 0  # the engine's clamped rows counted so far
         self._traits_since = datetime.fromtimestamp(0, UTC)
         self.loop: Periodic | None = None  # set by run(): its error counts
         self._sleep = sleep  # the backoff's clock
@@ -121,8 +121,8 @@ class DetectorService:
         await self._resume({e.client for e in events} - self._published.keys())
         changed = []
         verdicts = self.engine.process(events)
-        self.metrics.unreadable_rows.inc(self.engine.unreadable_rows - self._unreadable)
-        self._unreadable = self.engine.unreadable_rows
+        self.metrics.clamped_rows.inc(self.engine.clamped_rows - self._clamped)
+        self._clamped = self.engine.clamped_rows
         for verdict in verdicts:
             # What the client's pin (shadow, probation) makes of the level, as published.
             pin = self.engine.overrides.get(verdict.client)
