@@ -3,11 +3,11 @@
 Lockstep links two young keys busy in the same moments when their queries agree (cosine of
 their signatures ≥ ``MIN_COSINE``). This prints, for the digits queries the actors of
 ``modelfence demo`` send, the cosine of every pair under two signatures: the raw
-per-dimension means and spreads of a key's queries (the rule before the traffic's moments),
-and what ``activity_of`` uses now without a reference, the key's mean deviation from all
-the traffic's (``detect/traffic.py``, fed every actor's queries in the demo's order, a
-request of each in turn, as the detector is). A pair at
-or above the line is linked whenever its timing overlaps. Also three sets of real digits,
+per-dimension means and spreads of a key's queries (the rule before the traffic's
+yardstick), and what ``activity_of`` uses now without a reference, how the key's queries
+differ from the traffic's (``detect/traffic.py``, fed every actor's queries in the demo's
+order, a request of each in turn, as the detector is). A pair at or above the line is
+linked whenever its timing overlaps. Also three sets of real digits,
 uniform noise, and random honest subsets of the digits (sizes 10-128) against each other
 and against the thief, the rates at which they reach the line.
 

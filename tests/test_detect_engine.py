@@ -240,7 +240,7 @@ def test_the_traffic_yardstick_does_not_depend_on_how_events_were_batched() -> N
         verdicts = replay(engine, stream, batch=batch)
     made = {b: e.traffic._spaces["m:vec16"]._made_at for b, e in engines.items()}
     assert made[1] == made[50] > MIN_ROWS + REMAKE_ROWS
-    means = [e.traffic._spaces["m:vec16"]._yardstick.mean for e in engines.values()]
+    means = [e.traffic._spaces["m:vec16"]._yardstick.centre for e in engines.values()]
     assert all(np.array_equal(means[0], m) for m in means)
     assert {c: v.entity for c, v in verdicts.items()} == {
         c: engines[1].verdict(c).entity for c in verdicts

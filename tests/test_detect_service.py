@@ -237,8 +237,9 @@ async def test_rows_beyond_what_float32_computes_with_are_clamped_and_counted(en
     queries, and the detector's metrics count them."""
     rows = natural_vectors("user", 200, seed=4)
     rows[50].input_rows = [[1e39] * 16, [-1e30] * 16, [1.0] * 16]
+    rows[60].input_rows = [[float("nan")] * 16]  # not from the gateway (its JSON has no NaN)
     detector = service(engine, [])
     for i in range(0, len(rows), 20):
         await detector.handle(rows[i : i + 20])
     assert detector.engine.verdict("user").queries == 202
-    assert detector.metrics.clamped_rows._value.get() == 2
+    assert detector.metrics.clamped_rows._value.get() == 3

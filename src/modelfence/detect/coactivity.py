@@ -8,9 +8,9 @@ distribution. The engine compares recently busy, young keys pairwise:
 - timing: the Jaccard overlap of their 10-second activity slots over the last ten minutes
   (at least ``MIN_JACCARD``, with at least ``MIN_SHARED_SLOTS`` slots in common);
 - distribution: the cosine of their histograms over the reference cells of the same input
-  space, at least ``MIN_COSINE``; without a reference, of how their mean query differs
-  from the mean of the model's recent traffic in that space, in units of the traffic's
-  spread (``traffic.py``). Raw means and spreads cannot tell keys apart: any two sets of
+  space, at least ``MIN_COSINE``; without a reference, of how their queries differ from
+  the model's recent traffic in that space, in units of the traffic's spread
+  (``traffic.py``). Raw means and spreads cannot tell keys apart: any two sets of
   digit images, or of uniform noise and digits, agree above 0.8, so the rule linked every
   young key busy in the same minute, honest customers into botnets.
 
@@ -50,7 +50,7 @@ class Activity:
     client: str
     space: str
     slots: frozenset[int]
-    signature: np.ndarray  # unit vector: cell histogram, or the standardised mean deviation
+    signature: np.ndarray  # unit vector: cell histogram, or the deviation from the traffic
 
 
 def activity_of(

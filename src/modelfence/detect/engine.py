@@ -171,18 +171,20 @@ class DetectionEngine:
         for event in events:
             space = space_of(event)
             if event.input_rows:
-                rows = np.asarray(event.input_rows, dtype=np.float64)
-                # JSON allows up to 1.8e308; float32 holds 3.4e38 and squares of 1e20
-                # overflow it. Rows beyond CLAMP are clamped (and counted): still far out,
-                # and every distance, norm and mean over them stays finite.
-                beyond = (np.abs(rows) > CLAMP).any(axis=1)
+                # JSON allows up to 1.8e308: float32 reads 1e39 as inf, and squares of 1e20
+                # overflow it. Rows beyond ±CLAMP (or not numbers, from another producer)
+                # are clamped and counted: still far out, every distance, norm and mean
+                # over them finite.
+                with np.errstate(over="ignore"):
+                    rows = np.asarray(event.input_rows, dtype=np.float32)
+                beyond = ~(np.abs(rows) <= CLAMP).all(axis=1)
                 if beyond.any():
                     self.clamped_rows += int(beyond.sum())
-                    rows = np.clip(rows, -CLAMP, CLAMP)
+                    rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=CLAMP, neginf=-CLAMP), -CLAMP, CLAMP)
                 margins = event.output_margins or []
                 out.extend(
                     Query(event, space, row, margins[r] if r < len(margins) else None)
-                    for r, row in enumerate(rows.astype(np.float32))
+                    for r, row in enumerate(rows)
                 )
             elif texts_of := _texts_of(event):
                 out.extend(Query(event, space, next(embedded)) for _ in texts_of)

@@ -1,28 +1,27 @@
 """What the traffic of each model and input space looks like: the yardstick of lockstep
 linking without a reference (``coactivity.py``).
 
-Two honest keys drawing from the traffic's distribution differ from its mean in unrelated
+Two honest keys drawing from the traffic's distribution differ from it in unrelated
 directions; the keys of one script share the script's bias. :class:`TrafficMoments` keeps
-the latest ``WINDOW`` answered queries of each model and input space and says how far a
-key's mean query lies from the traffic's, per dimension, in units of the traffic's spread.
+the latest answered queries of each model and input space (``WINDOW``, at most
+``CLIENT_ROWS`` of each client: its newest replace its oldest) and says how far a key's
+queries lie from them, per dimension, in units of their spread.
 
-Clients choose the numbers in a classifier's rows, so no one client may move the yardstick
-for everyone:
+Clients choose the numbers in a classifier's rows, so there the yardstick is the window's
+per-dimension median and median absolute deviation, and a key's place its own median: rows
+of 1e15, or a quarter of the window from one client, do not move it, and clients together
+move it only once they hold about half the window (with 32 rows each, 32 clients). Text
+vectors come from the detector's own embedder, unit length, and are compared by means and
+standard deviations (most of their dimensions are zero in most texts, where a median says
+nothing); there, several clients sending one text move the yardstick with their share. No
+dimension's spread counts as less than the median dimension's: one rare value in a
+dimension the traffic hardly uses does not outweigh the rest. Rows wider than ``MAX_DIMS``
+are kept at a stride.
 
-- a client has at most ``CLIENT_ROWS`` rows in a window (its newest replace its oldest),
-  so a window of 2,048 rows holds 64 clients or more;
-- each dimension of a classifier's space is winsorised at the window's ``TAIL`` and
-  ``1 - TAIL`` quantiles (the traffic's rows and the key's alike) before means and spreads
-  are taken: rows beyond them, 1e30 or 1e3, count as the quantile;
-- no dimension's spread counts as less than the median dimension's: one rare value in a
-  dimension the traffic hardly uses does not outweigh the rest.
-
-Clients that together send more than ``TAIL`` of a window's rows, far from the rest, still
-move it (``docs/DETECTION.md``). Text vectors come from the detector's own embedder, unit
-length, and are not winsorised. Rows wider than ``MAX_DIMS`` are kept at a stride. The
-window is filled in the order queries came and its yardstick made when a lockstep pass asks
-(again once as many rows came in as when it was last made, at most ``REMAKE_ROWS``), so
-the result does not depend on how events were batched; a restarted detector starts anew.
+The window is filled in the order queries came and its yardstick made when a lockstep pass
+asks (again once as many rows came in as when it was last made, at most ``REMAKE_ROWS``),
+so the result does not depend on how events were batched; a restarted detector starts
+anew.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from modelfence.detect.features import TEXT, Query
 WINDOW = 2_048
 MIN_ROWS = 128
 REMAKE_ROWS = WINDOW // 2
-TAIL = 0.05
+_IQR_TO_SD = 1.349  # a normal distribution's interquartile range per standard deviation
 CLIENT_ROWS = WINDOW // 64
 MAX_DIMS = 512  # a window of 2,048 rows of 512 float32 values holds 4 MiB
 # Spaces kept: answered queries only, so these are the configured models' inputs; past
@@ -51,26 +50,35 @@ def space_key(query: Query) -> str:
     return f"{query.event.model}:{query.space}"
 
 
+def _middle_mean(ordered: np.ndarray) -> np.ndarray:
+    """Per dimension, the mean of the middle half of rows sorted along each dimension (the
+    interquartile mean): what rows beyond the quartiles are, 1e15 or a little out, does not
+    count; unlike a median, it is the same estimate for a skewed dimension whether taken
+    over a key's few rows or the whole window, and nearly as sharp as a mean."""
+    quarter = len(ordered) // 4
+    return ordered[quarter : len(ordered) - quarter].mean(axis=0, dtype=np.float64)
+
+
 @dataclass(slots=True)
 class _Yardstick:
-    low: np.ndarray | None  # per dimension: the TAIL quantile (None: not winsorised)
-    high: np.ndarray | None  # and the 1 - TAIL one
-    mean: np.ndarray  # of the winsorised window
-    spread: np.ndarray  # its standard deviation, never below the median dimension's
+    centre: np.ndarray  # per dimension: the window's interquartile mean (a classifier's) or mean
+    spread: np.ndarray  # its interquartile range as a standard deviation, or its standard
+    # deviation; never below the median dimension's
 
 
 class _Window:
     """The latest ``WINDOW`` rows of one space (at most ``CLIENT_ROWS`` of each client), and
     the yardstick made of them."""
 
-    def __init__(self, width: tuple[int, ...], *, winsorised: bool) -> None:
+    def __init__(self, width: tuple[int, ...], *, robust: bool) -> None:
         self.width = width
-        self.winsorised = winsorised
+        self.robust = robust  # medians and MADs (a classifier's rows), else means and SDs
         self.stride = -(-width[0] // MAX_DIMS) if width else 1
         kept = (-(-width[0] // self.stride),) if width else ()
         self.rows = np.zeros((WINDOW, *kept), dtype=np.float32)
-        self.filled = 0  # slots in use (the next new slot is ``filled`` until WINDOW)
+        self.filled = 0  # slots in use
         self.written = 0  # rows written in all
+        self._next = 0  # the slot a client below its share takes next: the ring's oldest
         self._owners: list[str] = [""] * WINDOW  # the client of each slot
         self._slots: dict[str, deque[int]] = {}  # client -> its slots, oldest first
         self._yardstick: _Yardstick | None = None
@@ -86,10 +94,12 @@ class _Window:
             if len(mine) >= CLIENT_ROWS:
                 slot = mine.popleft()
             else:
-                slot = self.written % WINDOW if self.filled == WINDOW else self.filled
+                slot, self._next = self._next, (self._next + 1) % WINDOW
                 self.filled = min(self.filled + 1, WINDOW)
                 before = self._owners[slot]
-                if before:
+                if before == client:
+                    mine.remove(slot)
+                elif before:
                     theirs = self._slots[before]
                     theirs.remove(slot)
                     if not theirs:
@@ -101,18 +111,22 @@ class _Window:
 
     def yardstick(self) -> _Yardstick | None:
         """The yardstick of the window, made again once as many rows came in as when it was
-        last made, at most ``REMAKE_ROWS`` (making it takes ~10 ms for 384 dimensions; made
-        for every pass, it would cost more than the queries' own detection)."""
+        last made, at most ``REMAKE_ROWS`` (medians of 2,048 rows of 384 values take tens of
+        milliseconds: made for every pass, they would cost more than the queries' own
+        detection)."""
         if self.filled < MIN_ROWS:
             return None
         if self._yardstick is None or self.written - self._made_at >= min(REMAKE_ROWS, self._made_at):
             window = self.rows[: self.filled]
-            low, high = np.quantile(window, [TAIL, 1.0 - TAIL], axis=0) if self.winsorised else (None, None)
-            held = np.clip(window, low, high) if self.winsorised else window
-            spread = held.std(axis=0, dtype=np.float64)
-            mean = held.mean(axis=0, dtype=np.float64)
+            if self.robust:
+                ordered = np.sort(window, axis=0)
+                centre = _middle_mean(ordered)
+                quarter = len(ordered) // 4
+                spread = (ordered[-quarter - 1] - ordered[quarter]).astype(np.float64) / _IQR_TO_SD
+            else:
+                centre, spread = window.mean(axis=0, dtype=np.float64), window.std(axis=0, dtype=np.float64)
             floor = float(np.median(spread)) + 1e-12
-            self._yardstick = _Yardstick(low, high, mean, np.maximum(spread, floor))
+            self._yardstick = _Yardstick(centre, np.maximum(spread.astype(np.float64), floor))
             self._made_at = self.written
         return self._yardstick
 
@@ -141,7 +155,9 @@ class TrafficMoments:
         """Write the queries taken in since the last flush, in the order they came."""
         by_space: dict[str, list[Query]] = {}
         for query in self._pending:
-            by_space.setdefault(space_key(query), []).append(query)
+            key = space_key(query)
+            by_space[key] = by_space.pop(key, [])  # re-inserted: the last fed comes last
+            by_space[key].append(query)
         self._pending = []
         for key, queries in by_space.items():
             width = np.shape(queries[-1].vector)
@@ -152,17 +168,28 @@ class TrafficMoments:
                     vectors.append(query.vector)
             window = self._spaces.pop(key, None)  # re-inserted: the dict's order is recency
             if window is None or window.width != width:
+                if not self._make_room():
+                    continue
                 # The detector's embedder makes text vectors (unit length): only a
                 # classifier's rows hold numbers the client chose.
-                window = _Window(width, winsorised=not key.endswith(f":{TEXT}"))
+                window = _Window(width, robust=not key.endswith(f":{TEXT}"))
             self._spaces[key] = window
-            if len(self._spaces) > MAX_SPACES:
-                del self._spaces[next(iter(self._spaces))]
             window.add(clients, np.vstack(vectors))
 
+    def _make_room(self) -> bool:
+        """Room for a new space: below ``MAX_SPACES``, or by dropping the least recently fed
+        space still short of ``MIN_ROWS``; a space in use is never dropped for a new one."""
+        if len(self._spaces) < MAX_SPACES:
+            return True
+        young = next((k for k, w in self._spaces.items() if w.filled < MIN_ROWS), None)
+        if young is None:
+            return False
+        del self._spaces[young]
+        return True
+
     def deviation(self, key: str, vectors: np.ndarray) -> np.ndarray | None:
-        """How the mean of ``vectors`` differs from the traffic's, per dimension, in units
-        of its spread (both winsorised alike); None for a space not kept, with fewer than
+        """How ``vectors`` differ from the traffic, per dimension, in units of its spread
+        (medians, or means for text); None for a space not kept, with fewer than
         ``MIN_ROWS`` queries in, or of another width."""
         if self._pending:
             self.flush()
@@ -173,5 +200,5 @@ class TrafficMoments:
         if yardstick is None:
             return None
         vectors = window.narrowed(vectors)
-        held = np.clip(vectors, yardstick.low, yardstick.high) if window.winsorised else vectors
-        return ((held.mean(axis=0, dtype=np.float64) - yardstick.mean) / yardstick.spread).astype(np.float32)
+        mine = _middle_mean(np.sort(vectors, axis=0)) if window.robust else vectors.mean(axis=0, dtype=np.float64)
+        return ((mine - yardstick.centre) / yardstick.spread).astype(np.float32)
