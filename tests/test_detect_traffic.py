@@ -11,6 +11,7 @@ from modelfence.detect.traffic import (
     MAX_DIMS,
     MAX_SPACES,
     MIN_ROWS,
+    STALE_FLUSHES,
     WINDOW,
     TrafficMoments,
 )
@@ -170,3 +171,32 @@ def test_a_client_whose_only_row_is_the_oldest_keeps_its_place_when_it_sends_aga
     window = traffic._spaces["m:vec1"]
     assert sorted(slot for slots in window._slots.values() for slot in slots) == list(range(WINDOW))
     assert [window._owners[slot] for slot in range(4)] == ["c0", "c1", "c2", "new"]
+
+
+def test_binary_features_do_not_leave_a_spread_of_nothing() -> None:
+    """Most spreads of one-hot or binary features are 0: the floor is the median of the
+    others, not 0, so the dense dimensions still count."""
+    rng = np.random.default_rng(12)
+
+    def rows(n: int, bias: float) -> np.ndarray:
+        return np.hstack([rng.normal(bias, 1.0, (n, 5)), (rng.random((n, 15)) < 0.2).astype(float)])
+
+    traffic = TrafficMoments()
+    feed(traffic, rows(WINDOW, 0.0))
+    bots = [traffic.deviation("m:vec20", rows(40, 0.7)) for _ in range(6)]
+    assert np.mean([cosine(a, b) for i, a in enumerate(bots) for b in bots[i + 1 :]]) > 0.5
+    assert all(np.all(np.abs(d) <= 1e3) for d in bots if d is not None)
+
+
+def test_a_space_no_longer_fed_makes_room_for_a_new_one() -> None:
+    traffic = TrafficMoments()
+    for width in range(3, 3 + MAX_SPACES):
+        feed(traffic, np.arange(float(MIN_ROWS))[:, None] * np.ones((1, width)))
+        traffic.deviation(f"m:vec{width}", np.ones((1, width)))  # a flush each
+    for _ in range(STALE_FLUSHES):  # only the first space stays fed
+        feed(traffic, np.ones((1, 3)))
+        traffic.deviation("m:vec3", np.ones((1, 3)))
+    feed(traffic, np.arange(float(MIN_ROWS))[:, None] * np.ones((1, 40)))
+    assert traffic.deviation("m:vec40", np.ones((1, 40))) is not None
+    assert traffic.deviation("m:vec3", np.ones((1, 3))) is not None
+    assert traffic.deviation("m:vec4", np.ones((1, 4))) is None  # the least recently fed

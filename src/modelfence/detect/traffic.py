@@ -7,16 +7,18 @@ the latest answered queries of each model and input space (``WINDOW``, at most
 ``CLIENT_ROWS`` of each client: its newest replace its oldest) and says how far a key's
 queries lie from them, per dimension, in units of their spread.
 
-Clients choose the numbers in a classifier's rows, so there the yardstick is the window's
-per-dimension median and median absolute deviation, and a key's place its own median: rows
-of 1e15, or a quarter of the window from one client, do not move it, and clients together
-move it only once they hold about half the window (with 32 rows each, 32 clients). Text
+Clients choose the numbers in a classifier's rows, so there the yardstick is, per
+dimension, the mean of the window's middle half (between its quartiles) and its
+interquartile range, and a key's place the mean of its own rows' middle half: rows of 1e15
+count no more than any row beyond a quartile, and clients together move it only a little
+until they hold about a quarter of the window (with 32 rows each, 16 clients). Text
 vectors come from the detector's own embedder, unit length, and are compared by means and
-standard deviations (most of their dimensions are zero in most texts, where a median says
+standard deviations (most of their dimensions are zero in most texts, where quartiles say
 nothing); there, several clients sending one text move the yardstick with their share. No
-dimension's spread counts as less than the median dimension's: one rare value in a
-dimension the traffic hardly uses does not outweigh the rest. Rows wider than ``MAX_DIMS``
-are kept at a stride.
+dimension's spread counts as less than the median of the dimensions' spreads that are not
+zero: one rare value in a dimension the traffic hardly uses does not outweigh the rest.
+Deviations are capped at ``MAX_DEVIATION`` spreads. Rows wider than ``MAX_DIMS`` are kept
+at a stride.
 
 The window is filled in the order queries came and its yardstick made when a lockstep pass
 asks (again once as many rows came in as when it was last made, at most ``REMAKE_ROWS``),
@@ -40,8 +42,11 @@ _IQR_TO_SD = 1.349  # a normal distribution's interquartile range per standard d
 CLIENT_ROWS = WINDOW // 64
 MAX_DIMS = 512  # a window of 2,048 rows of 512 float32 values holds 4 MiB
 # Spaces kept: answered queries only, so these are the configured models' inputs; past
-# this many, the one least recently fed makes room.
+# this many, a new one takes the place of the least recently fed space that is not yet in
+# use (under MIN_ROWS) or has not been fed for STALE_FLUSHES flushes (a retired model's).
 MAX_SPACES = 16
+STALE_FLUSHES = 64
+MAX_DEVIATION = 1e3
 
 
 def space_key(query: Query) -> str:
@@ -63,7 +68,7 @@ def _middle_mean(ordered: np.ndarray) -> np.ndarray:
 class _Yardstick:
     centre: np.ndarray  # per dimension: the window's interquartile mean (a classifier's) or mean
     spread: np.ndarray  # its interquartile range as a standard deviation, or its standard
-    # deviation; never below the median dimension's
+    # deviation; never below the median of those not zero
 
 
 class _Window:
@@ -72,7 +77,8 @@ class _Window:
 
     def __init__(self, width: tuple[int, ...], *, robust: bool) -> None:
         self.width = width
-        self.robust = robust  # medians and MADs (a classifier's rows), else means and SDs
+        self.robust = robust  # middle means and IQRs (a classifier's rows), else means and SDs
+        self.fed_at = 0  # the flush that last fed it
         self.stride = -(-width[0] // MAX_DIMS) if width else 1
         kept = (-(-width[0] // self.stride),) if width else ()
         self.rows = np.zeros((WINDOW, *kept), dtype=np.float32)
@@ -111,8 +117,8 @@ class _Window:
 
     def yardstick(self) -> _Yardstick | None:
         """The yardstick of the window, made again once as many rows came in as when it was
-        last made, at most ``REMAKE_ROWS`` (medians of 2,048 rows of 384 values take tens of
-        milliseconds: made for every pass, they would cost more than the queries' own
+        last made, at most ``REMAKE_ROWS`` (sorting 2,048 rows of 384 values takes tens of
+        milliseconds: made for every pass, it would cost more than the queries' own
         detection)."""
         if self.filled < MIN_ROWS:
             return None
@@ -125,7 +131,10 @@ class _Window:
                 spread = (ordered[-quarter - 1] - ordered[quarter]).astype(np.float64) / _IQR_TO_SD
             else:
                 centre, spread = window.mean(axis=0, dtype=np.float64), window.std(axis=0, dtype=np.float64)
-            floor = float(np.median(spread)) + 1e-12
+            # Binary, one-hot and count features leave most spreads 0: the floor is the
+            # median of those that are not.
+            varied = spread[spread > 0]
+            floor = float(np.median(varied)) if varied.size else 1.0
             self._yardstick = _Yardstick(centre, np.maximum(spread.astype(np.float64), floor))
             self._made_at = self.written
         return self._yardstick
@@ -140,6 +149,7 @@ class TrafficMoments:
         self._skip = skip
         self._spaces: dict[str, _Window] = {}
         self._pending: list[Query] = []
+        self._flushes = 0
 
     def add(self, query: Query) -> None:
         """Take in one query: an answered one with a vector, in a space not skipped."""
@@ -153,6 +163,7 @@ class TrafficMoments:
 
     def flush(self) -> None:
         """Write the queries taken in since the last flush, in the order they came."""
+        self._flushes += 1
         by_space: dict[str, list[Query]] = {}
         for query in self._pending:
             key = space_key(query)
@@ -173,23 +184,25 @@ class TrafficMoments:
                 # The detector's embedder makes text vectors (unit length): only a
                 # classifier's rows hold numbers the client chose.
                 window = _Window(width, robust=not key.endswith(f":{TEXT}"))
+            window.fed_at = self._flushes
             self._spaces[key] = window
             window.add(clients, np.vstack(vectors))
 
     def _make_room(self) -> bool:
-        """Room for a new space: below ``MAX_SPACES``, or by dropping the least recently fed
-        space still short of ``MIN_ROWS``; a space in use is never dropped for a new one."""
+        """Room for a new space: below ``MAX_SPACES``, or in place of the least recently fed
+        space not yet in use or not fed for ``STALE_FLUSHES`` flushes; never of one in use."""
         if len(self._spaces) < MAX_SPACES:
             return True
-        young = next((k for k, w in self._spaces.items() if w.filled < MIN_ROWS), None)
-        if young is None:
+        stale = self._flushes - STALE_FLUSHES
+        gone = next((k for k, w in self._spaces.items() if w.filled < MIN_ROWS or w.fed_at <= stale), None)
+        if gone is None:
             return False
-        del self._spaces[young]
+        del self._spaces[gone]
         return True
 
     def deviation(self, key: str, vectors: np.ndarray) -> np.ndarray | None:
         """How ``vectors`` differ from the traffic, per dimension, in units of its spread
-        (medians, or means for text); None for a space not kept, with fewer than
+        (middle means, or means for text); None for a space not kept, with fewer than
         ``MIN_ROWS`` queries in, or of another width."""
         if self._pending:
             self.flush()
@@ -201,4 +214,5 @@ class TrafficMoments:
             return None
         vectors = window.narrowed(vectors)
         mine = _middle_mean(np.sort(vectors, axis=0)) if window.robust else vectors.mean(axis=0, dtype=np.float64)
-        return ((mine - yardstick.centre) / yardstick.spread).astype(np.float32)
+        deviation = np.clip((mine - yardstick.centre) / yardstick.spread, -MAX_DEVIATION, MAX_DEVIATION)
+        return deviation.astype(np.float32)
