@@ -46,6 +46,7 @@ Per embedder (``hashing``, and MiniLM int8 ONNX in float32 and multiplying in in
     python bench/detector_throughput.py --embedder hashing --events 10000 --seconds 5
     python bench/detector_throughput.py --profile --embedder minilm
     python bench/detector_throughput.py --embedder minilm-int8 --slow-batches 1
+    python bench/detector_throughput.py --embedder hashing --rate 4000 --seed 7   # another population
     python bench/detector_throughput.py --store postgresql://postgres@127.0.0.1:5432/scratch
 
 ``--store`` defaults to a fresh temporary SQLite file per run; a given URL is used as it
@@ -528,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="state database URL (default: a fresh temporary SQLite per run)")
     parser.add_argument("--profile", action="store_true",
                         help="profile a second lag run of the first embedder (cProfile)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="population of the capacity run (the lag run's is seed + 1): another "
+                        "seed draws other clients, to report on a population no change was tuned on")
     parser.add_argument("--save-risks", type=Path, default=None, metavar="FILE",
                         help="write each capacity run's published level and risk per client "
                         "(JSON, sorted keys) to FILE, to compare two versions' verdicts")
@@ -556,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"embedders: {', '.join(embedders)}")
 
     started = time.perf_counter()
-    events = build_events(args.events, seed=1)
+    events = build_events(args.events, seed=args.seed)
     print(f"events: {describe(events)} (built in {time.perf_counter() - started:.1f} s)")
     print()
 
@@ -572,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[f"{name}: ≥ {TARGET_PER_CORE:,.0f} events/s per core"] = per_core >= TARGET_PER_CORE
 
         rate = args.rate or min(args.max_rate, LOAD_SHARE * min(per_core, wall_rate))
-        offered = build_events(max(1, int(rate * args.seconds)), seed=2)
+        offered = build_events(max(1, int(rate * args.seconds)), seed=args.seed + 1)
         rates[name], offered_for[name] = rate, offered
         window, metrics = lag_run(name, args.store, offered, rate)
         print("\n".join(lag_lines(name, rate, args.seconds, window, metrics)), flush=True)

@@ -11,11 +11,17 @@ linked whenever its timing overlaps. Also three sets of real digits,
 uniform noise, and random honest subsets of the digits (sizes 10-128) against each other
 and against the thief, the rates at which they reach the line.
 
-    python bench/lockstep_signatures.py
+    python bench/lockstep_signatures.py              # the demo's actors
+    python bench/lockstep_signatures.py --seed 7     # a fresh population of the same kinds
+
+The bots here do not adapt to the rule: each draws from one script's distribution. A
+botnet that gives each key its own distribution is not linked by this rule, nor by the
+reference's cells.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import numpy as np
@@ -23,7 +29,7 @@ from sklearn.datasets import load_digits
 
 from modelfence.detect.coactivity import MIN_COSINE
 from modelfence.detect.features import Query
-from modelfence.detect.traffic import TrafficMoments
+from modelfence.detect.traffic import TrafficWindows
 from modelfence.telemetry.events import RequestEvent
 
 DIGITS = np.asarray(load_digits().data, dtype=np.float32)
@@ -50,13 +56,20 @@ def raw(rows: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0,
+                        help="0: the demo's own actors; another draws other probes, other honest "
+                        "digits and other honest sets (a population no design choice looked at)")
+    seed = parser.parse_args().seed
+    at, start = seed * 10_000, (seed * 211) % 1_300  # the bots' probe seeds, the honest digits
     actors = {
-        "thief": probes(range(90)), "bot-1": probes(range(1000, 1030)),
-        "bot-2": probes(range(2000, 2030)), "bot-3": probes(range(3000, 3030)),
-        "hydra": probes(range(2000, 2024)), "trial-user": DIGITS[0:10],
-        "newcomer": DIGITS[300:428], "bob": DIGITS[0:32], "copycat": copied(),
+        "thief": probes(range(at, at + 90)), "bot-1": probes(range(at + 1000, at + 1030)),
+        "bot-2": probes(range(at + 2000, at + 2030)), "bot-3": probes(range(at + 3000, at + 3030)),
+        "hydra": probes(range(at + 2000, at + 2024)), "trial-user": DIGITS[start : start + 10],
+        "newcomer": DIGITS[start + 300 : start + 428], "bob": DIGITS[start : start + 32],
+        "copycat": copied(),
     }
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     events = {actor: RequestEvent(ts=0.0, request_id="r", key_id="k", client=actor, tier="default",
                                   model="digits", route="/v2/models/digits/infer", status=200)
               for actor in actors}
@@ -86,7 +99,7 @@ def main() -> None:
         print(f"honest actor with a bot: max {max(crossing):.2f}, "
               f"{sum(c >= MIN_COSINE for c in crossing)} of {len(crossing)} pairs at the line")
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1 + seed)
     subsets = [DIGITS[rng.choice(len(DIGITS), n, replace=False)] for n in (10, 16, 32, 64, 128) for _ in range(40)]
     noise = rng.uniform(0, 16, (50, 64)).astype(np.float32)
     print(f"\nraw: digits[0:300] vs digits[300:600] {float(raw(DIGITS[:300]) @ raw(DIGITS[300:600])):.2f}, "

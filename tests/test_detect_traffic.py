@@ -13,13 +13,13 @@ from modelfence.detect.traffic import (
     MIN_ROWS,
     STALE_FLUSHES,
     WINDOW,
-    TrafficMoments,
+    TrafficWindows,
 )
 
 from .test_detect_streams import event
 
 
-def feed(traffic: TrafficMoments, rows: np.ndarray, *, model: str = "m", status: int = 200,
+def feed(traffic: TrafficWindows, rows: np.ndarray, *, model: str = "m", status: int = 200,
          clients: int = 100, client: str | None = None) -> None:
     """Rows in turn from ``clients`` clients (or all from ``client``)."""
     for i, row in enumerate(rows):
@@ -35,7 +35,7 @@ def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float:
 def test_a_key_is_measured_against_the_middle_half_of_the_latest_traffic() -> None:
     rng = np.random.default_rng(3)
     rows = rng.standard_t(3, (3 * WINDOW, 5)).astype(np.float32) * np.array([3.0, 1.0, 1.0, 0.1, 2.0]) + 2.0
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     feed(traffic, rows[: MIN_ROWS * 2])
     assert traffic.deviation("m:vec5", rows[:2]) is not None  # made here, made again below
     feed(traffic, rows[MIN_ROWS * 2 :])
@@ -57,7 +57,7 @@ def test_a_key_is_measured_against_the_middle_half_of_the_latest_traffic() -> No
 
 
 def test_the_yardstick_waits_for_its_first_rows_and_leaves_refused_requests_out() -> None:
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     feed(traffic, np.random.default_rng(4).normal(0.0, 1.0, (MIN_ROWS - 1, 2)))
     assert traffic.deviation("m:vec2", np.zeros((1, 2))) is None
     feed(traffic, np.full((MIN_ROWS * 4, 2), 100.0), status=429)
@@ -70,14 +70,14 @@ def test_clients_cannot_move_the_yardstick_with_huge_numbers_or_many_rows() -> N
     rng = np.random.default_rng(5)
     honest = rng.normal(0.0, 1.0, (WINDOW, 8))
     probe = honest[:50] + np.array([0.5, -0.5] * 4)
-    clean = TrafficMoments()
+    clean = TrafficWindows()
     feed(clean, honest)
     for poisoners, poison in (
         (1, np.array([[1e15] * 8, [-1e15] * 8] * 15)),  # 30 rows of the largest values kept
         (1, np.full((WINDOW // 4, 8), 30.0)),  # a quarter of the window, from one client
         (8, np.full((8 * CLIENT_ROWS, 8), 30.0)),  # 12.5% of it, from eight clients
     ):
-        poisoned = TrafficMoments()
+        poisoned = TrafficWindows()
         feed(poisoned, honest[:1000])
         feed(poisoned, poison, clients=poisoners)
         feed(poisoned, honest[1000:])
@@ -85,7 +85,7 @@ def test_clients_cannot_move_the_yardstick_with_huge_numbers_or_many_rows() -> N
 
 
 def test_a_window_keeps_each_clients_newest_rows_and_no_more() -> None:
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     feed(traffic, np.zeros((MIN_ROWS, 1)), clients=MIN_ROWS // CLIENT_ROWS)
     feed(traffic, np.ones((3 * CLIENT_ROWS, 1)), client="c0")  # c0's newest replace its oldest
     assert traffic.deviation("m:vec1", np.ones((1, 1))) is not None
@@ -96,7 +96,7 @@ def test_a_window_keeps_each_clients_newest_rows_and_no_more() -> None:
 
 def test_a_rare_value_in_a_dimension_the_traffic_hardly_uses_does_not_outweigh_the_rest() -> None:
     rng = np.random.default_rng(9)
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     feed(traffic, np.hstack([rng.normal(0.0, 1.0, (WINDOW, 7)), np.zeros((WINDOW, 1))]))
     bias = np.array([1.0, -1.0, 1.0, 1.0, -1.0, 1.0, -1.0, 0.0])
     mine = rng.normal(0.0, 1.0, (40, 8)) * [1, 1, 1, 1, 1, 1, 1, 0] + 0.5 * bias
@@ -109,21 +109,21 @@ def test_spaces_are_bounded_a_space_in_use_is_kept_and_wide_rows_are_strided() -
     def rows(width: int, n: int = MIN_ROWS) -> np.ndarray:
         return np.arange(float(n))[:, None] * np.ones((1, width))
 
-    def kept(traffic: TrafficMoments, widths: range) -> list[int]:
+    def kept(traffic: TrafficWindows, widths: range) -> list[int]:
         return [w for w in widths if traffic.deviation(f"m:vec{w}", np.ones((1, w))) is not None]
 
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for width in range(3, 3 + MAX_SPACES):
         feed(traffic, rows(width))
     feed(traffic, rows(40))  # a new space finds no room: each space kept is in use
     assert kept(traffic, range(3, 41)) == list(range(3, 3 + MAX_SPACES))
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for width in range(3, 3 + MAX_SPACES - 1):
         feed(traffic, rows(width))
     feed(traffic, rows(30, 5))  # a space not yet in use
     feed(traffic, rows(31))  # makes room for a new one
     assert kept(traffic, range(3, 41)) == [*range(3, 2 + MAX_SPACES), 31]
-    wide = TrafficMoments()
+    wide = TrafficWindows()
     feed(wide, np.random.default_rng(8).normal(0.0, 1.0, (MIN_ROWS, 4 * MAX_DIMS + 1)))
     deviation = wide.deviation(f"m:vec{4 * MAX_DIMS + 1}", np.ones((1, 4 * MAX_DIMS + 1)))
     assert deviation is not None and len(deviation) <= 512
@@ -131,7 +131,7 @@ def test_spaces_are_bounded_a_space_in_use_is_kept_and_wide_rows_are_strided() -
 
 def test_two_models_taking_rows_of_one_width_are_two_yardsticks() -> None:
     rng = np.random.default_rng(8)
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for n in range(MIN_ROWS * 2):
         feed(traffic, rng.normal(0.0, 1.0, (1, 3)), model="a", client=f"a{n % 50}")
         feed(traffic, rng.normal(5.0, 1.0, (1, 3)), model="b", client=f"b{n % 50}")
@@ -143,7 +143,7 @@ def test_a_window_stays_consistent_whoever_sends_what() -> None:
     """Every slot belongs to one client's list, no client holds more than its share, and
     each slot holds a row its client sent, through many random senders and wrap-arounds."""
     rng = np.random.default_rng(11)
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     sent: dict[str, list[float]] = {}
     for _ in range(WINDOW * 3):
         client = f"c{min(int(rng.exponential(30.0)), 400)}"  # a few busy clients, many quiet
@@ -161,7 +161,7 @@ def test_a_window_stays_consistent_whoever_sends_what() -> None:
 
 
 def test_a_client_whose_only_row_is_the_oldest_keeps_its_place_when_it_sends_again() -> None:
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for n in range(WINDOW):  # one row from each of WINDOW clients: the ring is full
         feed(traffic, np.array([[float(n)]]), client=f"c{n}")
     for n in range(3):  # the oldest rows' own clients send again, and then a newcomer
@@ -181,7 +181,7 @@ def test_binary_features_do_not_leave_a_spread_of_nothing() -> None:
     def rows(n: int, bias: float) -> np.ndarray:
         return np.hstack([rng.normal(bias, 1.0, (n, 5)), (rng.random((n, 15)) < 0.2).astype(float)])
 
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     feed(traffic, rows(WINDOW, 0.0))
     bots = [traffic.deviation("m:vec20", rows(40, 0.7)) for _ in range(6)]
     assert np.mean([cosine(a, b) for i, a in enumerate(bots) for b in bots[i + 1 :]]) > 0.5
@@ -189,7 +189,7 @@ def test_binary_features_do_not_leave_a_spread_of_nothing() -> None:
 
 
 def test_a_space_no_longer_fed_makes_room_for_a_new_one() -> None:
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for width in range(3, 3 + MAX_SPACES):
         feed(traffic, np.arange(float(MIN_ROWS))[:, None] * np.ones((1, width)))
         traffic.deviation(f"m:vec{width}", np.ones((1, width)))  # a flush each

@@ -18,7 +18,7 @@ from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine, Verdict
 from modelfence.detect.features import ClientState, Query, View, space_of
 from modelfence.detect.reference import Reference
-from modelfence.detect.traffic import TrafficMoments
+from modelfence.detect.traffic import TrafficWindows
 from modelfence.redteam.attacks.classifier import DigitsData
 from modelfence.redteam.populations.benign import BenignPopulation
 from modelfence.redteam.prompts import load_prompts
@@ -344,7 +344,7 @@ def _lockstep_links(plans: list[PlannedRequest], profiles: dict[str, ClientProfi
     states: dict[str, ClientState] = {}
     found: set[tuple[str, str]] = set()
     checked = events[0].ts
-    traffic = TrafficMoments()
+    traffic = TrafficWindows()
     for query in DetectionEngine(CONFIG).queries_of(events):
         now = query.event.ts
         client = query.event.client

@@ -30,7 +30,7 @@ import numpy as np
 
 from modelfence.detect.features import ClientState
 from modelfence.detect.reference import Reference
-from modelfence.detect.traffic import TrafficMoments, space_key
+from modelfence.detect.traffic import TrafficWindows, space_key
 
 SLOT_SECONDS = 10.0
 SPAN_SECONDS = 600.0
@@ -54,7 +54,7 @@ class Activity:
 
 
 def activity_of(
-    state: ClientState, now: float, reference: Reference | None, traffic: TrafficMoments
+    state: ClientState, now: float, reference: Reference | None, traffic: TrafficWindows
 ) -> Activity | None:
     if now - state.first_ts > YOUNG_SECONDS or not state.queries:
         return None

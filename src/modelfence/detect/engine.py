@@ -37,7 +37,7 @@ from modelfence.detect.features import ClientState, Query, View, event_ts, space
 from modelfence.detect.linking import Linker
 from modelfence.detect.reference import Reference
 from modelfence.detect.risk import Reason, RiskState
-from modelfence.detect.traffic import TrafficMoments
+from modelfence.detect.traffic import TrafficWindows
 from modelfence.telemetry.events import RequestEvent
 from modelfence.telemetry.prompts import elicits_reasoning
 
@@ -144,7 +144,7 @@ class DetectionEngine:
         self._busy: dict[str, float] = {}
         self.clamped_rows = 0  # classifier rows with a value beyond ±CLAMP
         # What lockstep compares keys with in the spaces the reference has no cells for.
-        self.traffic = TrafficMoments(skip=frozenset(reference.spaces) if reference else frozenset())
+        self.traffic = TrafficWindows(skip=frozenset(reference.spaces) if reference else frozenset())
         # Called with the client's verdict at every evaluation, inside a batch too: replay
         # measures "queries before the first flag" with it, exactly, whatever the batching.
         self.listener: Callable[[Verdict], None] | None = None

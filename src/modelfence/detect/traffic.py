@@ -2,7 +2,7 @@
 linking without a reference (``coactivity.py``).
 
 Two honest keys drawing from the traffic's distribution differ from it in unrelated
-directions; the keys of one script share the script's bias. :class:`TrafficMoments` keeps
+directions; the keys of one script share the script's bias. :class:`TrafficWindows` keeps
 the latest answered queries of each model and input space (``WINDOW``, at most
 ``CLIENT_ROWS`` of each client: its newest replace its oldest) and says how far a key's
 queries lie from them, per dimension, in units of their spread.
@@ -140,7 +140,7 @@ class _Window:
         return self._yardstick
 
 
-class TrafficMoments:
+class TrafficWindows:
     """The latest answered queries of each model and input space, and what a key's queries
     look like against them (see the module docstring); ``skip`` names input spaces left
     out (a reference's, whose cells lockstep uses instead)."""
