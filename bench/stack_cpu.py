@@ -15,6 +15,11 @@ CPU does not), steady enough to compare two commits:
     python bench/stack_cpu.py --route batch64 --requests 1000  # 64-row classifier batches
     PYTHONPATH=/path/to/other/checkout/src python bench/stack_cpu.py   # another commit
     python bench/stack_cpu.py --profile                     # cProfile of the measured loop
+    python bench/stack_cpu.py --gc --no-freeze              # collector pauses, heap not frozen
+
+Like ``modelfence serve``, it freezes start-up's objects out of the collector's reach
+(``modelfence.heap``) before measuring; ``--no-freeze`` leaves them in, ``--gc`` prints
+the collector's pauses during the measured rounds.
 
 Pin it to a core (``taskset -c 1``) and compare the minimum over rounds.
 """
@@ -35,6 +40,7 @@ import orjson
 from modelfence.app import create_app
 from modelfence.config import Config
 from modelfence.gateway.upstream import UpstreamRequest
+from modelfence.heap import PauseWatch, freeze_startup
 
 ANSWER = orjson.dumps({
     "id": "x", "object": "chat.completion", "created": 1, "model": "fake-chat",
@@ -126,7 +132,7 @@ async def call(app: Any, key: str, n: int, route: str) -> None:
         raise SystemExit(f"request {n} answered {status}")
 
 
-async def measure(args: argparse.Namespace) -> list[float]:
+async def measure(args: argparse.Namespace, pauses: dict[int, list[float]]) -> list[float]:
     workdir = tempfile.mkdtemp(prefix="modelfence-stack-")
     config = Config.model_validate({
         "upstreams": [{"name": "fake", "url": "http://127.0.0.1:9", "kind": "openai",
@@ -151,6 +157,10 @@ async def measure(args: argparse.Namespace) -> list[float]:
     try:
         for n in range(300):  # warm caches, the key's first lookup, the limits' state
             await call(app, key, n, args.route)
+        if not args.no_freeze:
+            freeze_startup()  # what `modelfence serve` does once started
+        if args.gc:
+            PauseWatch(lambda g, s: pauses[g].append(s)).start()
         for _ in range(args.rounds):
             await asyncio.sleep(0.3)
             profile = cProfile.Profile() if args.profile else None
@@ -183,6 +193,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     parser.add_argument("--profile", action="store_true", help="cProfile each round")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave start-up's objects to the collector (serve freezes them)")
+    parser.add_argument("--gc", action="store_true", help="print the collector's pauses")
     args = parser.parse_args()
     try:
         import uvloop
@@ -190,11 +203,19 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    rounds = asyncio.run(measure(args))
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    rounds = asyncio.run(measure(args, pauses))
     print(f"{args.route}, limits {args.backend}, telemetry {'off' if args.no_telemetry else 'on'}, "
-          f"detection {'on' if args.detection else 'off'}: "
+          f"detection {'on' if args.detection else 'off'}, "
+          f"heap {'not frozen' if args.no_freeze else 'frozen'}: "
           f"CPU µs per request min {min(rounds):.1f} (rounds: "
           + ", ".join(f"{r:.1f}" for r in rounds) + ")")
+    if args.gc:
+        served = args.requests * args.rounds
+        for generation, seen in pauses.items():
+            print(f"  generation {generation} collections: {len(seen)}, "
+                  f"{sum(seen) * 1e6 / served:.1f} µs per request, "
+                  f"longest {max(seen, default=0) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

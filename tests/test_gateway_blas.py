@@ -18,10 +18,11 @@ def test_run_gateway_limits_blas_to_one_thread(monkeypatch: pytest.MonkeyPatch) 
     assert np.ones((2, 2)) @ np.ones(2) is not None  # numpy's BLAS is loaded
     seen: list[int] = []
 
-    def serve(app: Any, **_: Any) -> None:  # what uvicorn.run would run, with the limits then
+    def serve(server: uvicorn.Server, *_: Any) -> None:  # what the server runs, limits then
         seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        server.started = True
 
-    monkeypatch.setattr(uvicorn, "run", serve)
+    monkeypatch.setattr(uvicorn.Server, "run", serve)
     with threadpool_limits(2, user_api="blas"):  # as on a 2-core machine; restored after
         run_gateway(object(), ServerConfig(), on_close=lambda _: None, host="127.0.0.1",  # type: ignore[arg-type]
                     port=0, log_level="info")

@@ -111,6 +111,7 @@ def serve(
         gateway,
         config.server,
         on_close=gateway.metrics.connection_closed,
+        on_gc_pause=gateway.metrics.gc_pause,
         host=host or config.server.host,
         port=config.server.port if port is None else port,
         log_level=config.log_level,
@@ -173,6 +174,7 @@ def detect(
 ) -> None:
     """Run a detection worker on the Redis event streams (config detection.feed: redis)."""
     from modelfence.detect.process import run_worker
+    from modelfence.heap import freeze_startup
 
     config = _load(ctx)
     _setup_logging(config.log_level)
@@ -180,7 +182,7 @@ def detect(
         errors.print("[red]error:[/red] detection.feed is 'process': `serve` runs the detector itself")
         raise typer.Exit(2)
     try:
-        asyncio.run(run_worker(config, worker, workers))
+        asyncio.run(run_worker(config, worker, workers, on_ready=freeze_startup))
     except (ValueError, ModelFenceError) as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc

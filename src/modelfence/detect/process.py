@@ -39,6 +39,7 @@ from modelfence.detect.feeds import (
 )
 from modelfence.detect.metrics import ChildReports, DetectorMetrics
 from modelfence.errors import ModelFenceError
+from modelfence.heap import freeze_startup
 from modelfence.redisconn import connect
 from modelfence.redisurl import is_redis_url
 from modelfence.store import create_tables, open_engine
@@ -100,7 +101,7 @@ async def run_service(
     feed: EventFeed,
     *,
     shared: Redis | RedisCluster | None = None,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[], object] | None = None,
     metrics: DetectorMetrics | None = None,
 ) -> None:
     """Run one detector on ``feed`` until it closes; ``on_ready`` once it is reading."""
@@ -186,7 +187,12 @@ def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
     _exit_with_parent()
     metrics = DetectorMetrics()
     _report_to_parent(ChildReports(reports_queue), metrics)
-    asyncio.run(run_service(config, QueueFeed(q), on_ready=ready.set, metrics=metrics))
+
+    def started() -> None:
+        freeze_startup()  # this process serves until the gateway stops it
+        ready.set()
+
+    asyncio.run(run_service(config, QueueFeed(q), on_ready=started, metrics=metrics))
 
 
 class DetectorDied(ModelFenceError):
@@ -299,8 +305,11 @@ class DetectorProcess:
         self.queue.join_thread()
 
 
-async def run_worker(config: Config, worker: int, workers: int) -> None:
-    """One ``modelfence detect`` worker consuming its partitions of the event streams."""
+async def run_worker(
+    config: Config, worker: int, workers: int, *, on_ready: Callable[[], object] | None = None
+) -> None:
+    """One ``modelfence detect`` worker consuming its partitions of the event streams;
+    ``on_ready`` once it is reading (the CLI freezes the start-up heap there)."""
     redis = redis_client(config)
     partitions = worker_partitions(worker, workers, config.detection.partitions)
     log.info("detect worker %d/%d: partitions %s", worker, workers, partitions)
@@ -308,7 +317,7 @@ async def run_worker(config: Config, worker: int, workers: int) -> None:
     try:
         server = serve_metrics(config, metrics)
         feed = RedisStreamFeed(redis, partitions, consumer=f"worker-{worker}")
-        await run_service(config, feed, shared=redis, metrics=metrics)
+        await run_service(config, feed, shared=redis, on_ready=on_ready, metrics=metrics)
     finally:
         if server is not None:
             await asyncio.to_thread(server.shutdown)  # waits for its poll loop to notice

@@ -18,16 +18,21 @@ Client addresses come only from the socket: uvicorn's ``proxy_headers`` would be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import STARTUP_FAILURE
 
 from modelfence.config import ServerConfig
+from modelfence.heap import PauseWatch, freeze_startup
 from modelfence.throttled_log import ThrottledLog
 from modelfence.types import ASGIApp
 
@@ -160,10 +165,15 @@ def run_gateway(
     host: str,
     port: int,
     log_level: str,
+    on_gc_pause: Callable[[int, float], None] | None = None,
 ) -> None:
-    """Serve ``app`` until interrupted; ``on_close(phase)`` counts slow connections closed."""
+    """Serve ``app`` until interrupted; ``on_close(phase)`` counts slow connections closed.
+
+    Once the app's start-up is done, what it built is frozen out of the garbage collector's
+    reach (:func:`~modelfence.heap.freeze_startup`) and each collection's pause goes to
+    ``on_gc_pause(generation, seconds)``.
+    """
     import numpy  # noqa: F401 - its BLAS must be loaded for the limit below to reach it
-    import uvicorn
     from threadpoolctl import threadpool_limits
 
     # The gateway's numpy work (label, region and embedding marks) is small matrices on the
@@ -176,7 +186,7 @@ def run_gateway(
         on_close(phase)
         slow_log.warning("closed a connection from %s: request %s", client, _DESCRIPTIONS[phase])
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -193,3 +203,27 @@ def run_gateway(
         backlog=server.backlog,
         timeout_graceful_shutdown=10,
     )
+    gateway = _SettledServer(config, on_gc_pause=on_gc_pause)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        gateway.run()
+    if not gateway.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+class _SettledServer(uvicorn.Server):
+    """uvicorn's server, with the heap frozen once the app has started (see run_gateway)."""
+
+    def __init__(
+        self, config: uvicorn.Config, *, on_gc_pause: Callable[[int, float], None] | None
+    ) -> None:
+        super().__init__(config)
+        self._on_gc_pause = on_gc_pause
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.should_exit:  # start-up failed
+            return
+        frozen = freeze_startup()
+        log.debug("froze %d objects of start-up out of the collector's reach", frozen)
+        if self._on_gc_pause is not None:
+            PauseWatch(self._on_gc_pause).start()

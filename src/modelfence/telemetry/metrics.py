@@ -12,6 +12,7 @@ microseconds on every request otherwise.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -231,6 +232,22 @@ class Metrics:
             "Times the gateway restarted its detector child process after it died.",
             registry=self.registry,
         )
+        gc_pause = Histogram(
+            "modelfence_gc_pause_seconds",
+            "Pauses of the Python garbage collector in the gateway process, by generation "
+            "(0-2). What start-up built is frozen out of their reach (modelfence.heap); "
+            "generation 2 pauses of tens of milliseconds mean the live heap has grown.",
+            ["generation"],
+            buckets=_LATENCY_BUCKETS[:11],
+            registry=self.registry,
+        )
+        self._gc_pauses = tuple(gc_pause.labels(str(g)) for g in range(3))
+        Gauge(
+            "modelfence_gc_frozen_objects",
+            "Objects built at start-up and frozen out of the garbage collector's reach "
+            "(modelfence.heap); 0 in a process that did not freeze them.",
+            registry=self.registry,
+        ).set_function(gc.get_freeze_count)
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
         # One cap per label of each metric; model labels share the model cap.
         self._caps: dict[int, tuple[LabelCap, ...]] = {}
@@ -310,6 +327,10 @@ class Metrics:
     def region_row(self, model: str) -> None:
         self.models.learn(model)
         self._child(self.region_rows, model).inc()  # type: ignore[attr-defined]
+
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        """``observe`` of a :class:`~modelfence.heap.PauseWatch`."""
+        self._gc_pauses[generation].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
