@@ -1,7 +1,7 @@
 """The garbage collector in a serving process: start-up's objects frozen, pauses counted.
 
 Without the freeze, a full collection under load walked the ~200,000 objects of start-up and
-stopped the gateway's loop for 150–200 ms (``bench/stack_cpu.py --gc``).
+stopped the gateway's loop for about 130 ms (``bench/stack_cpu.py --gc``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def test_a_pause_watch_reports_each_collection_by_generation() -> None:
         gc.collect(1)
     finally:
         watch.stop()
-    assert [g for g, _ in seen] == [1]
-    assert 0 <= seen[0][1] < 10
+    # Another thread may have collected meanwhile: only the collection asked for is sure.
+    assert [s for g, s in seen if g == 1] and all(0 <= s < 10 for _, s in seen)
+    reported = len(seen)
     gc.collect(0)
-    assert len(seen) == 1, "a stopped watch reports nothing"
+    assert len(seen) == reported, "a stopped watch reports nothing"
 
 
 def test_frozen_objects_are_out_of_reach_and_new_ones_are_collected(unfrozen: None) -> None:

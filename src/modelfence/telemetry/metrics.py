@@ -27,6 +27,11 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )
 
+# Young generations take tens of microseconds; a full collection of a large heap, 100 ms.
+_GC_PAUSE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
+)
+
 OTHER = "other"
 SPARE_LABEL_VALUES = 64  # distinct values a label takes beyond the known ones
 MAX_LABEL_CHARS = 128
@@ -238,7 +243,7 @@ class Metrics:
             "(0-2). What start-up built is frozen out of their reach (modelfence.heap); "
             "generation 2 pauses of tens of milliseconds mean the live heap has grown.",
             ["generation"],
-            buckets=_LATENCY_BUCKETS[:11],
+            buckets=_GC_PAUSE_BUCKETS,
             registry=self.registry,
         )
         self._gc_pauses = tuple(gc_pause.labels(str(g)) for g in range(3))
