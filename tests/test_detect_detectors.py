@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ from modelfence.detect.detectors import (
     Volume,
     signal,
 )
+from modelfence.detect.detectors.prada import shapiro_w
 from modelfence.detect.embedding import HashingEmbedder
 from modelfence.detect.engine import DetectionEngine
 from modelfence.detect.features import ClientState, View, min_distances
@@ -62,6 +65,19 @@ def test_min_distances_are_to_earlier_queries_only() -> None:
 def test_prada_fires_on_perturbation_sweeps_not_natural_queries() -> None:
     assert fires(Prada(), perturbation_sweep("a", 120, seed=1))
     assert not fires(Prada(), natural_vectors("b", 120, seed=2))
+
+
+@pytest.mark.parametrize("n", [21, 22, 57, 400, 4_999, 6_000])
+def test_shapiro_w_is_scipys_statistic(n: int) -> None:
+    from scipy.stats import shapiro
+
+    rng = np.random.default_rng(n)
+    for values in (rng.standard_normal(n), rng.exponential(size=n), rng.uniform(size=n),
+                   np.concatenate([rng.normal(0, 1, n // 2), rng.normal(6, 1, n - n // 2)])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns past 5,000 values
+            expected = shapiro(values).statistic
+        assert shapiro_w(values) == pytest.approx(expected, abs=1e-8)
 
 
 def test_sweeps_fires_on_small_steps_not_on_natural_or_exact_retries() -> None:

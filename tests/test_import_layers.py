@@ -5,6 +5,8 @@ into the demo or the red team, and detection and the gateway meet only in ``app.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import modelfence
@@ -64,3 +66,18 @@ def test_the_gateway_takes_nothing_from_detection_but_its_action_vocabulary() ->
         for path, modules in imports_of(PACKAGE, "gateway").items()
     }
     assert {p: m for p, m in crossing.items() if m} == {}
+
+
+def test_serve_the_cli_and_the_detector_start_without_scipy() -> None:
+    """Importing ``scipy.stats`` takes most of a second and ``scipy.special`` or
+    ``scipy.linalg`` a third of one: the gateway, every CLI command and the detector child
+    would each pay it on start for a Poisson tail and one statistic. Verification and
+    profile fitting import SciPy when they run."""
+    code = (
+        "import sys, modelfence.cli, modelfence.app, modelfence.detect.process\n"
+        "from modelfence.detect.process import build_engine\n"
+        "import modelfence.detect.engine, modelfence.detect.service\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('scipy', 'sklearn'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -22,10 +22,10 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import binom
 
 from modelfence.forensics.errors import SuspectUnreachable, VerifyError
 from modelfence.forensics.ranktest import rank_sum_sf
+from modelfence.tails import binom_sf
 from modelfence.watermark.embeddings import MarkLayout
 from modelfence.watermark.ledger import MarkedInput
 from modelfence.watermark.regions import MIN_CLASSES, Probes, RegionMark, region_p_value
@@ -135,7 +135,7 @@ def _dawn_results(
         answers = suspect.labels(model, [r.features for r in rows])
         agree = sum(a == r.label for a, r in zip(answers, rows, strict=True))
         chance = max(1.0 / (r.n_classes - 1) for r in rows)
-        results[client] = (float(binom.sf(agree - 1, len(rows), chance)), agree, len(rows))
+        results[client] = (float(binom_sf(agree - 1, len(rows), chance)), agree, len(rows))
     return results
 
 

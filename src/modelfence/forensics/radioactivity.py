@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binom
 
 from modelfence.forensics.errors import VerifyError
 from modelfence.forensics.model import ModelVerdict, Suspect
 from modelfence.forensics.text import DEFAULT_ALPHA, Tokenize, candidate_seeds
+from modelfence.tails import binom_sf
 from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.text_detect import Pairs, distinct_pairs, green_counts
 
@@ -47,7 +47,7 @@ TOP_CLIENTS = 10  # per-client p-values reported (of possibly thousands tested)
 def green_p_values(pairs: Pairs, seeds: Sequence[int], gamma: float) -> tuple[np.ndarray, np.ndarray]:
     """Green counts ``[keys]`` among ``pairs`` and their exact one-sided binomial p-values."""
     greens = green_counts(seeds, *pairs, gamma)
-    return greens, binom.sf(greens - 1, len(pairs[0]), gamma)
+    return greens, binom_sf(greens - 1, len(pairs[0]), gamma)
 
 
 def verify_chat(

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-from scipy.stats import poisson
 
 from modelfence.config import SurgeConfig
+from modelfence.tails import poisson_sf
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class SignupWatch:
             count = self._count(now - seconds, now)
             expected = rate * seconds
             floor = max(ratio * expected, expected + self._config.min_excess)
-            if count < floor or poisson.sf(count - 1, expected) > self._config.p_value:
+            if count < floor or poisson_sf(count - 1, expected) > self._config.p_value:
                 continue
             start, end = self._segment(now - seconds, now, rate, ratio)
             return self._note(start, end, rate, seconds / HOUR)

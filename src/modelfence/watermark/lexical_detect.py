@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import binom
 
+from modelfence.tails import binom_pmf
 from modelfence.watermark.greenlist import mix
 from modelfence.watermark.lexical import Occurrence, occurrence_code
 
@@ -69,7 +69,7 @@ def poisson_binomial_sf(matches: int, sizes: Sequence[int]) -> float:
     positive, so the tail keeps full relative precision far below 1e-300's neighbourhood)."""
     pmf = np.ones(1)
     for k, n in sorted(Counter(sizes).items()):
-        pmf = np.convolve(pmf, binom.pmf(np.arange(n + 1), n, 1.0 / k))
+        pmf = np.convolve(pmf, binom_pmf(n, 1.0 / k))
     return float(min(1.0, pmf[max(0, matches) :].sum()))
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import scipy.linalg
 
 from modelfence.errors import ConfigError
 from modelfence.keyedhash import hmac_sha256
@@ -207,6 +206,8 @@ def _eigenpairs(cov: npt.NDArray[np.float64], indices: range) -> tuple[
     npt.NDArray[np.float64], npt.NDArray[np.float64],
 ]:
     """The eigenpairs of ``cov`` at ``indices`` in ascending order of eigenvalue."""
+    import scipy.linalg  # here: fitting is offline, and SciPy would add ~0.4 s to every start
+
     if not indices:
         return np.empty(0), np.empty((len(cov), 0))
     values, vectors = scipy.linalg.eigh(cov, subset_by_index=[indices[0], indices[-1]])

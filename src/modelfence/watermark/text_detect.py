@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import binom
 
+from modelfence.tails import binom_sf
 from modelfence.watermark.greenlist import context_codes, is_green, threshold, token_codes
 
 
@@ -88,6 +88,6 @@ def score_pairs(pairs: Pairs, seeds: Sequence[int], *, gamma: float = 0.25) -> T
     greens = green_counts(seeds, previous, current, gamma)
     best = int(np.argmax(greens))
     g = int(greens[best])
-    p = float(binom.sf(g - 1, n, gamma))
+    p = float(binom_sf(g - 1, n, gamma))
     z = (g - gamma * n) / float(np.sqrt(n * gamma * (1 - gamma)))
     return TextScore(best, n, g, z, p, min(1.0, p * keys), keys)
