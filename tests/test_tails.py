@@ -1,4 +1,4 @@
-"""The tails from ``scipy.special`` give what ``scipy.stats`` gives, edges included."""
+"""``modelfence.tails`` gives what ``scipy.stats`` gives, edges included."""
 
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def test_binomial_pmf_matches_scipy_stats_and_sums_to_one(n: int, p: float) -> N
     assert ours.sum() == pytest.approx(1.0, rel=1e-9)
 
 
-@pytest.mark.parametrize("mu", [0.0, 0.3, 4.0, 250.0, 2_000.0, 50_000.0])
+@pytest.mark.parametrize("mu", [0.0, 1e-12, 0.3, 0.99, 4.0, 250.0, 2_000.0, 50_000.0])
 def test_poisson_survival_matches_scipy_stats_on_both_sides_of_the_mean(mu: float) -> None:
-    """Below the mean one minus the lower tail, above it the upper tail; past mu = 745 the
-    lone term exp(-mu) underflows, which summing from the term at k avoids."""
+    """Below the mean one minus the lower tail, above it the upper tail (for mu below 1 too,
+    where one minus a lower tail near 1 would lose the digits); past mu = 745 the lone
+    term exp(-mu) underflows, which summing from the term at k avoids."""
     ks = sorted({*range(-3, 60), *np.linspace(0, 3 * mu + 60, 200).astype(int).tolist()})
     for k in ks:
         expected = float(poisson.sf(k, mu))

@@ -1,10 +1,10 @@
 """The garbage collector in a long-running ModelFence process.
 
-A gateway or detector imports numpy, SciPy, SQLAlchemy, pydantic and the rest: about
-200,000 tracked objects that live as long as the process. CPython's full collection
-(generation 2) walks every one of them and stopped the event loop for about 130 ms each
-time, hundreds of requests' worth of the gateway's own work (``python bench/stack_cpu.py
---gc``, docs/BENCHMARKS.md).
+A gateway or detector imports numpy, SQLAlchemy, pydantic and the rest: about 150,000
+tracked objects once the gateway's modules are imported, more once it runs, all living as
+long as the process. CPython's full collection (generation 2) walks every one of them and
+stopped the event loop for about 130 ms each time, hundreds of requests' worth of the
+gateway's own work (``python bench/stack_cpu.py --gc``, docs/BENCHMARKS.md).
 :func:`freeze_startup` moves what start-up built into the permanent generation, which
 collections skip; what requests allocate is collected as before. Objects frozen are never
 freed by the collector even if they become unreachable, so this runs once, after start-up,

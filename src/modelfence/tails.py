@@ -5,8 +5,8 @@
 they were half the time ``modelfence serve`` and every CLI command took to start. The
 gateway needs only the Poisson tail (sign-up surges), summed here in floats; the binomial
 tails serve verification, which imports ``scipy.special`` on first use. At the edges (a
-count below 0 or above n) the answers are ``scipy.stats``'s, where ``scipy.special``
-answers ``nan``.
+Poisson count below 0, a binomial count above n) the answers are ``scipy.stats``'s, where
+``scipy.special`` answers ``nan``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 _NEGLIGIBLE = 1e-17  # a term this small against the sum so far changes no digit of it
 
 
-def binom_sf(k: Counts, n: int, p: float) -> npt.NDArray[np.float64]:
+def binom_sf(k: Counts, n: int, p: float) -> npt.NDArray[np.float64] | np.float64:
     """``P[Binomial(n, p) > k]`` (1 for ``k < 0``, 0 for ``k >= n``); agrees with
     ``scipy.stats.binom.sf`` to 4e-10 relative for n up to 100,000."""
     from scipy import special  # first use only: see the module's docstring
@@ -45,17 +45,18 @@ def binom_pmf(n: int, p: float) -> npt.NDArray[np.float64]:
 
 
 def poisson_sf(k: int, mu: float) -> float:
-    """``P[Poisson(mu) > k]`` (1 for ``k < 0``).
+    """``P[Poisson(mu) > k]`` (1 for ``k < 0``); within 1e-10 of ``scipy.stats`` for mu
+    up to 50,000 (tested), 3e-9 of an exact sum at mu = 1e6.
 
-    Summed from the term at ``k`` outwards, each term from its neighbour, so no term
-    underflows on the way (``exp(-mu)`` alone does past mu = 745): above the mean the
-    upper tail itself, below it one minus the lower one (then at least about one half, so
-    nothing cancels)."""
+    Summed from the term next to ``k`` outwards, each term from its neighbour, so no term
+    underflows on the way (``exp(-mu)`` alone does past mu = 745): from ``k + 1 >= mu``
+    on, the upper tail itself; below that, one minus the lower one, which is then at most
+    about one half (the median is at least mu - 1), so nothing cancels."""
     if k < 0:
         return 1.0
     if mu <= 0:
         return 0.0
-    if k >= mu:
+    if k + 1 >= mu:
         term = math.exp((k + 1) * math.log(mu) - mu - math.lgamma(k + 2))
         total, j = 0.0, k + 1
         while term > total * _NEGLIGIBLE:

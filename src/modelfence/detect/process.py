@@ -77,7 +77,7 @@ def redis_url(config: Config) -> str:
 
 
 def build_engine(config: Config) -> DetectionEngine:
-    # Imported here: the gateway process imports this module but never loads numpy/scipy.
+    # Imported here: the gateway process imports this module but never loads a detector.
     from threadpoolctl import threadpool_limits
 
     from modelfence.detect.embedding import load_embedder
