@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from array import array
@@ -104,7 +105,12 @@ class Connection(asyncio.Protocol):
 
 
 class RequestMaker:
-    """Pre-built request bytes; the user message carries a counter so no two are equal."""
+    """Pre-built request bytes; the user message carries a counter so no two are equal.
+
+    Headers may carry placeholders too, for a flood of distinct callers: ``@N@`` becomes 43
+    digits, this process's id and the counter (after ``mf_``, a well-formed made-up API
+    key, new in every run), and ``@IP@`` an IPv4 address in 10.0.0.0/8 from the counter
+    (an ``X-Forwarded-For`` from a different address each time)."""
 
     def __init__(self, url: str, body: dict[str, Any], headers: list[str]) -> None:
         parts = urlsplit(url)
@@ -117,6 +123,7 @@ class RequestMaker:
                 "Content-Type: application/json", "User-Agent: modelfence-bench/1"]
         head += headers
         self.head = ("\r\n".join(head) + "\r\nContent-Length: ").encode()
+        self.varying_head = b"@N@" in self.head or b"@IP@" in self.head
         raw = json.dumps(body, separators=(",", ":"))
         if "@N@" not in raw:
             raise SystemExit("body must contain the placeholder @N@")
@@ -124,7 +131,12 @@ class RequestMaker:
 
     def make(self, n: int) -> bytes:
         body = self.before + str(n).encode() + self.after
-        return self.head + str(len(body)).encode() + b"\r\n\r\n" + body
+        head = self.head
+        if self.varying_head:
+            address = b"10.%d.%d.%d" % ((n >> 16) & 255, (n >> 8) & 255, n & 255)
+            key = b"%08d%035d" % (os.getpid() % 100_000_000, n)
+            head = head.replace(b"@N@", key).replace(b"@IP@", address)
+        return head + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
 async def connect(maker: RequestMaker) -> Connection:
