@@ -5,6 +5,8 @@ operator pins."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +60,34 @@ async def test_the_supervisor_replaces_a_dead_child_and_the_probe_reports_it(
         assert detector.sink().queue is detector.queue
     finally:
         await asyncio.to_thread(detector.stop)
+
+
+# A program run as a file (as the ``modelfence`` console script is) that starts a detector
+# child; it notes each name it runs under, so a child that runs it again leaves a trace.
+PROGRAM = """
+import pathlib, sys
+pathlib.Path(sys.argv[1], __name__).touch()
+if __name__ == "__main__":
+    from modelfence.config import parse_config
+    from modelfence.detect.process import DetectorProcess
+    config = parse_config({"store": f"sqlite:///{sys.argv[1]}/state.db",
+                           "detection": {"embedder": "hashing"}})
+    detector = DetectorProcess(config)
+    detector.start()
+    ready = detector.wait_ready(60)
+    detector.stop()
+    sys.exit(0 if ready else 3)
+"""
+
+
+def test_the_child_does_not_run_the_programs_main_file_again(tmp_path: Path) -> None:
+    """``spawn`` would run the parent's main file in the child first: for the console
+    script, the whole CLI's imports, which the detector does not need."""
+    program = tmp_path / "program.py"
+    program.write_text(PROGRAM)
+    subprocess.run([sys.executable, str(program), str(tmp_path)], check=True, timeout=120)
+    assert (tmp_path / "__main__").exists()
+    assert not (tmp_path / "__mp_main__").exists()
 
 
 async def test_a_child_that_dies_at_start_up_is_restarted_with_back_off(tmp_path: Path) -> None:
