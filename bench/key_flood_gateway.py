@@ -74,6 +74,8 @@ def one_window(honest: Target, flood: Target | None, args: argparse.Namespace) -
     after = counters(honest.base)
     if runner is not None:
         runner.join()
+        if not flood_result:
+            raise RuntimeError("the flood's load generator failed (see its traceback above)")
     result["latency_ms"] = summarize_us(result.pop("latency_us"))
     return {"honest": result, "flood": flood_result,
             "counters": {k: after[k] - before[k] for k in COUNTERS}}
@@ -108,19 +110,25 @@ def main() -> None:
         finally:
             honest.proc.stop()
             upstream_proc.stop()
-    print("| window | honest p50 ms | honest p99 ms | honest answered 200 | gateway CPU s per s | "
-          "flood sent/s | flood answers | refused without a lookup (honest window) | "
-          "auth failures (honest window) |")
+    print("| window | honest p50 ms | honest p99 ms | honest answered 200 of sent (errors) | "
+          "gateway CPU s per s | flood answered per s (errors) | flood answers | "
+          "refused without a lookup (honest run) | auth failures (honest run) |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for name, runs in windows.items():
         for w in runs:
             h, f, c = w["honest"], w["flood"], w["counters"]
             cpu = h["cpu_s"].get("proxy", float("nan")) / h["window_s"]
-            sent = sum(f["statuses"].values()) / f["window_s"] if f else 0.0
+            answered = f"{sum(f['statuses'].values()) / f['window_s']:,.0f} ({f['errors']})" if f else "–"
             answers = ", ".join(f"{k}: {v:,}" for k, v in sorted(f["statuses"].items())) if f else "–"
             print(f"| {name} | {h['latency_ms']['p50']:.2f} | {h['latency_ms']['p99']:.2f} | "
-                  f"{h['statuses'].get('200', 0):,} of {sum(h['statuses'].values()):,} | {cpu:.2f} | "
-                  f"{sent:,.0f} | {answers} | {c[COUNTERS[0]]:,.0f} | {c[COUNTERS[1]]:,.0f} |")
+                  f"{h['statuses'].get('200', 0):,} of {h['sent']:,} ({h['errors']}) | {cpu:.2f} | "
+                  f"{answered} | {answers} | {c[COUNTERS[0]]:,.0f} | {c[COUNTERS[1]]:,.0f} |")
+    busy = {name: statistics.median(w["honest"]["cpu_s"]["proxy"] / w["honest"]["window_s"]
+                                    for w in runs) for name, runs in windows.items()}
+    per_request = (busy["flood"] - busy["alone"]) / args.flood * 1e6
+    print(f"\ngateway CPU per flood request (refusals and the budgeted lookups), from the "
+          f"medians: ({busy['flood']:.2f} - {busy['alone']:.2f}) s/s / {args.flood:,.0f}/s = "
+          f"{per_request:.0f} µs")
     p99 = {name: statistics.median(w["honest"]["latency_ms"]["p99"] for w in runs)
            for name, runs in windows.items()}
     moved = p99["flood"] - p99["alone"]

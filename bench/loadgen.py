@@ -124,6 +124,7 @@ class RequestMaker:
         head += headers
         self.head = ("\r\n".join(head) + "\r\nContent-Length: ").encode()
         self.varying_head = b"@N@" in self.head or b"@IP@" in self.head
+        self.pid = os.getpid() % 100_000_000
         raw = json.dumps(body, separators=(",", ":"))
         if "@N@" not in raw:
             raise SystemExit("body must contain the placeholder @N@")
@@ -134,7 +135,7 @@ class RequestMaker:
         head = self.head
         if self.varying_head:
             address = b"10.%d.%d.%d" % ((n >> 16) & 255, (n >> 8) & 255, n & 255)
-            key = b"%08d%035d" % (os.getpid() % 100_000_000, n)
+            key = b"%08d%035d" % (self.pid, n)
             head = head.replace(b"@N@", key).replace(b"@IP@", address)
         return head + str(len(body)).encode() + b"\r\n\r\n" + body
 

@@ -330,7 +330,7 @@ def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
 
 def modelfence_command() -> list[str]:
     exe = shutil.which("modelfence")
-    return [exe] if exe else [sys.executable, "-m", "modelfence.cli"]
+    return [exe] if exe else [sys.executable, "-m", "modelfence"]
 
 
 def create_modelfence_key(base: str, config: Path, workdir: Path) -> str:

@@ -201,11 +201,12 @@ def _start_without_main(process: Any) -> None:
 
     ``spawn`` makes a child run the parent's ``__main__`` file (as ``__mp_main__``) before
     its target, so that objects defined there unpickle. Started as the ``modelfence``
-    console script, that file imports the whole CLI: a third of a second and 16 MB more in
-    every detector child, which needs nothing from it (its target and arguments live in
+    console script, that file imports the whole CLI: 0.1-0.3 s and 15-16 MiB more in every
+    detector child, which needs nothing from it (its target and arguments live in
     modules). Without a ``__file__`` on ``__main__`` while the child starts, ``spawn`` runs
     no main file, as for an interactive session (``python -m modelfence`` runs none either:
-    ``spawn`` leaves a package's ``__main__`` alone).
+    ``spawn`` leaves a package's ``__main__`` alone). The change is process-wide for that
+    moment: here only the event loop's thread starts children.
     """
     main = sys.modules["__main__"]
     path = main.__dict__.pop("__file__", None)
