@@ -17,12 +17,10 @@ generators and the upstream share core 0, as in ``bench/overhead.py``.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from overhead import (  # bench/overhead.py: the same processes, load generator 
     start_upstream,
     summarize_us,
 )
+from soak import metrics  # bench/soak.py: /metrics parsed by prometheus_client
 
 HONEST_RATE = 200.0
 FLOOD_HEADERS = {"Authorization": "Bearer mf_@N@", "X-Forwarded-For": "@IP@"}
@@ -45,13 +44,9 @@ INDEX_SECONDS = 3.0  # the registry's first polls build the key index before the
 
 def counters(base: str) -> dict[str, float]:
     """The flood's counters on ``/metrics`` (summed over their labels)."""
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out = dict.fromkeys(COUNTERS, 0.0)
-    for name in COUNTERS:
-        for match in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE):
-            out[name] += float(match.group(1))
-    return out
+    samples = metrics(base)
+    return {name: sum(v for k, v in samples.items() if k.startswith(name + "{"))
+            for name in COUNTERS}
 
 
 def one_window(honest: Target, flood: Target | None, args: argparse.Namespace) -> dict[str, Any]:
