@@ -29,12 +29,12 @@ from overhead import (  # bench/overhead.py: the same processes, load generator 
     CHAT_BODY,
     Target,
     machine,
+    metrics,
     run_load,
     start_modelfence,
     start_upstream,
     summarize_us,
 )
-from soak import metrics  # bench/soak.py: /metrics parsed by prometheus_client
 
 HONEST_RATE = 200.0
 FLOOD_HEADERS = {"Authorization": "Bearer mf_@N@", "X-Forwarded-For": "@IP@"}

@@ -9,7 +9,8 @@ Targets (each started and stopped by this script, all on 127.0.0.1, free ports):
 - ``modelfence-redis``  ``modelfence serve`` with Redis limits (skipped if Redis is down);
 - ``modelfence-detection`` memory limits with the detector on (shadow mode: it decides and
                         records but never blocks the load generator); the detector child
-                        runs on the proxy's core, so its CPU counts against the proxy;
+                        runs on the proxy's core, so its CPU counts against the proxy
+                        (``--detector-priority`` sets how it shares that core);
 - ``litellm``           LiteLLM proxy 1.108.7 in its own virtualenv (created on first use).
 
 For each target:
@@ -296,7 +297,8 @@ def start_floor(upstream: str, workdir: Path, pin: bool) -> Target:
 
 
 def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
-                      detection: bool, trusted_proxies: tuple[str, ...] = ()) -> Path:
+                      detection: bool, trusted_proxies: tuple[str, ...] = (),
+                      detector_priority: str | None = None) -> Path:
     import yaml
 
     from modelfence.config import Config
@@ -323,6 +325,8 @@ def modelfence_config(upstream: str, port: int, backend: str, workdir: Path,
         # never acts).
         config["detection"] = {"enabled": True, "shadow": True} if detection else {
             "enabled": False}
+        if detection and detector_priority is not None:
+            config["detection"]["process_priority"] = detector_priority
     path = workdir / f"modelfence-{'memory' if backend == 'memory' else 'redis'}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -362,13 +366,15 @@ def create_modelfence_key(base: str, config: Path, workdir: Path) -> str:
 
 
 def start_modelfence(upstream: str, backend: str, workdir: Path, pin: bool,
-                     detection: bool, trusted_proxies: tuple[str, ...] = ()) -> Target:
+                     detection: bool, trusted_proxies: tuple[str, ...] = (),
+                     detector_priority: str | None = None) -> Target:
     name = "modelfence-detection" if detection else (
         "modelfence-memory" if backend == "memory" else "modelfence-redis")
     port = free_port()
     sub = workdir / name
     sub.mkdir(exist_ok=True)
-    config = modelfence_config(upstream, port, backend, sub, detection, trusted_proxies)
+    config = modelfence_config(upstream, port, backend, sub, detection, trusted_proxies,
+                               detector_priority)
     proc = Proc.start(name, [*modelfence_command(), "--config", str(config), "serve", "--port",
                              str(port)], sub, core=PROXY_CORE if pin else None)
     base = f"http://127.0.0.1:{port}"
@@ -379,7 +385,8 @@ def start_modelfence(upstream: str, backend: str, workdir: Path, pin: bool,
         proc.stop()
         raise
     label = "ModelFence, Redis limits" if backend != "memory" else (
-        "ModelFence, memory limits + detection (shadow)" if detection else "ModelFence, memory limits")
+        f"ModelFence, memory limits + detection (shadow{', ' + detector_priority if detector_priority else ''})"
+        if detection else "ModelFence, memory limits")
     return Target(name, label, base, {"Authorization": f"Bearer {key}"}, proc)
 
 
@@ -581,6 +588,40 @@ def measure_large(target: Target, args: argparse.Namespace,
     return out
 
 
+def metrics(base: str) -> dict[str, float]:
+    """``/metrics`` samples as ``name{label="v",...}`` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:  # loopback
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def detector_report(base: str) -> dict[str, Any]:
+    """How far the detector child kept up over the whole run: events the gateway emitted,
+    dropped, and the detector read, and its lag (event time to published verdict) as the
+    upper bounds of the histogram buckets holding its p50 and p99."""
+    samples = metrics(base)
+    fates = {k.split('"')[1]: v for k, v in samples.items()
+             if k.startswith('modelfence_telemetry_events_total{fate="')}
+    buckets = sorted((float(k.split('"')[1]), v) for k, v in samples.items()
+                     if k.startswith('modelfence_detector_lag_seconds_bucket{le="'))
+    lagged = buckets[-1][1] if buckets else 0.0
+
+    def quantile(q: float) -> float:
+        return next((le for le, count in buckets if count >= q * lagged), math.nan)
+
+    return {"emitted": fates.get("emitted", 0.0),
+            "dropped": sum(v for k, v in fates.items() if k.startswith("dropped")),
+            "read": samples.get("modelfence_detector_events_total{}", 0.0),
+            "lag_observed": lagged, "lag_p50_le": quantile(0.5), "lag_p99_le": quantile(0.99)}
+
+
 def measure_target(target: Target, args: argparse.Namespace, upstream: Proc,
                    redis_pid: int | None, large: bool = False) -> dict[str, Any]:
     watch: dict[str, int | None] = {"upstream": upstream.pid}
@@ -657,6 +698,11 @@ def measure_target(target: Target, args: argparse.Namespace, upstream: Proc,
     say(f"{target.name}: TTFC p50 {out['stream_ttfc']['p50']:.3f} ms, "
         f"p99 {out['stream_ttfc']['p99']:.3f} ms"
         + (f", {run['errors']} errors {run['error_examples'][:2]}" if run["errors"] else ""))
+    if target.name == "modelfence-detection":
+        d = out["detector"] = detector_report(target.base)
+        say(f"{target.name}: the detector read {d['read']:.0f} of {d['emitted']:.0f} events "
+            f"emitted ({d['dropped']:.0f} dropped) and published the verdicts of "
+            f"{d['lag_observed']:.0f}; lag p50 ≤ {d['lag_p50_le']:g} s, p99 ≤ {d['lag_p99_le']:g} s")
     if large and args.large_duration > 0:
         out["large"] = measure_large(target, args, watch)
         warnings += [r["invalid"] for r in out["large"].values() if r.get("invalid")]
@@ -1093,6 +1139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-cores", type=float, default=0.5,
                    help="'calm' for --wait-quiet: fewer cores than this busy (0.5)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--detector-priority", choices=("low", "idle", "normal"),
+                   help="modelfence-detection: detection.process_priority (default: the config's)")
     p.add_argument("--litellm-venv", type=Path, default=DEFAULT_LITELLM_VENV,
                    help=f"virtualenv for LiteLLM, created on first use ({DEFAULT_LITELLM_VENV})")
     p.add_argument("--profile", action="store_true",
@@ -1231,7 +1279,8 @@ def main(argv: list[str] | None = None) -> int:
                     target = start_floor(upstream_url, workdir, args.pin)
                 elif name in ("modelfence-memory", "modelfence-detection"):
                     target = start_modelfence(upstream_url, "memory", workdir, args.pin,
-                                              name == "modelfence-detection")
+                                              name == "modelfence-detection",
+                                              detector_priority=args.detector_priority)
                 elif name == "modelfence-redis":
                     target = start_modelfence(upstream_url, args.redis_url, workdir, args.pin, False)
                 elif name == "litellm":

@@ -51,13 +51,13 @@ from overhead import (  # bench/overhead.py: the shared process and HTTP helpers
     ADMIN_TOKEN,
     Proc,
     machine,
+    metrics,
     modelfence_command,
     pct,
     say,
     start_upstream,
     wait_ready,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from modelfence.config import EmbedderKind
 from modelfence.identity.keys import new_api_key
@@ -221,20 +221,6 @@ def detector_pid(gateway_pid: int) -> int | None:
         except psutil.Error:
             continue
     return None
-
-
-def metrics(base: str) -> dict[str, float]:
-    """``/metrics`` samples as ``name{label="v",...}`` -> value."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:  # loopback
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}"] = sample.value
-    return out
 
 
 def telemetry_fates(samples: dict[str, float]) -> dict[str, float]:

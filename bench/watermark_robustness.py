@@ -37,7 +37,11 @@ import numpy as np
 
 from modelfence.demo.llm import SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import add_draw_arguments, load_and_draw
+from modelfence.redteam.attribution_setup import (
+    add_draw_arguments,
+    load_and_draw,
+    parse_draw_arguments,
+)
 from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.redteam.text_attacks import Substituter, content_kept, delete_words, paraphrase
@@ -187,10 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=600,
                    help="characters of the first answer shown per attack (0: none)")
     add_draw_arguments(p, batch=25)
-    args = p.parse_args(argv)
-    if args.unmarked > args.answers:
-        p.error("--unmarked must not exceed --answers (they reuse the same prompts)")
-    return args
+    return parse_draw_arguments(p, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ import torch
 
 from modelfence.demo.llm import SamplingParams, SmolLM
 from modelfence.forensics.text import demo_tokenizer, verify_text
-from modelfence.redteam.attribution_setup import add_draw_arguments, load_and_draw
+from modelfence.redteam.attribution_setup import (
+    add_draw_arguments,
+    load_and_draw,
+    parse_draw_arguments,
+)
 from modelfence.redteam.marked_text import Answer, sample_answers
 from modelfence.redteam.prompts import load_prompts
 from modelfence.watermark.keys import WatermarkKeyring
@@ -203,9 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cost-runs", type=int, default=3, help="prompts timed with and without mark")
     p.add_argument("--cost-tokens", type=int, default=48)
     add_draw_arguments(p, batch=35)
-    args = p.parse_args(argv)
-    if args.unmarked > args.answers:
-        p.error("--unmarked must not exceed --answers (they reuse the same prompts)")
+    args = parse_draw_arguments(p, argv)
     if args.min_tokens > args.max_tokens:
         p.error("--min-tokens must not exceed --max-tokens")
     return args

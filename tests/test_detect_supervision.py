@@ -5,6 +5,7 @@ operator pins."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,37 @@ async def test_the_supervisor_replaces_a_dead_child_and_the_probe_reports_it(
         assert detector.sink().queue is detector.queue
     finally:
         await asyncio.to_thread(detector.stop)
+
+
+def child_threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/task")
+@pytest.mark.parametrize("priority", ["low", "idle", "normal"])
+def test_every_thread_of_the_detector_child_yields_the_cpu_as_configured(
+    tmp_path: Path, priority: str
+) -> None:
+    """detection.process_priority, on every thread: numpy's BLAS threads start on import,
+    before the child lowers its priority, and Linux sets priorities per thread."""
+    own_nice, own_policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+    if own_nice > 9 or own_policy != os.SCHED_OTHER:
+        pytest.skip(f"the tests already run at nice {own_nice}, policy {own_policy}: "
+                    "a child at a lower priority would look the same")
+    config = parse_config({"store": f"sqlite:///{tmp_path / 'state.db'}",
+                           "detection": {"embedder": "hashing", "process_priority": priority}})
+    detector = DetectorProcess(config)
+    detector.start()
+    try:
+        assert detector.wait_ready(60)
+        threads = child_threads(detector.process.pid)
+        nices = {os.getpriority(os.PRIO_PROCESS, t) for t in threads}
+        policies = {os.sched_getscheduler(t) for t in threads}
+    finally:
+        detector.stop()
+    expected = {"low": ({own_nice + 10}, {own_policy}), "idle": ({own_nice}, {os.SCHED_IDLE}),
+                "normal": ({own_nice}, {own_policy})}
+    assert (nices, policies) == expected[priority]
 
 
 # A program run as a file (as the ``modelfence`` console script is) that starts a detector

@@ -373,6 +373,13 @@ class DetectionConfig(_Frozen):
         None, description="streams and shared state when feed=redis (redis:// or redis+cluster://)"
     )
     partitions: int = Field(8, ge=1, le=1024, description="Redis Streams, split by client")
+    process_priority: Literal["low", "idle", "normal"] = Field(
+        "low",
+        description="feed=process: the detector child's CPU priority against the gateway's "
+        "on shared cores. low: nice 10, the gateway first, the detector keeps a small share "
+        "under load; idle: only time no one else wants (a saturated gateway all but stops "
+        "detection); normal: an equal share",
+    )
     shadow: bool = Field(False, description="decide and record, never act")
     embedder: EmbedderKind = Field(
         "auto",

@@ -57,6 +57,9 @@ MAX_RESTART_BACKOFF_SECONDS = 60.0  # between restarts of a child that dies at s
 REDIS_CONNECT_TIMEOUT = 2.0  # seconds; a dead Redis must not hang a poll or the detector
 REDIS_TIMEOUT = 10.0  # seconds per command; above the stream read's block time
 REPORT_SECONDS = 1.0  # how often the detector child sends its metrics to the gateway
+LOW_NICE = 10  # detection.process_priority: low, added to the gateway's nice level
+IDLE_NICE = 19  # detection.process_priority: idle, where the OS has no SCHED_IDLE
+MAX_NICE = 19
 
 
 def redis_client(config: Config) -> Redis | RedisCluster:
@@ -185,6 +188,7 @@ def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _yield_cpu(config.detection.process_priority)
     _exit_with_parent()
     metrics = DetectorMetrics()
     _report_to_parent(ChildReports(reports_queue), metrics)
@@ -194,6 +198,44 @@ def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
         ready.set()
 
     asyncio.run(run_service(config, QueueFeed(q), on_ready=started, metrics=metrics))
+
+
+def _yield_cpu(priority: str) -> None:
+    """Lower this process's CPU priority (``detection.process_priority``), every thread's.
+
+    The child shares the gateway's cores (and any pinning). A batch of new texts through
+    MiniLM takes a core for a second or more, and at an equal share requests that arrive
+    meanwhile wait for it. ``low`` (nice 10) lets the scheduler run the gateway first;
+    ``idle`` (``SCHED_IDLE``, Linux; nice 19 elsewhere) gives the detector only time the
+    gateway leaves, which keeps the gateway's latency as if alone but all but stops
+    detection while the gateway saturates its cores. Either way the detector's lag, which
+    it reports, absorbs the difference. Linux sets priorities per thread, and the BLAS
+    threads numpy started on import already run: each is lowered; later threads inherit.
+    """
+    if priority == "normal":
+        return
+    if not hasattr(os, "setpriority"):
+        log.warning("detection.process_priority %s has no effect on this platform", priority)
+        return
+    idle = priority == "idle" and hasattr(os, "SCHED_IDLE")
+    for thread in _threads():
+        try:
+            if idle:
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                nice = os.getpriority(os.PRIO_PROCESS, thread)
+                step = IDLE_NICE if priority == "idle" else LOW_NICE
+                os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, nice + step))
+        except OSError as exc:  # a thread that ended meanwhile, or a sandbox that refuses
+            log.warning("could not lower the detector's CPU priority (%s): %s", priority, exc)
+
+
+def _threads() -> list[int]:
+    """This process's thread ids where the OS lists them (Linux), else 0: the process."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 def _start_without_main(process: Any) -> None:

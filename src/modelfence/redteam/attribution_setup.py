@@ -39,6 +39,15 @@ def add_draw_arguments(parser: argparse.ArgumentParser, *, batch: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def parse_draw_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` for a script that also defines ``--answers`` and ``--unmarked``:
+    unmarked answers reuse the first prompts, so no more of them than marked answers."""
+    args = parser.parse_args(argv)
+    if args.unmarked > args.answers:
+        parser.error("--unmarked must not exceed --answers (they reuse the same prompts)")
+    return args
+
+
 @dataclass(frozen=True, slots=True)
 class Draw:
     picked: list[str]  # prompt texts
