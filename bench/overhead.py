@@ -614,6 +614,8 @@ def detector_report(base: str) -> dict[str, Any]:
     lagged = buckets[-1][1] if buckets else 0.0
 
     def quantile(q: float) -> float:
+        if lagged == 0:
+            return math.nan
         return next((le for le, count in buckets if count >= q * lagged), math.nan)
 
     return {"emitted": fates.get("emitted", 0.0),
@@ -1098,6 +1100,9 @@ def report(results: dict[str, dict[str, Any]], again: dict[str, Any] | None,
         lines += ["Warnings:", ""] + [f"- {n}" for n in notes] + [""]
     if skipped:
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + ".", ""]
+    split = process_split(results)
+    if split:
+        lines += [f"- {line}" for line in split] + [""]
     lines += ["Goals:", ""]
     for label, ok, detail in checks:
         mark = "PASS" if ok else ("n/a" if ok is None else "FAIL")
@@ -1180,8 +1185,27 @@ def wait_for_quiet(limit_s: float, cores: float) -> None:
                 f"(at most {limit_s - waited:.0f}s more)")
 
 
+def process_split(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Each ModelFence target's CPU split between the gateway process and its children (the
+    detector child of ``modelfence-detection``), from the saved per-window CPU times."""
+    lines = []
+    for r in results.values():
+        closed = r.get("closed") or {}
+        if "proxy_main" not in closed.get("cpu_s", {}):
+            continue
+        shares = [f"{(run['cpu_s']['proxy'] - run['cpu_s']['proxy_main']) / run['window_s']:.1%}"
+                  for run in (r.get(k) for k in ("closed", "open", "stream"))
+                  if isinstance(run, dict) and "proxy_main" in run.get("cpu_s", {})]
+        own = closed["cpu_s"]["proxy_main"] / max(1, closed["ok"]) * 1e6
+        lines.append(f"{r['label']}: the gateway process's own CPU per closed-loop request "
+                     f"{own:.0f} µs; its child processes used {' / '.join(shares)} of a core "
+                     "in the closed-loop / open-loop / streaming windows")
+    return lines
+
+
 def publish(rows: list[dict[str, Any]], section: str, skipped: dict[str, str], rate: float,
-            json_path: Path, args: argparse.Namespace) -> None:
+            json_path: Path, args: argparse.Namespace,
+            results: dict[str, dict[str, Any]]) -> None:
     print()
     print(markdown_table(rows, rate))
     print()
@@ -1189,6 +1213,8 @@ def publish(rows: list[dict[str, Any]], section: str, skipped: dict[str, str], r
         print(f"{'PASS' if ok else ('n/a ' if ok is None else 'FAIL')}  {label}: {detail}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
+    for line in process_split(results):
+        print(line)
     print(f"\nraw results: {rel(json_path)}")
     if not args.no_docs:
         write_docs(section, args.docs)
@@ -1203,7 +1229,7 @@ def rerender(path: Path, cli: argparse.Namespace) -> int:
     rows = build_rows(table_results, data["baseline"])
     section = report(table_results, results.get("_direct_again"), args, data["machine"],
                      data["command"], path.resolve(), data["baseline"], data["skipped"])
-    publish(rows, section, data["skipped"], args.rate, path.resolve(), cli)
+    publish(rows, section, data["skipped"], args.rate, path.resolve(), cli, table_results)
     return 0
 
 
@@ -1335,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_end": os.getloadavg()}, indent=1))
     section = report(table_results, results.get("_direct_again"), args, info, command,
                      json_path, baseline, skipped)
-    publish(rows, section, skipped, args.rate, json_path, args)
+    publish(rows, section, skipped, args.rate, json_path, args, table_results)
     if failed:
         say(f"logs of the failed target(s) kept in {workdir}")
     else:

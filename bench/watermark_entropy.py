@@ -25,11 +25,8 @@ counts once, judged by the entropy where it first occurs. Prints:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import time
 from itertools import pairwise
 
 import numpy as np
@@ -42,13 +39,14 @@ from modelfence.redteam.attribution_setup import (
     load_and_draw,
     parse_draw_arguments,
 )
+from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.watermark.greenlist import context_codes, is_green, threshold, token_codes
 from modelfence.watermark.text_detect import score_pairs
 
 BANDS = (0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf"))
 THRESHOLDS = (0.0, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)
-T0 = time.monotonic()
+FOOTER = Footer()  # started with the run
 
 
 def entropies(llm: SmolLM, ids: list[int]) -> np.ndarray:
@@ -116,18 +114,16 @@ def main(argv: list[str] | None = None) -> None:
             right += named and ours
             wrong += named and not ours
         rows.append((tau, right, wrong, statistics.median(scored), fp))
-    report(args, argv, texts, ent_all, green_all, rows)
+    report(args, texts, ent_all, green_all, rows)
 
 
-def report(args: argparse.Namespace, argv: list[str] | None, texts: list, ent: np.ndarray,
+def report(args: argparse.Namespace, texts: list, ent: np.ndarray,
            green: np.ndarray, rows: list) -> None:
-    command = " ".join(["python bench/watermark_entropy.py", *(sys.argv[1:] if argv is None else argv)])
     marked = sum(owner is not None for owner, *_ in texts)
-    print(f"\n`{command}` — {platform.machine()}, {os.cpu_count()} cores, temperature "
-          f"{args.temperature}, gamma {args.gamma}, delta {args.delta}, {args.clients} clients, "
-          f"alpha {args.alpha:g}; {marked} of {args.answers} marked answers and "
-          f"{len(texts) - marked} of {args.unmarked} unmarked reached {args.cut} tokens; "
-          f"{time.monotonic() - T0:.0f} s\n")
+    print(f"\ntemperature {args.temperature}, gamma {args.gamma}, delta {args.delta}, "
+          f"{args.clients} clients, alpha {args.alpha:g}; {marked} of {args.answers} marked "
+          f"answers and {len(texts) - marked} of {args.unmarked} unmarked reached {args.cut} "
+          "tokens\n")
     print("| entropy (nats) | distinct pairs | share | green under the owner's key |")
     print("|---|---:|---:|---:|")
     for low, high in pairwise(BANDS):
@@ -141,6 +137,7 @@ def report(args: argparse.Namespace, argv: list[str] | None, texts: list, ent: n
     for tau, right, wrong, pairs, fp in rows:
         print(f"| {tau:g} | {right} of {marked} ({100 * right / max(marked, 1):.1f}%) | {wrong} "
               f"| {pairs:.0f} | {fp} of {len(texts) - marked} |")
+    print(f"\n{FOOTER}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -4,7 +4,9 @@ operator pins."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -63,8 +65,46 @@ async def test_the_supervisor_replaces_a_dead_child_and_the_probe_reports_it(
         await asyncio.to_thread(detector.stop)
 
 
-def child_threads(pid: int) -> list[int]:
-    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+def thread_priorities(pid: int) -> set[tuple[int, int]]:
+    """(nice, scheduling policy) of each thread of ``pid``; threads that end are left out."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            out.add((os.getpriority(os.PRIO_PROCESS, int(tid)), os.sched_getscheduler(int(tid))))
+    return out
+
+
+def own_priority() -> tuple[int, int]:
+    nice, policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+    if nice > 9 or policy != os.SCHED_OTHER:
+        pytest.skip(f"the tests already run at nice {nice}, policy {policy}: "
+                    "a child at a lower priority would look the same")
+    return nice, policy
+
+
+# Lowers its own priority as the detector child does, with a thread already running (as
+# numpy's BLAS threads are when the child starts), and prints every thread's priority.
+YIELDING = """
+import os, sys, threading
+from modelfence.detect.process import _yield_cpu
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()
+_yield_cpu(sys.argv[1])
+print(sorted((os.getpriority(os.PRIO_PROCESS, int(t)), os.sched_getscheduler(int(t)))
+             for t in os.listdir("/proc/self/task")))
+stop.set()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/task")
+@pytest.mark.parametrize("priority", ["low", "idle"])
+def test_threads_started_before_the_priority_is_lowered_are_lowered_too(priority: str) -> None:
+    nice, policy = own_priority()
+    out = subprocess.run([sys.executable, "-c", YIELDING, priority], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    expected = (nice + 10, policy) if priority == "low" else (nice, os.SCHED_IDLE)
+    threads = ast.literal_eval(out)
+    assert len(threads) >= 2 and set(threads) == {expected}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/task")
@@ -74,24 +114,19 @@ def test_every_thread_of_the_detector_child_yields_the_cpu_as_configured(
 ) -> None:
     """detection.process_priority, on every thread: numpy's BLAS threads start on import,
     before the child lowers its priority, and Linux sets priorities per thread."""
-    own_nice, own_policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
-    if own_nice > 9 or own_policy != os.SCHED_OTHER:
-        pytest.skip(f"the tests already run at nice {own_nice}, policy {own_policy}: "
-                    "a child at a lower priority would look the same")
+    own_nice, own_policy = own_priority()
     config = parse_config({"store": f"sqlite:///{tmp_path / 'state.db'}",
                            "detection": {"embedder": "hashing", "process_priority": priority}})
     detector = DetectorProcess(config)
     detector.start()
     try:
         assert detector.wait_ready(60)
-        threads = child_threads(detector.process.pid)
-        nices = {os.getpriority(os.PRIO_PROCESS, t) for t in threads}
-        policies = {os.sched_getscheduler(t) for t in threads}
+        priorities = thread_priorities(detector.process.pid)
     finally:
         detector.stop()
-    expected = {"low": ({own_nice + 10}, {own_policy}), "idle": ({own_nice}, {os.SCHED_IDLE}),
-                "normal": ({own_nice}, {own_policy})}
-    assert (nices, policies) == expected[priority]
+    expected = {"low": (own_nice + 10, own_policy), "idle": (own_nice, os.SCHED_IDLE),
+                "normal": (own_nice, own_policy)}
+    assert priorities == {expected[priority]}
 
 
 # A program run as a file (as the ``modelfence`` console script is) that starts a detector

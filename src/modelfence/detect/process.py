@@ -203,21 +203,23 @@ def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
 def _yield_cpu(priority: str) -> None:
     """Lower this process's CPU priority (``detection.process_priority``), every thread's.
 
-    The child shares the gateway's cores (and any pinning). A batch of new texts through
-    MiniLM takes a core for a second or more, and at an equal share requests that arrive
-    meanwhile wait for it. ``low`` (nice 10) lets the scheduler run the gateway first;
-    ``idle`` (``SCHED_IDLE``, Linux; nice 19 elsewhere) gives the detector only time the
-    gateway leaves, which keeps the gateway's latency as if alone but all but stops
-    detection while the gateway saturates its cores. Either way the detector's lag, which
-    it reports, absorbs the difference. Linux sets priorities per thread, and the BLAS
-    threads numpy started on import already run: each is lowered; later threads inherit.
+    The child shares the gateway's cores (and any pinning), and at an equal share requests
+    that arrive while it embeds a batch wait for it. ``low`` adds 10 to the nice level it
+    inherited, so the scheduler weighs the gateway about 9:1 against it; ``idle``
+    (``SCHED_IDLE``, Linux; nice 19 elsewhere) gives it only time the gateway leaves,
+    which keeps the gateway's latency as if alone but all but stops detection while the
+    gateway saturates its cores. Either way the detector's lag, which it reports, absorbs
+    the difference. Linux sets priorities per thread, and the BLAS threads numpy started
+    on import already run: each is lowered; threads started later inherit. Windows has
+    neither: the setting does nothing there (said once, at start).
     """
     if priority == "normal":
         return
     if not hasattr(os, "setpriority"):
-        log.warning("detection.process_priority %s has no effect on this platform", priority)
+        log.info("detection.process_priority %s has no effect on this platform", priority)
         return
     idle = priority == "idle" and hasattr(os, "SCHED_IDLE")
+    refused: list[str] = []
     for thread in _threads():
         try:
             if idle:
@@ -226,8 +228,13 @@ def _yield_cpu(priority: str) -> None:
                 nice = os.getpriority(os.PRIO_PROCESS, thread)
                 step = IDLE_NICE if priority == "idle" else LOW_NICE
                 os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, nice + step))
-        except OSError as exc:  # a thread that ended meanwhile, or a sandbox that refuses
-            log.warning("could not lower the detector's CPU priority (%s): %s", priority, exc)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as exc:  # a sandbox that refuses
+            refused.append(f"thread {thread}: {exc}")
+    if refused:
+        log.warning("could not lower the detector's CPU priority (%s) for %d thread(s): %s",
+                    priority, len(refused), "; ".join(refused[:3]))
 
 
 def _threads() -> list[int]:
