@@ -36,6 +36,8 @@ from overhead import (  # bench/overhead.py: the same processes, load generator 
     summarize_us,
 )
 
+from modelfence.redteam.benchmarks import Footer
+
 HONEST_RATE = 200.0
 FLOOD_HEADERS = {"Authorization": "Bearer mf_@N@", "X-Forwarded-For": "@IP@"}
 COUNTERS = ("modelfence_key_lookups_refused_total", "modelfence_auth_failures_total")
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin to cores")
     args = parser.parse_args()
     args.concurrency = 1  # run_load's closed-loop setting, unused in open loops
+    footer = Footer()
     m = machine()
     print(f"# Key flood through a gateway — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}")
@@ -130,8 +133,7 @@ def main() -> None:
     print(f"\nhonest p99, median of runs: alone {p99['alone']:.2f} ms, under the flood "
           f"{p99['flood']:.2f} ms: moved {moved:+.2f} ms (target ≤ 1 ms): "
           f"{'PASS' if moved <= 1.0 else 'FAIL'}")
-    print(f"command: python bench/key_flood_gateway.py --flood {args.flood:g} "
-          f"--seconds {args.seconds:g} --runs {args.runs}")
+    print(f"\n{footer}")
 
 
 if __name__ == "__main__":

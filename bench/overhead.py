@@ -1144,6 +1144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-cores", type=float, default=0.5,
                    help="'calm' for --wait-quiet: fewer cores than this busy (0.5)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    # modelfence.config.ProcessPriority's values, spelled out: this script also measures
+    # older checkouts (PYTHONPATH), whose config may not have it.
     p.add_argument("--detector-priority", choices=("low", "idle", "normal"),
                    help="modelfence-detection: detection.process_priority (default: the config's)")
     p.add_argument("--litellm-venv", type=Path, default=DEFAULT_LITELLM_VENV,

@@ -43,6 +43,7 @@ from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.watermark.greenlist import context_codes, is_green, threshold, token_codes
 from modelfence.watermark.text_detect import score_pairs
+from modelfence.watermark.text_logits import TEXT_PURPOSE
 
 BANDS = (0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf"))
 THRESHOLDS = (0.0, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)
@@ -60,12 +61,10 @@ def entropies(llm: SmolLM, ids: list[int]) -> np.ndarray:
 
 def first_pairs(ids: list[int]) -> np.ndarray:
     """Which positions ``1..`` hold the first occurrence of their (previous, token) pair."""
-    seen: set[tuple[int, int]] = set()
-    keep = []
-    for pair in pairwise(ids):
-        keep.append(pair not in seen)
-        seen.add(pair)
-    return np.asarray(keep)
+    pairs = np.stack([ids[:-1], ids[1:]], axis=1)
+    keep = np.zeros(len(pairs), dtype=bool)
+    keep[np.unique(pairs, axis=0, return_index=True)[1]] = True
+    return keep
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     for owner, ids, ent, first in texts:
         if owner is None:
             continue
-        seed = np.asarray([[seeds[owner]]], dtype=np.uint64)
+        # The seed the answer was marked with (GreenListProcessor.for_key, the current key).
+        seed = np.asarray([[d.ring.key(d.clients[owner]).seed(TEXT_PURPOSE)]], dtype=np.uint64)
         green = is_green(context_codes(seed, np.asarray(ids[:-1])), token_codes(np.asarray(ids[1:])), cut)[0]
         bands.append((ent[first], green[first]))
     ent_all = np.concatenate([e for e, _ in bands])

@@ -362,6 +362,10 @@ class DetectionTierConfig(_Frozen):
 EmbedderKind = Literal["auto", "minilm", "minilm-int8", "hashing"]
 
 
+# How the detector child of serve shares the CPU with the gateway (detect/process.py).
+ProcessPriority = Literal["low", "idle", "normal"]
+
+
 class DetectionConfig(_Frozen):
     """The detector process and how its verdicts reach the gateways."""
 
@@ -373,7 +377,7 @@ class DetectionConfig(_Frozen):
         None, description="streams and shared state when feed=redis (redis:// or redis+cluster://)"
     )
     partitions: int = Field(8, ge=1, le=1024, description="Redis Streams, split by client")
-    process_priority: Literal["low", "idle", "normal"] = Field(
+    process_priority: ProcessPriority = Field(
         "low",
         description="feed=process: the detector child's CPU priority against the gateway's "
         "on shared cores. low: nice 10, the gateway first, the detector keeps a small share "

@@ -30,7 +30,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from modelfence.config import Config
+from modelfence.config import Config, ProcessPriority
 from modelfence.detect.feeds import (
     EventFeed,
     QueueFeed,
@@ -58,8 +58,7 @@ REDIS_CONNECT_TIMEOUT = 2.0  # seconds; a dead Redis must not hang a poll or the
 REDIS_TIMEOUT = 10.0  # seconds per command; above the stream read's block time
 REPORT_SECONDS = 1.0  # how often the detector child sends its metrics to the gateway
 LOW_NICE = 10  # detection.process_priority: low, added to the gateway's nice level
-IDLE_NICE = 19  # detection.process_priority: idle, where the OS has no SCHED_IDLE
-MAX_NICE = 19
+MAX_NICE = 19  # also idle's, where the OS has no SCHED_IDLE
 
 
 def redis_client(config: Config) -> Redis | RedisCluster:
@@ -200,7 +199,7 @@ def _child_main(config: Config, q: Any, ready: Any, reports_queue: Any) -> None:
     asyncio.run(run_service(config, QueueFeed(q), on_ready=started, metrics=metrics))
 
 
-def _yield_cpu(priority: str) -> None:
+def _yield_cpu(priority: ProcessPriority) -> None:
     """Lower this process's CPU priority (``detection.process_priority``), every thread's.
 
     The child shares the gateway's cores (and any pinning), and at an equal share requests
@@ -224,10 +223,11 @@ def _yield_cpu(priority: str) -> None:
         try:
             if idle:
                 os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+            elif priority == "idle":
+                os.setpriority(os.PRIO_PROCESS, thread, MAX_NICE)
             else:
                 nice = os.getpriority(os.PRIO_PROCESS, thread)
-                step = IDLE_NICE if priority == "idle" else LOW_NICE
-                os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, nice + step))
+                os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, nice + LOW_NICE))
         except ProcessLookupError:
             continue  # the thread ended meanwhile
         except OSError as exc:  # a sandbox that refuses
