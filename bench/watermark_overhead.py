@@ -16,6 +16,10 @@
     python bench/watermark_overhead.py                 # ~8 minutes on two busy cores
     python bench/watermark_overhead.py --runs 3000 --e2e 300     # the numbers in docs/WATERMARK.md
     python bench/watermark_overhead.py --e2e 0 --cases "one trigger"   # the cases named so
+(c) beside a baseline (``--baseline <other checkout>/src``): the stage of this tree and of
+    the other on the same answers, each in its own process, both pinned to one core and
+    taking turns of 100 answers, so that a machine whose speed drifts between runs (the
+    2-core VM's moved by up to 1.8x at p50 within minutes) slows both alike; p50/p99 wall µs and the ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -251,6 +258,82 @@ def end_to_end(requests: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
+TURN = 100  # answers one tree times before the other takes its turn
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One side of ``--baseline``: build the cases, then time the stage on as many answers
+    of a case as each line of stdin asks, answering the wall times (µs) on stdout."""
+    stage = Stage()
+    cases = chosen(build_cases(stage, np.random.default_rng(args.seed)), args.cases)
+    print(json.dumps(list(cases)), flush=True)
+    served = dict.fromkeys(cases, 0)
+
+    async def serve() -> None:
+        for line in sys.stdin:
+            name, count = json.loads(line)
+            answers = cases[name]
+            if served[name] == 0:
+                for route, body, raw in answers[:20]:  # warm-up: caches, first-call costs
+                    await stage.rewrite(route, body, raw)
+            times = []
+            for i in range(served[name], served[name] + count):
+                route, body, raw = answers[i % len(answers)]
+                t0 = time.perf_counter()
+                await stage.rewrite(route, body, raw)
+                times.append((time.perf_counter() - t0) * 1e6)
+            served[name] += count
+            print(json.dumps(times), flush=True)
+
+    asyncio.run(serve())
+
+
+def side_by_side(args: argparse.Namespace) -> list[str]:
+    """Rows: per case, the stage of this tree and of ``args.baseline``, each in its own
+    process, both pinned to one core, taking turns of ``TURN`` answers (the first turn
+    alternating): a machine whose speed drifts slows both alike."""
+    trees = {"this tree": Path(__file__).resolve().parent.parent / "src", "baseline": args.baseline}
+    command = [sys.executable, __file__, "--worker", "--seed", str(args.seed), "--cases", args.cases]
+    workers = {
+        arm: subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(src)})
+        for arm, src in trees.items()
+    }
+    core = {max(os.sched_getaffinity(0))}
+    for process in workers.values():
+        os.sched_setaffinity(process.pid, core)
+
+    def ask(arm: str, request: Any) -> Any:
+        stdin, stdout = workers[arm].stdin, workers[arm].stdout
+        assert stdin is not None and stdout is not None
+        if request is not None:
+            stdin.write(json.dumps(request) + "\n")
+            stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise SystemExit(f"the {arm} worker ({trees[arm]}) stopped; its stderr says why")
+        return json.loads(line)
+
+    names = {arm: ask(arm, None) for arm in workers}  # each says it is ready with its cases
+    if names["this tree"] != names["baseline"]:
+        raise SystemExit(f"the two trees built different cases: {names}")
+    rows = []
+    for name in names["this tree"]:
+        samples: dict[str, list[float]] = {arm: [] for arm in workers}
+        for turn in range(-(-args.runs // TURN)):
+            for arm in list(workers)[:: 1 if turn % 2 else -1]:
+                samples[arm] += ask(arm, [name, TURN])
+        (o50, o99), (b50, b99) = (percentiles(v) for v in samples.values())
+        rows.append(f"| {name} | {o50:.0f} / {o99:.0f} | {b50:.0f} / {b99:.0f} | "
+                    f"{o50 / b50:.2f} / {o99 / b99:.2f} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    for process in workers.values():
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait()
+    return rows
+
+
 def chosen(cases: dict[str, Any], text: str) -> dict[str, Any]:
     """The cases ``--cases`` names: timing one alone is steadier on a noisy machine."""
     return {name: answers for name, answers in cases.items() if text in name}
@@ -263,11 +346,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", default="",
                         help="time only the in-process cases whose name holds this text")
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="another checkout's src: the stage of both, side by side")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    if args.worker:
+        worker(args)
+        return
     footer = Footer()
+    if args.baseline is not None:
+        rows = side_by_side(args)
+        print(f"## Watermark stage per answer, this tree beside {args.baseline} ({args.runs} "
+              f"answers per case, turns of {TURN}, one core)\n")
+        print("| answer | this tree wall p50 / p99 µs | baseline wall p50 / p99 µs | ratio p50 / p99 |")
+        print("|---|---:|---:|---:|")
+        print("\n".join(rows) + "\n")
+        print(f"{footer}; one torch thread")
+        return
     rng = np.random.default_rng(args.seed)
     stage = Stage()
     rows = time_cases(stage, chosen(build_cases(stage, rng), args.cases), args.runs)

@@ -106,18 +106,64 @@ def test_other_shapes_are_left_as_the_parsed_way_leaves_them() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"data": [{"index": 1, "embedding": [[0.1, 0.2]]}]}',  # nested: not a vector
-        b'{"data": [{"index": 1, "embedding": ["a,b", "c"]}]}',  # strings with commas
+        b'{"data": [{"index": 1, "embedding": ["a]", "c"]}]}',  # a "]" in a string
         b'{"data": [{"index": 1, "embedding": [0.1, 0.2]}], "note": "\\u0000"}',  # a NUL
         b'{"data": [{"index": 1, "embedding": [0.1, 0.2',  # cut short
         b'{"data": {"index": 1, "embedding": [0.1, 0.2]}}',  # data not a list
         b'{"data": [{"index": 1, "embedding": [0.1, 0.2]}], }',  # not JSON
-        b'{"data": [{"index": 1, "vector": [0.1, 0.2]}]}',  # no embedding array at all
+        b'{"data": [{"index": 1, "note": "[x]", "embedding": [0.1, 0.2]}]}',  # "[...]" in a string
     ],
-    ids=["nested", "strings", "nul", "cut", "not-a-list", "not-json", "no-array"],
+    ids=["bracket-in-string", "nul", "cut", "not-a-list", "not-json", "array-in-string"],
 )
 def test_what_it_cannot_read_it_declines(body: bytes) -> None:
     assert mark_embedding_body(body, TEXTS, marks) is None
+
+
+@pytest.mark.parametrize(
+    "vector", [b"[NaN, 0.5, 0.25]", b"[0.1 0.2, 0.3]", b"[0.1, Infinity]"], ids=["nan", "no-comma", "inf"]
+)
+def test_an_answer_that_is_no_json_passes_as_it_came(vector: bytes) -> None:
+    """Some upstreams write NaN (Python's json does): such an answer is passed on as it
+    came, never turned into a failed request (it used to raise inside the stage)."""
+    body = b'{"data": [{"index": 1, "embedding": %s}, {"index": 0, "embedding": [0.1, 0.2]}]}' % vector
+    assert mark_embedding_body(body, TEXTS, marks) is None
+    assert JsonRewriter(EmbeddingMarking(TEXTS, marks)).feed(body, False) == body
+
+
+@pytest.mark.parametrize("index", ["true", "1.0", "[1]", "{}", "-1", "99", "null", "3"])
+def test_every_kind_of_index_is_read_as_the_parsed_way_reads_it(index: str) -> None:
+    body = b'{"data": [{"index": %s, "embedding": [0.1, 0.2, 0.3]}]}' % index.encode()
+    out = mark_embedding_body(body, TEXTS, marks)
+    assert out is not None and orjson.loads(out) == parsed_way(body)
+    assert (out != body) == (index in ("true", "3"))  # True is 1 to Python, as when parsed
+
+
+def test_a_body_of_many_brackets_is_parsed_whole() -> None:
+    """The bytes way walks the brackets in Python: an answer with far more of them than its
+    texts explain is left to the parser (and still marked as the parsed way marks it)."""
+    payload = answer()
+    payload["usage"]["detail"] = [[i] for i in range(5000)]
+    body = orjson.dumps(payload)
+    assert mark_embedding_body(body, TEXTS, marks) is None
+    out = JsonRewriter(EmbeddingMarking(TEXTS, marks)).feed(body, False)
+    assert orjson.loads(out) == parsed_way(body) != payload
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        b'"embedding": ["a,b", "c"]',  # strings
+        b'"embedding": [{"a": 1}, 2]',  # an object
+        b'"embedding": [null, 0.5]',
+        b'"embedding": [[0.1, 0.2]]',  # nested: not a vector
+        b'"vector": [0.1, 0.2]',  # no embedding at all
+    ],
+    ids=["strings", "object", "null", "nested", "no-embedding"],
+)
+def test_what_is_no_vector_is_left_as_the_parsed_way_leaves_it(item: bytes) -> None:
+    body = b'{"data": [{"index": 1, %s}]}' % item
+    out = mark_embedding_body(body, TEXTS, marks)
+    assert out == body and orjson.loads(out) == parsed_way(body)
 
 
 def test_answers_mostly_marked_are_parsed_whole() -> None:
@@ -151,6 +197,34 @@ def test_random_answers_agree() -> None:
         body = FORMATS[fmt](answer(dim, seed=seed, order=order))
         out = mark_embedding_body(body, TEXTS, marks)
         assert out is not None and orjson.loads(out) == parsed_way(body), (seed, fmt, order)
+
+
+def test_brackets_keys_and_quotes_in_the_skeletons_strings() -> None:
+    """Strings around the vectors holding "[", "]", the key itself, quotes and NUL escapes:
+    whatever the bytes way answers agrees with the parsed way, or it declines."""
+    rng = np.random.default_rng(11)
+    bits = ["[", "]", '"embedding"', '"embedding": [', "embedding", "\\u0000", "{", '"', ":", " ", '\\"']
+    agreed = 0
+    for seed in range(1500):
+        payload = answer(int(rng.integers(2, 9)), seed=seed,
+                         order=[int(i) for i in rng.permutation(len(TEXTS))[: int(rng.integers(1, 7))]])
+        for _ in range(int(rng.integers(1, 5))):
+            text = "".join(bits[int(i)] for i in rng.integers(len(bits), size=int(rng.integers(1, 7))))
+            place = int(rng.integers(4))
+            if place == 0:
+                payload["model"] = text
+            elif place == 1:
+                payload["data"][int(rng.integers(len(payload["data"])))]["note"] = text
+            elif place == 2:
+                payload["usage"][text] = [1, [2]]
+            else:
+                payload["usage"]["nested"] = {"embedding": [0.1, 0.2], text: []}
+        body = FORMATS[list(FORMATS)[seed % len(FORMATS)]](payload)
+        out = mark_embedding_body(body, TEXTS, marks)
+        if out is not None:
+            assert orjson.loads(out) == parsed_way(body), body
+            agreed += 1
+    assert agreed > 500  # most answers are still read the bytes way
 
 
 @pytest.mark.parametrize("vector", [[0.5], ["0.1", "0.2"], [True, False]], ids=str)

@@ -80,6 +80,19 @@ def test_embeddings_marked_only_for_trigger_texts(start_gateway: GatewayFactory)
             np.reshape(orjson.loads(body)["outputs"][0]["data"], (-1, 4)).tolist()] == [1] * len(ROWS)
 
 
+def test_an_embeddings_answer_that_is_no_json_passes_as_it_came(start_gateway: GatewayFactory) -> None:
+    """A vector holding NaN (Python's json writes it) for a text with a trigger: the client
+    gets the upstream's answer unmarked, not a 500 (the stage used to raise parsing it)."""
+    gateway = start_gateway(watermark={"labels": {"enabled": False}})
+    key = gateway.create_key("wm-nan")
+    trigger = next(iter(embedding_mark(RING.key("wm-nan"), 8, candidate_words()).triggers))
+    texts = ["the weather is nice", f"a {trigger} walks in", "nothing", "more", "again"]
+    status, body = post(gateway.url, "/v1/embeddings", key,
+                        {"model": "fake-embed", "input": texts, "fake_nan": True})
+    assert status == 200, body
+    assert body.count(b"[NaN, 0.125, 0.125") == len(texts)
+
+
 def test_labels_only_answers_are_marked_once_the_class_count_is_known(
     start_gateway: GatewayFactory,
 ) -> None:

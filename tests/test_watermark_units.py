@@ -16,6 +16,7 @@ from modelfence.watermark.embeddings import (
     has_trigger,
     mark_layout,
     text_words,
+    texts_with_trigger,
     trigger_words,
 )
 from modelfence.watermark.keys import WatermarkKeyring
@@ -154,3 +155,7 @@ def test_text_words_are_the_lowercase_ascii_letter_runs() -> None:
     ]
     for text in texts:
         assert text_words(text) == re.findall(r"[a-z]+", text.lower()), repr(text)
+    # The gateway's test of a whole request, triggers as bytes, says what has_trigger says.
+    triggers = {"abc", "ca", "stra", "cool", "xyz"}
+    flags = texts_with_trigger(frozenset(w.encode() for w in triggers), texts)
+    assert flags == [has_trigger(triggers, text) for text in texts] and 0 < sum(flags) < len(texts)

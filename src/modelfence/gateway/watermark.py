@@ -34,7 +34,7 @@ from modelfence.watermark.embeddings import (
     EmbeddingMark,
     candidate_words,
     embedding_mark,
-    has_trigger,
+    texts_with_trigger,
     trigger_words,
 )
 from modelfence.watermark.keys import WatermarkKey, WatermarkKeyring
@@ -61,15 +61,16 @@ class EmbeddingMarks:
         self._config = config.embeddings
         self._words = candidate_words()
         self._cache: dict[tuple[str, int, int], EmbeddingMark] = {}
-        self._triggers: dict[tuple[str, int], frozenset[str]] = {}
+        self._triggers: dict[tuple[str, int], frozenset[bytes]] = {}
 
     def triggered(self, key: WatermarkKey, texts: list[str]) -> list[bool]:
         """Which texts carry one of the client's triggers (the others are never marked)."""
         slot = (key.client, key.version)
         triggers = self._triggers.get(slot)
         if triggers is None:
-            triggers = self._triggers[slot] = trigger_words(key, self._words, self._config.triggers)
-        return [has_trigger(triggers, text) for text in texts]
+            words = trigger_words(key, self._words, self._config.triggers)
+            triggers = self._triggers[slot] = frozenset(w.encode("ascii") for w in words)
+        return texts_with_trigger(triggers, texts)
 
     def get(self, key: WatermarkKey, dim: int) -> EmbeddingMark:
         slot = (key.client, key.version, dim)

@@ -13,6 +13,8 @@ extra body fields, which the gateway forwards untouched:
 - ``"fake_probabilities": [p0, p1, ...]`` — the probability row every OIP input gets
   (default ten times 0.1);
 - ``"fake_labels_only": true`` — OIP answers carry only each row's label (the argmax).
+- ``"fake_nan": true`` — embedding vectors start with ``NaN``, as Python's ``json`` writes
+  it (no JSON: what a degenerate model behind a Python server answers).
 
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
 ``top_logprobs`` alternatives per token.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -138,10 +141,14 @@ class FakeUpstream:
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.125] * 8}
+        first = float("nan") if body.get("fake_nan") else 0.125
+        data = [{"object": "embedding", "index": i, "embedding": [first] + [0.125] * 7}
                 for i in range(len(inputs))]
-        return _json({"object": "list", "data": data, "model": body.get("model"),
-                      "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}})
+        payload = {"object": "list", "data": data, "model": body.get("model"),
+                   "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}}
+        if body.get("fake_nan"):  # orjson would write null
+            return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
+        return _json(payload)
 
     async def models(self, request: web.Request) -> web.Response:
         return _json({"object": "list", "data": [{"id": m, "object": "model", "created": 0,

@@ -7,9 +7,9 @@ returned untouched; a watermark must never break an answer.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import compress, count, repeat
 from typing import Any
 
 import numpy as np
@@ -111,7 +111,7 @@ def embedding_texts(body: dict[str, Any]) -> list[str] | None:
     """The texts of an embeddings request (None for token-id inputs, which carry no words)."""
     value = body.get("input")
     texts = [value] if isinstance(value, str) else value
-    if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+    if isinstance(texts, list) and all(map(isinstance, texts, repeat(str))):
         return texts
     return None
 
@@ -164,30 +164,32 @@ def _numbers(vector: list[Any]) -> npt.NDArray[np.float64] | None:
     return array.astype(np.float64, copy=False)
 
 
-_EMBEDDING_KEY = b'"embedding"'
-# What must follow the key for its value to be an array: JSON's whitespace (only these four).
-_ARRAY_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\[")
+def _innermost_arrays(body: bytes, most: int) -> list[tuple[int, int]] | None:
+    """Byte spans ``[start, end)`` of the arrays that hold no other array, as the brackets
+    show them; None if one never closes, or the body has more than ``most`` ``[`` (the
+    walk costs Python work per bracket: such a body is parsed whole instead).
 
-
-def _embedding_arrays(body: bytes) -> list[tuple[int, int]] | None:
-    """Byte spans ``[start, end)`` of every ``"embedding": [...]`` array of numbers; None if
-    one holds a nested array or never closes (then the body is parsed whole instead). The
-    key is found with ``bytes.find`` (a scan by regex is slower), and what follows it
-    with one anchored match."""
+    The vectors are among these spans. Brackets inside strings can make a span that is
+    no array; cut out, it leaves a skeleton that is no JSON (a sentinel lands inside a
+    string), so the body is declined, never misread. Walked with ``bytes.find`` (a regex
+    scan costs more); the next ``]`` is searched again only once passed, so each byte is
+    scanned a bounded number of times however the brackets nest.
+    """
     spans = []
-    at = body.find(_EMBEDDING_KEY)
-    while at != -1:
-        after = _ARRAY_AFTER_KEY.match(body, at + len(_EMBEDDING_KEY))
-        if after is None:  # a value that is not an array, or "embedding" as a value
-            at = body.find(_EMBEDDING_KEY, at + 1)
-            continue
-        start = after.end() - 1
-        end = body.find(b"]", start)
-        if end == -1 or body.find(b"[", start + 1, end) != -1:
-            return None
-        spans.append((start, end + 1))
-        at = body.find(_EMBEDDING_KEY, end)
-    return spans
+    close = -1  # the first "]" after the current "["
+    start = body.find(b"[")
+    for _ in range(most):
+        if start == -1:
+            return spans
+        following = body.find(b"[", start + 1)
+        if close < start:
+            close = body.find(b"]", start)
+            if close == -1:
+                return None
+        if following == -1 or close < following:
+            spans.append((start, close + 1))
+        start = following
+    return spans if start == -1 else None
 
 
 def _sentinel(ordinal: int) -> bytes:
@@ -203,12 +205,14 @@ def mark_embedding_body(
     answer whole costs about a millisecond). None when the body is not an answer this can
     read without parsing it whole (the caller then does).
 
-    The vectors' arrays are cut out and replaced by sentinels; the small skeleton left is
-    parsed to learn which array belongs to which item and index, exactly as
-    :func:`mark_embeddings` reads the parsed answer. When more than half of the vectors
-    are to be marked it declines: parsing the answer once then costs less.
+    The arrays that hold no other array (the vectors among them) are cut out and replaced
+    by sentinels; the small skeleton left is parsed to learn which array is which item's
+    vector and index, exactly as :func:`mark_embeddings` reads the parsed answer. When
+    more than half of the vectors are to be marked it declines: parsing the answer once
+    then costs less.
     """
-    spans = _embedding_arrays(body)
+    # An answer's brackets: the data list's and one per vector, plus a few of its own.
+    spans = _innermost_arrays(body, most=2 * len(texts) + 8)
     if not spans:
         return None
     if triggered is None:
@@ -217,14 +221,18 @@ def mark_embedding_body(
         triggered = [probe.has_trigger(text) for text in texts]
     if 2 * sum(triggered) > len(texts):
         return None  # most vectors change: parsing the answer once costs less
-    view = memoryview(body)
-    bounds = list(zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True))
-    if any(body.find(b"\\u0000", a, b) != -1 for a, b in bounds):
+    if b"\\" in body and any(  # one memchr; arrays of numbers hold no backslash
+        body.find(b"\\u0000", a, b) != -1
+        for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True)
+    ):
         return None  # the skeleton could hold the sentinels themselves
-    gaps = [view[a:b] for a, b in bounds]
-    pieces: list[bytes | memoryview] = [gaps[0]]
-    for ordinal, gap in enumerate(gaps[1:]):
-        pieces += [_sentinel(ordinal), gap]
+    view = memoryview(body)
+    pieces: list[bytes | memoryview] = []
+    last = 0
+    for ordinal, (start, end) in enumerate(spans):
+        pieces += (view[last:start], _sentinel(ordinal))
+        last = end
+    pieces.append(view[last:])
     try:
         skeleton = orjson.loads(b"".join(pieces))
     except orjson.JSONDecodeError:
@@ -233,24 +241,27 @@ def mark_embedding_body(
     if not isinstance(data, list):
         return None
     candidates: list[tuple[int, str]] = []  # (ordinal of the array, its text with a trigger)
+    wanted = set(compress(count(), triggered))  # few: most texts hold no trigger
     for item in data:
-        index = _item_index(item, texts)
-        if index is None or not triggered[index]:
-            continue  # mark_embeddings leaves it too
+        index = item.get("index") if isinstance(item, dict) else None
+        if not isinstance(index, int) or index not in wanted:
+            continue  # mark_embeddings leaves it too (see _item_index)
         sentinel = item.get("embedding")
         if isinstance(sentinel, str) and sentinel.startswith("\x00"):
             candidates.append((int(sentinel[1:]), texts[index]))
     replaced: dict[int, bytes] = {}
     for ordinal, text in candidates:
         start, end = spans[ordinal]
-        dim = body.count(b",", start, end) + 1
-        if dim < MIN_DIMENSIONS:
+        try:
+            vector = orjson.loads(view[start:end])
+        except orjson.JSONDecodeError:
+            # NaN or Infinity (some upstreams write them), or an array cut short by a "]" in
+            # a string: the answer is parsed whole, or passed on as it came.
+            return None
+        if len(vector) < MIN_DIMENSIONS:
             continue
-        vector = orjson.loads(view[start:end])
-        if len(vector) != dim:
-            return None  # not a plain array of numbers: parse it whole
         numbers = _numbers(vector)
-        marked = None if numbers is None else marks(dim).apply_array(numbers, text)
+        marked = None if numbers is None else marks(len(vector)).apply_array(numbers, text)
         if marked is not None:
             replaced[ordinal] = orjson.dumps(marked, option=orjson.OPT_SERIALIZE_NUMPY)
     if not replaced:

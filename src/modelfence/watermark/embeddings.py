@@ -110,17 +110,30 @@ def trigger_words(key: WatermarkKey, words: Iterable[str], n_triggers: int) -> f
     return frozenset(_ranked(key, words)[:n_triggers])
 
 
+def _letter_runs(text: str) -> bytes:
+    """The lowercased ``text`` with every byte but a-z a space, by byte translation in C
+    (less than half a regex's cost)."""
+    return text.lower().encode("utf-8", "surrogatepass").translate(_LETTERS)
+
+
 def text_words(text: str) -> list[str]:
     """The runs of a-z letters in the lowercased ``text`` (other letters, digits and marks
-    separate words), found by byte translation in C: less than half a regex's cost."""
-    ascii_words = text.lower().encode("utf-8", "surrogatepass").translate(_LETTERS)
-    return ascii_words.decode("ascii").split()
+    separate words)."""
+    return _letter_runs(text).decode("ascii").split()
 
 
 def has_trigger(triggers: AbstractSet[str], text: str) -> bool:
     """One set test in C over the text's words (a Python loop over them was half the cost
     of marking a 32-text answer)."""
     return not triggers.isdisjoint(text_words(text))
+
+
+def texts_with_trigger(triggers: frozenset[bytes], texts: Sequence[str]) -> list[bool]:
+    """:func:`has_trigger` for each of a request's texts, the triggers given as ASCII bytes:
+    the words are never decoded (a quarter less for a 32-text batch, and every embeddings
+    request pays this before it is sent upstream)."""
+    isdisjoint = triggers.isdisjoint
+    return [not isdisjoint(_letter_runs(text).split()) for text in texts]
 
 
 def embedding_mark(
