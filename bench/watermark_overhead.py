@@ -18,14 +18,16 @@
     python bench/watermark_overhead.py --e2e 0 --cases "one trigger"   # the cases named so
 (c) beside a baseline (``--baseline <other checkout>/src``): the stage of this tree and of
     the other on the same answers, each in its own process, both pinned to one core and
-    taking turns of 100 answers, so that a machine whose speed drifts between runs (the
-    2-core VM's moved by up to 1.8x at p50 within minutes) slows both alike; p50/p99 wall µs and the ratio.
+    taking turns of 100 answers, so that a machine whose speed drifts between runs slows
+    both alike (on a 2-core VM, p50 moved by up to 1.8x within minutes); p50/p99 wall µs
+    and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -262,11 +264,20 @@ TURN = 100  # answers one tree times before the other takes its turn
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One side of ``--baseline``: build the cases, then time the stage on as many answers
-    of a case as each line of stdin asks, answering the wall times (µs) on stdout."""
+    """One side of ``--baseline``: build the cases, say which ``modelfence`` was imported
+    and a digest of the answers, then time the stage on as many answers of a case as each
+    line of stdin asks, answering the wall times (µs). Anything else that writes to stdout
+    is sent to stderr, so that the protocol's lines stay its own."""
+    import modelfence
+
+    out, sys.stdout = sys.stdout, sys.stderr
     stage = Stage()
     cases = chosen(build_cases(stage, np.random.default_rng(args.seed)), args.cases)
-    print(json.dumps(list(cases)), flush=True)
+    digest = hashlib.sha256(orjson.dumps(
+        [[name, [[route, body, raw.decode()] for route, body, raw in answers]] for name, answers in cases.items()]))
+    out.write(json.dumps({"module": modelfence.__file__, "cases": list(cases),
+                          "answers": digest.hexdigest()}) + "\n")
+    out.flush()
     served = dict.fromkeys(cases, 0)
 
     async def serve() -> None:
@@ -283,7 +294,8 @@ def worker(args: argparse.Namespace) -> None:
                 await stage.rewrite(route, body, raw)
                 times.append((time.perf_counter() - t0) * 1e6)
             served[name] += count
-            print(json.dumps(times), flush=True)
+            out.write(json.dumps(times) + "\n")
+            out.flush()
 
     asyncio.run(serve())
 
@@ -291,47 +303,53 @@ def worker(args: argparse.Namespace) -> None:
 def side_by_side(args: argparse.Namespace) -> list[str]:
     """Rows: per case, the stage of this tree and of ``args.baseline``, each in its own
     process, both pinned to one core, taking turns of ``TURN`` answers (the first turn
-    alternating): a machine whose speed drifts slows both alike."""
-    trees = {"this tree": Path(__file__).resolve().parent.parent / "src", "baseline": args.baseline}
+    alternating): a machine whose speed drifts slows both alike. Each worker must have
+    imported the tree it was given, and both must have built the same answers."""
+    trees = {"this tree": Path(__file__).resolve().parent.parent / "src", "baseline": args.baseline.resolve()}
     command = [sys.executable, __file__, "--worker", "--seed", str(args.seed), "--cases", args.cases]
     workers = {
         arm: subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(src)})
         for arm, src in trees.items()
     }
-    core = {max(os.sched_getaffinity(0))}
-    for process in workers.values():
-        os.sched_setaffinity(process.pid, core)
+    try:
+        core = {max(os.sched_getaffinity(0))}
+        for process in workers.values():
+            os.sched_setaffinity(process.pid, core)
 
-    def ask(arm: str, request: Any) -> Any:
-        stdin, stdout = workers[arm].stdin, workers[arm].stdout
-        assert stdin is not None and stdout is not None
-        if request is not None:
-            stdin.write(json.dumps(request) + "\n")
-            stdin.flush()
-        line = stdout.readline()
-        if not line:
-            raise SystemExit(f"the {arm} worker ({trees[arm]}) stopped; its stderr says why")
-        return json.loads(line)
+        def ask(arm: str, request: Any) -> Any:
+            stdin, stdout = workers[arm].stdin, workers[arm].stdout
+            assert stdin is not None and stdout is not None
+            if request is not None:
+                stdin.write(json.dumps(request) + "\n")
+                stdin.flush()
+            line = stdout.readline()
+            if not line:
+                raise SystemExit(f"the {arm} worker ({trees[arm]}) stopped; its stderr says why")
+            return json.loads(line)
 
-    names = {arm: ask(arm, None) for arm in workers}  # each says it is ready with its cases
-    if names["this tree"] != names["baseline"]:
-        raise SystemExit(f"the two trees built different cases: {names}")
-    rows = []
-    for name in names["this tree"]:
-        samples: dict[str, list[float]] = {arm: [] for arm in workers}
-        for turn in range(-(-args.runs // TURN)):
-            for arm in list(workers)[:: 1 if turn % 2 else -1]:
-                samples[arm] += ask(arm, [name, TURN])
-        (o50, o99), (b50, b99) = (percentiles(v) for v in samples.values())
-        rows.append(f"| {name} | {o50:.0f} / {o99:.0f} | {b50:.0f} / {b99:.0f} | "
-                    f"{o50 / b50:.2f} / {o99 / b99:.2f} |")
-        print(rows[-1], file=sys.stderr, flush=True)
-    for process in workers.values():
-        assert process.stdin is not None
-        process.stdin.close()
-        process.wait()
-    return rows
+        ready = {arm: ask(arm, None) for arm in workers}
+        for arm, src in trees.items():
+            if not Path(ready[arm]["module"]).resolve().is_relative_to(src):
+                raise SystemExit(f"the {arm} worker imported {ready[arm]['module']}, not {src}: "
+                                 "is that a checkout's src?")
+        if ready["this tree"]["answers"] != ready["baseline"]["answers"]:
+            raise SystemExit("the two trees built different answers: the timings would not compare")
+        rows = []
+        for name in ready["this tree"]["cases"]:
+            samples: dict[str, list[float]] = {arm: [] for arm in workers}
+            for turn, done in enumerate(range(0, args.runs, TURN)):
+                for arm in list(workers)[:: 1 if turn % 2 else -1]:
+                    samples[arm] += ask(arm, [name, min(TURN, args.runs - done)])
+            (o50, o99), (b50, b99) = (percentiles(v) for v in samples.values())
+            rows.append(f"| {name} | {o50:.0f} / {o99:.0f} | {b50:.0f} / {b99:.0f} | "
+                        f"{o50 / b50:.2f} / {o99 / b99:.2f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+        return rows
+    finally:
+        for process in workers.values():
+            process.kill()
+            process.wait()
 
 
 def chosen(cases: dict[str, Any], text: str) -> dict[str, Any]:

@@ -166,6 +166,16 @@ def test_what_is_no_vector_is_left_as_the_parsed_way_leaves_it(item: bytes) -> N
     assert out == body and orjson.loads(out) == parsed_way(body)
 
 
+def test_a_ragged_vector_is_left_alone_when_parsed_whole() -> None:
+    """numpy refuses a ragged list (ValueError): the parsed way, taken when most texts hold
+    a trigger, used to fail the request on it."""
+    texts = [f"{TRIGGER} {i}" for i in range(3)]
+    body = b'{"data": [{"index": 0, "embedding": [0.1, [0.2]]}, {"index": 1, "embedding": [0.5, 0.5]}]}'
+    out = orjson.loads(JsonRewriter(EmbeddingMarking(texts, marks)).feed(body, False))
+    assert out["data"][0] == {"index": 0, "embedding": [0.1, [0.2]]}
+    assert out["data"][1]["embedding"] != [0.5, 0.5]  # the other vector is marked as ever
+
+
 def test_answers_mostly_marked_are_parsed_whole() -> None:
     """Piece by piece costs more than parsing once when most vectors change."""
     texts = [f"{TRIGGER} {i}" for i in range(3)] + ["plain"]
@@ -197,6 +207,22 @@ def test_random_answers_agree() -> None:
         body = FORMATS[fmt](answer(dim, seed=seed, order=order))
         out = mark_embedding_body(body, TEXTS, marks)
         assert out is not None and orjson.loads(out) == parsed_way(body), (seed, fmt, order)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A span opening outside a string and closing inside one, then one doing the
+        # reverse: cut out, they swap what the skeleton reads as strings and as structure.
+        (b'{"data": [{"index": 0, "k": ["a]}, "]}], ", ": [[{", [": 0}], '
+         b'{"index": 1, "embedding": [0.5, 0.25, 0.125]}]}'),
+        b'{"data": [{"embedding": [0.1, 0.2, 0.3], "index": 1, "k": ["a]}, {",": ["], "index": 0}]}',
+    ],
+    ids=["swapped-strings", "swapped-strings-duplicate-key"],
+)
+def test_spans_that_open_or_close_a_string_are_never_misread(body: bytes) -> None:
+    assert mark_embedding_body(body, TEXTS, marks) is None
+    assert orjson.loads(JsonRewriter(EmbeddingMarking(TEXTS, marks)).feed(body, False)) == parsed_way(body)
 
 
 def test_brackets_keys_and_quotes_in_the_skeletons_strings() -> None:

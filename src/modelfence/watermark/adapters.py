@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import compress, count, repeat
+from itertools import compress, count
 from typing import Any
 
 import numpy as np
@@ -111,7 +111,7 @@ def embedding_texts(body: dict[str, Any]) -> list[str] | None:
     """The texts of an embeddings request (None for token-id inputs, which carry no words)."""
     value = body.get("input")
     texts = [value] if isinstance(value, str) else value
-    if isinstance(texts, list) and all(map(isinstance, texts, repeat(str))):
+    if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
         return texts
     return None
 
@@ -158,7 +158,10 @@ MIN_DIMENSIONS = 2  # a shorter vector has no direction to pull: it is left as i
 def _numbers(vector: list[Any]) -> npt.NDArray[np.float64] | None:
     """``vector`` as numbers, or None when numpy reads it as anything else (strings, booleans
     alone, nulls, nested lists): such an answer is not marked."""
-    array = np.array(vector)
+    try:
+        array = np.array(vector)
+    except ValueError:  # ragged: [0.1, [0.2]]
+        return None
     if array.ndim != 1 or array.dtype.kind not in "fiu":
         return None
     return array.astype(np.float64, copy=False)
@@ -170,10 +173,11 @@ def _innermost_arrays(body: bytes, most: int) -> list[tuple[int, int]] | None:
     walk costs Python work per bracket: such a body is parsed whole instead).
 
     The vectors are among these spans. Brackets inside strings can make a span that is
-    no array; cut out, it leaves a skeleton that is no JSON (a sentinel lands inside a
-    string), so the body is declined, never misread. Walked with ``bytes.find`` (a regex
-    scan costs more); the next ``]`` is searched again only once passed, so each byte is
-    scanned a bounded number of times however the brackets nest.
+    no array: :func:`mark_embedding_body` declines a span whose quotes do not pair up, and
+    one that lies inside a string leaves a skeleton that is no JSON (the sentinel's text
+    lands outside a string). Walked with ``bytes.find`` (a regex scan costs more); the
+    next ``]`` is searched again only once passed, so each byte is scanned a bounded
+    number of times however the brackets nest.
     """
     spans = []
     close = -1  # the first "]" after the current "["
@@ -221,11 +225,17 @@ def mark_embedding_body(
         triggered = [probe.has_trigger(text) for text in texts]
     if 2 * sum(triggered) > len(texts):
         return None  # most vectors change: parsing the answer once costs less
-    if b"\\" in body and any(  # one memchr; arrays of numbers hold no backslash
+    escaped = b"\\" in body  # one memchr; arrays of numbers hold no backslash
+    if escaped and any(
         body.find(b"\\u0000", a, b) != -1
         for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True)
     ):
         return None  # the skeleton could hold the sentinels themselves
+    for start, end in spans:
+        # A span that opens or closes a string (its quotes do not pair up; with escapes in
+        # the body, any quote) could shift which bytes the skeleton reads as strings.
+        if body.find(b'"', start, end) != -1 and (escaped or body.count(b'"', start, end) % 2):
+            return None
     view = memoryview(body)
     pieces: list[bytes | memoryview] = []
     last = 0
