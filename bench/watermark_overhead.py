@@ -266,11 +266,12 @@ TURN = 100  # answers one tree times before the other takes its turn
 def worker(args: argparse.Namespace) -> None:
     """One side of ``--baseline``: build the cases, say which ``modelfence`` was imported
     and a digest of the answers, then time the stage on as many answers of a case as each
-    line of stdin asks, answering the wall times (µs). Anything else that writes to stdout
-    is sent to stderr, so that the protocol's lines stay its own."""
+    line of stdin asks, answering the wall times (µs). The protocol keeps file descriptor
+    1 to itself: anything else that writes there (native code included) goes to stderr."""
     import modelfence
 
-    out, sys.stdout = sys.stdout, sys.stderr
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     stage = Stage()
     cases = chosen(build_cases(stage, np.random.default_rng(args.seed)), args.cases)
     digest = hashlib.sha256(orjson.dumps(
@@ -307,12 +308,11 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
     imported the tree it was given, and both must have built the same answers."""
     trees = {"this tree": Path(__file__).resolve().parent.parent / "src", "baseline": args.baseline.resolve()}
     command = [sys.executable, __file__, "--worker", "--seed", str(args.seed), "--cases", args.cases]
-    workers = {
-        arm: subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(src)})
-        for arm, src in trees.items()
-    }
+    workers: dict[str, subprocess.Popen[str]] = {}
     try:
+        for arm, src in trees.items():
+            workers[arm] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True, env={**os.environ, "PYTHONPATH": str(src)})
         core = {max(os.sched_getaffinity(0))}
         for process in workers.values():
             os.sched_setaffinity(process.pid, core)
@@ -330,9 +330,10 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
 
         ready = {arm: ask(arm, None) for arm in workers}
         for arm, src in trees.items():
-            if not Path(ready[arm]["module"]).resolve().is_relative_to(src):
-                raise SystemExit(f"the {arm} worker imported {ready[arm]['module']}, not {src}: "
-                                 "is that a checkout's src?")
+            # A path with no modelfence package falls back to the installed one.
+            if Path(ready[arm]["module"]).resolve() != src / "modelfence" / "__init__.py":
+                raise SystemExit(f"the {arm} worker imported {ready[arm]['module']}, not the "
+                                 f"modelfence of {src}: is that a checkout's src?")
         if ready["this tree"]["answers"] != ready["baseline"]["answers"]:
             raise SystemExit("the two trees built different answers: the timings would not compare")
         rows = []
@@ -368,6 +369,10 @@ def main() -> None:
                         help="another checkout's src: the stage of both, side by side")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.baseline is not None and args.baseline.resolve() == Path(__file__).resolve().parent.parent / "src":
+        parser.error("--baseline names this tree's own src")
     import torch
 
     torch.set_num_threads(1)

@@ -217,8 +217,10 @@ def test_random_answers_agree() -> None:
         (b'{"data": [{"index": 0, "k": ["a]}, "]}], ", ": [[{", [": 0}], '
          b'{"index": 1, "embedding": [0.5, 0.25, 0.125]}]}'),
         b'{"data": [{"embedding": [0.1, 0.2, 0.3], "index": 1, "k": ["a]}, {",": ["], "index": 0}]}',
+        # The same with escaped quotes, which give each span an even count of quotes.
+        b'{"data": [{"embedding": [0.1, 0.2, 0.3], "index": 1, "k": ["\\"a]}, {",": [\\""], "index": 0}]}',
     ],
-    ids=["swapped-strings", "swapped-strings-duplicate-key"],
+    ids=["swapped-strings", "swapped-strings-duplicate-key", "swapped-strings-escaped"],
 )
 def test_spans_that_open_or_close_a_string_are_never_misread(body: bytes) -> None:
     assert mark_embedding_body(body, TEXTS, marks) is None
