@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import compress, count
 from typing import Any
 
 import numpy as np
@@ -226,22 +225,20 @@ def mark_embedding_body(
     if 2 * sum(triggered) > len(texts):
         return None  # most vectors change: parsing the answer once costs less
     escaped = b"\\" in body  # one memchr; arrays of numbers hold no backslash
-    if escaped and any(
-        body.find(b"\\u0000", a, b) != -1
-        for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(body)], strict=True)
-    ):
-        return None  # the skeleton could hold the sentinels themselves
-    for start, end in spans:
-        # A span that opens or closes a string (its quotes do not pair up; with escapes in
-        # the body, any quote) could shift which bytes the skeleton reads as strings.
-        if body.find(b'"', start, end) != -1 and (escaped or body.count(b'"', start, end) % 2):
-            return None
     view = memoryview(body)
     pieces: list[bytes | memoryview] = []
     last = 0
     for ordinal, (start, end) in enumerate(spans):
+        if escaped and body.find(b"\\u0000", last, start) != -1:
+            return None  # the skeleton could hold the sentinels themselves
+        # A span that opens or closes a string (its quotes do not pair up; with escapes in
+        # the body, any quote) could shift which bytes the skeleton reads as strings.
+        if body.find(b'"', start, end) != -1 and (escaped or body.count(b'"', start, end) % 2):
+            return None
         pieces += (view[last:start], _sentinel(ordinal))
         last = end
+    if escaped and body.find(b"\\u0000", last) != -1:
+        return None
     pieces.append(view[last:])
     try:
         skeleton = orjson.loads(b"".join(pieces))
@@ -251,11 +248,10 @@ def mark_embedding_body(
     if not isinstance(data, list):
         return None
     candidates: list[tuple[int, str]] = []  # (ordinal of the array, its text with a trigger)
-    wanted = set(compress(count(), triggered))  # few: most texts hold no trigger
     for item in data:
-        index = item.get("index") if isinstance(item, dict) else None
-        if not isinstance(index, int) or index not in wanted:
-            continue  # mark_embeddings leaves it too (see _item_index)
+        index = _item_index(item, texts)
+        if index is None or not triggered[index]:
+            continue  # mark_embeddings leaves it too
         sentinel = item.get("embedding")
         if isinstance(sentinel, str) and sentinel.startswith("\x00"):
             candidates.append((int(sentinel[1:]), texts[index]))
