@@ -20,7 +20,8 @@
     the other on the same answers, each in its own process, both pinned to one core and
     taking turns of 100 answers, so that a machine whose speed drifts between runs slows
     both alike (on a 2-core VM, p50 moved by up to 1.8x within minutes); p50/p99 wall µs
-    and the ratio.
+    and the ratio, for the region-mark cases too; and whether the two stages wrote the same
+    bytes for every answer (a change that should not alter the marks must say "the same").
 """
 
 from __future__ import annotations
@@ -272,19 +273,32 @@ def worker(args: argparse.Namespace) -> None:
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    stage = Stage()
-    cases = chosen(build_cases(stage, np.random.default_rng(args.seed)), args.cases)
+    stages: dict[str, Stage] = {}
+    cases: dict[str, list[tuple[str, dict[str, Any], bytes]]] = {}
+    rng = np.random.default_rng(args.seed)  # drawn from in main's order: the same answers
+    marks = Stage()
+    for stage, built in ((marks, build_cases(marks, rng)), region_cases(rng)):
+        for name, answers in chosen(built, args.cases).items():
+            stages[name], cases[name] = stage, answers
     digest = hashlib.sha256(orjson.dumps(
         [[name, [[route, body, raw.decode()] for route, body, raw in answers]] for name, answers in cases.items()]))
+
+    async def rewritten() -> str:
+        written = hashlib.sha256()
+        for name, answers in cases.items():
+            for route, body, raw in answers:
+                written.update(await stages[name].rewrite(route, body, raw))
+        return written.hexdigest()
+
     out.write(json.dumps({"module": modelfence.__file__, "cases": list(cases),
-                          "answers": digest.hexdigest()}) + "\n")
+                          "answers": digest.hexdigest(), "rewritten": asyncio.run(rewritten())}) + "\n")
     out.flush()
     served = dict.fromkeys(cases, 0)
 
     async def serve() -> None:
         for line in sys.stdin:
             name, count = json.loads(line)
-            answers = cases[name]
+            answers, stage = cases[name], stages[name]
             if served[name] == 0:
                 for route, body, raw in answers[:20]:  # warm-up: caches, first-call costs
                     await stage.rewrite(route, body, raw)
@@ -336,6 +350,9 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
                                  f"modelfence of {src}: is that a checkout's src?")
         if ready["this tree"]["answers"] != ready["baseline"]["answers"]:
             raise SystemExit("the two trees built different answers: the timings would not compare")
+        same = ready["this tree"]["rewritten"] == ready["baseline"]["rewritten"]
+        print("the two stages wrote " + ("the same bytes" if same else "different bytes (a change "
+              "of what is marked or how)"), file=sys.stderr, flush=True)
         rows = []
         for name in ready["this tree"]["cases"]:
             samples: dict[str, list[float]] = {arm: [] for arm in workers}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import sqlite3
 from collections.abc import Sequence
@@ -206,9 +207,19 @@ def test_a_clone_made_under_an_older_key_version_is_still_named() -> None:
 def test_a_rule_never_prints_its_key_and_two_classes_are_left_alone() -> None:
     rule = region_mark(UNIT_RING.key("acme"), profile(), 4)
     assert UNIT_RING.key("acme").subkey("regions").hex() not in repr(rule)
-    assert "subkey" not in repr(rule)
+    assert "subkey" not in repr(rule) and "mac" not in repr(rule)
     assert RegionRowMark(rule, 3).label(1, 2) == 1
     assert RegionRowMark(rule, 3).label(1, 10) != 1
+
+
+def test_a_shift_is_the_hmac_of_its_cell_and_label_as_it_always_was() -> None:
+    """Marks already answered must stay verifiable: the shift of a (cell, label) pair is
+    fixed by the key alone, whatever computes the HMAC."""
+    key = UNIT_RING.key("acme")
+    rule = region_mark(key, profile(), 4)
+    for cell, label, classes in itertools.product(range(16), range(CLASSES), (3, CLASSES)):
+        digest = hmac.digest(key.subkey("regions"), f"{cell}:{label}".encode(), "sha256")
+        assert rule.shift(cell, label, classes) == 1 + int.from_bytes(digest[:8], "big") % (classes - 1)
 
 
 def test_off_distribution_rows_are_answered_by_the_clients_rule(

@@ -127,10 +127,14 @@ class RegionMarks:
         return rule
 
 
+RULE_OVERHEAD = 1024  # a rule's objects and its keyed hash's SHA-256 states (780 B measured)
+
+
 def rule_bytes(bits: int, features: int) -> int:
     """An upper bound on one cached rule: its directions, plus the profile mean it only
-    refers to (shared by every rule, counted anyway so the bound never undercounts)."""
-    return (bits + 1) * features * 8
+    refers to (shared by every rule, counted anyway so the bound never undercounts), plus
+    the rule's fixed size."""
+    return (bits + 1) * features * 8 + RULE_OVERHEAD
 
 
 class OutputWatermark(ResponseRewriting[_Plan]):

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelfence.errors import ConfigError
-from modelfence.keyedhash import hmac_sha256
+from modelfence.keyedhash import KeyedHash
 from modelfence.watermark.config import MAX_FEATURES, RegionsConfig
 from modelfence.watermark.keys import WatermarkKey
 
@@ -229,7 +229,7 @@ class RegionMark:
     """One client's rule: ``cell_bits`` keyed directions cut the input space into cells;
     each (cell, true label) pair has a keyed shift in ``1..classes-1``."""
 
-    subkey: bytes = field(repr=False)  # the client's rule: never printed
+    mac: KeyedHash = field(repr=False)  # keyed by the client's rule subkey: never printed
     directions: npt.NDArray[np.float64] = field(repr=False)  # [cell_bits, features]
     centre: npt.NDArray[np.float64] = field(repr=False)
 
@@ -241,7 +241,7 @@ class RegionMark:
 
     def shift(self, cell: int, label: int, classes: int) -> int:
         """The keyed move, in ``1..classes-1``, of a (cell, true label) pair."""
-        digest = hmac_sha256(self.subkey, f"{cell}:{label}".encode())
+        digest = self.mac.digest(b"%d:%d" % (cell, label))
         return 1 + int.from_bytes(digest[:8], "big") % (classes - 1)
 
 
@@ -266,7 +266,7 @@ def region_mark(key: WatermarkKey, profile: InputProfile, cell_bits: int) -> Reg
     rng = np.random.default_rng(key.seed("regions"))
     directions = rng.normal(size=(cell_bits, profile.features))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    return RegionMark(key.subkey("regions"), directions, profile.mean)
+    return RegionMark(KeyedHash(key.subkey("regions")), directions, profile.mean)
 
 
 def region_p_value(
