@@ -351,8 +351,9 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
         if ready["this tree"]["answers"] != ready["baseline"]["answers"]:
             raise SystemExit("the two trees built different answers: the timings would not compare")
         same = ready["this tree"]["rewritten"] == ready["baseline"]["rewritten"]
-        print("the two stages wrote " + ("the same bytes" if same else "different bytes (a change "
-              "of what is marked or how)"), file=sys.stderr, flush=True)
+        verdict = "the two stages wrote " + ("the same bytes for every answer" if same else
+                                             "different bytes (a change of what is marked or how)")
+        print(verdict, file=sys.stderr, flush=True)
         rows = []
         for name in ready["this tree"]["cases"]:
             samples: dict[str, list[float]] = {arm: [] for arm in workers}
@@ -363,7 +364,7 @@ def side_by_side(args: argparse.Namespace) -> list[str]:
             rows.append(f"| {name} | {o50:.0f} / {o99:.0f} | {b50:.0f} / {b99:.0f} | "
                         f"{o50 / b50:.2f} / {o99 / b99:.2f} |")
             print(rows[-1], file=sys.stderr, flush=True)
-        return rows
+        return [*rows, "", verdict]
     finally:
         for process in workers.values():
             process.kill()
