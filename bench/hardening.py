@@ -42,6 +42,7 @@ from modelfence.policy import (
     RowHardening,
     harden_oip,
 )
+from modelfence.policy.reasoning import ReasoningMode, ReasoningTrim
 
 TARGET_US = 200.0
 REQUEST = {"model": "smollm2-135m-instruct", "max_tokens": 100, "logprobs": True,
@@ -74,6 +75,26 @@ def chat_stream(tokens: int, alternatives: int) -> list[bytes]:
     return [b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": p["token"]},
                                                    "logprobs": {"content": [p]}}]}) + b"\n\n"
             for p in whole]
+
+
+def reasoning_body(chars: int, inline: bool) -> bytes:
+    """A reasoning model's answer: ``chars`` characters of chain of thought, in
+    ``reasoning_content`` or as a ``<think>`` block that opens the content."""
+    thought = ("Let me work through this step by step. " * (chars // 38 + 1))[:chars]
+    message = ({"role": "assistant", "content": f"<think>{thought}</think>\n\nThe answer."}
+               if inline else
+               {"role": "assistant", "content": "The answer.", "reasoning_content": thought})
+    return orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}]})
+
+
+def reasoning_stream(events: int) -> list[bytes]:
+    """``events`` reasoning deltas of ~5 characters, then as many content deltas."""
+    def event(delta: dict[str, str]) -> bytes:
+        return b"data: " + orjson.dumps({"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": None}]}) + b"\n\n"
+    return ([event({"reasoning_content": f"step{i} "}) for i in range(events)]
+            + [event({"content": f"w{i} "}) for i in range(events)])
 
 
 def oip_body(rows: int) -> bytes:
@@ -142,6 +163,19 @@ def cases() -> dict[str, Callable[[], Any]]:
                 rewriter.feed(event, i < len(events) - 1)
         return run
 
+    def trimmed(body: bytes, mode: ReasoningMode) -> Callable[[], Any]:
+        return lambda: JsonRewriter(ReasoningTrim(mode, 400)).feed(body, False)
+
+    def trimmed_stream(mode: ReasoningMode) -> Callable[[], Any]:
+        def run() -> None:
+            rewriter = SSERewriter(ReasoningTrim(mode, 400))
+            for i, event in enumerate(thoughts):
+                rewriter.feed(event, i < len(thoughts) - 1)
+        return run
+
+    thoughts = reasoning_stream(100)
+    no_thought, thought, inline = text100, reasoning_body(2000, False), reasoning_body(2000, True)
+
     def rows(mode: str, **extra: Any) -> Callable[[Any], Any]:
         h = RowHardening(mode=mode, rng=rng, **extra)  # type: ignore[arg-type]
         return lambda payload: harden_oip(payload, h)
@@ -159,6 +193,13 @@ def cases() -> dict[str, Callable[[], Any]]:
         "chat 100 tokens x 5 alts, not narrowed: text only": json_case(full100, text_only.apply),
         "chat 100 tokens x 5 alts: DP noise + quantise 0.1": json_case(full100, noised.apply),
         "chat stream 100 events x 5 alts, not narrowed: quantise + top-1": sse_case(elevated.apply),
+        "chat 100 tokens, no reasoning: reasoning shorten (not parsed)":
+            trimmed(no_thought, "shorten"),
+        "chat, 2,000 chars of reasoning_content: shorten to 400": trimmed(thought, "shorten"),
+        "chat, 2,000 chars of reasoning_content: drop": trimmed(thought, "drop"),
+        "chat, a <think> block of 2,000 chars: shorten to 400": trimmed(inline, "shorten"),
+        "chat stream 100 reasoning + 100 content events: shorten to 400":
+            trimmed_stream("shorten"),
         "OIP 1 x 10: labels only": json_case(oip1, rows("labels_only")),
         "OIP 1 x 10: reverse sigmoid": json_case(oip1, rows("reverse_sigmoid")),
         "OIP 1 x 10: OOD-aware + 2 decimals": json_case(oip1, rows("ood_aware", decimals=2)),

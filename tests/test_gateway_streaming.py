@@ -6,6 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from modelfence.gateway.rewrite import SSERewriter
 from modelfence.gateway.streaming import SSETap
 
 
@@ -75,3 +76,31 @@ def test_any_split_of_the_stream_gives_the_same_output(cuts: list[int]) -> None:
     out.append(tap.flush())
     assert b"".join(out) == expected
     assert tap.usage == (7, 2)
+
+
+FRAMINGS = {  # what the spec allows besides "data: {...}\n\n"
+    "CRLF": lambda event: event.replace(b"\n", b"\r\n"),
+    "CR": lambda event: event.replace(b"\n", b"\r"),
+    "no space after data:": lambda event: event.replace(b"data: ", b"data:"),
+    "an event field first": lambda event: b"event: message\n" + event,
+}
+
+
+@given(st.sampled_from(sorted(FRAMINGS)), st.lists(st.integers(min_value=1, max_value=40), max_size=30))
+def test_every_framing_of_the_spec_is_read_and_rewritten(framing: str, cuts: list[int]) -> None:
+    """However the upstream frames its events, and wherever the bytes are cut, usage is
+    recorded and stripped and every stage after the proxy rewrites every event."""
+    whole = b"".join(FRAMINGS[framing](c) for c in CHUNKS)
+    tap, out, pos = SSETap(strip_usage=True), [], 0
+    for cut in cuts:
+        out.append(tap.feed(whole[pos : pos + cut]))
+        pos += cut
+    out.append(tap.feed(whole[pos:]) + tap.flush())
+    assert tap.usage == (7, 2) and tap.content_events == 2
+    rewritten = SSERewriter(lambda payload: {**payload, "seen": True}).feed(b"".join(out), False)
+    events = _events(rewritten)
+    assert len(events) == 3 and events[-1].endswith(b"data: [DONE]")
+    for event in events[:-1]:
+        payload = orjson.loads(event.rpartition(b"data: ")[2])
+        assert payload["seen"] and "usage" not in payload
+        assert event.startswith(b"event: message\n") == (framing == "an event field first")

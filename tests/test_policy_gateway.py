@@ -6,9 +6,11 @@ import http.client
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import orjson
 import pytest
 
+from modelfence.policy.reasoning import SHORTENED
 from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 
 from .conftest import ADMIN_TOKEN, _merge, base_config
@@ -157,6 +159,44 @@ def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -
     pin(gateway, "suspect", None)
     again = orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"]
     assert again == exact
+
+
+def test_reasoning_is_graded_by_risk_through_the_openai_client(gateway: GatewayProcess) -> None:
+    thought = "Six sevens: 7, 14, 21, 28, 35, 42. " * 20  # 700 characters
+    key = gateway.create_key("thinker")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=10)
+    ask = {"model": "fake-chat", "messages": [{"role": "user", "content": "6 x 7?"}],
+           "extra_body": {"fake_reasoning": thought, "fake_text": "42"}}
+
+    def answer() -> tuple[str | None, str | None]:
+        message = client.chat.completions.create(**ask).choices[0].message
+        return (message.model_extra or {}).get("reasoning_content"), message.content
+
+    def streamed() -> tuple[str, str]:
+        reasoning, content = "", ""
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            content += delta.content or ""
+        return reasoning, content
+
+    assert answer() == (thought, "42") and streamed() == (thought, "42")
+    pin(gateway, "thinker", "elevated")  # the default: 400 characters
+    assert answer() == (thought[:400] + SHORTENED, "42")
+    assert streamed() == (thought[:400] + SHORTENED, "42")
+    # Logprobs would spell the reasoning out again: they go with it.
+    hardened = client.chat.completions.create(**ask, logprobs=True).choices[0]
+    assert hardened.logprobs is None and hardened.message.content == "42"
+    # A <think> block in the content, its closing tag cut off: the stream (whose upstream
+    # sends no event with a finish_reason) ends with what was held back, as the whole has it.
+    ask["extra_body"] = {"fake_text": "<think>abc</th"}
+    assert answer()[1] == streamed()[1] == "<think>abc</th"
+    pin(gateway, "thinker", "high")  # the default: none
+    assert answer()[1] == streamed()[1] == ""
+    ask["extra_body"] = {"fake_reasoning": thought, "fake_text": "42"}
+    assert answer() == (None, "42") and streamed() == ("", "42")
+    pin(gateway, "thinker", None)
+    assert answer() == (thought, "42")
 
 
 def test_admin_shows_the_effective_policy(gateway: GatewayProcess) -> None:

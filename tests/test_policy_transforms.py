@@ -318,6 +318,19 @@ async def test_dp_noise_spends_budget_or_answers_text_only(allow: bool) -> None:
         assert logprobs is None
 
 
+async def test_an_answer_hardened_only_for_its_reasoning_spends_no_dp_budget() -> None:
+    policy = PolicyConfig.model_validate(
+        {"tiers": {"default": {"hardening": {"elevated": {"dp_noise": True, "reasoning": "shorten"}}}}}
+    )
+    risk = RiskOverrides(NormalRisk())
+    risk.set("acme", RiskLevel.ELEVATED)
+    accountant = Accountant(True)
+    _, body = await call(stage(risk, policy, accountant), {})  # no logprobs asked
+    assert accountant.spent == 0 and body == UPSTREAM_BODY  # no reasoning: as it came
+    await call(stage(risk, policy, accountant), {"logprobs": True})
+    assert accountant.spent == 1
+
+
 async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
     asked: list[dict[str, Any]] = []
 

@@ -3,10 +3,11 @@
 The level is read from a :class:`~modelfence.policy.risk.RiskSource` on every request, so
 a change (from detection or an operator pin) applies to the very next request; an account's
 trust level may raise it (``trust_levels``: probation answers are graded, e.g. rounded,
-top-1 logprobs, OOD-aware probabilities). A client
+top-1 logprobs, OOD-aware probabilities, shortened reasoning). A client
 whose profile is the identity — every normal-risk client with the default policy — never
 has its ``send`` wrapped: it gets the upstream's bytes exactly. Requests that cannot leak
-what a profile protects (no logprobs asked for, embeddings) pass through as well.
+what a profile protects (embeddings; chat without logprobs where the profile keeps the
+reasoning) pass through as well.
 
 Where a profile removes logprobs (``text_only``) or alternatives (``top_logprobs``), the
 upstream is asked for no more than the client will get: only the upstream body changes
@@ -29,16 +30,23 @@ import numpy as np
 
 from modelfence.errors import ModelFenceError
 from modelfence.gateway.context import RequestContext, context_of
-from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.gateway.rewrite import (
+    BodyRewriter,
+    ClosedEvents,
+    PayloadTransform,
+    ResponseRewriting,
+    SSERewriter,
+)
 from modelfence.operations import Operation
 from modelfence.policy.config import DPConfig, Hardening, PolicyConfig
 from modelfence.policy.dp import BudgetAccountant
 from modelfence.policy.llm_hardening import LogprobHardening
 from modelfence.policy.noise import default_rng
 from modelfence.policy.probs_hardening import RowHardening, harden_oip
+from modelfence.policy.reasoning import ReasoningTrim
 from modelfence.policy.request_policy import narrowed_request, upstream_payload, wants_logprobs
 from modelfence.policy.risk import RiskLevel, RiskSource, stronger
-from modelfence.types import ASGIApp, Scope
+from modelfence.types import ASGIApp, Headers, Scope
 
 log = logging.getLogger("modelfence.policy")
 
@@ -49,6 +57,7 @@ class _Plan:
     profile: Hardening
     oip: bool
     allowed_outputs: tuple[str, ...] | None
+    logprobs: bool = False  # an LLM answer with logprobs to harden
 
 
 class OutputHardening(ResponseRewriting[_Plan]):
@@ -80,15 +89,17 @@ class OutputHardening(ResponseRewriting[_Plan]):
         profile = tier.profile(level if floor is None else stronger(level, floor))
         if operation is Operation.OIP_INFER:
             allowed = tier.request.oip_outputs
-            if profile.is_identity and allowed is None:
+            if profile.for_classifiers.is_identity and allowed is None:
                 return None
             return _Plan(ctx.key.client, profile, True, allowed)
         if not operation.generates_text or profile.is_identity:
             return None
-        if not wants_logprobs(operation, ctx.body):
+        logprobs = wants_logprobs(operation, ctx.body)
+        if not logprobs and profile.reasoning == "keep":
             return None
-        _narrow(ctx, operation, profile)
-        return _Plan(ctx.key.client, profile, False, None)
+        if logprobs:
+            _narrow(ctx, operation, profile)
+        return _Plan(ctx.key.client, profile, False, None, logprobs)
 
     async def transform_for(
         self, scope: Scope, plan: _Plan, status: int
@@ -97,18 +108,28 @@ class OutputHardening(ResponseRewriting[_Plan]):
             return None
         profile = plan.profile
         dp = self.policy.dp
-        noised = profile.dp_noise and await self._spend(plan.client, dp)
-        spent_out = profile.dp_noise and not noised
+        spends = profile.dp_noise and (plan.oip or plan.logprobs)
+        noised = spends and await self._spend(plan.client, dp)
+        spent_out = spends and not noised
         if plan.oip:
             return self._probabilities(plan, dp if noised else None, labels_only=spent_out)
-        hardening = LogprobHardening(
+        logprobs = LogprobHardening(
             quantum=profile.logprob_quantum,
             top_k=profile.top_logprobs,
             noise_scale=dp.logprob_sensitivity / dp.epsilon_per_response if noised else None,
             text_only=profile.text_only or spent_out,
             rng=self.rng,
-        )
-        return hardening.apply
+        ).apply if plan.logprobs else None
+        if profile.reasoning == "keep":
+            assert logprobs is not None  # plan() made no plan otherwise
+            return logprobs
+        return ReasoningTrim(profile.reasoning, profile.reasoning_max_chars, first=logprobs)
+
+    def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
+        rewriter = super().body_rewriter(headers, transform)
+        if isinstance(rewriter, SSERewriter) and isinstance(transform, ReasoningTrim):
+            return ClosedEvents(transform, transform.closing_event)  # a held tag goes out last
+        return rewriter
 
     def _probabilities(
         self, plan: _Plan, dp: DPConfig | None, *, labels_only: bool

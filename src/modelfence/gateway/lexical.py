@@ -25,6 +25,7 @@ import orjson
 from modelfence.gateway.context import context_of
 from modelfence.gateway.rewrite import (
     BodyRewriter,
+    ClosedEvents,
     PayloadTransform,
     ResponseRewriting,
     SSERewriter,
@@ -108,25 +109,6 @@ def _choices(payload: Any) -> list[dict[str, Any]]:
     return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
 
 
-class _MarkedEvents(SSERewriter):
-    """Server-sent events through :meth:`ChoiceMarks.event`, closed by what is still held."""
-
-    __slots__ = ("_marks",)
-
-    def __init__(self, marks: ChoiceMarks) -> None:
-        super().__init__(marks.event)
-        self._marks = marks
-
-    def feed(self, chunk: bytes, more_body: bool) -> bytes:
-        out = super().feed(chunk, more_body)
-        return out if more_body else out + self._marks.closing_event()
-
-    def _event(self, event: bytes) -> bytes:
-        if event.startswith(b"data: [DONE]"):
-            return self._marks.closing_event() + event + b"\n\n"
-        return super()._event(event)
-
-
 class LexicalWatermark(ResponseRewriting[_Plan]):
     def __init__(
         self, app: ASGIApp, *, config: LexicalConfig, keyring: WatermarkKeyring,
@@ -156,7 +138,7 @@ class LexicalWatermark(ResponseRewriting[_Plan]):
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ChoiceMarks):
-            return _MarkedEvents(transform)
+            return ClosedEvents(transform.event, transform.closing_event)
         return rewriter
 
 

@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from modelfence.gateway.sse import event_data
 from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 PayloadTransform = Callable[[Any], Any]
@@ -59,6 +60,9 @@ class JsonRewriter:
 
 
 class SSERewriter:
+    """Server-sent events one at a time through the transform, as the proxy forwards them
+    (LF line ends and ``data: `` fields: :mod:`.sse`); an event's other fields are kept."""
+
     __slots__ = ("_buffer", "_transform")
 
     def __init__(self, transform: PayloadTransform) -> None:
@@ -74,13 +78,37 @@ class SSERewriter:
         return out
 
     def _event(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: {"):
+        found = event_data(event)
+        if found is None or not found[1].startswith(b"{"):
             return event + b"\n\n"
+        others, data = found
         try:
-            payload = orjson.loads(event[6:])
+            payload = orjson.loads(data)
         except orjson.JSONDecodeError:
             return event + b"\n\n"
-        return b"data: " + orjson.dumps(self._transform(payload)) + b"\n\n"
+        return others + b"data: " + orjson.dumps(self._transform(payload)) + b"\n\n"
+
+
+class ClosedEvents(SSERewriter):
+    """Server-sent events through a transform that may hold text back between events:
+    what it still holds (``close()``, an event or b"") goes out before ``data: [DONE]``,
+    or at the end of the body for a stream that has none."""
+
+    __slots__ = ("_close",)
+
+    def __init__(self, transform: PayloadTransform, close: Callable[[], bytes]) -> None:
+        super().__init__(transform)
+        self._close = close
+
+    def feed(self, chunk: bytes, more_body: bool) -> bytes:
+        out = super().feed(chunk, more_body)
+        return out if more_body else out + self._close()
+
+    def _event(self, event: bytes) -> bytes:
+        found = event_data(event)
+        if found is not None and found[1] == b"[DONE]":
+            return self._close() + event + b"\n\n"
+        return super()._event(event)
 
 
 def _rewriter(headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:

@@ -5,7 +5,8 @@ can be settled to real usage. :class:`SSETap` splits the byte stream into events
 arrive, records the usage event, and — when the client did not ask for usage itself —
 removes what the option added (the final ``choices: []`` event and ``"usage": null`` fields),
 so the client sees exactly the stream it asked for. Complete events are forwarded at once;
-only a trailing partial event waits for its end.
+only a trailing partial event waits for its end. Line ends become LF and ``data:`` fields
+``data: `` (:mod:`.sse`), so every stage after the proxy reads one framing.
 """
 
 from __future__ import annotations
@@ -13,29 +14,31 @@ from __future__ import annotations
 import orjson
 
 from modelfence.gateway.apis import usage_from_response
+from modelfence.gateway.sse import LineEnds, event_data, spaced
 
 _USAGE = b'"usage"'
 
 
 class SSETap:
-    __slots__ = ("_buffer", "_strip", "content_events", "usage")
+    __slots__ = ("_buffer", "_line_ends", "_strip", "content_events", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
         self._buffer = b""
+        self._line_ends = LineEnds()
         self._strip = strip_usage
         self.usage: tuple[int, int] | None = None
         self.content_events = 0  # a fair count of generated tokens if the stream is cut short
 
     def feed(self, chunk: bytes) -> bytes:
         """Take the next bytes from upstream; return the bytes to send to the client now."""
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
+        chunk = self._line_ends(chunk)
         data = self._buffer + chunk if self._buffer else chunk
         complete, sep, rest = data.rpartition(b"\n\n")
         if not sep:
             self._buffer = data
             return b""
         self._buffer = rest
+        complete = spaced(complete)
         if _USAGE not in complete:
             self.content_events += complete.count(b"data: {")
             return complete + sep
@@ -43,14 +46,18 @@ class SSETap:
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
-        return rest
+        return spaced(rest)
 
     def _event(self, event: bytes) -> bytes:
-        if _USAGE not in event or not event.startswith(b"data: {"):
-            self.content_events += event.startswith(b"data: {")
+        found = event_data(event)
+        is_json = found is not None and found[1].startswith(b"{")
+        if _USAGE not in event or not is_json:
+            self.content_events += is_json
             return event + b"\n\n"
+        assert found is not None
+        others, data = found
         try:
-            payload = orjson.loads(event[6:])
+            payload = orjson.loads(data)
         except orjson.JSONDecodeError:
             return event + b"\n\n"
         usage = usage_from_response(payload)
@@ -63,4 +70,4 @@ class SSETap:
             return b""  # the usage-only event the client did not ask for
         self.content_events += 1
         payload.pop("usage", None)
-        return b"data: " + orjson.dumps(payload) + b"\n\n"
+        return others + b"data: " + orjson.dumps(payload) + b"\n\n"

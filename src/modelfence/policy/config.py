@@ -10,8 +10,9 @@ except that they close the known logit-leak probe (Carlini et al. 2024)::
           request: {logit_bias_with_logprobs: forbid, max_top_logprobs: 5}
           hardening:
             normal: {}                                  # exact answers, byte for byte
-            elevated: {logprob_quantum: 0.5, top_logprobs: 1, probabilities: ood_aware}
-            high: {text_only: true, probabilities: labels_only}
+            elevated: {logprob_quantum: 0.5, top_logprobs: 1, probabilities: ood_aware,
+                       prob_decimals: 2, reasoning: shorten}        # 400 characters
+            high: {text_only: true, probabilities: labels_only, reasoning: drop}
       dp: {epsilon_per_response: 0.5, budget: 200, window_seconds: 86400}
 
 Tiers not listed under ``policy.tiers`` get the ``default`` entry.
@@ -19,10 +20,12 @@ Tiers not listed under ``policy.tiers`` get the ``default`` entry.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from modelfence.policy.reasoning import ReasoningMode
 from modelfence.policy.risk import RiskLevel
 
 LogitBiasWithLogprobs = Literal["forbid", "strip_logprobs", "allow"]
@@ -74,22 +77,49 @@ class Hardening(_Frozen):
         0.9, gt=0, le=1, description="ood_aware: max probability at or above this is exact"
     )
     ood_sharpness: float = Field(40.0, gt=0)
+    reasoning: ReasoningMode = Field(
+        "keep", description="a reasoning model's chain of thought: keep, shorten to "
+        "reasoning_max_chars per choice, or drop (see modelfence.policy.reasoning)",
+    )
+    reasoning_max_chars: int = Field(
+        400, ge=0, le=1_000_000, description="shorten: characters of reasoning kept per choice"
+    )
 
     @property
     def is_identity(self) -> bool:
-        return self == _IDENTITY
+        """Whether the profile changes nothing (``reasoning_max_chars`` counts only when it
+        shortens)."""
+        return _is_identity(self)
+
+    @property
+    def for_classifiers(self) -> Hardening:
+        """The profile as classifier answers see it: they hold no reasoning."""
+        return self if self.reasoning == "keep" else _without_reasoning(self)
 
 
 _IDENTITY = Hardening()
+
+
+@lru_cache(maxsize=256)  # profiles come from the config: a handful, asked on every request
+def _is_identity(profile: Hardening) -> bool:
+    if profile.reasoning != "shorten":
+        profile = profile.model_copy(update={"reasoning_max_chars": _IDENTITY.reasoning_max_chars})
+    return profile == _IDENTITY
+
+
+@lru_cache(maxsize=256)
+def _without_reasoning(profile: Hardening) -> Hardening:
+    return profile.model_copy(update={"reasoning": "keep"})
 
 
 def _default_hardening() -> dict[RiskLevel, Hardening]:
     return {
         RiskLevel.NORMAL: Hardening(),
         RiskLevel.ELEVATED: Hardening(
-            logprob_quantum=0.5, top_logprobs=1, probabilities="ood_aware", prob_decimals=2
+            logprob_quantum=0.5, top_logprobs=1, probabilities="ood_aware", prob_decimals=2,
+            reasoning="shorten",
         ),
-        RiskLevel.HIGH: Hardening(text_only=True, probabilities="labels_only"),
+        RiskLevel.HIGH: Hardening(text_only=True, probabilities="labels_only", reasoning="drop"),
     }
 
 

@@ -15,6 +15,9 @@ extra body fields, which the gateway forwards untouched:
 - ``"fake_labels_only": true`` — OIP answers carry only each row's label (the argmax).
 - ``"fake_nan": true`` — embedding vectors start with ``NaN``, as Python's ``json`` writes
   it (no JSON: what a degenerate model behind a Python server answers).
+- ``"fake_reasoning": "..."`` — a reasoning model's chain of thought: the chat message's
+  ``reasoning_content`` (DeepSeek, vLLM's reasoning parsers); a stream sends it in
+  ``fake_chunks`` ``reasoning_content`` deltas before the content.
 
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
 ``top_logprobs`` alternatives per token.
@@ -93,6 +96,9 @@ class FakeUpstream:
         else:
             pieces = [_WORDS[i % len(_WORDS)] for i in range(chunks)]
         text = "".join(pieces)
+        reasoning = body.get("fake_reasoning")
+        thoughts = [reasoning[len(reasoning) * i // chunks : len(reasoning) * (i + 1) // chunks]
+                    for i in range(chunks)] if isinstance(reasoning, str) else []
         usage = {"prompt_tokens": 11, "completion_tokens": chunks, "total_tokens": 11 + chunks}
         created = int(time.time())
         if not body.get("stream"):
@@ -103,7 +109,8 @@ class FakeUpstream:
                     "created": created,
                     "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text},
+                                 "message": {"role": "assistant", "content": text} | (
+                                     {"reasoning_content": reasoning} if thoughts else {}),
                                  "logprobs": _choice_logprobs(body, range(chunks))}],
                     "usage": usage,
                 }
@@ -114,6 +121,10 @@ class FakeUpstream:
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
                 "model": body.get("model")}
         delay = float(body.get("fake_chunk_delay", 0))
+        for thought in thoughts:
+            event = {**base, "choices": [{"index": 0, "delta": {"reasoning_content": thought},
+                                          "finish_reason": None}]}
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
         for i in range(chunks):
             delta = {"content": pieces[i]}
             chunk: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta,

@@ -1,0 +1,217 @@
+"""Graded reasoning: how much of a reasoning model's chain of thought a client gets.
+
+Reasoning traces are what distillation campaigns harvest: a student trained on a strong
+model's step-by-step reasoning learns more from each answer than from the final answers
+alone. A hardening profile's ``reasoning`` says what a client at that level gets of them:
+``keep`` (all), ``shorten`` (the first ``reasoning_max_chars`` characters, then
+:data:`SHORTENED`) or ``drop`` (none). The answer itself is never touched, but a choice's
+logprobs go with its reasoning: their tokens would spell it out again.
+
+Reasoning is read where OpenAI-compatible servers put it: ``reasoning_content`` (DeepSeek,
+the vLLM and SGLang reasoning parsers) or ``reasoning`` (OpenRouter, newer vLLM) in a
+choice's ``message`` or stream ``delta``, the texts of ``reasoning_details`` items, and a
+``<think>…</think>`` block that opens the content (servers without a reasoning parser,
+whose chat template leaves the opening tag to the model). Each of these places has its own
+allowance per choice (servers send ``reasoning_details`` beside ``reasoning``, not instead).
+
+One :class:`ReasoningTrim` serves one answer: a stream's events go through it in order,
+and each choice's allowances run across them. A ``<think>`` tag split between events is
+held back until an event decides it; a choice's last event (the one with a
+``finish_reason``), or :meth:`ReasoningTrim.closing_event` at the end of the stream, sends
+whatever is still held, so a stream gets what the whole answer would.
+
+>>> trim = ReasoningTrim("shorten", 5)
+>>> trim({"choices": [{"message": {"reasoning_content": "abcdefgh", "content": "42"}}]})
+{'choices': [{'message': {'reasoning_content': 'abcde […]', 'content': '42'}}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+ReasoningMode = Literal["keep", "shorten", "drop"]
+SHORTENED = " […]"  # ends a shortened reasoning, so a reader knows there was more
+OPEN, CLOSE = "<think>", "</think>"
+MAX_LEAD = 256  # whitespace before a <think> that still opens the content
+_FIELDS = ("reasoning_content", "reasoning")
+_DETAIL_TEXTS = ("text", "summary")
+_UNDECIDED, _INSIDE, _OUTSIDE = 0, 1, 2  # where a choice's content is: a <think> block or not
+
+
+@dataclass(slots=True)
+class _Allowance:
+    left: int  # characters of reasoning that may still pass
+    marked: bool = False  # SHORTENED was written
+
+
+@dataclass(slots=True)
+class _Choice:
+    allowances: dict[str, _Allowance] = field(default_factory=dict)  # by where the reasoning is
+    place: int = _UNDECIDED
+    held: str = ""  # content held back: what may still become a tag
+    held_in: str = "content"  # "text" for a legacy completion
+
+
+class ReasoningTrim:
+    """The reasoning of one answer (whole, or a stream's events in order) cut to a profile.
+
+    ``first``: a transform each payload goes through before (the logprob hardening).
+    """
+
+    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode")
+
+    def __init__(
+        self, mode: ReasoningMode, max_chars: int, first: Callable[[Any], Any] | None = None
+    ) -> None:
+        if mode == "keep":
+            raise ValueError("reasoning 'keep' has nothing to cut: leave the answer alone")
+        self._mode = mode
+        self._max_chars = max_chars if mode == "shorten" else 0
+        self._first = first
+        self._choices: dict[int, _Choice] = {}
+        self._last: dict[str, Any] = {}  # the last stream event, the closing event's template
+
+    def rewrite_body(self, body: bytes) -> bytes | None:
+        """A whole answer that names no reasoning field, holds no ``think`` and no JSON
+        escape goes back as it came: most answers have no reasoning, and parsing and
+        writing them again would change nothing but bytes. None: parse it."""
+        if self._first is None and not any(word in body for word in (b"reasoning", b"think", b"\\u")):
+            return body
+        return None
+
+    def __call__(self, payload: Any) -> Any:
+        """Cut ``payload``'s reasoning in place and return it (anything else is untouched)."""
+        if self._first is not None:
+            payload = self._first(payload)
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not isinstance(choices, list):
+            return payload
+        self._last = payload
+        for position, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            key = index if isinstance(index, int) else position
+            state = self._choices.setdefault(key, _Choice())
+            whole = "message" in choice
+            part = choice.get("message") if whole else choice.get("delta")
+            final = whole or choice.get("finish_reason") is not None
+            seen = False
+            if isinstance(part, dict):
+                seen = self._fields(part, state)
+                seen = self._text(part, "content", state, final) or seen
+            if "text" in choice:  # legacy completions
+                state.held_in = "text"
+                seen = self._text(choice, "text", state, final) or seen
+            if seen and choice.get("logprobs") is not None:
+                choice["logprobs"] = None
+        return payload
+
+    def closing_event(self) -> bytes:
+        """An event with the content still held by choices that never finished (or b"")."""
+        choices = []
+        for index, state in self._choices.items():
+            if state.held:
+                holder: dict[str, Any] = {state.held_in: ""}
+                self._text(holder, state.held_in, state, final=True)
+                choice: dict[str, Any] = {"index": index, "finish_reason": None}
+                choices.append({**choice, "text": holder["text"]} if state.held_in == "text"
+                               else {**choice, "delta": holder})
+        if not choices:
+            return b""
+        template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
+        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+
+    def _fields(self, part: dict[str, Any], state: _Choice) -> bool:
+        """Cut the reasoning fields of a message or delta; whether there was any."""
+        seen = False
+        for name in _FIELDS:
+            value = part.get(name)
+            if isinstance(value, str):
+                seen = seen or bool(value)
+                if self._mode == "drop":
+                    del part[name]
+                else:
+                    part[name] = self._allow(value, state, name)
+        details = part.get("reasoning_details")
+        if isinstance(details, list):
+            seen = seen or bool(details)
+            if self._mode == "drop":
+                del part["reasoning_details"]
+                return seen
+            for item in details:
+                for name in _DETAIL_TEXTS if isinstance(item, dict) else ():
+                    if isinstance(item.get(name), str):
+                        item[name] = self._allow(item[name], state, "reasoning_details")
+        return seen
+
+    def _allow(self, text: str, state: _Choice, where: str) -> str:
+        """What passes of the next ``text`` of reasoning found ``where``."""
+        allowance = state.allowances.get(where)
+        if allowance is None:
+            allowance = state.allowances[where] = _Allowance(self._max_chars)
+        kept = text[: allowance.left]
+        allowance.left -= len(kept)
+        if len(kept) < len(text) and self._mode == "shorten" and not allowance.marked:
+            allowance.marked = True
+            return kept + SHORTENED
+        return kept
+
+    def _text(self, part: dict[str, Any], name: str, state: _Choice, final: bool) -> bool:
+        """Cut a ``<think>`` block that opens ``part[name]`` (content, or a completion's
+        text); whether this piece held any of it."""
+        value = part.get(name)
+        if not isinstance(value, str) and not (final and state.held):
+            return False
+        text = state.held + (value if isinstance(value, str) else "")
+        state.held = ""
+        out: list[str] = []
+        seen = False
+        while text:
+            if state.place == _UNDECIDED:
+                opened = text.lstrip()
+                if len(text) - len(opened) > MAX_LEAD:
+                    state.place = _OUTSIDE
+                    continue
+                if not final and len(opened) < len(OPEN) and OPEN.startswith(opened):
+                    state.held = text  # whitespace so far, or a tag cut short: wait
+                    break
+                if not opened.startswith(OPEN):
+                    state.place = _OUTSIDE
+                    continue
+                state.place, seen = _INSIDE, True
+                out.append(text[: len(text) - len(opened)])
+                if self._mode == "shorten":
+                    out.append(OPEN)
+                text = opened[len(OPEN) :]
+            elif state.place == _INSIDE:
+                seen = True
+                end = text.find(CLOSE)
+                if end < 0:
+                    keep = 0 if final else _tag_prefix(text, CLOSE)
+                    out.append(self._allow(text[: len(text) - keep], state, OPEN))
+                    state.held = text[len(text) - keep :]
+                    break
+                out.append(self._allow(text[:end], state, OPEN))
+                if self._mode == "shorten":
+                    out.append(CLOSE)
+                state.place = _OUTSIDE
+                text = text[end + len(CLOSE) :]
+            else:
+                out.append(text)
+                break
+        if isinstance(value, str) or out:
+            part[name] = "".join(out)
+        return seen
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is the start of ``tag`` (0: none)."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0

@@ -1,0 +1,172 @@
+"""Graded reasoning: a chain of thought shortened or dropped, whole answers and streams alike."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from modelfence.gateway.rewrite import ClosedEvents
+from modelfence.policy.config import Hardening, PolicyConfig
+from modelfence.policy.reasoning import SHORTENED, ReasoningTrim
+from modelfence.policy.risk import RiskLevel
+
+THOUGHT = "First, 6 times 7. Six sevens are forty-two. Check: 42 / 7 = 6. So the answer is 42."
+
+
+def whole(message: dict[str, Any], **choice: Any) -> dict[str, Any]:
+    return {"object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message, **choice}]}
+
+
+def test_reasoning_fields_are_shortened_or_dropped_and_the_answer_kept() -> None:
+    message = {"role": "assistant", "content": "42", "reasoning_content": THOUGHT}
+    out = ReasoningTrim("shorten", 20)(whole(dict(message)))["choices"][0]["message"]
+    assert out == {**message, "reasoning_content": THOUGHT[:20] + SHORTENED}
+    out = ReasoningTrim("shorten", 500)(whole(dict(message)))["choices"][0]["message"]
+    assert out == message  # within the allowance: untouched
+    out = ReasoningTrim("drop", 20)(whole(dict(message)))["choices"][0]["message"]
+    assert out == {"role": "assistant", "content": "42"}
+    details = [{"type": "reasoning.text", "text": THOUGHT}, {"type": "reasoning.encrypted", "data": "x"}]
+    out = ReasoningTrim("shorten", 10)(whole(
+        {"content": "42", "reasoning": THOUGHT, "reasoning_details": copy.deepcopy(details)}))
+    message = out["choices"][0]["message"]
+    assert message["reasoning"] == THOUGHT[:10] + SHORTENED
+    assert message["reasoning_details"] == [{**details[0], "text": THOUGHT[:10] + SHORTENED}, details[1]]
+    out = ReasoningTrim("drop", 10)(whole({"content": "42", "reasoning": THOUGHT,
+                                                 "reasoning_details": details}))
+    assert out["choices"][0]["message"] == {"content": "42"}
+    with pytest.raises(ValueError, match="keep"):
+        ReasoningTrim("keep", 10)
+
+
+@pytest.mark.parametrize(("mode", "content", "expected"), [
+    ("shorten", f"<think>{THOUGHT}</think>\n\n42", f"<think>{THOUGHT[:12]}{SHORTENED}</think>\n\n42"),
+    ("drop", f"<think>{THOUGHT}</think>\n\n42", "\n\n42"),
+    ("drop", f"\n <think>{THOUGHT}</think>42", "\n 42"),
+    ("drop", f"<think>{THOUGHT}", ""),  # cut off while thinking: all of it is reasoning
+    ("shorten", "<think>short</think>42", "<think>short</think>42"),
+    ("drop", "The tag <think> starts a block.", "The tag <think> starts a block."),  # not at the start
+    ("drop", "<thinking>", "<thinking>"),
+    ("drop", " " * 256 + "<think>x</think>42", " " * 256 + "42"),
+    ("drop", " " * 257 + "<think>x</think>42", " " * 257 + "<think>x</think>42"),  # held no longer
+    ("drop", "  ", "  "),
+])
+def test_a_think_block_that_opens_the_content(mode: Any, content: str, expected: str) -> None:
+    out = ReasoningTrim(mode, 12)(whole({"content": content}))
+    assert out["choices"][0]["message"]["content"] == expected
+    legacy = ReasoningTrim(mode, 12)({"choices": [{"index": 0, "text": content, "finish_reason": "stop"}]})
+    assert legacy["choices"][0]["text"] == expected
+
+
+def stream(trim: ReasoningTrim, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deltas as a stream's events (the last with a finish_reason), through ``trim``."""
+    out = []
+    for i, delta in enumerate(deltas):
+        event = {"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": "stop" if i == len(deltas) - 1 else None}]}
+        out.append(trim(orjson.loads(orjson.dumps(event)))["choices"][0]["delta"])
+    return out
+
+
+def joined(deltas: list[dict[str, Any]], name: str) -> str:
+    return "".join(d.get(name) or "" for d in deltas)
+
+
+def sse(trim: ReasoningTrim, deltas: list[dict[str, Any]], done: bool) -> list[dict[str, Any]]:
+    """The deltas as a stream's bytes, no event with a finish_reason (as some servers send
+    them), through the stage's event rewriter: the choices' deltas that come out."""
+    events = b"".join(b"data: " + orjson.dumps({"choices": [
+        {"index": 0, "delta": d, "finish_reason": None}]}) + b"\n\n" for d in deltas)
+    rewriter = ClosedEvents(trim, trim.closing_event)
+    out = rewriter.feed(events, True) + rewriter.feed(b"data: [DONE]\n\n" if done else b"", False)
+    assert out.endswith(b"data: [DONE]\n\n") == done
+    return [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+@pytest.mark.parametrize("mode", ["shorten", "drop"])
+def test_a_stream_gets_what_the_whole_answer_gets_however_it_is_cut(mode: Any) -> None:
+    rng = random.Random(7)
+    for content in (f"<think>{THOUGHT}</think>\n\nThe answer is 42.", f" \n<think>{THOUGHT}",
+                    "Plain answer, no thinking. <think> later is text.", "<thin", "   ",
+                    f"<think>{THOUGHT}</th", " " * 300 + f"<think>{THOUGHT}</think>42",
+                    " " * 250 + f"<think>{THOUGHT}</think>42"):
+        want = ReasoningTrim(mode, 25)(whole({"content": content}))["choices"][0]["message"]
+        for trial in range(200):
+            cuts = sorted(rng.sample(range(1, len(content)), min(len(content) - 1, rng.randint(1, 12))))
+            pieces = [content[a:b] for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
+            deltas = stream(ReasoningTrim(mode, 25), [{"content": p} for p in pieces] + [{}])
+            assert joined(deltas, "content") == want["content"], pieces
+            # A stream whose last event has no finish_reason: what is held goes out at the end.
+            unfinished = sse(ReasoningTrim(mode, 25), [{"content": p} for p in pieces], trial % 2 == 0)
+            assert joined(unfinished, "content") == want["content"], pieces
+
+
+def test_reasoning_deltas_share_one_allowance_per_choice() -> None:
+    pieces = [THOUGHT[i : i + 9] for i in range(0, len(THOUGHT), 9)]
+    deltas = stream(ReasoningTrim("shorten", 30), [{"reasoning_content": p} for p in pieces]
+                    + [{"content": "42"}])
+    assert joined(deltas, "reasoning_content") == THOUGHT[:30] + SHORTENED
+    assert joined(deltas, "content") == "42"
+    deltas = stream(ReasoningTrim("drop", 30), [{"reasoning_content": p} for p in pieces]
+                    + [{"content": "42"}])
+    assert all("reasoning_content" not in d for d in deltas) and joined(deltas, "content") == "42"
+    # Two choices of one stream (n=2) each have their own, found by index, not by position.
+    trim = ReasoningTrim("shorten", 5)
+    first = trim({"choices": [{"index": 1, "delta": {"reasoning_content": "abcd"}, "finish_reason": None}]})
+    assert first["choices"][0]["delta"] == {"reasoning_content": "abcd"}
+    second = trim({"choices": [{"index": 0, "delta": {"reasoning_content": "abcd"}, "finish_reason": None},
+                               {"index": 1, "delta": {"reasoning_content": "efgh"}, "finish_reason": None}]})
+    assert [c["delta"]["reasoning_content"] for c in second["choices"]] == ["abcd", "e" + SHORTENED]
+
+
+def test_each_place_of_reasoning_has_its_own_allowance() -> None:
+    out = ReasoningTrim("shorten", 5)(whole({"content": "42", "reasoning_content": "abcdefgh",
+                                            "reasoning": "abcdefgh"}))
+    message = out["choices"][0]["message"]
+    assert message["reasoning_content"] == message["reasoning"] == "abcde" + SHORTENED
+
+
+def test_logprobs_go_with_the_reasoning_they_would_spell_out() -> None:
+    logprobs = {"content": [{"token": "<think>", "logprob": -0.1, "top_logprobs": []}]}
+    out = ReasoningTrim("drop", 0)(whole({"content": "<think>secret</think>42"}, logprobs=logprobs))
+    assert out["choices"][0]["logprobs"] is None and out["choices"][0]["message"]["content"] == "42"
+    out = ReasoningTrim("drop", 0)(whole({"content": "42"}, logprobs=logprobs))
+    assert out["choices"][0]["logprobs"] == logprobs  # no reasoning: kept
+    legacy = {"choices": [{"index": 0, "text": "<think>secret</think>42", "finish_reason": "stop",
+                           "logprobs": {"tokens": ["<think>", "secret"], "text_offset": [0, 7]}}]}
+    assert ReasoningTrim("shorten", 3)(legacy)["choices"][0]["logprobs"] is None
+    trim, events = ReasoningTrim("shorten", 3), []
+    for delta in ({"reasoning_content": "secret"}, {"content": "<think>more"}, {"content": "</think>4"},
+                  {"content": "2"}):
+        event = {"choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}]}
+        events.append(trim(event)["choices"][0]["logprobs"])
+    assert events == [None, None, None, logprobs]
+
+
+def test_answers_without_reasoning_go_back_as_they_came() -> None:
+    body = orjson.dumps(whole({"role": "assistant", "content": "42"})) + b" "
+    assert ReasoningTrim("drop", 0).rewrite_body(body) is body
+    for escaped in (b'{"choices":[{"message":{"content":"\\u003cthink\\u003eabc\\u003c/think\\u003e42"}}]}',
+                    b'{"choices":[{"message":{"content":"<\\u0074hink>abc</\\u0074hink>42"}}]}'):
+        assert ReasoningTrim("drop", 0).rewrite_body(escaped) is None  # parsed: the tag is there
+        assert ReasoningTrim("drop", 0)(orjson.loads(escaped))["choices"][0]["message"]["content"] == "42"
+    hardened_first = ReasoningTrim("drop", 0, first=lambda payload: payload)
+    assert hardened_first.rewrite_body(body) is None  # the logprob hardening must see it
+
+
+def test_an_allowance_that_cuts_nothing_keeps_a_profile_the_identity() -> None:
+    assert Hardening(reasoning_max_chars=1000).is_identity
+    assert not Hardening(reasoning="shorten").is_identity
+    assert Hardening(reasoning="drop").for_classifiers.is_identity
+
+
+def test_the_default_policy_grades_reasoning_by_risk() -> None:
+    tier = PolicyConfig().for_tier("default")
+    assert tier.profile(RiskLevel.NORMAL).reasoning == "keep"
+    assert tier.profile(RiskLevel.ELEVATED).reasoning == "shorten"
+    assert tier.profile(RiskLevel.ELEVATED).reasoning_max_chars == 400
+    assert tier.profile(RiskLevel.HIGH).reasoning == "drop"
