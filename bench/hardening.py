@@ -31,7 +31,7 @@ import orjson
 
 from modelfence.gateway.context import SCOPE_KEY, RequestContext
 from modelfence.gateway.hardening import OutputHardening
-from modelfence.gateway.rewrite import JsonRewriter, SSERewriter
+from modelfence.gateway.rewrite import ClosedEvents, JsonRewriter, SSERewriter
 from modelfence.identity.base import ApiKeyRecord
 from modelfence.policy import (
     LogprobHardening,
@@ -167,8 +167,10 @@ def cases() -> dict[str, Callable[[], Any]]:
         return lambda: JsonRewriter(ReasoningTrim(mode, 400)).feed(body, False)
 
     def trimmed_stream(mode: ReasoningMode) -> Callable[[], Any]:
-        def run() -> None:
-            rewriter = SSERewriter(ReasoningTrim(mode, 400))
+        def run() -> None:  # as the stage streams it: held text closed before the end
+            trim = ReasoningTrim(mode, 400)
+            trim.stream = True
+            rewriter = ClosedEvents(trim, trim.closing_event)
             for i, event in enumerate(thoughts):
                 rewriter.feed(event, i < len(thoughts) - 1)
         return run

@@ -161,10 +161,13 @@ def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -
     assert again == exact
 
 
-def test_reasoning_is_graded_by_risk_through_the_openai_client(gateway: GatewayProcess) -> None:
+def test_reasoning_is_graded_by_risk_through_the_openai_client(
+    gateway: GatewayProcess, request: pytest.FixtureRequest
+) -> None:
     thought = "Six sevens: 7, 14, 21, 28, 35, 42. " * 20  # 700 characters
     key = gateway.create_key("thinker")
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=10)
+    request.addfinalizer(client.close)
     ask = {"model": "fake-chat", "messages": [{"role": "user", "content": "6 x 7?"}],
            "extra_body": {"fake_reasoning": thought, "fake_text": "42"}}
 

@@ -58,12 +58,14 @@ def test_reasoning_fields_are_shortened_or_dropped_and_the_answer_kept() -> None
 def test_a_think_block_that_opens_the_content(mode: Any, content: str, expected: str) -> None:
     out = ReasoningTrim(mode, 12)(whole({"content": content}))
     assert out["choices"][0]["message"]["content"] == expected
-    legacy = ReasoningTrim(mode, 12)({"choices": [{"index": 0, "text": content, "finish_reason": "stop"}]})
-    assert legacy["choices"][0]["text"] == expected
+    for finish in ("stop", None):  # a whole answer is complete, whatever its finish_reason
+        legacy = ReasoningTrim(mode, 12)({"choices": [{"index": 0, "text": content, "finish_reason": finish}]})
+        assert legacy["choices"][0]["text"] == expected
 
 
 def stream(trim: ReasoningTrim, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The deltas as a stream's events (the last with a finish_reason), through ``trim``."""
+    trim.stream = True
     out = []
     for i, delta in enumerate(deltas):
         event = {"object": "chat.completion.chunk", "choices": [
@@ -81,6 +83,7 @@ def sse(trim: ReasoningTrim, deltas: list[dict[str, Any]], done: bool) -> list[d
     them), through the stage's event rewriter: the choices' deltas that come out."""
     events = b"".join(b"data: " + orjson.dumps({"choices": [
         {"index": 0, "delta": d, "finish_reason": None}]}) + b"\n\n" for d in deltas)
+    trim.stream = True
     rewriter = ClosedEvents(trim, trim.closing_event)
     out = rewriter.feed(events, True) + rewriter.feed(b"data: [DONE]\n\n" if done else b"", False)
     assert out.endswith(b"data: [DONE]\n\n") == done
@@ -105,6 +108,26 @@ def test_a_stream_gets_what_the_whole_answer_gets_however_it_is_cut(mode: Any) -
             assert joined(unfinished, "content") == want["content"], pieces
 
 
+def test_an_unterminated_last_event_is_cut_and_the_held_text_follows_it() -> None:
+    trim = ReasoningTrim("drop", 0)
+    trim.stream = True
+    rewriter = ClosedEvents(trim, trim.closing_event)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"<thi"},"finish_reason":null}]}\n\n'
+    last = (b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"SECRET"},'
+            b'"logprobs":{"content":[1]},"finish_reason":null}]}')
+    out = rewriter.feed(first, True) + rewriter.feed(last, False)
+    assert b"SECRET" not in out and b'"logprobs":{' not in out
+    events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e]
+    assert [e["choices"][0]["delta"].get("content") for e in events] == ["", None, "<thi"]
+    trim = ReasoningTrim("drop", 0)
+    trim.stream = True
+    rewriter = ClosedEvents(trim, trim.closing_event)
+    out = rewriter.feed(first, True) + rewriter.feed(b"data: [DONE]", False)
+    *_, held, done, end = out.split(b"\n\n")
+    assert orjson.loads(held[6:])["choices"][0]["delta"] == {"content": "<thi"}
+    assert (done, end) == (b"data: [DONE]", b"")  # the held text goes out before [DONE]
+
+
 def test_reasoning_deltas_share_one_allowance_per_choice() -> None:
     pieces = [THOUGHT[i : i + 9] for i in range(0, len(THOUGHT), 9)]
     deltas = stream(ReasoningTrim("shorten", 30), [{"reasoning_content": p} for p in pieces]
@@ -116,6 +139,7 @@ def test_reasoning_deltas_share_one_allowance_per_choice() -> None:
     assert all("reasoning_content" not in d for d in deltas) and joined(deltas, "content") == "42"
     # Two choices of one stream (n=2) each have their own, found by index, not by position.
     trim = ReasoningTrim("shorten", 5)
+    trim.stream = True
     first = trim({"choices": [{"index": 1, "delta": {"reasoning_content": "abcd"}, "finish_reason": None}]})
     assert first["choices"][0]["delta"] == {"reasoning_content": "abcd"}
     second = trim({"choices": [{"index": 0, "delta": {"reasoning_content": "abcd"}, "finish_reason": None},
@@ -140,6 +164,7 @@ def test_logprobs_go_with_the_reasoning_they_would_spell_out() -> None:
                            "logprobs": {"tokens": ["<think>", "secret"], "text_offset": [0, 7]}}]}
     assert ReasoningTrim("shorten", 3)(legacy)["choices"][0]["logprobs"] is None
     trim, events = ReasoningTrim("shorten", 3), []
+    trim.stream = True
     for delta in ({"reasoning_content": "secret"}, {"content": "<think>more"}, {"content": "</think>4"},
                   {"content": "2"}):
         event = {"choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}]}

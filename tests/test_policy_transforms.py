@@ -331,6 +331,34 @@ async def test_an_answer_hardened_only_for_its_reasoning_spends_no_dp_budget() -
     assert accountant.spent == 1
 
 
+async def test_classifier_answers_ignore_a_profile_that_only_cuts_reasoning() -> None:
+    answer = orjson.dumps({"outputs": [
+        {"name": "probs", "datatype": "FP32", "shape": [1, 3], "data": [[0.1, 0.2, 0.7]]},
+        {"name": "bad", "datatype": "FP32", "shape": [1, 3], "data": [1.0]}]})
+
+    async def oip_upstream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+    policy = PolicyConfig.model_validate({"tiers": {"default": {
+        "request": {"oip_outputs": ["probs", "bad"]},
+        "hardening": {"elevated": {"reasoning": "shorten"}}}}})
+    risk = RiskOverrides(NormalRisk())
+    risk.set("acme", RiskLevel.ELEVATED)
+    hardening = OutputHardening(oip_upstream, policy=policy, risk=risk, accountant=Accountant(True))
+    key = ApiKeyRecord("k1", "acme", "default", "mf-", datetime.now(UTC))
+    ctx = RequestContext(route=Operation.OIP_INFER.route, started=0.0, request_id="r", key=key,
+                         body={"inputs": []}, path_model="m")
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await hardening({"type": "http", SCOPE_KEY: ctx}, None, send)  # type: ignore[arg-type]
+    assert orjson.loads(b"".join(m.get("body", b"") for m in sent)) == orjson.loads(answer)
+
+
 async def test_the_upstream_is_asked_for_no_more_than_the_client_gets() -> None:
     asked: list[dict[str, Any]] = []
 

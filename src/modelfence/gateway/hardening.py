@@ -128,6 +128,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ReasoningTrim):
+            transform.stream = True
             return ClosedEvents(transform, transform.closing_event)  # a held tag goes out last
         return rewriter
 
@@ -146,7 +147,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
             noise_scale=dp.probability_sensitivity / dp.epsilon_per_response if dp else None,
             rng=self.rng,
         )
-        identity = p.is_identity and not labels_only
+        identity = p.for_classifiers.is_identity and not labels_only
         return lambda payload: harden_oip(payload, None if identity else rows, plan.allowed_outputs)
 
     async def _spend(self, client: str, dp: DPConfig) -> bool:

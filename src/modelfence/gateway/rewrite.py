@@ -74,12 +74,14 @@ class SSERewriter:
         complete, sep, self._buffer = data.rpartition(b"\n\n")
         out = b"".join(self._event(e) for e in complete.split(b"\n\n") if e) if sep else b""
         if not more_body:
-            out, self._buffer = out + self._buffer, b""
+            # An upstream that leaves its last event unterminated still has it read.
+            rest, self._buffer = self._buffer, b""
+            out += self._event(rest.rstrip(b"\n")) if rest.strip() else rest
         return out
 
     def _event(self, event: bytes) -> bytes:
         found = event_data(event)
-        if found is None or not found[1].startswith(b"{"):
+        if found is None or not found[1].lstrip().startswith(b"{"):
             return event + b"\n\n"
         others, data = found
         try:

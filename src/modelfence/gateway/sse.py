@@ -25,6 +25,8 @@ class LineEnds:
         self._after_cr = False
 
     def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk  # an empty chunk between a CR and its LF changes nothing
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")

@@ -50,7 +50,7 @@ class SSETap:
 
     def _event(self, event: bytes) -> bytes:
         found = event_data(event)
-        is_json = found is not None and found[1].startswith(b"{")
+        is_json = found is not None and found[1].lstrip().startswith(b"{")
         if _USAGE not in event or not is_json:
             self.content_events += is_json
             return event + b"\n\n"

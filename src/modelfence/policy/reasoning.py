@@ -60,9 +60,11 @@ class ReasoningTrim:
     """The reasoning of one answer (whole, or a stream's events in order) cut to a profile.
 
     ``first``: a transform each payload goes through before (the logprob hardening).
+    ``stream``: set when the answer is an event stream; in a whole answer every choice is
+    complete, whatever its ``finish_reason``.
     """
 
-    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode")
+    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode", "stream")
 
     def __init__(
         self, mode: ReasoningMode, max_chars: int, first: Callable[[Any], Any] | None = None
@@ -74,11 +76,13 @@ class ReasoningTrim:
         self._first = first
         self._choices: dict[int, _Choice] = {}
         self._last: dict[str, Any] = {}  # the last stream event, the closing event's template
+        self.stream = False
 
     def rewrite_body(self, body: bytes) -> bytes | None:
-        """A whole answer that names no reasoning field, holds no ``think`` and no JSON
-        escape goes back as it came: most answers have no reasoning, and parsing and
-        writing them again would change nothing but bytes. None: parse it."""
+        """A whole answer that names no reasoning field, holds no ``think`` and no ``\\u``
+        escape (the one JSON escape that can hide a letter) goes back as it came: most
+        answers have no reasoning, and parsing and writing them again would change nothing
+        but bytes. None: parse it."""
         if self._first is None and not any(word in body for word in (b"reasoning", b"think", b"\\u")):
             return body
         return None
@@ -97,9 +101,8 @@ class ReasoningTrim:
             index = choice.get("index")
             key = index if isinstance(index, int) else position
             state = self._choices.setdefault(key, _Choice())
-            whole = "message" in choice
-            part = choice.get("message") if whole else choice.get("delta")
-            final = whole or choice.get("finish_reason") is not None
+            part = choice.get("message") if "message" in choice else choice.get("delta")
+            final = not self.stream or choice.get("finish_reason") is not None
             seen = False
             if isinstance(part, dict):
                 seen = self._fields(part, state)
