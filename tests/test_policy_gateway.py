@@ -202,6 +202,25 @@ def test_reasoning_is_graded_by_risk_through_the_openai_client(
     assert answer() == (thought, "42")
 
 
+def test_an_upstream_whose_template_opens_think_has_its_reasoning_cut(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: ServiceProcess
+) -> None:
+    """``think_opened_in_prompt``: the answer starts inside the reasoning, and a lone
+    ``</think>`` ends it (an upstream without the flag passes such an answer whole)."""
+    workdir = tmp_path_factory.mktemp("think-opened")
+    config = base_config(fake_upstream.url, workdir)
+    config["upstreams"][0]["think_opened_in_prompt"] = True
+    with GatewayProcess(config, workdir) as proc:
+        key = proc.create_key("thinker")
+        pin(proc, "thinker", "high")
+        body = chat(fake_text="Let me think. 6 x 7 = 42.</think>\n\n42", fake_chunks=6)
+        status, raw = post(proc.url, CHAT, key, body)
+        assert status == 200 and orjson.loads(raw)["choices"][0]["message"]["content"] == "\n\n42"
+        streamed = post(proc.url, CHAT, key, {**body, "stream": True})[1]
+        events = [orjson.loads(e[6:]) for e in streamed.split(b"\n\n") if e.startswith(b"data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "\n\n42"
+
+
 def test_admin_shows_the_effective_policy(gateway: GatewayProcess) -> None:
     status, body = http_json("GET", gateway.url + "/admin/v1/policy", token=ADMIN_TOKEN)
     assert status == 200

@@ -90,22 +90,41 @@ def sse(trim: ReasoningTrim, deltas: list[dict[str, Any]], done: bool) -> list[d
     return [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e.startswith(b"data: {")]
 
 
+CONTENTS = {  # for a <think> the model writes, and for one the chat template opened
+    False: (f"<think>{THOUGHT}</think>\n\nThe answer is 42.", f" \n<think>{THOUGHT}",
+            "Plain answer, no thinking. <think> later is text.", "<thin", "   ",
+            f"<think>{THOUGHT}</th", " " * 300 + f"<think>{THOUGHT}</think>42",
+            " " * 250 + f"<think>{THOUGHT}</think>42"),
+    True: (f"{THOUGHT}</think>\n\nThe answer is 42.", f"{THOUGHT}</th", THOUGHT, "</think>42"),
+}
+
+
+@pytest.mark.parametrize("opened", [False, True])
 @pytest.mark.parametrize("mode", ["shorten", "drop"])
-def test_a_stream_gets_what_the_whole_answer_gets_however_it_is_cut(mode: Any) -> None:
+def test_a_stream_gets_what_the_whole_answer_gets_however_it_is_cut(mode: Any, opened: bool) -> None:
     rng = random.Random(7)
-    for content in (f"<think>{THOUGHT}</think>\n\nThe answer is 42.", f" \n<think>{THOUGHT}",
-                    "Plain answer, no thinking. <think> later is text.", "<thin", "   ",
-                    f"<think>{THOUGHT}</th", " " * 300 + f"<think>{THOUGHT}</think>42",
-                    " " * 250 + f"<think>{THOUGHT}</think>42"):
-        want = ReasoningTrim(mode, 25)(whole({"content": content}))["choices"][0]["message"]
+    for content in CONTENTS[opened]:
+        want = ReasoningTrim(mode, 25, opened=opened)(whole({"content": content}))["choices"][0]["message"]
         for trial in range(200):
             cuts = sorted(rng.sample(range(1, len(content)), min(len(content) - 1, rng.randint(1, 12))))
             pieces = [content[a:b] for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
-            deltas = stream(ReasoningTrim(mode, 25), [{"content": p} for p in pieces] + [{}])
+            deltas = stream(ReasoningTrim(mode, 25, opened=opened), [{"content": p} for p in pieces] + [{}])
             assert joined(deltas, "content") == want["content"], pieces
             # A stream whose last event has no finish_reason: what is held goes out at the end.
-            unfinished = sse(ReasoningTrim(mode, 25), [{"content": p} for p in pieces], trial % 2 == 0)
+            unfinished = sse(ReasoningTrim(mode, 25, opened=opened), [{"content": p} for p in pieces],
+                             trial % 2 == 0)
             assert joined(unfinished, "content") == want["content"], pieces
+
+
+@pytest.mark.parametrize(("mode", "content", "expected"), [
+    ("drop", f"{THOUGHT}</think>\n\n42", "\n\n42"),
+    ("shorten", f"{THOUGHT}</think>42", f"{THOUGHT[:12]}{SHORTENED}</think>42"),
+    ("drop", THOUGHT, ""),  # no </think>: reasoning throughout (cut off while thinking)
+])
+def test_a_think_block_the_chat_template_opened(mode: Any, content: str, expected: str) -> None:
+    out = ReasoningTrim(mode, 12, opened=True)(whole({"content": content}))
+    assert out["choices"][0]["message"]["content"] == expected
+    assert ReasoningTrim(mode, 12, opened=True).rewrite_body(b'{"choices":[]}') is None  # always read
 
 
 def test_an_unterminated_last_event_is_cut_and_the_held_text_follows_it() -> None:

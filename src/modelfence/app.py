@@ -415,6 +415,9 @@ class ModelFenceApp:
                     risk=self.risk,
                     accountant=services.accountant,
                     trust_levels={"probation": RiskLevel(config.accounts.probation_answers)},
+                    think_opened=frozenset(
+                        u.name for u in config.upstreams if u.think_opened_in_prompt
+                    ),
                 ),
                 lambda app: OutputWatermark(
                     app, config=config.watermark, keyring=keyring, ledger=services.ledger,

@@ -91,6 +91,11 @@ class UpstreamConfig(_Frozen):
     api_key: str | None = Field(None, description="sent upstream as a bearer token")
     timeout_seconds: float = Field(120.0, gt=0, description="whole-request limit, 504 after")
     connect_timeout_seconds: float = Field(5.0, gt=0)
+    think_opened_in_prompt: bool = Field(
+        False, description="the models' chat template opens <think> in the prompt, so an "
+        "answer's content starts inside its reasoning, up to </think> (Qwen3 Thinking-2507, "
+        "recent DeepSeek-R1 and QwQ templates served without a reasoning parser)",
+    )
 
     @field_validator("url")
     @classmethod

@@ -58,6 +58,7 @@ class _Plan:
     oip: bool
     allowed_outputs: tuple[str, ...] | None
     logprobs: bool = False  # an LLM answer with logprobs to harden
+    think_opened: bool = False  # its content starts inside the reasoning (see ReasoningTrim)
 
 
 class OutputHardening(ResponseRewriting[_Plan]):
@@ -69,13 +70,17 @@ class OutputHardening(ResponseRewriting[_Plan]):
         risk: RiskSource,
         accountant: BudgetAccountant,
         trust_levels: Mapping[str, RiskLevel] | None = None,
+        think_opened: frozenset[str] = frozenset(),
         rng: np.random.Generator | None = None,
     ) -> None:
+        """``think_opened``: the upstreams whose answers start inside a ``<think>`` block
+        that the chat template opened in the prompt."""
         super().__init__(app)
         self.policy = policy
         self.risk = risk
         self.trust_levels = trust_levels or {}  # account trust -> its least hardening
         self.accountant = accountant
+        self.think_opened = think_opened
         self.rng = rng or default_rng()
 
     def plan(self, scope: Scope) -> _Plan | None:
@@ -99,7 +104,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
             return None
         if logprobs:
             _narrow(ctx, operation, profile)
-        return _Plan(ctx.key.client, profile, False, None, logprobs)
+        return _Plan(ctx.key.client, profile, False, None, logprobs, ctx.upstream in self.think_opened)
 
     async def transform_for(
         self, scope: Scope, plan: _Plan, status: int
@@ -123,7 +128,8 @@ class OutputHardening(ResponseRewriting[_Plan]):
         if profile.reasoning == "keep":
             assert logprobs is not None  # plan() made no plan otherwise
             return logprobs
-        return ReasoningTrim(profile.reasoning, profile.reasoning_max_chars, first=logprobs)
+        return ReasoningTrim(profile.reasoning, profile.reasoning_max_chars, first=logprobs,
+                             opened=plan.think_opened)
 
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
         rewriter = super().body_rewriter(headers, transform)

@@ -60,20 +60,24 @@ class ReasoningTrim:
     """The reasoning of one answer (whole, or a stream's events in order) cut to a profile.
 
     ``first``: a transform each payload goes through before (the logprob hardening).
+    ``opened``: the content starts inside the reasoning, up to ``</think>`` (a chat template
+    that opens ``<think>`` in the prompt); content without one is reasoning throughout.
     ``stream``: set when the answer is an event stream; in a whole answer every choice is
     complete, whatever its ``finish_reason``.
     """
 
-    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode", "stream")
+    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode", "_opened", "stream")
 
     def __init__(
-        self, mode: ReasoningMode, max_chars: int, first: Callable[[Any], Any] | None = None
+        self, mode: ReasoningMode, max_chars: int, first: Callable[[Any], Any] | None = None,
+        *, opened: bool = False,
     ) -> None:
         if mode == "keep":
             raise ValueError("reasoning 'keep' has nothing to cut: leave the answer alone")
         self._mode = mode
         self._max_chars = max_chars if mode == "shorten" else 0
         self._first = first
+        self._opened = opened
         self._choices: dict[int, _Choice] = {}
         self._last: dict[str, Any] = {}  # the last stream event, the closing event's template
         self.stream = False
@@ -83,7 +87,9 @@ class ReasoningTrim:
         escape (the one JSON escape that can hide a letter) goes back as it came: most
         answers have no reasoning, and parsing and writing them again would change nothing
         but bytes. None: parse it."""
-        if self._first is None and not any(word in body for word in (b"reasoning", b"think", b"\\u")):
+        if self._first is None and not self._opened and not any(
+            word in body for word in (b"reasoning", b"think", b"\\u")
+        ):
             return body
         return None
 
@@ -100,7 +106,9 @@ class ReasoningTrim:
                 continue
             index = choice.get("index")
             key = index if isinstance(index, int) else position
-            state = self._choices.setdefault(key, _Choice())
+            state = self._choices.get(key)
+            if state is None:
+                state = self._choices[key] = _Choice(place=_INSIDE if self._opened else _UNDECIDED)
             part = choice.get("message") if "message" in choice else choice.get("delta")
             final = not self.stream or choice.get("finish_reason") is not None
             seen = False
