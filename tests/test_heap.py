@@ -52,7 +52,10 @@ def test_frozen_objects_are_out_of_reach_and_new_ones_are_collected(unfrozen: No
     old = Node()
     old_ref = weakref.ref(old)
     frozen = freeze_startup()
-    assert frozen == gc.get_freeze_count() > 1000  # the modules, classes and config loaded
+    # The modules, classes and config loaded. Another thread of the test process may free
+    # a few frozen objects right after the freeze (no thread can add any): a count taken a
+    # moment later is at most the one returned.
+    assert frozen - 100 <= gc.get_freeze_count() <= frozen and frozen > 1000
     new = Node()
     new_ref = weakref.ref(new)
     del old, new
