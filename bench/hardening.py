@@ -170,7 +170,7 @@ def cases() -> dict[str, Callable[[], Any]]:
         def run() -> None:  # as the stage streams it: held text closed before the end
             trim = ReasoningTrim(mode, 400)
             trim.stream = True
-            rewriter = ClosedEvents(trim, trim.closing_event)
+            rewriter = ClosedEvents(trim, trim.held)
             for i, event in enumerate(thoughts):
                 rewriter.feed(event, i < len(thoughts) - 1)
         return run

@@ -84,7 +84,7 @@ def sse(trim: ReasoningTrim, deltas: list[dict[str, Any]], done: bool) -> list[d
     events = b"".join(b"data: " + orjson.dumps({"choices": [
         {"index": 0, "delta": d, "finish_reason": None}]}) + b"\n\n" for d in deltas)
     trim.stream = True
-    rewriter = ClosedEvents(trim, trim.closing_event)
+    rewriter = ClosedEvents(trim, trim.held)
     out = rewriter.feed(events, True) + rewriter.feed(b"data: [DONE]\n\n" if done else b"", False)
     assert out.endswith(b"data: [DONE]\n\n") == done
     return [orjson.loads(e[6:])["choices"][0]["delta"] for e in out.split(b"\n\n") if e.startswith(b"data: {")]
@@ -130,7 +130,7 @@ def test_a_think_block_the_chat_template_opened(mode: Any, content: str, expecte
 def test_an_unterminated_last_event_is_cut_and_the_held_text_follows_it() -> None:
     trim = ReasoningTrim("drop", 0)
     trim.stream = True
-    rewriter = ClosedEvents(trim, trim.closing_event)
+    rewriter = ClosedEvents(trim, trim.held)
     first = b'data: {"choices":[{"index":0,"delta":{"content":"<thi"},"finish_reason":null}]}\n\n'
     last = (b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"SECRET"},'
             b'"logprobs":{"content":[1]},"finish_reason":null}]}')
@@ -140,7 +140,7 @@ def test_an_unterminated_last_event_is_cut_and_the_held_text_follows_it() -> Non
     assert [e["choices"][0]["delta"].get("content") for e in events] == ["", None, "<thi"]
     trim = ReasoningTrim("drop", 0)
     trim.stream = True
-    rewriter = ClosedEvents(trim, trim.closing_event)
+    rewriter = ClosedEvents(trim, trim.held)
     out = rewriter.feed(first, True) + rewriter.feed(b"data: [DONE]", False)
     *_, held, done, end = out.split(b"\n\n")
     assert orjson.loads(held[6:])["choices"][0]["delta"] == {"content": "<thi"}

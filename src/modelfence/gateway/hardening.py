@@ -135,7 +135,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ReasoningTrim):
             transform.stream = True
-            return ClosedEvents(transform, transform.closing_event)  # a held tag goes out last
+            return ClosedEvents(transform, transform.held)  # a held tag goes out last
         return rewriter
 
     def _probabilities(

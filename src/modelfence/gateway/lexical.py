@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-import orjson
-
 from modelfence.gateway.context import context_of
 from modelfence.gateway.rewrite import (
     BodyRewriter,
@@ -51,7 +49,6 @@ class ChoiceMarks:
         self._mark = mark
         self._chat = chat
         self._open: dict[int, Rewriter] = {}  # choices of a stream that have not finished
-        self._last: dict[str, Any] = {}  # the last event, the template of a closing one
 
     def __call__(self, payload: Any) -> Any:
         for choice in _choices(payload):
@@ -62,10 +59,7 @@ class ChoiceMarks:
 
     def event(self, payload: Any) -> Any:
         """Mark one stream event's deltas; a finished choice gets everything still held."""
-        choices = _choices(payload)
-        if choices:
-            self._last = payload
-        for choice in choices:
+        for choice in _choices(payload):
             index = choice.get("index", 0)
             rewriter = self._open.get(index)
             if rewriter is None:
@@ -84,15 +78,11 @@ class ChoiceMarks:
                 holder[self._key] = out
         return payload
 
-    def closing_event(self) -> bytes:
-        """An event with the text still held by choices that never finished (or b"")."""
+    def held(self) -> list[dict[str, Any]]:
+        """The text still held by choices that never finished, as stream choices."""
         rests = {index: rewriter.flush() for index, rewriter in self._open.items()}
         self._open.clear()
-        choices = [self._choice(index, rest) for index, rest in rests.items() if rest]
-        if not choices:
-            return b""
-        template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
-        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+        return [self._choice(index, rest) for index, rest in rests.items() if rest]
 
     @property
     def _key(self) -> str:
@@ -138,7 +128,7 @@ class LexicalWatermark(ResponseRewriting[_Plan]):
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ChoiceMarks):
-            return ClosedEvents(transform.event, transform.closing_event)
+            return ClosedEvents(transform.event, transform.held)
         return rewriter
 
 

@@ -88,19 +88,31 @@ class SSERewriter:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
             return event + b"\n\n"
-        return others + b"data: " + orjson.dumps(self._transform(payload)) + b"\n\n"
+        return others + b"data: " + orjson.dumps(self._apply(payload)) + b"\n\n"
+
+    def _apply(self, payload: Any) -> Any:
+        return self._transform(payload)
 
 
 class ClosedEvents(SSERewriter):
     """Server-sent events through a transform that may hold text back between events:
-    what it still holds (``close()``, an event or b"") goes out before ``data: [DONE]``,
-    or at the end of the body for a stream that has none."""
+    ``held()`` gives the choices it still holds (and forgets them), which go out as one more
+    event, made like the stream's last one, before ``data: [DONE]`` or at the end of a body
+    that has none."""
 
-    __slots__ = ("_close",)
+    __slots__ = ("_held", "_last")
 
-    def __init__(self, transform: PayloadTransform, close: Callable[[], bytes]) -> None:
+    def __init__(
+        self, transform: PayloadTransform, held: Callable[[], list[dict[str, Any]]]
+    ) -> None:
         super().__init__(transform)
-        self._close = close
+        self._held = held
+        self._last: dict[str, Any] = {}  # the last event with choices: the closing one's model
+
+    def _apply(self, payload: Any) -> Any:
+        if isinstance(payload, dict) and payload.get("choices"):
+            self._last = payload
+        return self._transform(payload)
 
     def feed(self, chunk: bytes, more_body: bool) -> bytes:
         out = super().feed(chunk, more_body)
@@ -111,6 +123,13 @@ class ClosedEvents(SSERewriter):
         if found is not None and found[1] == b"[DONE]":
             return self._close() + event + b"\n\n"
         return super()._event(event)
+
+    def _close(self) -> bytes:
+        choices = self._held()
+        if not choices:
+            return b""
+        template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
+        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
 
 
 def _rewriter(headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:

@@ -17,7 +17,7 @@ allowance per choice (servers send ``reasoning_details`` beside ``reasoning``, n
 One :class:`ReasoningTrim` serves one answer: a stream's events go through it in order,
 and each choice's allowances run across them. A ``<think>`` tag split between events is
 held back until an event decides it; a choice's last event (the one with a
-``finish_reason``), or :meth:`ReasoningTrim.closing_event` at the end of the stream, sends
+``finish_reason``), or :meth:`ReasoningTrim.held` at the end of the stream, sends
 whatever is still held, so a stream gets what the whole answer would.
 
 >>> trim = ReasoningTrim("shorten", 5)
@@ -30,8 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import orjson
 
 ReasoningMode = Literal["keep", "shorten", "drop"]
 SHORTENED = " […]"  # ends a shortened reasoning, so a reader knows there was more
@@ -66,7 +64,7 @@ class ReasoningTrim:
     complete, whatever its ``finish_reason``.
     """
 
-    __slots__ = ("_choices", "_first", "_last", "_max_chars", "_mode", "_opened", "stream")
+    __slots__ = ("_choices", "_first", "_max_chars", "_mode", "_opened", "stream")
 
     def __init__(
         self, mode: ReasoningMode, max_chars: int, first: Callable[[Any], Any] | None = None,
@@ -79,7 +77,6 @@ class ReasoningTrim:
         self._first = first
         self._opened = opened
         self._choices: dict[int, _Choice] = {}
-        self._last: dict[str, Any] = {}  # the last stream event, the closing event's template
         self.stream = False
 
     def rewrite_body(self, body: bytes) -> bytes | None:
@@ -100,7 +97,6 @@ class ReasoningTrim:
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list):
             return payload
-        self._last = payload
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 continue
@@ -122,8 +118,9 @@ class ReasoningTrim:
                 choice["logprobs"] = None
         return payload
 
-    def closing_event(self) -> bytes:
-        """An event with the content still held by choices that never finished (or b"")."""
+    def held(self) -> list[dict[str, Any]]:
+        """The content still held by choices that never finished, as stream choices (sent
+        by the stage as one more event before the stream ends)."""
         choices = []
         for index, state in self._choices.items():
             if state.held:
@@ -132,10 +129,7 @@ class ReasoningTrim:
                 choice: dict[str, Any] = {"index": index, "finish_reason": None}
                 choices.append({**choice, "text": holder["text"]} if state.held_in == "text"
                                else {**choice, "delta": holder})
-        if not choices:
-            return b""
-        template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
-        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+        return choices
 
     def _fields(self, part: dict[str, Any], state: _Choice) -> bool:
         """Cut the reasoning fields of a message or delta; whether there was any."""
