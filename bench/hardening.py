@@ -77,13 +77,19 @@ def chat_stream(tokens: int, alternatives: int) -> list[bytes]:
             for p in whole]
 
 
-def reasoning_body(chars: int, inline: bool) -> bytes:
-    """A reasoning model's answer: ``chars`` characters of chain of thought, in
-    ``reasoning_content`` or as a ``<think>`` block that opens the content."""
+def reasoning_body(chars: int, where: str) -> bytes:
+    """A reasoning model's answer: ``chars`` characters of chain of thought in
+    ``reasoning_content`` (``where="field"``), as a ``<think>`` block that opens the content
+    (``"block"``) or as the thinking part of a Magistral content list (``"parts"``)."""
     thought = ("Let me work through this step by step. " * (chars // 38 + 1))[:chars]
-    message = ({"role": "assistant", "content": f"<think>{thought}</think>\n\nThe answer."}
-               if inline else
-               {"role": "assistant", "content": "The answer.", "reasoning_content": thought})
+    message: dict[str, Any] = {"role": "assistant", "content": "The answer.",
+                               "reasoning_content": thought}
+    if where == "block":
+        message = {"role": "assistant", "content": f"<think>{thought}</think>\n\nThe answer."}
+    elif where == "parts":
+        message = {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": [{"type": "text", "text": thought}]},
+            {"type": "text", "text": "The answer."}]}
     return orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
         {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}]})
 
@@ -176,7 +182,7 @@ def cases() -> dict[str, Callable[[], Any]]:
         return run
 
     thoughts = reasoning_stream(100)
-    no_thought, thought, inline = text100, reasoning_body(2000, False), reasoning_body(2000, True)
+    thought, inline, parts = (reasoning_body(2000, where) for where in ("field", "block", "parts"))
 
     def rows(mode: str, **extra: Any) -> Callable[[Any], Any]:
         h = RowHardening(mode=mode, rng=rng, **extra)  # type: ignore[arg-type]
@@ -196,10 +202,11 @@ def cases() -> dict[str, Callable[[], Any]]:
         "chat 100 tokens x 5 alts: DP noise + quantise 0.1": json_case(full100, noised.apply),
         "chat stream 100 events x 5 alts, not narrowed: quantise + top-1": sse_case(elevated.apply),
         "chat 100 tokens, no reasoning: reasoning shorten (not parsed)":
-            trimmed(no_thought, "shorten"),
+            trimmed(text100, "shorten"),
         "chat, 2,000 chars of reasoning_content: shorten to 400": trimmed(thought, "shorten"),
         "chat, 2,000 chars of reasoning_content: drop": trimmed(thought, "drop"),
         "chat, a <think> block of 2,000 chars: shorten to 400": trimmed(inline, "shorten"),
+        "chat, a Magistral thinking part of 2,000 chars: shorten to 400": trimmed(parts, "shorten"),
         "chat stream 100 reasoning + 100 content events: shorten to 400":
             trimmed_stream("shorten"),
         "OIP 1 x 10: labels only": json_case(oip1, rows("labels_only")),

@@ -83,14 +83,16 @@ FRAMINGS = {  # what the spec allows besides "data: {...}\n\n"
     "CR": lambda event: event.replace(b"\n", b"\r"),
     "no space after data:": lambda event: event.replace(b"data: ", b"data:"),
     "an event field first": lambda event: b"event: message\n" + event,
+    "a byte-order mark first": lambda event: event,
 }
+OPENINGS = {"a byte-order mark first": "\ufeff".encode()}  # before the stream's first event
 
 
 @given(st.sampled_from(sorted(FRAMINGS)), st.lists(st.integers(min_value=1, max_value=40), max_size=30))
 def test_every_framing_of_the_spec_is_read_and_rewritten(framing: str, cuts: list[int]) -> None:
     """However the upstream frames its events, and wherever the bytes are cut, usage is
     recorded and stripped and every stage after the proxy rewrites every event."""
-    whole = b"".join(FRAMINGS[framing](c) for c in CHUNKS)
+    whole = OPENINGS.get(framing, b"") + b"".join(FRAMINGS[framing](c) for c in CHUNKS)
     tap, out, pos = SSETap(strip_usage=True), [], 0
     for cut in cuts:
         out.append(tap.feed(whole[pos : pos + cut]))
@@ -104,3 +106,14 @@ def test_every_framing_of_the_spec_is_read_and_rewritten(framing: str, cuts: lis
         payload = orjson.loads(event.rpartition(b"data: ")[2])
         assert payload["seen"] and "usage" not in payload
         assert event.startswith(b"event: message\n") == (framing == "an event field first")
+    assert events[0].startswith((b"event: ", b"data: "))
+
+
+def test_a_stream_of_only_part_of_a_byte_order_mark_is_passed_on() -> None:
+    tap = SSETap(strip_usage=True)
+    assert tap.feed(b"\xef") == tap.feed(b"\xbb") == b""
+    assert tap.flush() == b"\xef\xbb"  # nothing lost: what came goes on
+    tap, plain = SSETap(strip_usage=True), SSETap(strip_usage=True)
+    assert tap.feed(b"\xef") + tap.feed(b"\xbb\xbf") + tap.feed(CHUNKS[0]) == plain.feed(CHUNKS[0])
+    assert tap.feed(b"\xef\xbb\xbf") == b""  # a mark later in the stream is no opening: kept
+    assert tap.flush() == b"\xef\xbb\xbf"

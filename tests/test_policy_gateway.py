@@ -148,6 +148,17 @@ def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -
         0.0, 0.0, -0.5, -0.5
     ]
     assert stream.endswith(b"data: [DONE]\n\n")
+    # An upstream whose answers open with a byte-order mark (JSON readers skip it) gets no
+    # pass: the gateway drops the mark and hardens the answer, whole and streamed.
+    marked = {**request, "fake_bom": True}
+    whole = post(gateway.url, CHAT, key, marked)[1]
+    assert [t["logprob"] for t in orjson.loads(whole)["choices"][0]["logprobs"]["content"]] == [
+        0.0, 0.0, -0.5, -0.5]
+    stream = post(gateway.url, CHAT, key, {**marked, "stream": True})[1]
+    events = [orjson.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["choices"][0]["logprobs"]["content"][0]["logprob"] for e in events] == [
+        0.0, 0.0, -0.5, -0.5
+    ]
     probabilities = orjson.loads(post(gateway.url, INFER, key, infer())[1])["outputs"][0]["data"]
     assert probabilities[:5] != ROW and probabilities[:5] == probabilities[5:]
 
@@ -200,6 +211,39 @@ def test_reasoning_is_graded_by_risk_through_the_openai_client(
     assert answer() == (None, "42") and streamed() == ("", "42")
     pin(gateway, "thinker", None)
     assert answer() == (thought, "42")
+
+
+def thinking_texts(contents: list[Any]) -> str:
+    """The text of the thinking parts of Magistral content lists."""
+    return "".join(chunk["text"] for content in contents for part in content
+                   if part["type"] == "thinking" for chunk in part["thinking"])
+
+
+def test_magistral_thinking_parts_and_think_tags_are_graded(gateway: GatewayProcess) -> None:
+    thought = "Six sevens: 7, 14, 21, 28, 35, 42. " * 20  # 700 characters
+    key = gateway.create_key("magistral")
+    body = chat(fake_reasoning=thought, fake_thinking_parts=True, fake_text="42")
+
+    def answers() -> tuple[Any, Any]:
+        whole = orjson.loads(post(gateway.url, CHAT, key, body)[1])["choices"][0]["message"]["content"]
+        raw = post(gateway.url, CHAT, key, {**body, "stream": True})[1]
+        deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in raw.split(b"\n\n")
+                  if e.startswith(b"data: {")]
+        return whole, [d["content"] for d in deltas]
+
+    whole, streamed = answers()
+    assert thinking_texts([whole]) == thinking_texts(streamed[:-5]) == thought
+    pin(gateway, "magistral", "elevated")
+    whole, streamed = answers()
+    assert whole[1] == {"type": "text", "text": "42"} and "".join(streamed[-5:]) == "42"
+    assert thinking_texts([whole]) == thinking_texts(streamed[:-5]) == thought[:400] + SHORTENED
+    pin(gateway, "magistral", "high")
+    whole, streamed = answers()
+    assert whole == [{"type": "text", "text": "42"}] and not any(streamed[:-5])
+    body = chat(fake_text="[THINK]6 x 7 = 42.[/THINK]\n\n42", fake_chunks=6)
+    whole, streamed = answers()
+    assert whole == "".join(streamed) == "\n\n42"
+    pin(gateway, "magistral", None)
 
 
 def test_an_upstream_whose_template_opens_think_has_its_reasoning_cut(

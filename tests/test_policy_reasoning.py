@@ -54,6 +54,11 @@ def test_reasoning_fields_are_shortened_or_dropped_and_the_answer_kept() -> None
     ("drop", " " * 256 + "<think>x</think>42", " " * 256 + "42"),
     ("drop", " " * 257 + "<think>x</think>42", " " * 257 + "<think>x</think>42"),  # held no longer
     ("drop", "  ", "  "),
+    ("shorten", f"[THINK]{THOUGHT}[/THINK]42", f"[THINK]{THOUGHT[:12]}{SHORTENED}[/THINK]42"),
+    ("drop", f"\n[THINK]{THOUGHT}[/THINK]\n42", "\n\n42"),
+    ("drop", f"[THINK]{THOUGHT}</think>42", ""),  # a block ends with its own closing tag
+    ("drop", f"<think>{THOUGHT}[/THINK]42", ""),
+    ("drop", "[THINKING] is a word here.", "[THINKING] is a word here."),
 ])
 def test_a_think_block_that_opens_the_content(mode: Any, content: str, expected: str) -> None:
     out = ReasoningTrim(mode, 12)(whole({"content": content}))
@@ -94,7 +99,8 @@ CONTENTS = {  # for a <think> the model writes, and for one the chat template op
     False: (f"<think>{THOUGHT}</think>\n\nThe answer is 42.", f" \n<think>{THOUGHT}",
             "Plain answer, no thinking. <think> later is text.", "<thin", "   ",
             f"<think>{THOUGHT}</th", " " * 300 + f"<think>{THOUGHT}</think>42",
-            " " * 250 + f"<think>{THOUGHT}</think>42"),
+            " " * 250 + f"<think>{THOUGHT}</think>42", f"[THINK]{THOUGHT}[/THINK]\n\n42",
+            f" [THINK]{THOUGHT}[/THI", "[THIN", f"<think>{THOUGHT}[/THINK]42</think>x"),
     True: (f"{THOUGHT}</think>\n\nThe answer is 42.", f"{THOUGHT}</th", THOUGHT, "</think>42"),
 }
 
@@ -166,6 +172,41 @@ def test_reasoning_deltas_share_one_allowance_per_choice() -> None:
     assert [c["delta"]["reasoning_content"] for c in second["choices"]] == ["abcd", "e" + SHORTENED]
 
 
+def mistral(thinking: Any, answer: str = "42") -> list[dict[str, Any]]:
+    """A Magistral content list: a thinking part, then the answer's text part."""
+    return [{"type": "thinking", "thinking": thinking}, {"type": "text", "text": answer}]
+
+
+def test_thinking_parts_of_a_content_list_are_shortened_or_dropped() -> None:
+    for thinking in ([{"type": "text", "text": THOUGHT}], THOUGHT):
+        out = ReasoningTrim("drop", 10)(whole({"role": "assistant", "content": mistral(copy.deepcopy(thinking))}))
+        assert out["choices"][0]["message"]["content"] == [{"type": "text", "text": "42"}]
+        out = ReasoningTrim("shorten", 10)(whole({"content": mistral(copy.deepcopy(thinking))}))
+        cut = THOUGHT[:10] + SHORTENED
+        assert out["choices"][0]["message"]["content"] == mistral(
+            [{"type": "text", "text": cut}] if isinstance(thinking, list) else cut)
+    # Streamed, one allowance runs across the choice's thinking parts.
+    pieces = [THOUGHT[i : i + 9] for i in range(0, len(THOUGHT), 9)]
+    deltas = stream(ReasoningTrim("shorten", 30),
+                    [{"content": [{"type": "thinking", "thinking": [{"type": "text", "text": p}]}]}
+                     for p in pieces] + [{"content": "42"}])
+    thoughts = "".join(c["thinking"][0]["text"] for d in deltas[:-1] for c in d["content"])
+    assert thoughts == THOUGHT[:30] + SHORTENED and deltas[-1]["content"] == "42"
+    deltas = stream(ReasoningTrim("drop", 30), [{"content": mistral(p, "")} for p in pieces])
+    assert all(d["content"] == [{"type": "text", "text": ""}] for d in deltas)
+    logprobs = {"content": [{"token": "x", "logprob": -0.1, "top_logprobs": []}]}
+    out = ReasoningTrim("shorten", 500)(whole({"content": mistral("short")}, logprobs=logprobs))
+    assert out["choices"][0]["logprobs"] is None  # their tokens would spell the thinking out
+
+
+def test_text_held_for_a_tag_goes_out_before_a_content_list() -> None:
+    deltas = stream(ReasoningTrim("drop", 0), [{"content": " <th"}, {"content": mistral("secret", "42")}, {}])
+    assert deltas[0] == {"content": ""}
+    assert deltas[1]["content"] == [{"type": "text", "text": " <th"}, {"type": "text", "text": "42"}]
+    deltas = stream(ReasoningTrim("drop", 0), [{"content": "<think>abc</th"}, {"content": mistral("x", "42")}])
+    assert [d["content"] for d in deltas] == ["", [{"type": "text", "text": ""}, {"type": "text", "text": "42"}]]
+
+
 def test_each_place_of_reasoning_has_its_own_allowance() -> None:
     out = ReasoningTrim("shorten", 5)(whole({"content": "42", "reasoning_content": "abcdefgh",
                                             "reasoning": "abcdefgh"}))
@@ -198,6 +239,9 @@ def test_answers_without_reasoning_go_back_as_they_came() -> None:
                     b'{"choices":[{"message":{"content":"<\\u0074hink>abc</\\u0074hink>42"}}]}'):
         assert ReasoningTrim("drop", 0).rewrite_body(escaped) is None  # parsed: the tag is there
         assert ReasoningTrim("drop", 0)(orjson.loads(escaped))["choices"][0]["message"]["content"] == "42"
+    for marked in (orjson.dumps(whole({"content": mistral("secret")})),
+                   orjson.dumps(whole({"content": "[THINK]secret[/THINK]42"}))):
+        assert ReasoningTrim("drop", 0).rewrite_body(marked) is None
     hardened_first = ReasoningTrim("drop", 0, first=lambda payload: payload)
     assert hardened_first.rewrite_body(body) is None  # the logprob hardening must see it
 

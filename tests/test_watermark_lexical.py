@@ -273,6 +273,29 @@ def test_stream_events_flush_on_finish_and_at_the_end() -> None:
     assert ChoiceMarks(mark, chat=True)(whole)["choices"][0]["message"]["content"] == mark.text(text)
 
 
+def test_content_lists_keep_their_other_parts_and_get_their_text_marked() -> None:
+    """Magistral answers with a list of parts: a thinking part, then text. The text parts are
+    marked as a string content would be; the thinking part passes as it came."""
+    mark = LexicalMark(LEXICON, seed_of("parts"), max_change_share=1.0)
+    text = prose(120, seed=9)
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "Let me see."}]}
+    pieces = [text[i : i + 9] for i in range(0, len(text), 9)]
+    for finish in (True, False):
+        marks, parts = ChoiceMarks(mark, chat=True), []
+        for n, delta in enumerate([{"content": [dict(thinking)]}]
+                                  + [{"content": [{"type": "text", "text": p}]} for p in pieces]):
+            last = finish and n == len(pieces)
+            choice = marks.event({"choices": [{"index": 0, "delta": delta,
+                                               "finish_reason": "stop" if last else None}]})
+            parts += choice["choices"][0]["delta"]["content"]
+        parts += [{"type": "text", "text": c["delta"]["content"]} for c in marks.held()]
+        assert parts[0] == thinking
+        assert "".join(p["text"] for p in parts[1:]) == mark.text(text)
+    whole = {"choices": [{"index": 0, "message": {"content": [dict(thinking), {"type": "text", "text": text}]}}]}
+    content = ChoiceMarks(mark, chat=True)(whole)["choices"][0]["message"]["content"]
+    assert content == [thinking, {"type": "text", "text": mark.text(text)}]
+
+
 @pytest.mark.parametrize(("lexical", "message"), [
     ({"upstreams": ["nowhere"]}, "watermark.lexical.upstreams: 'nowhere' names no upstream"),
     ({"max_change_share": 0.9}, "watermark.lexical.max_change_share"),
@@ -308,11 +331,12 @@ def lexical_gateway(start_gateway: GatewayFactory, fake_url: str) -> GatewayProc
 
 
 def test_gateway_marks_streams_exactly_like_whole_answers(
-    start_gateway: GatewayFactory, fake_upstream: ServiceProcess
+    start_gateway: GatewayFactory, fake_upstream: ServiceProcess, request: pytest.FixtureRequest
 ) -> None:
     gateway = lexical_gateway(start_gateway, fake_upstream.url)
     key = gateway.create_key("lex-acme")
     client = client_for(gateway, key)
+    request.addfinalizer(client.close)
     extra = {"fake_text": ANSWER, "fake_chunks": 97}
     messages: Any = [{"role": "user", "content": "hi"}]
     whole = client.chat.completions.create(model="fake-chat", messages=messages, extra_body=extra)
@@ -339,10 +363,11 @@ def test_verify_text_reports_the_after_the_fact_verdict(
 ) -> None:
     gateway = lexical_gateway(start_gateway, fake_upstream.url)
     keys = {name: gateway.create_key(name) for name in ("lex-one", "lex-two", "lex-three")}
-    answer = client_for(gateway, keys["lex-two"]).chat.completions.create(
-        model="fake-chat", messages=[{"role": "user", "content": "hi"}],
-        extra_body={"fake_text": prose(500, seed=12)},
-    ).choices[0].message.content
+    with client_for(gateway, keys["lex-two"]) as client:
+        answer = client.chat.completions.create(
+            model="fake-chat", messages=[{"role": "user", "content": "hi"}],
+            extra_body={"fake_text": prose(500, seed=12)},
+        ).choices[0].message.content
     assert answer is not None
     # (the at-source half loads the demo tokenizer on first use: seconds)
     status, report = http_json("POST", gateway.url + "/admin/v1/verify/text", {"text": answer},

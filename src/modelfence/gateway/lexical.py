@@ -53,8 +53,13 @@ class ChoiceMarks:
     def __call__(self, payload: Any) -> Any:
         for choice in _choices(payload):
             holder = choice.get("message") if self._chat else choice
-            if isinstance(holder, dict) and isinstance(holder.get(self._key), str):
-                holder[self._key] = self._mark.text(holder[self._key])
+            if not isinstance(holder, dict):
+                continue
+            content = holder.get(self._key)
+            if isinstance(content, str):
+                holder[self._key] = self._mark.text(content)
+            for part in _text_parts(content):
+                part["text"] = self._mark.text(part["text"])
         return payload
 
     def event(self, payload: Any) -> Any:
@@ -68,6 +73,9 @@ class ChoiceMarks:
             if not isinstance(holder, dict):
                 continue
             text = holder.get(self._key)
+            if isinstance(text, list):  # content parts: their text parts are the answer's
+                self._parts(text, rewriter, index, choice.get("finish_reason") is not None)
+                continue
             text = text if isinstance(text, str) else ""
             if choice.get("finish_reason") is not None:
                 out = rewriter.flush(text)
@@ -77,6 +85,17 @@ class ChoiceMarks:
             if out or self._key in holder:
                 holder[self._key] = out
         return payload
+
+    def _parts(self, content: list[Any], rewriter: Rewriter, index: int, finished: bool) -> None:
+        """Mark the text parts of a delta's content list (other parts, such as Magistral's
+        thinking, pass as they are); a finished choice's held text ends the list."""
+        for part in _text_parts(content):
+            part["text"] = rewriter.feed(part["text"])
+        if finished:
+            rest = rewriter.flush()
+            if rest:
+                content.append({"type": "text", "text": rest})
+            del self._open[index]
 
     def held(self) -> list[dict[str, Any]]:
         """The text still held by choices that never finished, as stream choices."""
@@ -92,6 +111,14 @@ class ChoiceMarks:
         if self._chat:
             return {"index": index, "delta": {"content": text}, "finish_reason": None}
         return {"index": index, "text": text, "finish_reason": None}
+
+
+def _text_parts(content: Any) -> list[dict[str, Any]]:
+    """The ``text`` parts of a content list (none for string content)."""
+    if not isinstance(content, list):
+        return []
+    return [part for part in content if isinstance(part, dict) and part.get("type") == "text"
+            and isinstance(part.get("text"), str)]
 
 
 def _choices(payload: Any) -> list[dict[str, Any]]:

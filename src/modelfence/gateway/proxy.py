@@ -20,6 +20,7 @@ import orjson
 from modelfence.errors import UpstreamError, UpstreamTimeout
 from modelfence.gateway.apis import usage_from_response
 from modelfence.gateway.context import RequestContext, Usage, context_of
+from modelfence.gateway.sse import BOM
 from modelfence.gateway.streaming import SSETap
 from modelfence.gateway.upstream import Transport, UpstreamRequest, UpstreamResponse
 from modelfence.policy.request_policy import upstream_payload
@@ -91,7 +92,12 @@ class Proxy:
             raise
 
     async def _relay_whole(self, ctx: RequestContext, response: UpstreamResponse, send: Send) -> None:
+        content_type = dict(response.headers).get(b"content-type", b"application/json")
         body = await response.read()
+        if b"json" in content_type:
+            # JSON readers skip an opening byte-order mark; orjson, and so every stage after
+            # this one, would not, and the answer would pass them unread.
+            body = body.removeprefix(BOM)
         if response.status == 200 and ctx.parsed is not None:
             with contextlib.suppress(orjson.JSONDecodeError):
                 usage = usage_from_response(orjson.loads(body))
@@ -99,7 +105,6 @@ class Proxy:
                     ctx.usage = Usage(*usage)
         if ctx.usage is None:
             ctx.usage = Usage(prompt_tokens=ctx.parsed.prompt_tokens if ctx.parsed else 0)
-        content_type = dict(response.headers).get(b"content-type", b"application/json")
         await send(
             {
                 "type": "http.response.start",

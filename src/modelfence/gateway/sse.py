@@ -4,8 +4,10 @@ Most upstreams write ``data: {...}\\n\\n``; the spec also allows CRLF or CR line
 ``data:{...}`` (the space after the colon is optional), field lines such as ``event:`` or
 ``id:`` before the data, and data split over several ``data:`` lines. A stage that only
 knew the common form would pass the others through unread: unhardened, unmarked,
-unsettled. :class:`LineEnds` turns every line end into LF as the bytes arrive (the proxy
-does it once, for every stage after it), and :func:`event_data` reads an event's data.
+unsettled; so would a stream that opens with a byte-order mark, which the spec ignores.
+:class:`LineEnds` turns every line end into LF as the bytes arrive (the proxy does it once,
+for every stage after it, and drops the mark: :class:`~.streaming.SSETap`), and
+:func:`event_data` reads an event's data.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 
 _FIELD_WITHOUT_SPACE = re.compile(rb"^data:(?! )", re.MULTILINE)
+BOM = "\ufeff".encode()  # one may open a stream; readers ignore it
 
 
 class LineEnds:

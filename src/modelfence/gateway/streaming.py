@@ -5,8 +5,9 @@ can be settled to real usage. :class:`SSETap` splits the byte stream into events
 arrive, records the usage event, and — when the client did not ask for usage itself —
 removes what the option added (the final ``choices: []`` event and ``"usage": null`` fields),
 so the client sees exactly the stream it asked for. Complete events are forwarded at once;
-only a trailing partial event waits for its end. Line ends become LF and ``data:`` fields
-``data: `` (:mod:`.sse`), so every stage after the proxy reads one framing.
+only a trailing partial event waits for its end. Line ends become LF, ``data:`` fields
+``data: `` and a byte-order mark that opens the stream goes (:mod:`.sse`), so every stage
+after the proxy reads one framing.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from __future__ import annotations
 import orjson
 
 from modelfence.gateway.apis import usage_from_response
-from modelfence.gateway.sse import LineEnds, event_data, spaced
+from modelfence.gateway.sse import BOM, LineEnds, event_data, spaced
 
 _USAGE = b'"usage"'
 
 
 class SSETap:
-    __slots__ = ("_buffer", "_line_ends", "_strip", "content_events", "usage")
+    __slots__ = ("_begun", "_buffer", "_line_ends", "_strip", "content_events", "usage")
 
     def __init__(self, *, strip_usage: bool) -> None:
+        self._begun = False  # past where a byte-order mark may be
         self._buffer = b""
         self._line_ends = LineEnds()
         self._strip = strip_usage
@@ -33,6 +35,12 @@ class SSETap:
         """Take the next bytes from upstream; return the bytes to send to the client now."""
         chunk = self._line_ends(chunk)
         data = self._buffer + chunk if self._buffer else chunk
+        if not self._begun:
+            if BOM.startswith(data):
+                self._buffer = data  # the stream so far could be a mark cut short: wait
+                return b""
+            self._begun = True
+            data = data.removeprefix(BOM)
         complete, sep, rest = data.rpartition(b"\n\n")
         if not sep:
             self._buffer = data

@@ -9,13 +9,14 @@ logprobs go with its reasoning: their tokens would spell it out again.
 
 Reasoning is read where OpenAI-compatible servers put it: ``reasoning_content`` (DeepSeek,
 the vLLM and SGLang reasoning parsers) or ``reasoning`` (OpenRouter, newer vLLM) in a
-choice's ``message`` or stream ``delta``, the texts of ``reasoning_details`` items, and a
-``<think>…</think>`` block that opens the content (servers without a reasoning parser,
+choice's ``message`` or stream ``delta``, the texts of ``reasoning_details`` items, the
+``thinking`` parts of a content list (Mistral's Magistral), and a ``<think>…</think>`` or
+``[THINK]…[/THINK]`` block that opens the content (servers without a reasoning parser,
 whose chat template leaves the opening tag to the model). Each of these places has its own
 allowance per choice (servers send ``reasoning_details`` beside ``reasoning``, not instead).
 
 One :class:`ReasoningTrim` serves one answer: a stream's events go through it in order,
-and each choice's allowances run across them. A ``<think>`` tag split between events is
+and each choice's allowances run across them. A tag split between events is
 held back until an event decides it; a choice's last event (the one with a
 ``finish_reason``), or :meth:`ReasoningTrim.held` at the end of the stream, sends
 whatever is still held, so a stream gets what the whole answer would.
@@ -34,6 +35,10 @@ from typing import Any, Literal
 ReasoningMode = Literal["keep", "shorten", "drop"]
 SHORTENED = " […]"  # ends a shortened reasoning, so a reader knows there was more
 OPEN, CLOSE = "<think>", "</think>"
+# The tags that open and close a block of reasoning at the start of the content: DeepSeek-R1,
+# Qwen3 and QwQ write <think>, Magistral [THINK].
+TAGS = {OPEN: CLOSE, "[THINK]": "[/THINK]"}
+_BLOCK = "block"  # the allowance of a choice's opening block, whichever its tags
 MAX_LEAD = 256  # whitespace before a <think> that still opens the content
 _FIELDS = ("reasoning_content", "reasoning")
 _DETAIL_TEXTS = ("text", "summary")
@@ -52,6 +57,7 @@ class _Choice:
     place: int = _UNDECIDED
     held: str = ""  # content held back: what may still become a tag
     held_in: str = "content"  # "text" for a legacy completion
+    close: str = CLOSE  # the tag that ends the block the content is in
 
 
 class ReasoningTrim:
@@ -80,12 +86,12 @@ class ReasoningTrim:
         self.stream = False
 
     def rewrite_body(self, body: bytes) -> bytes | None:
-        """A whole answer that names no reasoning field, holds no ``think`` and no ``\\u``
-        escape (the one JSON escape that can hide a letter) goes back as it came: most
-        answers have no reasoning, and parsing and writing them again would change nothing
-        but bytes. None: parse it."""
+        """A whole answer that names no reasoning field, holds no ``think`` (``thinking``
+        parts included), no ``THINK`` and no ``\\u`` escape (the one JSON escape that can
+        hide a letter) goes back as it came: most answers have no reasoning, and parsing
+        and writing them again would change nothing but bytes. None: parse it."""
         if self._first is None and not self._opened and not any(
-            word in body for word in (b"reasoning", b"think", b"\\u")
+            word in body for word in (b"reasoning", b"think", b"THINK", b"\\u")
         ):
             return body
         return None
@@ -152,7 +158,29 @@ class ReasoningTrim:
                 for name in _DETAIL_TEXTS if isinstance(item, dict) else ():
                     if isinstance(item.get(name), str):
                         item[name] = self._allow(item[name], state, "reasoning_details")
+        content = part.get("content")
+        if isinstance(content, list):
+            seen = self._thinking_parts(content, state) or seen
         return seen
+
+    def _thinking_parts(self, content: list[Any], state: _Choice) -> bool:
+        """Cut the ``thinking`` parts of a content list (Mistral: ``{"type": "thinking",
+        "thinking": [{"type": "text", "text": ...}]}``, or the text itself); whether there
+        were any. Parts of other types are the answer."""
+        parts = [i for i, item in enumerate(content)
+                 if isinstance(item, dict) and item.get("type") == "thinking"]
+        if self._mode == "drop":
+            for i in reversed(parts):
+                del content[i]
+            return bool(parts)
+        for i in parts:
+            thinking = content[i].get("thinking")
+            if isinstance(thinking, str):
+                content[i]["thinking"] = self._allow(thinking, state, "thinking")
+            for chunk in thinking if isinstance(thinking, list) else ():
+                if isinstance(chunk, dict) and isinstance(chunk.get("text"), str):
+                    chunk["text"] = self._allow(chunk["text"], state, "thinking")
+        return bool(parts)
 
     def _allow(self, text: str, state: _Choice, where: str) -> str:
         """What passes of the next ``text`` of reasoning found ``where``."""
@@ -167,13 +195,16 @@ class ReasoningTrim:
         return kept
 
     def _text(self, part: dict[str, Any], name: str, state: _Choice, final: bool) -> bool:
-        """Cut a ``<think>`` block that opens ``part[name]`` (content, or a completion's
-        text); whether this piece held any of it."""
+        """Cut a block of reasoning (:data:`TAGS`) that opens ``part[name]`` (content, or a
+        completion's text); whether this piece held any of it. Text held from earlier
+        events goes out before a content list (it cannot start a tag there)."""
         value = part.get(name)
-        if not isinstance(value, str) and not (final and state.held):
+        parts = value if isinstance(value, list) else None
+        if not isinstance(value, str) and not ((final or parts is not None) and state.held):
             return False
         text = state.held + (value if isinstance(value, str) else "")
         state.held = ""
+        final = final or parts is not None
         out: list[str] = []
         seen = False
         while text:
@@ -182,34 +213,38 @@ class ReasoningTrim:
                 if len(text) - len(opened) > MAX_LEAD:
                     state.place = _OUTSIDE
                     continue
-                if not final and len(opened) < len(OPEN) and OPEN.startswith(opened):
+                if not final and any(len(opened) < len(tag) and tag.startswith(opened) for tag in TAGS):
                     state.held = text  # whitespace so far, or a tag cut short: wait
                     break
-                if not opened.startswith(OPEN):
+                tag = next((tag for tag in TAGS if opened.startswith(tag)), None)
+                if tag is None:
                     state.place = _OUTSIDE
                     continue
-                state.place, seen = _INSIDE, True
+                state.place, state.close, seen = _INSIDE, TAGS[tag], True
                 out.append(text[: len(text) - len(opened)])
                 if self._mode == "shorten":
-                    out.append(OPEN)
-                text = opened[len(OPEN) :]
+                    out.append(tag)
+                text = opened[len(tag) :]
             elif state.place == _INSIDE:
                 seen = True
-                end = text.find(CLOSE)
+                end = text.find(state.close)
                 if end < 0:
-                    keep = 0 if final else _tag_prefix(text, CLOSE)
-                    out.append(self._allow(text[: len(text) - keep], state, OPEN))
+                    keep = 0 if final else _tag_prefix(text, state.close)
+                    out.append(self._allow(text[: len(text) - keep], state, _BLOCK))
                     state.held = text[len(text) - keep :]
                     break
-                out.append(self._allow(text[:end], state, OPEN))
+                out.append(self._allow(text[:end], state, _BLOCK))
                 if self._mode == "shorten":
-                    out.append(CLOSE)
+                    out.append(state.close)
                 state.place = _OUTSIDE
-                text = text[end + len(CLOSE) :]
+                text = text[end + len(state.close) :]
             else:
                 out.append(text)
                 break
-        if isinstance(value, str) or out:
+        if parts is not None:
+            if out:
+                parts.insert(0, {"type": "text", "text": "".join(out)})
+        elif isinstance(value, str) or out:
             part[name] = "".join(out)
         return seen
 

@@ -17,10 +17,14 @@ extra body fields, which the gateway forwards untouched:
   it (no JSON: what a degenerate model behind a Python server answers).
 - ``"fake_reasoning": "..."`` — a reasoning model's chain of thought: the chat message's
   ``reasoning_content`` (DeepSeek, vLLM's reasoning parsers); a stream sends it in
-  ``fake_chunks`` ``reasoning_content`` deltas before the content.
+  ``fake_chunks`` ``reasoning_content`` deltas before the content. With
+  ``"fake_thinking_parts": true`` it comes as Mistral's Magistral sends it instead: a
+  ``thinking`` part of a content list (``{"type": "thinking", "thinking": [{"type": "text",
+  "text": ...}]}``) before the answer's ``text`` part, streamed as one such part per delta.
 
 Chat completions with ``"logprobs": true`` carry fixed log-probabilities, with
-``top_logprobs`` alternatives per token.
+``top_logprobs`` alternatives per token; with ``"fake_bom": true`` the answer (whole, or
+the stream as its own first chunk) opens with a UTF-8 byte-order mark.
 
 ``GET /_stats`` reports how many inference requests arrived, and of the last one the
 ``x-modelfence-*`` headers (what the gateway told the upstream), the raw path with its
@@ -55,6 +59,10 @@ def _logprobs(position: int, alternatives: int) -> dict[str, Any]:
             "top_logprobs": top[:alternatives]}
 
 
+def _thinking_part(text: str) -> dict[str, Any]:
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
 def _choice_logprobs(body: dict[str, Any], positions: range) -> dict[str, Any] | None:
     if not body.get("logprobs"):
         return None
@@ -62,8 +70,9 @@ def _choice_logprobs(body: dict[str, Any], positions: range) -> dict[str, Any] |
     return {"content": [_logprobs(i, alternatives) for i in positions], "refusal": None}
 
 
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+def _json(payload: Any, status: int = 200, opening: bytes = b"") -> web.Response:
+    return web.Response(body=opening + orjson.dumps(payload), status=status,
+                        content_type="application/json")
 
 
 class FakeUpstream:
@@ -101,6 +110,13 @@ class FakeUpstream:
                     for i in range(chunks)] if isinstance(reasoning, str) else []
         usage = {"prompt_tokens": 11, "completion_tokens": chunks, "total_tokens": 11 + chunks}
         created = int(time.time())
+        parts = bool(thoughts) and bool(body.get("fake_thinking_parts"))
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if parts:
+            message["content"] = [_thinking_part(str(reasoning)), {"type": "text", "text": text}]
+        elif thoughts:
+            message["reasoning_content"] = reasoning
+        bom = "\ufeff".encode() if body.get("fake_bom") else b""
         if not body.get("stream"):
             return _json(
                 {
@@ -109,21 +125,23 @@ class FakeUpstream:
                     "created": created,
                     "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text} | (
-                                     {"reasoning_content": reasoning} if thoughts else {}),
+                                 "message": message,
                                  "logprobs": _choice_logprobs(body, range(chunks))}],
                     "usage": usage,
-                }
+                },
+                opening=bom,
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
+        if bom:
+            await response.write(bom)
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
                 "model": body.get("model")}
         delay = float(body.get("fake_chunk_delay", 0))
         for thought in thoughts:
-            event = {**base, "choices": [{"index": 0, "delta": {"reasoning_content": thought},
-                                          "finish_reason": None}]}
+            delta = {"content": [_thinking_part(thought)]} if parts else {"reasoning_content": thought}
+            event = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
         for i in range(chunks):
             delta = {"content": pieces[i]}
