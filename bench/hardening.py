@@ -82,14 +82,13 @@ def reasoning_body(chars: int, where: str) -> bytes:
     ``reasoning_content`` (``where="field"``), as a ``<think>`` block that opens the content
     (``"block"``) or as the thinking part of a Magistral content list (``"parts"``)."""
     thought = ("Let me work through this step by step. " * (chars // 38 + 1))[:chars]
-    message: dict[str, Any] = {"role": "assistant", "content": "The answer.",
-                               "reasoning_content": thought}
-    if where == "block":
-        message = {"role": "assistant", "content": f"<think>{thought}</think>\n\nThe answer."}
-    elif where == "parts":
-        message = {"role": "assistant", "content": [
+    message = {
+        "field": {"role": "assistant", "content": "The answer.", "reasoning_content": thought},
+        "block": {"role": "assistant", "content": f"<think>{thought}</think>\n\nThe answer."},
+        "parts": {"role": "assistant", "content": [
             {"type": "thinking", "thinking": [{"type": "text", "text": thought}]},
-            {"type": "text", "text": "The answer."}]}
+            {"type": "text", "text": "The answer."}]},
+    }[where]
     return orjson.dumps({"id": "x", "object": "chat.completion", "choices": [
         {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}]})
 

@@ -113,7 +113,18 @@ def test_a_stream_of_only_part_of_a_byte_order_mark_is_passed_on() -> None:
     tap = SSETap(strip_usage=True)
     assert tap.feed(b"\xef") == tap.feed(b"\xbb") == b""
     assert tap.flush() == b"\xef\xbb"  # nothing lost: what came goes on
+    tap = SSETap(strip_usage=True)
+    assert tap.feed(b"\xef\xbb\xbf") + tap.flush() == b""  # a whole mark and nothing else
     tap, plain = SSETap(strip_usage=True), SSETap(strip_usage=True)
     assert tap.feed(b"\xef") + tap.feed(b"\xbb\xbf") + tap.feed(CHUNKS[0]) == plain.feed(CHUNKS[0])
     assert tap.feed(b"\xef\xbb\xbf") == b""  # a mark later in the stream is no opening: kept
     assert tap.flush() == b"\xef\xbb\xbf"
+
+
+def test_events_a_stage_cannot_read_are_counted_and_passed_on() -> None:
+    unread: list[str] = []
+    rewriter = SSERewriter(lambda payload: {**payload, "seen": True}, unread.append)
+    stream = b'data: {"a": NaN}\n\n: a comment\n\ndata: {"a": 1}\n\ndata: [DONE]\n\n'
+    out = rewriter.feed(stream, False)
+    assert out.startswith(b'data: {"a": NaN}\n\n') and b'"seen":true' in out
+    assert unread == ["not_json"]  # the comment, the answer read and [DONE] are not counted

@@ -14,6 +14,7 @@ from modelfence.policy.reasoning import SHORTENED
 from modelfence.testing.processes import GatewayProcess, ServiceProcess, http_json
 
 from .conftest import ADMIN_TOKEN, _merge, base_config
+from .services import metric_sum, scrape_metrics
 
 CHAT = "/v1/chat/completions"
 INFER = "/v2/models/digits-fake/infer"
@@ -161,6 +162,22 @@ def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -
     ]
     probabilities = orjson.loads(post(gateway.url, INFER, key, infer())[1])["outputs"][0]["data"]
     assert probabilities[:5] != ROW and probabilities[:5] == probabilities[5:]
+    # An answer the stage cannot read goes on as it came, and is counted: never silently.
+    before = scrape_metrics(gateway.url)
+    status, body = post(gateway.url, CHAT, key, {**request, "fake_nan": True})
+    assert status == 200 and b"NaN" in body  # orjson refuses NaN; Python's json writes it
+    status, body = post(gateway.url, CHAT, key, {**request, "fake_content_type": "text/plain"})
+    unread = orjson.loads(body)["choices"][0]["logprobs"]["content"]
+    assert status == 200 and [t["logprob"] for t in unread] == [-0.125, -0.25, -0.375, -0.5]
+    # Media types ignore case: an upstream's Application/JSON answer is hardened.
+    status, body = post(gateway.url, CHAT, key, {**request, "fake_content_type": "Application/JSON"})
+    hardened = orjson.loads(body)["choices"][0]["logprobs"]["content"]
+    assert status == 200 and [t["logprob"] for t in hardened] == [0.0, 0.0, -0.5, -0.5]
+    after = scrape_metrics(gateway.url)
+    for reason in ("not_json", "content_type"):
+        counted = [metric_sum(m, "modelfence_answers_unread_total", stage="hardening", reason=reason)
+                   for m in (before, after)]
+        assert counted[1] - counted[0] == 1, reason
 
     pin(gateway, "suspect", "high")
     assert orjson.loads(post(gateway.url, CHAT, key, request)[1])["choices"][0]["logprobs"] is None

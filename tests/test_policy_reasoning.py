@@ -203,8 +203,37 @@ def test_text_held_for_a_tag_goes_out_before_a_content_list() -> None:
     deltas = stream(ReasoningTrim("drop", 0), [{"content": " <th"}, {"content": mistral("secret", "42")}, {}])
     assert deltas[0] == {"content": ""}
     assert deltas[1]["content"] == [{"type": "text", "text": " <th"}, {"type": "text", "text": "42"}]
-    deltas = stream(ReasoningTrim("drop", 0), [{"content": "<think>abc</th"}, {"content": mistral("x", "42")}])
-    assert [d["content"] for d in deltas] == ["", [{"type": "text", "text": ""}, {"type": "text", "text": "42"}]]
+    # An open block stays open across a content list; nothing of it passes.
+    trim = ReasoningTrim("drop", 0)
+    deltas = stream(trim, [{"content": "<think>abc</th"}, {"content": mistral("x", "42")}, {"content": "ink>ok"}])
+    assert [d["content"] for d in deltas] == ["", [{"type": "text", "text": "42"}], "ok"]
+    # After a content list no block opens the content: a tag in later text is text, as in
+    # the whole answer (whose list is not read for tags).
+    answer = "  [THINK]x[/THINK]42"
+    whole_content = ReasoningTrim("drop", 0)(whole({"content": mistral("t", answer)}))["choices"][0]["message"]["content"]
+    deltas = stream(ReasoningTrim("drop", 0), [{"content": mistral("t", "")}, {"content": answer[:4]},
+                                               {"content": answer[4:]}])
+    assert whole_content[0]["text"] == "".join(d["content"] for d in deltas[1:]) == answer
+
+
+def test_thinking_parts_of_any_shape_are_cut_not_passed() -> None:
+    shapes = [{"type": "text", "text": THOUGHT}, [[THOUGHT]], {"text": [{"type": "text", "text": THOUGHT}]}]
+    for thinking in shapes:
+        content = [{"type": "thinking", "thinking": copy.deepcopy(thinking)}, {"type": "text", "text": "42"}]
+        out = ReasoningTrim("shorten", 10)(whole({"content": content}))["choices"][0]["message"]["content"]
+        assert THOUGHT not in orjson.dumps(out).decode() and (THOUGHT[:10] + SHORTENED) in orjson.dumps(out).decode()
+        assert out[1] == {"type": "text", "text": "42"}
+    part = {"type": "thinking", "text": THOUGHT}  # the text beside the type, not under "thinking"
+    out = ReasoningTrim("shorten", 10)(whole({"content": [part]}))["choices"][0]["message"]["content"]
+    assert out == [{"type": "thinking", "text": THOUGHT[:10] + SHORTENED}]
+    deep: Any = THOUGHT
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = [deep]
+    out = ReasoningTrim("shorten", 10)(whole({"content": [{"type": "thinking", "thinking": deep}]}))
+    innermost = out["choices"][0]["message"]["content"][0]["thinking"]
+    while isinstance(innermost, list):
+        innermost = innermost[0]
+    assert innermost == THOUGHT[:10] + SHORTENED
 
 
 def test_each_place_of_reasoning_has_its_own_allowance() -> None:

@@ -294,6 +294,13 @@ def test_content_lists_keep_their_other_parts_and_get_their_text_marked() -> Non
     whole = {"choices": [{"index": 0, "message": {"content": [dict(thinking), {"type": "text", "text": text}]}}]}
     content = ChoiceMarks(mark, chat=True)(whole)["choices"][0]["message"]["content"]
     assert content == [thinking, {"type": "text", "text": mark.text(text)}]
+    # Several text parts are one text, marked (and capped) as the stream marks it.
+    share = LexicalMark(LEXICON, seed_of("parts"), max_change_share=0.1)
+    for cut in range(7, len(text), 7):
+        halves = [{"type": "text", "text": text[:cut]}, {"type": "text", "text": text[cut:]}]
+        whole = {"choices": [{"index": 0, "message": {"content": halves}}]}
+        content = ChoiceMarks(share, chat=True)(whole)["choices"][0]["message"]["content"]
+        assert "".join(part["text"] for part in content) == share.text(text)
 
 
 @pytest.mark.parametrize(("lexical", "message"), [

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -418,14 +419,17 @@ class ModelFenceApp:
                     think_opened=frozenset(
                         u.name for u in config.upstreams if u.think_opened_in_prompt
                     ),
+                    on_unread=partial(metrics.answer_unread, "hardening"),
                 ),
                 lambda app: OutputWatermark(
                     app, config=config.watermark, keyring=keyring, ledger=services.ledger,
                     metrics=metrics,
                     regions=RegionMarks(config.watermark, profiles) if profiles else None,
+                    on_unread=partial(metrics.answer_unread, "watermark"),
                 ),
                 lambda app: LexicalWatermark(
-                    app, config=lexical, keyring=keyring, upstreams=lexical_upstreams
+                    app, config=lexical, keyring=keyring, upstreams=lexical_upstreams,
+                    on_unread=partial(metrics.answer_unread, "lexical"),
                 ) if lexical_upstreams else app,
             ],
         )

@@ -36,6 +36,7 @@ from modelfence.gateway.rewrite import (
     PayloadTransform,
     ResponseRewriting,
     SSERewriter,
+    Unread,
 )
 from modelfence.operations import Operation
 from modelfence.policy.config import DPConfig, Hardening, PolicyConfig
@@ -72,10 +73,11 @@ class OutputHardening(ResponseRewriting[_Plan]):
         trust_levels: Mapping[str, RiskLevel] | None = None,
         think_opened: frozenset[str] = frozenset(),
         rng: np.random.Generator | None = None,
+        on_unread: Unread | None = None,
     ) -> None:
         """``think_opened``: the upstreams whose answers start inside a ``<think>`` block
         that the chat template opened in the prompt."""
-        super().__init__(app)
+        super().__init__(app, on_unread=on_unread)
         self.policy = policy
         self.risk = risk
         self.trust_levels = trust_levels or {}  # account trust -> its least hardening
@@ -135,7 +137,7 @@ class OutputHardening(ResponseRewriting[_Plan]):
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ReasoningTrim):
             transform.stream = True
-            return ClosedEvents(transform, transform.held)  # a held tag goes out last
+            return ClosedEvents(transform, transform.held, self.on_unread)  # held tags go last
         return rewriter
 
     def _probabilities(

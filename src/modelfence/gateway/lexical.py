@@ -27,6 +27,7 @@ from modelfence.gateway.rewrite import (
     PayloadTransform,
     ResponseRewriting,
     SSERewriter,
+    Unread,
 )
 from modelfence.operations import Operation
 from modelfence.types import ASGIApp, Headers, Scope
@@ -58,8 +59,12 @@ class ChoiceMarks:
             content = holder.get(self._key)
             if isinstance(content, str):
                 holder[self._key] = self._mark.text(content)
-            for part in _text_parts(content):
-                part["text"] = self._mark.text(part["text"])
+            parts = _text_parts(content)
+            if parts:  # one text across its parts, as a stream marks them
+                rewriter = self._mark.rewriter()
+                for part in parts:
+                    part["text"] = rewriter.feed(part["text"])
+                parts[-1]["text"] += rewriter.flush()
         return payload
 
     def event(self, payload: Any) -> Any:
@@ -129,10 +134,10 @@ def _choices(payload: Any) -> list[dict[str, Any]]:
 class LexicalWatermark(ResponseRewriting[_Plan]):
     def __init__(
         self, app: ASGIApp, *, config: LexicalConfig, keyring: WatermarkKeyring,
-        upstreams: frozenset[str], lexicon: Lexicon | None = None,
+        upstreams: frozenset[str], lexicon: Lexicon | None = None, on_unread: Unread | None = None,
     ) -> None:
         """``upstreams``: the names of the upstreams to mark (``config.upstreams`` resolved)."""
-        super().__init__(app)
+        super().__init__(app, on_unread=on_unread)
         self.config = config
         self.keyring = keyring
         self.upstreams = upstreams
@@ -155,7 +160,7 @@ class LexicalWatermark(ResponseRewriting[_Plan]):
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
         rewriter = super().body_rewriter(headers, transform)
         if isinstance(rewriter, SSERewriter) and isinstance(transform, ChoiceMarks):
-            return ClosedEvents(transform.event, transform.held)
+            return ClosedEvents(transform.event, transform.held, self.on_unread)
         return rewriter
 
 

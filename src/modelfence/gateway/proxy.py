@@ -71,7 +71,7 @@ class Proxy:
                 raise UpstreamError(
                     f"upstream {transport.name!r} failed with status {response.status}"
                 )
-            content_type = dict(response.headers).get(b"content-type", b"")
+            content_type = dict(response.headers).get(b"content-type", b"").lower()
             if ctx.parsed is not None and ctx.parsed.stream and content_type.startswith(
                 b"text/event-stream"
             ):
@@ -94,7 +94,7 @@ class Proxy:
     async def _relay_whole(self, ctx: RequestContext, response: UpstreamResponse, send: Send) -> None:
         content_type = dict(response.headers).get(b"content-type", b"application/json")
         body = await response.read()
-        if b"json" in content_type:
+        if b"json" in content_type.lower():
             # JSON readers skip an opening byte-order mark; orjson, and so every stage after
             # this one, would not, and the answer would pass them unread.
             body = body.removeprefix(BOM)

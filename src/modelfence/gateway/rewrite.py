@@ -8,7 +8,9 @@ is wrapped: ``http.response.start`` is held back until the first body message, w
 await, e.g. to spend a budget) and the headers are decided — a whole body gets a new
 ``content-length``, a stream gets none. Bodies go through a :class:`BodyRewriter`, one
 ``feed(chunk, more_body)`` call per body message: JSON answers are rewritten whole,
-server-sent events one ``data: {...}`` event at a time.
+server-sent events one ``data: {...}`` event at a time. An answer a stage has a plan for
+but cannot read (another content type, or JSON its parser refuses) goes on as it came: the
+stage's ``on_unread(reason)`` counts it, so such a fail-open is never silent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from modelfence.gateway.sse import event_data
 from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 PayloadTransform = Callable[[Any], Any]
+Unread = Callable[[str], None]  # an answer passed on unread, and why: content_type | not_json
 P = TypeVar("P")
+
+
+def _ignore(reason: str) -> None:
+    """No one counts: the rewriters' default (tests, benchmarks)."""
 
 
 class BodyRewriter(Protocol):
@@ -36,10 +43,11 @@ class JsonRewriter:
     method is offered the raw body first (it may edit a few byte spans instead of parsing
     and writing the whole answer); when that answers None, the body is parsed as usual."""
 
-    __slots__ = ("_buffer", "_transform")
+    __slots__ = ("_buffer", "_on_unread", "_transform")
 
-    def __init__(self, transform: PayloadTransform) -> None:
+    def __init__(self, transform: PayloadTransform, on_unread: Unread = _ignore) -> None:
         self._transform = transform
+        self._on_unread = on_unread
         self._buffer: list[bytes] = []
 
     def feed(self, chunk: bytes, more_body: bool) -> bytes:
@@ -55,6 +63,7 @@ class JsonRewriter:
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
+            self._on_unread("not_json")
             return body
         return orjson.dumps(self._transform(payload))
 
@@ -63,10 +72,11 @@ class SSERewriter:
     """Server-sent events one at a time through the transform, as the proxy forwards them
     (LF line ends and ``data: `` fields: :mod:`.sse`); an event's other fields are kept."""
 
-    __slots__ = ("_buffer", "_transform")
+    __slots__ = ("_buffer", "_on_unread", "_transform")
 
-    def __init__(self, transform: PayloadTransform) -> None:
+    def __init__(self, transform: PayloadTransform, on_unread: Unread = _ignore) -> None:
         self._transform = transform
+        self._on_unread = on_unread
         self._buffer = b""
 
     def feed(self, chunk: bytes, more_body: bool) -> bytes:
@@ -87,6 +97,7 @@ class SSERewriter:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
+            self._on_unread("not_json")
             return event + b"\n\n"
         return others + b"data: " + orjson.dumps(self._apply(payload)) + b"\n\n"
 
@@ -103,9 +114,10 @@ class ClosedEvents(SSERewriter):
     __slots__ = ("_held", "_last")
 
     def __init__(
-        self, transform: PayloadTransform, held: Callable[[], list[dict[str, Any]]]
+        self, transform: PayloadTransform, held: Callable[[], list[dict[str, Any]]],
+        on_unread: Unread = _ignore,
     ) -> None:
-        super().__init__(transform)
+        super().__init__(transform, on_unread)
         self._held = held
         self._last: dict[str, Any] = {}  # the last event with choices: the closing one's model
 
@@ -132,18 +144,20 @@ class ClosedEvents(SSERewriter):
         return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
 
 
-def _rewriter(headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
-    content_type = dict(headers).get(b"content-type", b"")
+def _rewriter(headers: Headers, transform: PayloadTransform, on_unread: Unread) -> BodyRewriter | None:
+    content_type = dict(headers).get(b"content-type", b"").lower()  # media types ignore case
     if content_type.startswith(b"application/json"):
-        return JsonRewriter(transform)
+        return JsonRewriter(transform, on_unread)
     if content_type.startswith(b"text/event-stream"):
-        return SSERewriter(transform)
+        return SSERewriter(transform, on_unread)
     return None
 
 
 class ResponseRewriting(Generic[P]):
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, on_unread: Unread | None = None) -> None:
+        """``on_unread(reason)``: an answer this stage meant to rewrite went on unread."""
         self.app = app
+        self.on_unread = on_unread or _ignore
 
     def plan(self, scope: Scope) -> P | None:
         """What this request's answer needs, or None to pass it through untouched."""
@@ -154,8 +168,9 @@ class ResponseRewriting(Generic[P]):
         raise NotImplementedError
 
     def body_rewriter(self, headers: Headers, transform: PayloadTransform) -> BodyRewriter | None:
-        """How the body goes through ``transform`` (override for state across a stream)."""
-        return _rewriter(headers, transform)
+        """How the body goes through ``transform`` (override for state across a stream);
+        None: a content type no rewriter reads."""
+        return _rewriter(headers, transform, self.on_unread)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         plan = self.plan(scope)
@@ -180,6 +195,8 @@ class ResponseRewriting(Generic[P]):
                 headers: Headers = list(held.get("headers", ()))
                 rewriter = self.body_rewriter(headers, transform) if transform is not None else None
                 if rewriter is None:
+                    if transform is not None:
+                        self.on_unread("content_type")
                     await send(held)
                     await send(message)
                     return

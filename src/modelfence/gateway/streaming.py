@@ -36,7 +36,7 @@ class SSETap:
         chunk = self._line_ends(chunk)
         data = self._buffer + chunk if self._buffer else chunk
         if not self._begun:
-            if BOM.startswith(data):
+            if len(data) < len(BOM) and BOM.startswith(data):
                 self._buffer = data  # the stream so far could be a mark cut short: wait
                 return b""
             self._begun = True

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelfence.gateway.context import context_of
-from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting
+from modelfence.gateway.rewrite import PayloadTransform, ResponseRewriting, Unread
 from modelfence.operations import Operation
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import ASGIApp, Scope
@@ -141,9 +141,9 @@ class OutputWatermark(ResponseRewriting[_Plan]):
     def __init__(
         self, app: ASGIApp, *, config: WatermarkConfig, keyring: WatermarkKeyring,
         ledger: MarkLedger | None, metrics: Metrics | None = None,
-        regions: RegionMarks | None = None,
+        regions: RegionMarks | None = None, on_unread: Unread | None = None,
     ) -> None:
-        super().__init__(app)
+        super().__init__(app, on_unread=on_unread)
         self.config = config
         self.keyring = keyring
         self.ledger = ledger

@@ -36,13 +36,14 @@ ReasoningMode = Literal["keep", "shorten", "drop"]
 SHORTENED = " […]"  # ends a shortened reasoning, so a reader knows there was more
 OPEN, CLOSE = "<think>", "</think>"
 # The tags that open and close a block of reasoning at the start of the content: DeepSeek-R1,
-# Qwen3 and QwQ write <think>, Magistral [THINK].
+# Qwen3 and QwQ write <think>; Magistral's [THINK] is a special token, seen where the server
+# keeps those in the text (vLLM strips them unless a request sets skip_special_tokens false).
 TAGS = {OPEN: CLOSE, "[THINK]": "[/THINK]"}
 _BLOCK = "block"  # the allowance of a choice's opening block, whichever its tags
-MAX_LEAD = 256  # whitespace before a <think> that still opens the content
+MAX_LEAD = 256  # whitespace before an opening tag that still opens the content
 _FIELDS = ("reasoning_content", "reasoning")
 _DETAIL_TEXTS = ("text", "summary")
-_UNDECIDED, _INSIDE, _OUTSIDE = 0, 1, 2  # where a choice's content is: a <think> block or not
+_UNDECIDED, _INSIDE, _OUTSIDE = 0, 1, 2  # where a choice's content is: a block or not
 
 
 @dataclass(slots=True)
@@ -138,7 +139,8 @@ class ReasoningTrim:
         return choices
 
     def _fields(self, part: dict[str, Any], state: _Choice) -> bool:
-        """Cut the reasoning fields of a message or delta; whether there was any."""
+        """Cut the reasoning fields of a message or delta, and the thinking parts of its
+        content list; whether there was any."""
         seen = False
         for name in _FIELDS:
             value = part.get(name)
@@ -174,13 +176,24 @@ class ReasoningTrim:
                 del content[i]
             return bool(parts)
         for i in parts:
-            thinking = content[i].get("thinking")
-            if isinstance(thinking, str):
-                content[i]["thinking"] = self._allow(thinking, state, "thinking")
-            for chunk in thinking if isinstance(thinking, list) else ():
-                if isinstance(chunk, dict) and isinstance(chunk.get("text"), str):
-                    chunk["text"] = self._allow(chunk["text"], state, "thinking")
+            self._cut_texts(content[i], state)
         return bool(parts)
+
+    def _cut_texts(self, part: dict[str, Any], state: _Choice) -> None:
+        """Every string under a thinking part's ``thinking`` and ``text`` keys, in order
+        and however nested in lists and dicts, cut to the choice's allowance (a shape
+        this does not know is cut too, not passed whole). Walked without recursion: an
+        upstream's nesting is bounded only by the JSON parser."""
+        stack: list[tuple[Any, Any]] = [(part, key) for key in ("text", "thinking")][::-1]
+        while stack:
+            holder, key = stack.pop()
+            value = holder[key] if isinstance(holder, list) or key in holder else None
+            if isinstance(value, str):
+                holder[key] = self._allow(value, state, "thinking")
+            elif isinstance(value, list):
+                stack.extend((value, i) for i in reversed(range(len(value))))
+            elif isinstance(value, dict):
+                stack.extend((value, name) for name in ("thinking", "text") if name in value)
 
     def _allow(self, text: str, state: _Choice, where: str) -> str:
         """What passes of the next ``text`` of reasoning found ``where``."""
@@ -196,15 +209,15 @@ class ReasoningTrim:
 
     def _text(self, part: dict[str, Any], name: str, state: _Choice, final: bool) -> bool:
         """Cut a block of reasoning (:data:`TAGS`) that opens ``part[name]`` (content, or a
-        completion's text); whether this piece held any of it. Text held from earlier
-        events goes out before a content list (it cannot start a tag there)."""
+        completion's text); whether this piece held any of it."""
         value = part.get(name)
-        parts = value if isinstance(value, list) else None
-        if not isinstance(value, str) and not ((final or parts is not None) and state.held):
+        if isinstance(value, list):
+            self._before_parts(value, state)
+            return False
+        if not isinstance(value, str) and not (final and state.held):
             return False
         text = state.held + (value if isinstance(value, str) else "")
         state.held = ""
-        final = final or parts is not None
         out: list[str] = []
         seen = False
         while text:
@@ -241,12 +254,22 @@ class ReasoningTrim:
             else:
                 out.append(text)
                 break
-        if parts is not None:
-            if out:
-                parts.insert(0, {"type": "text", "text": "".join(out)})
-        elif isinstance(value, str) or out:
+        if isinstance(value, str) or out:
             part[name] = "".join(out)
         return seen
+
+    @staticmethod
+    def _before_parts(parts: list[Any], state: _Choice) -> None:
+        """A content list before any block opened: no block can open the content any more
+        (the whole answer's list is not read for tags either), so text held as a possible
+        opening goes out before the list, as text. An open block stays open: its closing
+        tag may still come."""
+        if state.place != _UNDECIDED:
+            return
+        state.place = _OUTSIDE
+        if state.held:
+            parts.insert(0, {"type": "text", "text": state.held})
+            state.held = ""
 
 
 def _tag_prefix(text: str, tag: str) -> int:

@@ -192,6 +192,15 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.answers_unread = Counter(
+            "modelfence_answers_unread",
+            "Answers a response stage meant to rewrite (harden or mark) but passed on as they "
+            "came: a content type it does not read (content_type), or JSON its parser refused "
+            "(not_json: a whole answer, or one stream event). Such a client got the upstream's "
+            "answer, not the one its risk level or marks called for.",
+            ["stage", "reason"],
+            registry=self.registry,
+        )
         self.region_rows = Counter(
             "modelfence_watermark_region_rows",
             "Classifier rows answered by a client's region mark: off the distribution of the "
@@ -328,6 +337,11 @@ class Metrics:
     def unmarked_row(self, model: str) -> None:
         self.models.learn(model)  # only answers the upstream served (200) get here
         self._child(self.unmarked_rows, model).inc()  # type: ignore[attr-defined]
+
+    def answer_unread(self, stage: str, reason: str) -> None:
+        """``on_unread`` of a response stage (``stage`` and ``reason`` come from code, never
+        from a request: the labels stay bounded)."""
+        self._child(self.answers_unread, stage, reason).inc()  # type: ignore[attr-defined]
 
     def region_row(self, model: str) -> None:
         self.models.learn(model)

@@ -14,7 +14,9 @@ extra body fields, which the gateway forwards untouched:
   (default ten times 0.1);
 - ``"fake_labels_only": true`` — OIP answers carry only each row's label (the argmax).
 - ``"fake_nan": true`` — embedding vectors start with ``NaN``, as Python's ``json`` writes
-  it (no JSON: what a degenerate model behind a Python server answers).
+  it (no JSON: what a degenerate model behind a Python server answers); so does the first
+  log-probability of a chat answer that has them.
+- ``"fake_content_type": "..."`` — a whole chat answer's content type instead of JSON's.
 - ``"fake_reasoning": "..."`` — a reasoning model's chain of thought: the chat message's
   ``reasoning_content`` (DeepSeek, vLLM's reasoning parsers); a stream sends it in
   ``fake_chunks`` ``reasoning_content`` deltas before the content. With
@@ -43,6 +45,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from modelfence.gateway.sse import BOM
 
 _MODELS = ["fake-chat", "fake-embed"]
 _WORDS = ["The", " answer", " is", " forty", "-two", ".", " Thanks", " for", " asking", "!"]
@@ -116,21 +120,24 @@ class FakeUpstream:
             message["content"] = [_thinking_part(str(reasoning)), {"type": "text", "text": text}]
         elif thoughts:
             message["reasoning_content"] = reasoning
-        bom = "\ufeff".encode() if body.get("fake_bom") else b""
+        bom = BOM if body.get("fake_bom") else b""
         if not body.get("stream"):
-            return _json(
-                {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": body.get("model"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": message,
-                                 "logprobs": _choice_logprobs(body, range(chunks))}],
-                    "usage": usage,
-                },
-                opening=bom,
-            )
+            answer = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": created,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message,
+                             "logprobs": _choice_logprobs(body, range(chunks))}],
+                "usage": usage,
+            }
+            logprobs = answer["choices"][0]["logprobs"]
+            if body.get("fake_nan") and logprobs:
+                logprobs["content"][0]["logprob"] = float("nan")
+                return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
+            if body.get("fake_content_type"):
+                return web.Response(body=orjson.dumps(answer), content_type=body["fake_content_type"])
+            return _json(answer, opening=bom)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
