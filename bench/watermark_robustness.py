@@ -12,7 +12,14 @@ The decoded text is then attacked (``modelfence.redteam.text_attacks``):
   whole-word tokens in the LLM's input-embedding space, the one the unmarked model finds
   most likely in left context);
 - paraphrase: the demo LLM rewrites it ``--chunk-words`` words at a time, sampled without
-  a mark (temperature 0.7, top-p 0.9).
+  a mark (temperature 0.7, top-p 0.9);
+- lexical: the after-the-fact (lexical) mark of the answer's own client on top, as if one
+  answer got both marks (the gateway never does that: upstreams it marks after the fact get
+  no at-source header), at ``--lexical-share`` (0.1, the default ``max_change_share``);
+  unmarked answers get a random client's. This measures the interference of the two marks:
+  how much at-source attribution the lexical rewrite costs, and (a last table) what the
+  after-the-fact verifier says of these texts: it must name no one in text marked only at
+  the source, and names the right client, or no one, in text that also got a lexical mark.
 
 Each attacked text is cut to N tokens of re-tokenised text for every N in ``--cuts`` it
 is long enough for and traced with ``verify_text`` against every client's key (Bonferroni
@@ -22,6 +29,7 @@ cuts to check false attribution.
 
     python bench/watermark_robustness.py              # 20 answers: about half the run below
     python bench/watermark_robustness.py --answers 40 --unmarked 10   # docs/WATERMARK.md: 29 min
+    python bench/watermark_robustness.py --attacks none,lexical       # the two marks' interference
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
+from difflib import SequenceMatcher
 from typing import Any
 
 import numpy as np
 
 from modelfence.demo.llm import SmolLM
+from modelfence.forensics.lexical import verify_lexical
 from modelfence.forensics.text import demo_tokenizer, verify_text
 from modelfence.redteam.attribution_setup import (
     add_draw_arguments,
@@ -45,27 +55,57 @@ from modelfence.redteam.attribution_setup import (
 from modelfence.redteam.benchmarks import Footer
 from modelfence.redteam.marked_text import sample_answers
 from modelfence.redteam.text_attacks import Substituter, content_kept, delete_words, paraphrase
+from modelfence.watermark.config import LexicalConfig
 from modelfence.watermark.keys import WatermarkKeyring
+from modelfence.watermark.lexical import LEXICAL_PURPOSE, LexicalMark, occurrences
+from modelfence.watermark.lexical_detect import score_occurrences
+from modelfence.watermark.lexicon import default_lexicon
 from modelfence.watermark.text_detect import score_text
 from modelfence.watermark.text_logits import TEXT_PURPOSE
 
 FOOTER = Footer()  # started with the run
 
 
-def attack(llm: SmolLM, texts: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def lexical_marks(texts: list[str], marked_by: list[str], ring: WatermarkKeyring,
+                  share: float) -> tuple[list[str], list[float]]:
+    """Each text with the after-the-fact mark of the client in ``marked_by``, and the share
+    of its words that changed."""
+    lexicon = default_lexicon()
+    out = [LexicalMark(lexicon, ring.key(client).seed(LEXICAL_PURPOSE), max_change_share=share)
+           .text(text) for text, client in zip(texts, marked_by, strict=True)]
+    return out, [1 - SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
+                 for a, b in zip(texts, out, strict=True)]
+
+
+def attack(llm: SmolLM, texts: list[str], marked_by: list[str], ring: WatermarkKeyring,
+           args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every attack's texts, with what it did: words changed, content kept, length ratio."""
     rng = np.random.default_rng(args.seed + 1)
-    substitute = Substituter(llm, neighbours=args.neighbours)
-    swapped = [substitute(t, args.substitute, rng) for t in texts]
-    print("  paraphrasing ...", file=sys.stderr)
-    attacked = {
-        "none": (texts, [0.0] * len(texts)),
-        "delete": ([delete_words(t, args.delete, rng) for t in texts], [args.delete] * len(texts)),
-        "substitute": ([s for s, _ in swapped], [share for _, share in swapped]),
-        "paraphrase": (paraphrase(llm, texts, chunk_words=args.chunk_words,
-                                  max_tokens=args.chunk_tokens, batch=args.batch, seed=args.seed),
-                       [float("nan")] * len(texts)),
+
+    def substituted() -> tuple[list[str], list[float]]:
+        substitute = Substituter(llm, neighbours=args.neighbours)
+        swapped = [substitute(t, args.substitute, rng) for t in texts]
+        return [s for s, _ in swapped], [share for _, share in swapped]
+
+    # In the order they draw from ``rng``, so that a seed gives the texts it always gave.
+    attacks: dict[str, Callable[[], tuple[list[str], list[float]]]] = {
+        "substitute": substituted,
+        "none": lambda: (texts, [0.0] * len(texts)),
+        "delete": lambda: ([delete_words(t, args.delete, rng) for t in texts],
+                           [args.delete] * len(texts)),
+        "paraphrase": lambda: (paraphrase(llm, texts, chunk_words=args.chunk_words,
+                                          max_tokens=args.chunk_tokens, batch=args.batch,
+                                          seed=args.seed), [float("nan")] * len(texts)),
+        "lexical": lambda: lexical_marks(texts, marked_by, ring, args.lexical_share),
     }
+    unknown = set(args.attacks) - set(attacks)
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {sorted(unknown)}; known: {', '.join(attacks)}")
+    done = {}
+    for name in (n for n in attacks if n in args.attacks):
+        print(f"  attack '{name}' ...", file=sys.stderr)
+        done[name] = attacks[name]()
+    attacked = {name: done[name] for name in args.attacks}
     tokens = [len(llm.encode(t)) for t in texts]
     return {
         name: {
@@ -119,8 +159,13 @@ def main(argv: list[str] | None = None) -> None:
                              min_tokens=args.tokens, seed=args.seed, temperature=args.temperature)
     texts = [llm.decode(a.tokens) for a in answers]
     owners: list[int | None] = [*drawn.owners, *[None] * args.unmarked]
+    # Whose after-the-fact mark each answer gets in the "lexical" attack: its own client's,
+    # a random client's for the unmarked ones.
+    pick = np.random.default_rng(args.seed + 2)
+    marked_by = [clients[o] if o is not None else clients[int(pick.integers(len(clients)))]
+                 for o in owners]
     print("attacking ...", file=sys.stderr)
-    attacks = attack(llm, texts, args)
+    attacks = attack(llm, texts, marked_by, ring, args)
     results = {}
     for name, done in attacks.items():
         print(f"tracing '{name}' ...", file=sys.stderr)
@@ -130,10 +175,39 @@ def main(argv: list[str] | None = None) -> None:
                          llm.decode, args)
         results[name] = (marked, unmarked)
     report(args, attacks, results)
+    if {"none", "lexical"} <= attacks.keys():
+        after_the_fact(attacks, marked_by, clients, ring, args)
     if args.examples:
         for name, done in attacks.items():
             print(f"\n<details><summary>{name}: first answer</summary>\n\n```\n"
                   f"{done['texts'][0][: args.examples]}\n```\n</details>")
+
+
+def after_the_fact(attacks: dict[str, dict[str, Any]], marked_by: list[str], clients: list[str],
+                   ring: WatermarkKeyring, args: argparse.Namespace) -> None:
+    """The after-the-fact verifier on the whole texts, marked at the source only ("none"),
+    then with the lexical mark of ``marked_by`` on top ("lexical"): who it names, and the
+    single-key p of the client whose lexical mark the second ones carry."""
+    lexicon = default_lexicon()
+    print(f"\n| after-the-fact verifier, whole texts ({len(clients):,} clients) | texts "
+          f"| named (p ≤ {args.alpha:g}) | of them the lexical mark's client "
+          f"| that client's single-key p ≤ {args.alpha:g} | its single-key p (median) "
+          "| scored occurrences (median) |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, label in (("none", "marked at the source only"),
+                        ("lexical", "and then after the fact")):
+        texts = attacks[name]["texts"]
+        verdicts = [verify_lexical(t, clients, ring, lexicon=lexicon, alpha=args.alpha)
+                    for t in texts]
+        own = [score_occurrences(occurrences(t, lexicon),
+                                 [ring.key(who).seed(LEXICAL_PURPOSE)]).p_value
+               for t, who in zip(texts, marked_by, strict=True)]
+        named = sum(v.client is not None for v in verdicts)
+        right = sum(v.client == who for v, who in zip(verdicts, marked_by, strict=True))
+        alone = sum(p <= args.alpha for p in own)
+        print(f"| {label} | {len(texts)} | {named} | {right if name == 'lexical' else '—'} "
+              f"| {alone if name == 'lexical' else '—'} | "
+              f"{statistics.median(own):.2g} | "
+              f"{statistics.median(v.occurrences_scored for v in verdicts):.0f} |")
 
 
 def report(args: argparse.Namespace, attacks: dict[str, dict[str, Any]],
@@ -188,6 +262,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-words", type=int, default=60, help="words paraphrased at a time")
     p.add_argument("--chunk-tokens", type=int, default=128,
                    help="most tokens the paraphrase of one chunk may take")
+    p.add_argument("--lexical-share", type=float,
+                   default=LexicalConfig.model_fields["max_change_share"].default,
+                   help="max_change_share of the 'lexical' attack's after-the-fact mark")
+    p.add_argument("--attacks", type=lambda s: s.split(","),
+                   default=["none", "delete", "substitute", "paraphrase", "lexical"],
+                   help="comma-separated subset of none,delete,substitute,paraphrase,lexical")
     p.add_argument("--examples", type=int, default=600,
                    help="characters of the first answer shown per attack (0: none)")
     add_draw_arguments(p, batch=25)

@@ -177,6 +177,26 @@ def test_oip_tensors_are_checked_strictly(body: Any) -> None:
     assert info.value.param in ("inputs", "outputs", "parameters")
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"parameters": {"binary_data_output": True}}, "parameters"),
+    ({"parameters": {"binary_data_output": 1}}, "parameters"),
+    ({"outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, "outputs"),
+    ({"outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}, "outputs"),
+    ({"outputs": [{"name": "p", "parameters": {"shared_memory_region": "r"}}]}, "outputs"),
+])
+def test_output_forms_no_stage_can_read_are_refused(extra: dict[str, Any], param: str) -> None:
+    """Binary tensors, class strings or shared memory would take the answer past hardening
+    and marks: refused before anything is spent, naming the parameter."""
+    with pytest.raises(BadRequest) as info:
+        OIPApi().parse(OIP, "digits", {**tensor([1], [0]), **extra})
+    assert info.value.param == param and "JSON tensors" in str(info.value)
+    with pytest.raises(BadRequest, match="must be an object"):
+        OIPApi().parse(OIP, "digits", {**tensor([1], [0]), "outputs": [{"name": "p", "parameters": 1}]})
+    allowed = {"parameters": {"binary_data_output": False, "priority": 1},
+               "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+    assert OIPApi().parse(OIP, "digits", {**tensor([1], [0]), **allowed}).model == "digits"
+
+
 def test_oip_rows_are_the_largest_batch_of_any_input() -> None:
     body = {"inputs": [
         {"name": "a", "datatype": "FP32", "shape": [1], "data": [0]},

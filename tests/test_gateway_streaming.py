@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelfence.gateway.rewrite import SSERewriter
+from modelfence.gateway.rewrite import JsonRewriter, SSERewriter
 from modelfence.gateway.streaming import SSETap
 
 
@@ -128,3 +128,14 @@ def test_events_a_stage_cannot_read_are_counted_and_passed_on() -> None:
     out = rewriter.feed(stream, False)
     assert out.startswith(b'data: {"a": NaN}\n\n') and b'"seen":true' in out
     assert unread == ["not_json"]  # the comment, the answer read and [DONE] are not counted
+    rewriter.feed(b'data: {"b": NaN}\n\n', False)
+    assert unread == ["not_json"]  # once per answer, however many of its events
+
+
+def test_answers_too_deep_to_write_go_on_as_they_came_and_are_counted() -> None:
+    deep = b'{"a": ' + b"[" * 300 + b"]" * 300 + b"}"  # orjson reads 1,024 levels, writes 254
+    unread: list[str] = []
+    assert JsonRewriter(lambda payload: payload, unread.append).feed(deep, False) == deep
+    events = SSERewriter(lambda payload: payload, unread.append)
+    assert events.feed(b"data: " + deep + b"\n\n", False) == b"data: " + deep + b"\n\n"
+    assert unread == ["too_deep", "too_deep"]

@@ -125,6 +125,20 @@ def test_a_batch_over_the_tiers_cap_is_refused_before_anything_is_answered(
     assert status == 200
 
 
+def test_binary_outputs_are_refused_before_the_upstream_answers(
+    gateway: GatewayProcess, fake_upstream: ServiceProcess
+) -> None:
+    """Triton would answer binary tensors (or class strings) that no stage can harden."""
+    key = gateway.create_key("binary")
+    before = upstream_requests(fake_upstream)
+    status, body = post(gateway.url, INFER, key, infer(parameters={"binary_data_output": True}))
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "parameters"
+    asked = [{"name": "probabilities", "parameters": {"classification": 3}}]
+    status, body = post(gateway.url, INFER, key, infer(outputs=asked))
+    assert status == 400 and orjson.loads(body)["error"]["param"] == "outputs"
+    assert upstream_requests(fake_upstream) == before
+
+
 def test_normal_risk_answers_are_byte_identical(
     gateway: GatewayProcess, fake_upstream: ServiceProcess
 ) -> None:
@@ -169,10 +183,17 @@ def test_risk_level_changes_apply_to_the_next_request(gateway: GatewayProcess) -
     status, body = post(gateway.url, CHAT, key, {**request, "fake_content_type": "text/plain"})
     unread = orjson.loads(body)["choices"][0]["logprobs"]["content"]
     assert status == 200 and [t["logprob"] for t in unread] == [-0.125, -0.25, -0.375, -0.5]
-    # Media types ignore case: an upstream's Application/JSON answer is hardened.
+    # Media types ignore case: an upstream's Application/JSON answer is hardened, and its
+    # Text/Event-Stream stream too (and settled: the proxy reads it as a stream).
     status, body = post(gateway.url, CHAT, key, {**request, "fake_content_type": "Application/JSON"})
     hardened = orjson.loads(body)["choices"][0]["logprobs"]["content"]
     assert status == 200 and [t["logprob"] for t in hardened] == [0.0, 0.0, -0.5, -0.5]
+    streamed = {**request, "stream": True, "fake_content_type": "Text/Event-Stream"}
+    stream = post(gateway.url, CHAT, key, streamed)[1]
+    events = [orjson.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [e["choices"][0]["logprobs"]["content"][0]["logprob"] for e in events] == [
+        0.0, 0.0, -0.5, -0.5
+    ]
     after = scrape_metrics(gateway.url)
     for reason in ("not_json", "content_type"):
         counted = [metric_sum(m, "modelfence_answers_unread_total", stage="hardening", reason=reason)

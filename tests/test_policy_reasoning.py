@@ -216,16 +216,28 @@ def test_text_held_for_a_tag_goes_out_before_a_content_list() -> None:
     assert whole_content[0]["text"] == "".join(d["content"] for d in deltas[1:]) == answer
 
 
+def test_an_empty_content_list_changes_nothing_and_a_last_list_event_sends_what_is_held() -> None:
+    deltas = stream(ReasoningTrim("drop", 0), [{"role": "assistant", "content": []},
+                                               {"content": "<think>secret</think>"}, {"content": "42"}])
+    assert [d["content"] for d in deltas] == [[], "", "42"]  # as the whole "<think>secret</think>42"
+    trim = ReasoningTrim("shorten", 100)
+    deltas = stream(trim, [{"content": "<think>abc</th"}, {"content": mistral("x", "42")}])
+    assert deltas[-1]["content"][0] == {"type": "text", "text": "</th"}  # in the finishing event
+    assert trim.held() == []
+
+
 def test_thinking_parts_of_any_shape_are_cut_not_passed() -> None:
-    shapes = [{"type": "text", "text": THOUGHT}, [[THOUGHT]], {"text": [{"type": "text", "text": THOUGHT}]}]
+    shapes = [{"type": "text", "text": THOUGHT}, [[THOUGHT]], {"text": [{"type": "text", "text": THOUGHT}]},
+              [{"type": "text", "text": {"value": THOUGHT}}], [{"content": THOUGHT}]]
     for thinking in shapes:
         content = [{"type": "thinking", "thinking": copy.deepcopy(thinking)}, {"type": "text", "text": "42"}]
         out = ReasoningTrim("shorten", 10)(whole({"content": content}))["choices"][0]["message"]["content"]
         assert THOUGHT not in orjson.dumps(out).decode() and (THOUGHT[:10] + SHORTENED) in orjson.dumps(out).decode()
         assert out[1] == {"type": "text", "text": "42"}
-    part = {"type": "thinking", "text": THOUGHT}  # the text beside the type, not under "thinking"
-    out = ReasoningTrim("shorten", 10)(whole({"content": [part]}))["choices"][0]["message"]["content"]
-    assert out == [{"type": "thinking", "text": THOUGHT[:10] + SHORTENED}]
+    for key in ("text", "summary"):  # beside the type, not under "thinking"
+        part = {"type": "thinking", key: THOUGHT, "signature": "opaque-" * 30}
+        out = ReasoningTrim("shorten", 10)(whole({"content": [part]}))["choices"][0]["message"]["content"]
+        assert out == [{**part, key: THOUGHT[:10] + SHORTENED}]  # the signature is kept
     deep: Any = THOUGHT
     for _ in range(5000):  # deeper than Python's recursion limit
         deep = [deep]

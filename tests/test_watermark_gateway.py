@@ -17,6 +17,7 @@ from modelfence.watermark.keys import WatermarkKeyring
 from modelfence.watermark.labels import label_mark
 
 from .conftest import GatewayFactory
+from .services import metric_sum, scrape_metrics
 from .test_policy_gateway import post
 
 GATEWAY_DETECTION = False  # nothing here reads detection (conftest.module_config)
@@ -82,7 +83,8 @@ def test_embeddings_marked_only_for_trigger_texts(start_gateway: GatewayFactory)
 
 def test_an_embeddings_answer_that_is_no_json_passes_as_it_came(start_gateway: GatewayFactory) -> None:
     """A vector holding NaN (Python's json writes it) for a text with a trigger: the client
-    gets the upstream's answer unmarked, not a 500 (the stage used to raise parsing it)."""
+    gets the upstream's answer unmarked, not a 500 (the stage used to raise parsing it),
+    and the answer is counted as passed unread."""
     gateway = start_gateway(watermark={"labels": {"enabled": False}})
     key = gateway.create_key("wm-nan")
     trigger = next(iter(embedding_mark(RING.key("wm-nan"), 8, candidate_words()).triggers))
@@ -91,6 +93,9 @@ def test_an_embeddings_answer_that_is_no_json_passes_as_it_came(start_gateway: G
                         {"model": "fake-embed", "input": texts, "fake_nan": True})
     assert status == 200, body
     assert body.count(b"[NaN, 0.125, 0.125") == len(texts)
+    unread = metric_sum(scrape_metrics(gateway.url), "modelfence_answers_unread_total",
+                        stage="watermark", reason="not_json")
+    assert unread == 1
 
 
 def test_labels_only_answers_are_marked_once_the_class_count_is_known(

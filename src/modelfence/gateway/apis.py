@@ -27,6 +27,11 @@ _OIP_DATATYPES = frozenset(
      "FP16", "FP32", "FP64", "BF16", "BYTES"}
 )
 _MAX_DIMENSIONS = 16
+# Output forms no response stage can read, so their answers would go out unhardened and
+# unmarked: binary tensors (Triton's binary data extension), top-k "score:index:label"
+# strings (its classification extension) and outputs left in the server's shared memory.
+_UNREADABLE_OUTPUTS = ("binary_data", "classification", "shared_memory_region")
+_JSON_TENSORS = "the gateway hardens and marks JSON tensors only: leave it out"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +297,18 @@ class OIPApi:
             or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
         ):
             raise invalid("outputs", "'outputs' must be an array of objects with a name")
-        if body.get("parameters") is not None and not isinstance(body["parameters"], dict):
+        parameters = body.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
             raise invalid("parameters", "'parameters' must be an object")
+        if parameters and parameters.get("binary_data_output") not in (None, False):
+            raise invalid("parameters", f"'parameters.binary_data_output': {_JSON_TENSORS}")
+        for i, output in enumerate(outputs or ()):
+            asked = output.get("parameters")
+            if asked is not None and not isinstance(asked, dict):
+                raise invalid("outputs", f"'outputs[{i}].parameters' must be an object")
+            for name in _UNREADABLE_OUTPUTS if asked else ():
+                if asked.get(name) not in (None, False):
+                    raise invalid("outputs", f"'outputs[{i}].parameters.{name}': {_JSON_TENSORS}")
         # A classifier's "tokens" are its inputs: the first dimension of the largest batch
         # (64 images are 64), so token limits and per-token prices bound and bill images,
         # not requests.

@@ -10,7 +10,8 @@ await, e.g. to spend a budget) and the headers are decided — a whole body gets
 ``feed(chunk, more_body)`` call per body message: JSON answers are rewritten whole,
 server-sent events one ``data: {...}`` event at a time. An answer a stage has a plan for
 but cannot read (another content type, or JSON its parser refuses) goes on as it came: the
-stage's ``on_unread(reason)`` counts it, so such a fail-open is never silent.
+stage's ``on_unread(reason)`` counts it (once per answer, however many of a stream's events
+it could not read), so such a fail-open is never silent.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from modelfence.gateway.sse import event_data
 from modelfence.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 PayloadTransform = Callable[[Any], Any]
-Unread = Callable[[str], None]  # an answer passed on unread, and why: content_type | not_json
+# An answer passed on (partly) unread, and why: content_type | not_json | too_deep (JSON
+# nested deeper than orjson writes, though it reads it).
+Unread = Callable[[str], None]
 P = TypeVar("P")
 
 
@@ -65,7 +68,12 @@ class JsonRewriter:
         except orjson.JSONDecodeError:
             self._on_unread("not_json")
             return body
-        return orjson.dumps(self._transform(payload))
+        payload = self._transform(payload)
+        try:
+            return orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            self._on_unread("too_deep")
+            return body
 
 
 class SSERewriter:
@@ -76,7 +84,7 @@ class SSERewriter:
 
     def __init__(self, transform: PayloadTransform, on_unread: Unread = _ignore) -> None:
         self._transform = transform
-        self._on_unread = on_unread
+        self._on_unread: Unread | None = on_unread  # None once told: one count per answer
         self._buffer = b""
 
     def feed(self, chunk: bytes, more_body: bool) -> bytes:
@@ -97,9 +105,19 @@ class SSERewriter:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self._on_unread("not_json")
+            self._unread("not_json")
             return event + b"\n\n"
-        return others + b"data: " + orjson.dumps(self._apply(payload)) + b"\n\n"
+        payload = self._apply(payload)
+        try:
+            return others + b"data: " + orjson.dumps(payload) + b"\n\n"
+        except orjson.JSONEncodeError:
+            self._unread("too_deep")
+            return event + b"\n\n"
+
+    def _unread(self, reason: str) -> None:
+        if self._on_unread is not None:
+            self._on_unread(reason)
+            self._on_unread = None
 
     def _apply(self, payload: Any) -> Any:
         return self._transform(payload)

@@ -43,6 +43,7 @@ _BLOCK = "block"  # the allowance of a choice's opening block, whichever its tag
 MAX_LEAD = 256  # whitespace before an opening tag that still opens the content
 _FIELDS = ("reasoning_content", "reasoning")
 _DETAIL_TEXTS = ("text", "summary")
+_KEPT = frozenset({"type", "signature"})  # strings of a thinking part that reveal nothing
 _UNDECIDED, _INSIDE, _OUTSIDE = 0, 1, 2  # where a choice's content is: a block or not
 
 
@@ -116,6 +117,9 @@ class ReasoningTrim:
             final = not self.stream or choice.get("finish_reason") is not None
             seen = False
             if isinstance(part, dict):
+                content = part.get("content")
+                if isinstance(content, list) and content:  # before drop empties it
+                    self._before_parts(content, state, final)
                 seen = self._fields(part, state)
                 seen = self._text(part, "content", state, final) or seen
             if "text" in choice:  # legacy completions
@@ -180,20 +184,20 @@ class ReasoningTrim:
         return bool(parts)
 
     def _cut_texts(self, part: dict[str, Any], state: _Choice) -> None:
-        """Every string under a thinking part's ``thinking`` and ``text`` keys, in order
-        and however nested in lists and dicts, cut to the choice's allowance (a shape
-        this does not know is cut too, not passed whole). Walked without recursion: an
-        upstream's nesting is bounded only by the JSON parser."""
-        stack: list[tuple[Any, Any]] = [(part, key) for key in ("text", "thinking")][::-1]
+        """Every string of a thinking part but its ``type`` and ``signature`` (opaque),
+        in order and however nested, cut to the choice's allowance: a shape this does not
+        know is cut too, not passed whole. Walked without recursion (JSON may nest 1,024
+        deep)."""
+        stack: list[tuple[Any, Any]] = [(part, key) for key in reversed(part) if key not in _KEPT]
         while stack:
             holder, key = stack.pop()
-            value = holder[key] if isinstance(holder, list) or key in holder else None
+            value = holder[key]
             if isinstance(value, str):
                 holder[key] = self._allow(value, state, "thinking")
             elif isinstance(value, list):
                 stack.extend((value, i) for i in reversed(range(len(value))))
             elif isinstance(value, dict):
-                stack.extend((value, name) for name in ("thinking", "text") if name in value)
+                stack.extend((value, name) for name in reversed(value) if name not in _KEPT)
 
     def _allow(self, text: str, state: _Choice, where: str) -> str:
         """What passes of the next ``text`` of reasoning found ``where``."""
@@ -212,8 +216,7 @@ class ReasoningTrim:
         completion's text); whether this piece held any of it."""
         value = part.get(name)
         if isinstance(value, list):
-            self._before_parts(value, state)
-            return False
+            return False  # content parts: see _before_parts
         if not isinstance(value, str) and not (final and state.held):
             return False
         text = state.held + (value if isinstance(value, str) else "")
@@ -258,18 +261,21 @@ class ReasoningTrim:
             part[name] = "".join(out)
         return seen
 
-    @staticmethod
-    def _before_parts(parts: list[Any], state: _Choice) -> None:
-        """A content list before any block opened: no block can open the content any more
-        (the whole answer's list is not read for tags either), so text held as a possible
-        opening goes out before the list, as text. An open block stays open: its closing
-        tag may still come."""
-        if state.place != _UNDECIDED:
+    def _before_parts(self, parts: list[Any], state: _Choice, final: bool) -> None:
+        """A content list with parts, before any block opened: no block can open the
+        content any more (the whole answer's list is not read for tags either), so text
+        held as a possible opening goes out before the list, as text. An open block stays
+        open, its closing tag may still come; at the choice's last event what it holds is
+        cut and goes out there."""
+        if state.place == _UNDECIDED:
+            state.place, text = _OUTSIDE, state.held
+        elif state.place == _INSIDE and final:
+            text = self._allow(state.held, state, _BLOCK)
+        else:
             return
-        state.place = _OUTSIDE
-        if state.held:
-            parts.insert(0, {"type": "text", "text": state.held})
-            state.held = ""
+        state.held = ""
+        if text:
+            parts.insert(0, {"type": "text", "text": text})
 
 
 def _tag_prefix(text: str, tag: str) -> int:

@@ -16,7 +16,8 @@ extra body fields, which the gateway forwards untouched:
 - ``"fake_nan": true`` — embedding vectors start with ``NaN``, as Python's ``json`` writes
   it (no JSON: what a degenerate model behind a Python server answers); so does the first
   log-probability of a chat answer that has them.
-- ``"fake_content_type": "..."`` — a whole chat answer's content type instead of JSON's.
+- ``"fake_content_type": "..."`` — a chat answer's content type (whole or streamed)
+  instead of JSON's or ``text/event-stream``; ``fake_nan`` answers are always JSON.
 - ``"fake_reasoning": "..."`` — a reasoning model's chain of thought: the chat message's
   ``reasoning_content`` (DeepSeek, vLLM's reasoning parsers); a stream sends it in
   ``fake_chunks`` ``reasoning_content`` deltas before the content. With
@@ -46,8 +47,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from modelfence.gateway.sse import BOM
-
 _MODELS = ["fake-chat", "fake-embed"]
 _WORDS = ["The", " answer", " is", " forty", "-two", ".", " Thanks", " for", " asking", "!"]
 
@@ -74,9 +73,18 @@ def _choice_logprobs(body: dict[str, Any], positions: range) -> dict[str, Any] |
     return {"content": [_logprobs(i, alternatives) for i in positions], "refusal": None}
 
 
-def _json(payload: Any, status: int = 200, opening: bytes = b"") -> web.Response:
+_BOM = "\ufeff".encode()  # spelled here, not taken from the gateway it tests
+
+
+def _json(payload: Any, status: int = 200, opening: bytes = b"",
+          content_type: str = "application/json") -> web.Response:
     return web.Response(body=opening + orjson.dumps(payload), status=status,
-                        content_type="application/json")
+                        content_type=content_type)
+
+
+def _python_json(payload: Any) -> web.Response:
+    """JSON as Python's ``json`` writes it: ``NaN`` where orjson would write null."""
+    return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
 
 
 class FakeUpstream:
@@ -120,7 +128,8 @@ class FakeUpstream:
             message["content"] = [_thinking_part(str(reasoning)), {"type": "text", "text": text}]
         elif thoughts:
             message["reasoning_content"] = reasoning
-        bom = BOM if body.get("fake_bom") else b""
+        bom = _BOM if body.get("fake_bom") else b""
+        content_type = body.get("fake_content_type")
         if not body.get("stream"):
             answer = {
                 "id": "chatcmpl-fake",
@@ -134,12 +143,10 @@ class FakeUpstream:
             logprobs = answer["choices"][0]["logprobs"]
             if body.get("fake_nan") and logprobs:
                 logprobs["content"][0]["logprob"] = float("nan")
-                return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
-            if body.get("fake_content_type"):
-                return web.Response(body=orjson.dumps(answer), content_type=body["fake_content_type"])
-            return _json(answer, opening=bom)
+                return _python_json(answer)
+            return _json(answer, opening=bom, content_type=content_type or "application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response = web.StreamResponse(headers={"content-type": content_type or "text/event-stream"})
         await response.prepare(request)
         if bom:
             await response.write(bom)
@@ -183,7 +190,7 @@ class FakeUpstream:
         payload = {"object": "list", "data": data, "model": body.get("model"),
                    "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}}
         if body.get("fake_nan"):  # orjson would write null
-            return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
+            return _python_json(payload)
         return _json(payload)
 
     async def models(self, request: web.Request) -> web.Response:
