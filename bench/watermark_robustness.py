@@ -29,6 +29,7 @@ cuts to check false attribution.
 
     python bench/watermark_robustness.py              # 20 answers: about half the run below
     python bench/watermark_robustness.py --answers 40 --unmarked 10   # docs/WATERMARK.md: 29 min
+                                                                       # (before the lexical attack)
     python bench/watermark_robustness.py --attacks none,lexical       # the two marks' interference
 """
 
@@ -68,8 +69,9 @@ FOOTER = Footer()  # started with the run
 
 def lexical_marks(texts: list[str], marked_by: list[str], ring: WatermarkKeyring,
                   share: float) -> tuple[list[str], list[float]]:
-    """Each text with the after-the-fact mark of the client in ``marked_by``, and the share
-    of its words that changed."""
+    """Each text with the after-the-fact mark of the client in ``marked_by``, and how much
+    of it changed (one minus the similarity of the word sequences: a contraction written
+    out counts about 1.5)."""
     lexicon = default_lexicon()
     out = [LexicalMark(lexicon, ring.key(client).seed(LEXICAL_PURPOSE), max_change_share=share)
            .text(text) for text, client in zip(texts, marked_by, strict=True)]
@@ -87,7 +89,8 @@ def attack(llm: SmolLM, texts: list[str], marked_by: list[str], ring: WatermarkK
         swapped = [substitute(t, args.substitute, rng) for t in texts]
         return [s for s, _ in swapped], [share for _, share in swapped]
 
-    # In the order they draw from ``rng``, so that a seed gives the texts it always gave.
+    # In the order they draw from ``rng``: with the default attacks a seed gives the texts
+    # it always gave (a subset without "substitute" draws other deletions).
     attacks: dict[str, Callable[[], tuple[list[str], list[float]]]] = {
         "substitute": substituted,
         "none": lambda: (texts, [0.0] * len(texts)),
@@ -185,16 +188,16 @@ def main(argv: list[str] | None = None) -> None:
 
 def after_the_fact(attacks: dict[str, dict[str, Any]], marked_by: list[str], clients: list[str],
                    ring: WatermarkKeyring, args: argparse.Namespace) -> None:
-    """The after-the-fact verifier on the whole texts, marked at the source only ("none"),
-    then with the lexical mark of ``marked_by`` on top ("lexical"): who it names, and the
-    single-key p of the client whose lexical mark the second ones carry."""
+    """The after-the-fact verifier on the whole texts as sampled ("none": marked at the
+    source, and the unmarked ones), then with the lexical mark of ``marked_by`` on top
+    ("lexical"): who it names, and the single-key p of the client in ``marked_by``."""
     lexicon = default_lexicon()
     print(f"\n| after-the-fact verifier, whole texts ({len(clients):,} clients) | texts "
           f"| named (p ≤ {args.alpha:g}) | of them the lexical mark's client "
           f"| that client's single-key p ≤ {args.alpha:g} | its single-key p (median) "
           "| scored occurrences (median) |\n|---|---:|---:|---:|---:|---:|---:|")
-    for name, label in (("none", "marked at the source only"),
-                        ("lexical", "and then after the fact")):
+    for name, label in (("none", "as sampled (marked at the source, and unmarked)"),
+                        ("lexical", "then marked after the fact")):
         texts = attacks[name]["texts"]
         verdicts = [verify_lexical(t, clients, ring, lexicon=lexicon, alpha=args.alpha)
                     for t in texts]

@@ -183,6 +183,7 @@ def test_oip_tensors_are_checked_strictly(body: Any) -> None:
     ({"outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}, "outputs"),
     ({"outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}, "outputs"),
     ({"outputs": [{"name": "p", "parameters": {"shared_memory_region": "r"}}]}, "outputs"),
+    ({"outputs": [{"name": "predict_proba", "parameters": {"content_type": "base64"}}]}, "outputs"),
 ])
 def test_output_forms_no_stage_can_read_are_refused(extra: dict[str, Any], param: str) -> None:
     """Binary tensors, class strings or shared memory would take the answer past hardening
@@ -193,7 +194,8 @@ def test_output_forms_no_stage_can_read_are_refused(extra: dict[str, Any], param
     with pytest.raises(BadRequest, match="must be an object"):
         OIPApi().parse(OIP, "digits", {**tensor([1], [0]), "outputs": [{"name": "p", "parameters": 1}]})
     allowed = {"parameters": {"binary_data_output": False, "priority": 1},
-               "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}]}
+               "outputs": [{"name": "probabilities", "parameters": {"binary_data": False,
+                                                                    "content_type": "np"}}]}
     assert OIPApi().parse(OIP, "digits", {**tensor([1], [0]), **allowed}).model == "digits"
 
 

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelfence.gateway.rewrite import JsonRewriter, SSERewriter
+from modelfence.gateway.rewrite import ClosedEvents, JsonRewriter, SSERewriter
 from modelfence.gateway.streaming import SSETap
 
 
@@ -139,3 +139,10 @@ def test_answers_too_deep_to_write_go_on_as_they_came_and_are_counted() -> None:
     events = SSERewriter(lambda payload: payload, unread.append)
     assert events.feed(b"data: " + deep + b"\n\n", False) == b"data: " + deep + b"\n\n"
     assert unread == ["too_deep", "too_deep"]
+    tap = SSETap(strip_usage=True)  # the proxy writes events again to strip "usage"
+    event = b'data: {"choices": [{"x": ' + b"[" * 300 + b"]" * 300 + b'}], "usage": null}\n\n'
+    assert tap.feed(event) == event
+    held = ClosedEvents(lambda payload: payload, lambda: [{"index": 0, "delta": {"content": "x"}}])
+    model = b'{"choices": [{"index": 0, "delta": {}}], "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    closed = held.feed(b"data: " + model + b"\n\n", False)  # too deep to copy: choices alone
+    assert closed == b"data: " + model + b'\n\ndata: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'

@@ -137,6 +137,19 @@ def test_binary_outputs_are_refused_before_the_upstream_answers(
     status, body = post(gateway.url, INFER, key, infer(outputs=asked))
     assert status == 400 and orjson.loads(body)["error"]["param"] == "outputs"
     assert upstream_requests(fake_upstream) == before
+    # A repeated key: orjson reads the last copy, Triton the first. The upstream gets the
+    # body the gateway read, so the first copy never reaches it.
+    raw = (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"data":[0,0]}],'
+           b'"parameters":{"binary_data_output":true,"binary_data_output":false}}')
+    conn = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("POST", INFER, raw, {"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    forwarded = http_json("GET", fake_upstream.url + "/_stats")[1]["last_raw"]
+    assert forwarded.count("binary_data_output") == 1 and '"binary_data_output":false' in forwarded
 
 
 def test_normal_risk_answers_are_byte_identical(

@@ -273,6 +273,12 @@ def test_stream_events_flush_on_finish_and_at_the_end() -> None:
     assert ChoiceMarks(mark, chat=True)(whole)["choices"][0]["message"]["content"] == mark.text(text)
 
 
+def test_an_odd_choice_index_from_upstream_is_no_crash() -> None:
+    marks = ChoiceMarks(LexicalMark(LEXICON, seed_of("odd")), chat=True)
+    event = {"choices": [{"index": [1], "delta": {"content": "colour "}, "finish_reason": "stop"}]}
+    assert marks.event(event)["choices"][0]["delta"]["content"] in ("colour ", "color ")
+
+
 def test_content_lists_keep_their_other_parts_and_get_their_text_marked() -> None:
     """Magistral answers with a list of parts: a thinking part, then text. The text parts are
     marked as a string content would be; the thinking part passes as it came."""

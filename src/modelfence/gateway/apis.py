@@ -29,9 +29,11 @@ _OIP_DATATYPES = frozenset(
 _MAX_DIMENSIONS = 16
 # Output forms no response stage can read, so their answers would go out unhardened and
 # unmarked: binary tensors (Triton's binary data extension), top-k "score:index:label"
-# strings (its classification extension) and outputs left in the server's shared memory.
-_UNREADABLE_OUTPUTS = ("binary_data", "classification", "shared_memory_region")
-_JSON_TENSORS = "the gateway hardens and marks JSON tensors only: leave it out"
+# strings (its classification extension), outputs left in the server's shared memory, and
+# MLServer's encodings other than numpy's (base64 of the raw floats, strings, ...).
+_UNREADABLE_OUTPUTS = ("binary_data", "classification", "shared_memory_region", "content_type")
+_READABLE = {"content_type": "np"}  # the one value of these that keeps a JSON tensor
+_JSON_TENSORS = "the gateway hardens and marks JSON tensors only: ask for those"
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +309,7 @@ class OIPApi:
             if asked is not None and not isinstance(asked, dict):
                 raise invalid("outputs", f"'outputs[{i}].parameters' must be an object")
             for name in _UNREADABLE_OUTPUTS if asked else ():
-                if asked.get(name) not in (None, False):
+                if asked.get(name) not in (None, False, _READABLE.get(name)):
                     raise invalid("outputs", f"'outputs[{i}].parameters.{name}': {_JSON_TENSORS}")
         # A classifier's "tokens" are its inputs: the first dimension of the largest batch
         # (64 images are 64), so token limits and per-token prices bound and bill images,

@@ -69,8 +69,10 @@ class ChoiceMarks:
 
     def event(self, payload: Any) -> Any:
         """Mark one stream event's deltas; a finished choice gets everything still held."""
-        for choice in _choices(payload):
-            index = choice.get("index", 0)
+        for position, choice in enumerate(_choices(payload)):
+            index = choice.get("index", position)
+            if not isinstance(index, int):  # an upstream's odd index: the choice's place
+                index = position
             rewriter = self._open.get(index)
             if rewriter is None:
                 rewriter = self._open[index] = self._mark.rewriter()

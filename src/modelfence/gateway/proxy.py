@@ -23,6 +23,7 @@ from modelfence.gateway.context import RequestContext, Usage, context_of
 from modelfence.gateway.sse import BOM
 from modelfence.gateway.streaming import SSETap
 from modelfence.gateway.upstream import Transport, UpstreamRequest, UpstreamResponse
+from modelfence.operations import Operation
 from modelfence.policy.request_policy import upstream_payload
 from modelfence.telemetry.metrics import Metrics
 from modelfence.types import Receive, Scope, Send
@@ -36,7 +37,10 @@ _STREAM_HEADERS = [
 
 def upstream_body(ctx: RequestContext) -> bytes:
     """The body to send upstream: the client's with the stages' overrides, and
-    include_usage on streams (settlement needs the upstream's count)."""
+    include_usage on streams (settlement needs the upstream's count). An Open Inference
+    Protocol body is always written from what the gateway read: its servers (Triton,
+    OpenVINO) take the first of a repeated key where orjson took the last, so the client's
+    bytes could ask them for what the gateway checked and refused."""
     parsed = ctx.parsed
     assert parsed is not None  # ReadRequest runs first
     overrides = ctx.upstream_overrides
@@ -44,7 +48,7 @@ def upstream_body(ctx: RequestContext) -> bytes:
         options = ctx.body.get("stream_options") or {}
         overrides = {**overrides, "stream_options": {**options, "include_usage": True}}
     if not overrides:
-        return ctx.raw_body
+        return orjson.dumps(ctx.body) if parsed.operation is Operation.OIP_INFER else ctx.raw_body
     return orjson.dumps(upstream_payload(ctx.body, overrides))
 
 

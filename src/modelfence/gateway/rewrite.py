@@ -159,7 +159,11 @@ class ClosedEvents(SSERewriter):
         if not choices:
             return b""
         template = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
-        return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+        try:
+            return b"data: " + orjson.dumps({**template, "choices": choices}) + b"\n\n"
+        except orjson.JSONEncodeError:  # a template too deep to write: the choices alone
+            self._unread("too_deep")
+            return b"data: " + orjson.dumps({"choices": choices}) + b"\n\n"
 
 
 def _rewriter(headers: Headers, transform: PayloadTransform, on_unread: Unread) -> BodyRewriter | None:

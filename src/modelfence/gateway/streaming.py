@@ -78,4 +78,7 @@ class SSETap:
             return b""  # the usage-only event the client did not ask for
         self.content_events += 1
         payload.pop("usage", None)
-        return others + b"data: " + orjson.dumps(payload) + b"\n\n"
+        try:
+            return others + b"data: " + orjson.dumps(payload) + b"\n\n"
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: kept as it came
+            return event + b"\n\n"

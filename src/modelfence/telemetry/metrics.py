@@ -194,10 +194,11 @@ class Metrics:
         )
         self.answers_unread = Counter(
             "modelfence_answers_unread",
-            "Answers a response stage meant to rewrite (harden or mark) but passed on as they "
-            "came: a content type it does not read (content_type), or JSON its parser refused "
-            "(not_json: a whole answer, or one stream event). Such a client got the upstream's "
-            "answer, not the one its risk level or marks called for.",
+            "Answers a response stage meant to rewrite (harden or mark) but passed on, wholly "
+            "or in part (stream events), as they came; once per answer and stage: a content "
+            "type it does not read (content_type), JSON its parser refused (not_json), or JSON "
+            "nested deeper than it writes (too_deep). Such a client got the upstream's answer, "
+            "not the one its risk level or marks called for.",
             ["stage", "reason"],
             registry=self.registry,
         )

@@ -31,7 +31,8 @@ the stream as its own first chunk) opens with a UTF-8 byte-order mark.
 
 ``GET /_stats`` reports how many inference requests arrived, and of the last one the
 ``x-modelfence-*`` headers (what the gateway told the upstream), the raw path with its
-query string and the JSON body; ``POST /_reset`` zeroes it.
+query string, the JSON body and its bytes as they came (``last_raw``, text); ``POST
+/_reset`` zeroes it.
 
     python -m modelfence.testing.fake_upstream --port 9100
 """
@@ -93,6 +94,7 @@ class FakeUpstream:
         self.gateway_headers: dict[str, str] = {}
         self.last_path = ""
         self.last_body: Any = None
+        self.last_raw = ""
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.requests += 1
@@ -100,7 +102,9 @@ class FakeUpstream:
             k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-modelfence-")
         }
         self.last_path = request.raw_path
-        body = self.last_body = orjson.loads(await request.read())
+        raw = await request.read()
+        self.last_raw = raw.decode("utf-8", "replace")
+        body = self.last_body = orjson.loads(raw)
         if body.get("fake_delay"):
             await asyncio.sleep(float(body["fake_delay"]))
         return body  # type: ignore[no-any-return]
@@ -222,12 +226,13 @@ class FakeUpstream:
 
     async def stats(self, request: web.Request) -> web.Response:
         return _json({"requests": self.requests, "gateway_headers": self.gateway_headers,
-                      "last_path": self.last_path, "last_body": self.last_body})
+                      "last_path": self.last_path, "last_body": self.last_body,
+                      "last_raw": self.last_raw})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.requests = 0
         self.gateway_headers = {}
-        self.last_path, self.last_body = "", None
+        self.last_path, self.last_body, self.last_raw = "", None, ""
         return _json({"requests": 0})
 
 
