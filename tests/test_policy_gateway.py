@@ -139,17 +139,25 @@ def test_binary_outputs_are_refused_before_the_upstream_answers(
     assert upstream_requests(fake_upstream) == before
     # A repeated key: orjson reads the last copy, Triton the first. The upstream gets the
     # body the gateway read, so the first copy never reaches it.
-    raw = (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"data":[0,0]}],'
-           b'"parameters":{"binary_data_output":true,"binary_data_output":false}}')
-    conn = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=10)
-    try:
-        conn.request("POST", INFER, raw, {"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
-    finally:
-        conn.close()
+    tensor = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"data":[0,0]}],'
+
+    def post_raw(raw: bytes) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=10)
+        try:
+            conn.request("POST", INFER, raw, {"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    status, _ = post_raw(tensor + b'"parameters":{"binary_data_output":true,"binary_data_output":false}}')
+    assert status == 200
     forwarded = http_json("GET", fake_upstream.url + "/_stats")[1]["last_raw"]
     assert forwarded.count("binary_data_output") == 1 and '"binary_data_output":false' in forwarded
+    # A body nested deeper than the gateway can write again is refused, not a 500.
+    status, body = post_raw(tensor + b'"parameters":{"custom":' + b"[" * 300 + b"]" * 300 + b"}}")
+    assert status == 400 and b"nested deeper" in body
 
 
 def test_normal_risk_answers_are_byte_identical(

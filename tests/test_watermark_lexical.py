@@ -277,6 +277,17 @@ def test_an_odd_choice_index_from_upstream_is_no_crash() -> None:
     marks = ChoiceMarks(LexicalMark(LEXICON, seed_of("odd")), chat=True)
     event = {"choices": [{"index": [1], "delta": {"content": "colour "}, "finish_reason": "stop"}]}
     assert marks.event(event)["choices"][0]["delta"]["content"] in ("colour ", "color ")
+    # Indexes that are no integers but can tell choices apart still keep them apart.
+    mark = LexicalMark(LEXICON, seed_of("odd"), max_change_share=1.0)
+    texts = {"a": prose(60, seed=3), "b": prose(60, seed=4)}
+    marks, out = ChoiceMarks(mark, chat=True), {"a": "", "b": ""}
+    for i in range(0, 400, 7):
+        for index, text in texts.items():
+            choice = {"index": index, "delta": {"content": text[i : i + 7]}, "finish_reason": None}
+            out[index] += marks.event({"choices": [choice]})["choices"][0]["delta"]["content"]
+    for choice in marks.held():
+        out[choice["index"]] += choice["delta"]["content"]
+    assert out == {index: mark.text(text) for index, text in texts.items()}
 
 
 def test_content_lists_keep_their_other_parts_and_get_their_text_marked() -> None:

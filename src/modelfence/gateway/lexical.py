@@ -15,7 +15,7 @@ other upstreams, non-200 answers and unauthenticated requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -70,8 +70,8 @@ class ChoiceMarks:
     def event(self, payload: Any) -> Any:
         """Mark one stream event's deltas; a finished choice gets everything still held."""
         for position, choice in enumerate(_choices(payload)):
-            index = choice.get("index", position)
-            if not isinstance(index, int):  # an upstream's odd index: the choice's place
+            index = choice.get("index", 0)
+            if not isinstance(index, Hashable):  # an upstream's odd index: the choice's place
                 index = position
             rewriter = self._open.get(index)
             if rewriter is None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from modelfence.errors import UpstreamError, UpstreamTimeout
+from modelfence.errors import BadRequest, UpstreamError, UpstreamTimeout
 from modelfence.gateway.apis import usage_from_response
 from modelfence.gateway.context import RequestContext, Usage, context_of
 from modelfence.gateway.sse import BOM
@@ -47,9 +47,13 @@ def upstream_body(ctx: RequestContext) -> bytes:
     if parsed.stream and parsed.operation.generates_text and not parsed.wants_usage_chunk:
         options = ctx.body.get("stream_options") or {}
         overrides = {**overrides, "stream_options": {**options, "include_usage": True}}
-    if not overrides:
-        return orjson.dumps(ctx.body) if parsed.operation is Operation.OIP_INFER else ctx.raw_body
-    return orjson.dumps(upstream_payload(ctx.body, overrides))
+    if not overrides and parsed.operation is not Operation.OIP_INFER:
+        return ctx.raw_body
+    try:
+        return orjson.dumps(upstream_payload(ctx.body, overrides) if overrides else ctx.body)
+    except orjson.JSONEncodeError as exc:  # orjson reads 1,024 levels but writes 254
+        raise BadRequest("the request body is nested deeper than 254 levels, which the "
+                         "gateway does not forward") from exc
 
 
 async def _disconnected(receive: Receive) -> None:
