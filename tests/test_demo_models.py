@@ -125,13 +125,21 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
 
 @pytest.mark.slow
 @pytest.mark.models
-def test_gguf_conversion_is_cached_with_identical_logits(tmp_path: Path) -> None:
+def test_gguf_conversion_is_cached_with_identical_weights(tmp_path: Path) -> None:
+    """The cache holds the de-quantised weights bit for bit. Logits agree closely, not
+    exactly: torch's CPU kernels may add up in another order for tensors placed at other
+    addresses (one CI run differed by 1.7e-3 on logits of ~15)."""
     cold = SmolLM.load(tmp_path)
     assert cold.loaded_from == "gguf"
     warm = SmolLM.load(tmp_path)
     assert warm.loaded_from == "cache"
+    cold_weights, warm_weights = cold._model.state_dict(), warm._model.state_dict()
+    assert cold_weights.keys() == warm_weights.keys()
+    for name, tensor in cold_weights.items():
+        assert tensor.dtype == warm_weights[name].dtype and tensor.equal(warm_weights[name]), name
     prompt = warm.encode_chat([{"role": "user", "content": "Name a colour."}])
-    np.testing.assert_array_equal(cold.next_token_logits(prompt), warm.next_token_logits(prompt))
+    np.testing.assert_allclose(cold.next_token_logits(prompt), warm.next_token_logits(prompt),
+                               rtol=0, atol=0.02)
 
 
 # -- MiniLM ------------------------------------------------------------------------------
